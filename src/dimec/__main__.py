@@ -1,0 +1,5 @@
+import sys
+
+from dimec.cli import main
+
+sys.exit(main())

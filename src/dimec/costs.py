@@ -1,0 +1,115 @@
+"""The explicit cost model shared by calibration, every router and every report.
+
+All costs are in *reward units*: the same units as a probability, so that a reward is an exit's
+max-probability minus the cost of getting it (paper, Eq. 5/6). See docs/cost-model.md.
+
+Tiers (exit layers m < n <= l):
+- mobile: runs layers 1..m on the phone                 cost = lambda_m * m
+- edge:   the sample is offloaded, edge runs 1..n        cost = o_e + lambda_e * n
+- cloud:  the sample is offloaded, cloud runs 1..l       cost = o_c + cloud_fee * (layers / l)
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from dimec.config import CostConfig
+from dimec.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class CostModel:
+    lambda_m: float  # per-layer processing cost on the mobile
+    lambda_e: float  # per-layer processing cost on the edge
+    o_e: float  # offloading a sample from mobile to edge
+    o_c: float  # offloading a sample from mobile to cloud
+    cloud_fee: float  # fee for one sample through all l layers on the cloud
+    exit_layers: tuple[int, int, int]  # (m, n, l)
+
+    @property
+    def num_layers(self) -> int:
+        return self.exit_layers[2]
+
+    # ---- elementary costs, for routers whose path is not one of the three tiers -------------------
+    def mobile(self, layers: int | np.ndarray) -> float | np.ndarray:
+        return self.lambda_m * layers
+
+    def edge(self, layers: int | np.ndarray, offloaded: bool = True) -> float | np.ndarray:
+        return (self.o_e if offloaded else 0.0) + self.lambda_e * layers
+
+    def cloud(self, layers: int | np.ndarray | None = None) -> float | np.ndarray:
+        layers = self.num_layers if layers is None else layers
+        return self.o_c + self.cloud_fee * np.asarray(layers) / self.num_layers
+
+    # ---- the three tiers ------------------------------------------------------------------------
+    @property
+    def tier_costs(self) -> np.ndarray:
+        """(3,) cost of answering a sample on mobile, edge, cloud."""
+        m, n, l = self.exit_layers
+        return np.array([self.mobile(m), self.edge(n), self.cloud(l)], dtype=np.float64)
+
+    @property
+    def cloud_only(self) -> float:
+        return float(self.tier_costs[2])
+
+    def relative_change(self, mean_cost: float) -> float:
+        """Cost change vs cloud-only inference, in percent (negative = cheaper)."""
+        return 100.0 * (mean_cost - self.cloud_only) / self.cloud_only
+
+    # ---- construction and persistence -----------------------------------------------------------
+    @classmethod
+    def from_config(cls, cfg: CostConfig, exit_layers: tuple[int, int, int]) -> CostModel:
+        m, n, l = exit_layers
+        if cfg.profile:
+            return cls.from_profile(cfg.profile, exit_layers, cfg.full_model_reward)
+        lam = cfg.lambda_ if cfg.lambda_ is not None else cfg.full_model_reward / l
+        if lam <= 0:
+            raise ConfigError(f"cost.lambda_ must be > 0, got {lam}")
+        for name in ("mobile_layer", "edge_layer", "offload_edge", "offload_cloud"):
+            if getattr(cfg, name) < 0:
+                raise ConfigError(f"cost.{name} must be >= 0, got {getattr(cfg, name)}")
+        fee = cfg.cloud_fee if cfg.cloud_fee is not None else float(l)
+        return cls(
+            lambda_m=cfg.mobile_layer * lam,
+            lambda_e=cfg.edge_layer * lam,
+            o_e=cfg.offload_edge * lam,
+            o_c=cfg.offload_cloud * lam,
+            cloud_fee=fee * lam,
+            exit_layers=(m, n, l),
+        )
+
+    @classmethod
+    def from_profile(
+        cls, path: str | Path, exit_layers: tuple[int, int, int], full_model_reward: float = 0.1
+    ) -> CostModel:
+        """A measured profile in milliseconds (from `dimec profile`), scaled by the same rule as lambda:
+        running all l layers at the edge's per-layer time is worth `full_model_reward`."""
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"cost profile not found: {path}", "run `dimec profile RUN_DIR` first")
+        raw = json.loads(path.read_text())
+        try:
+            ms = {k: float(raw[k]) for k in ("lambda_m_ms", "lambda_e_ms", "o_e_ms", "o_c_ms", "cloud_layer_ms")}
+        except KeyError as exc:
+            raise ConfigError(f"cost profile {path} lacks {exc.args[0]}") from None
+        l = exit_layers[2]
+        scale = full_model_reward / (l * ms["lambda_e_ms"])  # reward units per millisecond
+        return cls(
+            lambda_m=ms["lambda_m_ms"] * scale,
+            lambda_e=ms["lambda_e_ms"] * scale,
+            o_e=ms["o_e_ms"] * scale,
+            o_c=ms["o_c_ms"] * scale,
+            cloud_fee=ms["cloud_layer_ms"] * l * scale,
+            exit_layers=tuple(exit_layers),
+        )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> CostModel:
+        return cls(**{**raw, "exit_layers": tuple(raw["exit_layers"])})

@@ -1,0 +1,36 @@
+"""User-facing errors: the CLI prints these as one clear message, without a traceback."""
+
+from __future__ import annotations
+
+
+class DimecError(Exception):
+    """An error the user can act on: says what is wrong and what to do."""
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        self.message = message
+        self.hint = hint
+        super().__init__(message if hint is None else f"{message}\n  hint: {hint}")
+
+
+class ConfigError(DimecError):
+    """Bad configuration value or file."""
+
+
+class DataError(DimecError):
+    """Missing data file, column, label or empty split."""
+
+
+class ModelError(DimecError):
+    """Unknown model path, bad exit layers, incompatible encoder."""
+
+
+class ArtifactError(DimecError):
+    """A run directory lacks what a stage needs."""
+
+
+class NotFittedError(DimecError):
+    """An estimator was used before `fit`."""
+
+
+class TierUnavailableError(DimecError):
+    """A serving tier could not be reached."""

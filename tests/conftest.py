@@ -1,0 +1,76 @@
+"""Shared fixtures: a tiny random BERT (hidden 32, 2 layers) with a word-level tokenizer, and a small
+labelled CSV task, so model/training/pipeline tests run in well under a second each."""
+
+from __future__ import annotations
+
+import csv
+import random
+from pathlib import Path
+
+import pytest
+
+POSITIVE = ["good", "great", "fine", "lovely", "superb", "fun"]
+NEGATIVE = ["bad", "awful", "dull", "boring", "poor", "weak"]
+FILLER = ["the", "movie", "film", "was", "very", "plot", "acting", "quite", "a", "and"]
+VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *POSITIVE, *NEGATIVE, *FILLER]
+
+
+def make_tiny_encoder(directory: Path, layers: int = 2) -> Path:
+    import torch
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "vocab.txt").write_text("\n".join(VOCAB) + "\n")
+    tokenizer = BertTokenizerFast(vocab_file=str(directory / "vocab.txt"), do_lower_case=True)
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(VOCAB), hidden_size=32, num_hidden_layers=layers, num_attention_heads=2,
+                        intermediate_size=37, max_position_embeddings=64)
+    BertModel(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def make_sentiment_csv(path: Path, n: int = 240, seed: int = 0) -> Path:
+    """Separable toy sentiment: one sentiment word among filler; long and short texts."""
+    rng = random.Random(seed)
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["text", "label"])
+        for i in range(n):
+            label = i % 2
+            word = rng.choice(POSITIVE if label else NEGATIVE)
+            filler = rng.choices(FILLER, k=rng.randint(2, 12))
+            filler.insert(rng.randrange(len(filler) + 1), word)
+            w.writerow([" ".join(filler), "pos" if label else "neg"])
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder(tmp_path_factory) -> Path:
+    return make_tiny_encoder(tmp_path_factory.mktemp("tiny_encoder"))
+
+
+@pytest.fixture(scope="session")
+def tiny_task_csv(tmp_path_factory) -> Path:
+    return make_sentiment_csv(tmp_path_factory.mktemp("tiny_task") / "sentiment.csv")
+
+
+def tiny_run_config(encoder: Path, task_csv: Path, **train):
+    from dimec.config import RunConfig
+
+    return RunConfig.from_dict({
+        "data": {"task": "file", "path": str(task_csv), "max_length": 32},
+        "model": {"name_or_path": str(encoder), "exit_layers": [1, 2, 2]},
+        "train": {"epochs": 3, "batch_size": 16, "learning_rate": 3e-3, "progress": False, **train},
+        "calibration": {"beta_grid": [0.0, 0.001, 0.01, 0.05]},
+    })
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, tiny_encoder, tiny_task_csv) -> Path:
+    """A trained, calibrated and evaluated run directory on the tiny model (about a second)."""
+    from dimec.pipeline import run_all
+
+    run_dir = tmp_path_factory.mktemp("tiny_run")
+    run_all(tiny_run_config(tiny_encoder, tiny_task_csv), run_dir)
+    return run_dir

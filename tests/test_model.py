@@ -1,0 +1,100 @@
+import pytest
+import torch
+
+from dimec.errors import ArtifactError, ConfigError, ModelError
+from dimec.modeling.multi_exit import MultiExitModel, check_exit_layers, default_exit_layers
+
+
+@pytest.fixture()
+def model(tiny_encoder):
+    return MultiExitModel.from_encoder(str(tiny_encoder), ["neg", "pos"], exit_layers=(1, 2, 2)).eval()
+
+
+def _inputs(model, texts=("good film", "the plot was very dull and the acting quite poor")):
+    enc = model.tokenizer(list(texts), padding=True, return_tensors="pt")
+    return {k: enc[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
+
+
+def test_sliced_forward_equals_full_forward(model):
+    inputs = _inputs(model)
+    with torch.no_grad():
+        full = model(**inputs)
+        for upto in range(3):
+            part = model(**inputs, upto=upto)
+            assert len(part) == upto + 1
+            for a, b in zip(part, full[: upto + 1], strict=True):
+                torch.testing.assert_close(a, b)
+            sliced = model.slice(upto)  # the weights a tier package ships
+            assert sum(p.numel() for p in sliced.parameters()) <= sum(p.numel() for p in model.parameters())
+            torch.testing.assert_close(sliced(**inputs)[-1], full[upto])
+
+
+def test_mobile_runs_only_its_layers(model):
+    calls = []
+    layers = model.encoder.encoder.layer
+    hooks = [layer.register_forward_hook(lambda *_, i=i: calls.append(i)) for i, layer in enumerate(layers)]
+    with torch.no_grad():
+        model(**_inputs(model), upto=0)
+    for h in hooks:
+        h.remove()
+    assert calls == [0]  # m = 1: only layer 1 ran
+
+
+def test_slice_keeps_only_tier_layers(model):
+    mobile = model.slice(0)
+    assert len(mobile.encoder.encoder.layer) == 1 and len(mobile.exits) == 1
+
+
+def test_embedding_is_pooled_over_real_tokens(model):
+    one = _inputs(model, ["good film"])
+    padded = _inputs(model, ["good film", "the plot was very dull and the acting quite poor and boring"])
+    with torch.no_grad():
+        torch.testing.assert_close(model.embed(**one)[0], model.embed(**padded)[0], atol=1e-6, rtol=1e-5)
+
+
+def test_save_load_round_trip(model, tmp_path):
+    model.save_pretrained(tmp_path / "m")
+    loaded = MultiExitModel.from_pretrained(tmp_path / "m")
+    assert loaded.config == model.config
+    inputs = _inputs(model)
+    with torch.no_grad():
+        for a, b in zip(model(**inputs), loaded(**inputs), strict=True):
+            torch.testing.assert_close(a, b)
+    assert loaded.tokenizer("good film")["input_ids"] == model.tokenizer("good film")["input_ids"]
+    assert not list((tmp_path / "m").glob("*.bin")) and not list((tmp_path / "m").glob("*.pt"))  # no pickle
+
+
+def test_default_exit_layers():
+    assert default_exit_layers(6) == (2, 3, 6)
+    assert default_exit_layers(12) == (4, 6, 12)
+
+
+@pytest.mark.parametrize("layers, message", [((2, 2, 6), "1 <= m < n <= l"), ((3, 2, 6), "1 <= m < n <= l"),
+                                             ((2, 3, 8), "beyond the model's depth"), ((0, 1, 2), "1 <= m")])
+def test_bad_exit_layers(layers, message):
+    with pytest.raises(ConfigError, match=message):
+        check_exit_layers(layers, 6)
+
+
+def test_bad_exit_layers_through_constructor(tiny_encoder):
+    with pytest.raises(ConfigError, match="beyond"):
+        MultiExitModel.from_encoder(str(tiny_encoder), ["a", "b"], exit_layers=(1, 2, 5))
+
+
+def test_unknown_model_path(tmp_path):
+    with pytest.raises(ModelError, match="not found|cannot load"):
+        MultiExitModel.from_encoder(str(tmp_path / "nope"), ["a", "b"])
+    with pytest.raises(ArtifactError, match="not a dimec model folder"):
+        MultiExitModel.from_pretrained(tmp_path)
+
+
+def test_numpy_embedder_matches_torch_embed(model):
+    from dimec.modeling.fast_embed import NumpyEmbedder
+
+    fast = NumpyEmbedder(model)
+    for text, pair in (("good film", None), ("the plot was dull", "acting quite poor")):
+        enc = model.tokenizer(text, pair, return_tensors="pt")
+        with torch.no_grad():
+            ref = model.embed(enc["input_ids"], enc["attention_mask"], enc["token_type_ids"])[0].numpy()
+        ours = fast(enc["input_ids"][0].numpy(), enc["token_type_ids"][0].numpy())
+        assert abs(ours - ref).max() < 1e-5
