@@ -17,11 +17,17 @@ VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *POSITIVE, *NEGATIVE, *FI
 
 def make_tiny_encoder(directory: Path, layers: int = 2) -> Path:
     import torch
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import BertConfig, BertModel, BertTokenizerFast
 
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / "vocab.txt").write_text("\n".join(VOCAB) + "\n")
-    tokenizer = BertTokenizerFast(vocab_file=str(directory / "vocab.txt"), do_lower_case=True)
+    # built from a tokenizers object: BertTokenizerFast(vocab_file=...) ignores the file in transformers 5
+    core = Tokenizer(models.WordPiece(vocab={w: i for i, w in enumerate(VOCAB)}, unk_token="[UNK]"))
+    core.normalizer = normalizers.BertNormalizer(lowercase=True)
+    core.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    core.post_processor = processors.BertProcessing(("[SEP]", VOCAB.index("[SEP]")), ("[CLS]", VOCAB.index("[CLS]")))
+    tokenizer = BertTokenizerFast(tokenizer_object=core, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                                  sep_token="[SEP]", mask_token="[MASK]")
     torch.manual_seed(0)
     config = BertConfig(vocab_size=len(VOCAB), hidden_size=32, num_hidden_layers=layers, num_attention_heads=2,
                         intermediate_size=37, max_position_embeddings=64)
@@ -30,7 +36,7 @@ def make_tiny_encoder(directory: Path, layers: int = 2) -> Path:
     return directory
 
 
-def make_sentiment_csv(path: Path, n: int = 240, seed: int = 0) -> Path:
+def make_sentiment_csv(path: Path, n: int = 400, seed: int = 0) -> Path:
     """Separable toy sentiment: one sentiment word among filler; long and short texts."""
     rng = random.Random(seed)
     with path.open("w", newline="") as f:

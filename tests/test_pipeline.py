@@ -5,8 +5,8 @@ import shutil
 
 import numpy as np
 import pytest
-
 from conftest import tiny_run_config
+
 from dimec.cli import main
 from dimec.config import RunConfig
 from dimec.pipeline import calibrate_stage, route_texts, split_outputs, train_stage

@@ -21,10 +21,10 @@ from dimec.config import CalibrationConfig, CostConfig, RunConfig
 from dimec.costs import CostModel
 from dimec.data import Example, TaskData, load_task
 from dimec.errors import ArtifactError, ConfigError, DataError
-from dimec.evaluation import MethodResult, evaluate_router
+from dimec.evaluation import MethodResult, evaluate_router, score_decisions
 from dimec.modeling.multi_exit import MultiExitModel
 from dimec.routing import make_router
-from dimec.routing.base import ExitOutputs
+from dimec.routing.base import CLOUD, Decisions, ExitOutputs
 from dimec.routing.dimec import DimecFixedRouter
 from dimec.training.batching import encode
 from dimec.training.cartography import Cartography, plot_data_map, read_dynamics
@@ -71,16 +71,16 @@ def task_data(cfg: RunConfig) -> TaskData:
 # ---- stages --------------------------------------------------------------------------------------------
 def train_stage(cfg: RunConfig, run_dir: Path) -> TrainResult:
     run_dir = Path(run_dir)
-    prepare_run_dir(cfg, run_dir)
-    data = task_data(cfg)
-    (run_dir / "data.json").write_text(json.dumps({
-        "task": data.name, "label_names": data.label_names, "metric": data.metric,
-        "sizes": {s: len(getattr(data, s)) for s in SPLITS},
-    }, indent=2) + "\n")
+    data = task_data(cfg)  # data and model are checked before anything is written to run_dir
     model = MultiExitModel.from_encoder(
         cfg.model.name_or_path, data.label_names, cfg.model.exit_layers, cfg.model.exit_pooling,
         cfg.model.classifier_dropout, task=data.name, metric=data.metric, max_length=cfg.data.max_length,
     )
+    prepare_run_dir(cfg, run_dir)
+    (run_dir / "data.json").write_text(json.dumps({
+        "task": data.name, "label_names": data.label_names, "metric": data.metric,
+        "sizes": {s: len(getattr(data, s)) for s in SPLITS},
+    }, indent=2) + "\n")
     if cfg.train.freeze_word_embeddings:
         model.encoder.embeddings.word_embeddings.weight.requires_grad_(False)
     train_enc = encode(model.tokenizer, data.train, cfg.data.max_length)
@@ -163,7 +163,9 @@ def evaluate_stage(run_dir: Path, cfg: RunConfig | None = None) -> dict:
     cost_model = load_cost_model(run_dir, cfg.cost)
     metric = json.loads((run_dir / "data.json").read_text())["metric"]
     results: list[MethodResult] = [
-        evaluate_router(make_router("cloud-only").fit(test, cost_model), test, cost_model, metric),
+        # the reference every cost is compared with: all samples through all l layers on the cloud
+        score_decisions("cloud-only", Decisions.from_tiers(np.full(len(test), CLOUD), cost_model), test,
+                        cost_model, metric),
         evaluate_router(fixed, test, cost_model, metric, name="dimec-fixed"),
         evaluate_router(dynamic, test, cost_model, metric, name="dimec-dynamic"),
     ]

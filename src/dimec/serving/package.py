@@ -79,7 +79,7 @@ def read_manifest(directory: str | Path, verify: bool = True) -> dict[str, Any]:
 
 
 def resolve_package(path: str | Path, tier: str, onnx: bool = False) -> Path:
-    """A tier package from either a package folder or a run directory (exported on first use)."""
+    """A tier package from a package folder, an export folder or a run directory (exported on first use)."""
     path = Path(path)
     tier_index(tier)
     if (path / MANIFEST).is_file():
@@ -88,6 +88,8 @@ def resolve_package(path: str | Path, tier: str, onnx: bool = False) -> Path:
             raise ConfigError(f"{path} is the {found} package, not the {tier} one",
                               f"give the {tier} package, e.g. {path.parent / tier}")
         return path
+    if (path / tier / MANIFEST).is_file():  # an export folder (`dimec export --out DIR`)
+        return resolve_package(path / tier, tier, onnx)
     candidate = path / PACKAGES_DIR / tier
     if (candidate / MANIFEST).is_file() and (not onnx or (candidate / "model.int8.onnx").is_file()):
         return candidate

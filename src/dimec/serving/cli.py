@@ -1,0 +1,203 @@
+"""`dimec export | serve | serve-all | client | profile` (attached by dimec.cli when this package is present)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import sys
+from pathlib import Path
+
+from dimec.errors import ConfigError, DataError
+
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+DEFAULT_PORTS = {"edge": 8101, "cloud": 8102}
+
+
+def attach_serving_commands(sub) -> None:
+    p = sub.add_parser("export", help="write one package per tier (and the mobile one as ONNX fp32/int8)")
+    p.add_argument("run_dir")
+    p.add_argument("--out", help="output folder (default RUN_DIR/packages)")
+    p.add_argument("--no-onnx", action="store_true", help="skip the ONNX export of the mobile package")
+    p.add_argument("--texts-file", help="texts (one per line) for the ONNX check (default: validation split)")
+    p.add_argument("--check-limit", type=int, default=500, help="at most this many texts for the ONNX check")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("serve", help="serve the edge or cloud tier over HTTP (bearer token required)")
+    p.add_argument("tier", choices=("edge", "cloud"))
+    p.add_argument("path", help="the tier's package, or a run directory (its package is exported if missing)")
+    _server_args(p)
+    p.add_argument("--port", type=int, help="default: 8101 for edge, 8102 for cloud")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("serve-all", help="local three-tier demo: edge and cloud servers + the mobile client")
+    p.add_argument("run_dir")
+    _client_args(p)
+    p.add_argument("--threads", type=int, default=1, help="torch threads per server process")
+    p.set_defaults(func=cmd_serve_all)
+
+    p = sub.add_parser("client", help="the mobile client: route texts, answer locally or offload")
+    p.add_argument("path", help="the mobile package, or a run directory")
+    p.add_argument("--edge-url")
+    p.add_argument("--cloud-url")
+    p.add_argument("--token", help="bearer token (default: env DIMEC_TOKEN)")
+    _client_args(p)
+    p.set_defaults(func=cmd_client)
+
+    p = sub.add_parser("profile", help="measure tiers and links; write the cost profile (ms) for calibrate")
+    p.add_argument("run_dir")
+    p.add_argument("--edge-url", help="default: start a local edge server")
+    p.add_argument("--cloud-url", help="default: start a local cloud server")
+    p.add_argument("--token", help="bearer token for given servers (default: env DIMEC_TOKEN)")
+    p.add_argument("--backend", default="onnx-int8", choices=("onnx-int8", "onnx", "torch"))
+    p.add_argument("--samples", type=int, default=50)
+    p.add_argument("--link-edge", help="emulated link, e.g. 'wifi' or 'latency=20,jitter=5,bandwidth=50,loss=0'")
+    p.add_argument("--link-cloud", help="emulated link, e.g. '4g' or 'latency=80,bandwidth=20'")
+    p.add_argument("--out", help="profile path (default RUN_DIR/profile.json)")
+    p.set_defaults(func=cmd_profile)
+
+
+def _server_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--token", help="bearer token clients must send (default: env DIMEC_TOKEN)")
+    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
+    p.add_argument("--max-body-bytes", type=int, default=1_000_000)
+    p.add_argument("--max-text-chars", type=int, default=20_000)
+    p.add_argument("--max-batch", type=int, default=64)
+    p.add_argument("--log-level", default="warning")
+
+
+def _client_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("texts", nargs="*", help="texts to classify (none: read lines from stdin)")
+    p.add_argument("--file", help="a text file, one text per line")
+    p.add_argument("--backend", default="onnx-int8", choices=("onnx-int8", "onnx", "torch"),
+                   help="how the mobile tier runs")
+    p.add_argument("--routing", default="fixed", choices=("fixed", "dynamic", "cloud-only", "edge-only", "mobile-only"))
+    p.add_argument("--link-edge", help="emulated mobile->edge link, e.g. 'wifi' or 'latency=20,jitter=5,bandwidth=50'")
+    p.add_argument("--link-cloud", help="emulated mobile->cloud link, e.g. '4g' or 'latency=80,loss=0.01'")
+    p.add_argument("--connect-timeout", type=float, default=1.0, help="seconds")
+    p.add_argument("--timeout", type=float, default=10.0, help="read timeout, seconds")
+    p.add_argument("--retries", type=int, default=2, help="extra attempts per tier (bounded)")
+
+
+def _token(args) -> str | None:
+    return getattr(args, "token", None) or os.environ.get("DIMEC_TOKEN") or None
+
+
+def _links(args) -> dict:
+    from dimec.serving.links import LinkProfile
+
+    return {"edge": LinkProfile.parse(args.link_edge), "cloud": LinkProfile.parse(args.link_cloud)}
+
+
+def _texts(args) -> list[str] | None:
+    texts = list(args.texts)
+    if args.file:
+        path = Path(args.file)
+        if not path.is_file():
+            raise DataError(f"file not found: {path}", "give a text file with one text per line")
+        texts += [line for line in path.read_text().splitlines() if line.strip()]
+    return texts or None
+
+
+# ---- commands -----------------------------------------------------------------------------------------------
+def cmd_export(args) -> None:
+    from dimec.serving.package import export_packages
+
+    texts = None
+    if args.texts_file:
+        path = Path(args.texts_file)
+        if not path.is_file():
+            raise DataError(f"file not found: {path}")
+        texts = [line for line in path.read_text().splitlines() if line.strip()]
+    export_packages(args.run_dir, args.out, onnx=not args.no_onnx, check_texts=texts, check_limit=args.check_limit,
+                    log=print)
+
+
+def cmd_serve(args) -> None:
+    import uvicorn
+
+    from dimec.serving.package import resolve_package
+    from dimec.serving.server import Limits, create_app
+
+    token = _token(args)
+    if not token:
+        raise ConfigError("no bearer token", "pass --token T or set DIMEC_TOKEN (the same value on every tier)")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    if args.host not in LOOPBACK_HOSTS:
+        print(f"dimec: warning: binding {args.host}: plain HTTP, put TLS in front of it beyond a trusted network",
+              file=sys.stderr)
+    limits = Limits(args.max_body_bytes, args.max_text_chars, args.max_batch)
+    app = create_app(resolve_package(args.path, args.tier), args.tier, token, limits)
+    port = args.port or DEFAULT_PORTS[args.tier]
+    print(f"dimec {args.tier} tier on http://{args.host}:{port} (exit layer {app.state.service.model.exit_layer})",
+          flush=True)
+    uvicorn.run(app, host=args.host, port=port, log_level=args.log_level, timeout_graceful_shutdown=5)
+
+
+def _client(args, mobile_path, edge_url, cloud_url, token):
+    from dimec.serving.client import MobileClient, Timeouts
+    from dimec.serving.package import resolve_package
+
+    package = resolve_package(mobile_path, "mobile", onnx=args.backend.startswith("onnx"))
+    return MobileClient(package, edge_url, cloud_url, token, Timeouts(args.connect_timeout, args.timeout),
+                        args.retries, _links(args), args.backend, args.routing)
+
+
+def _run_client(client, texts: list[str] | None) -> None:
+    """Answer the given texts, or read texts from stdin until EOF; one JSON line per answer."""
+    if texts:
+        for text, answer in zip(texts, client.classify(texts), strict=True):
+            print(json.dumps({"text": text, **answer.to_dict()}))
+    else:
+        interactive = sys.stdin.isatty()
+        if interactive:
+            print("type a text and press enter (Ctrl-D to quit)", file=sys.stderr)
+        for line in sys.stdin:
+            if line.strip():
+                answer = client.classify([line.strip()])[0]
+                print(json.dumps({"text": line.strip(), **answer.to_dict()}), flush=True)
+    print(f"stats: {json.dumps(client.stats())}", file=sys.stderr)
+
+
+def cmd_client(args) -> None:
+    if not (args.edge_url or args.cloud_url) and args.routing != "mobile-only":
+        raise ConfigError("no remote tier", "give --edge-url and/or --cloud-url (or --routing mobile-only)")
+    with _client(args, args.path, args.edge_url, args.cloud_url, _token(args)) as client:
+        _run_client(client, _texts(args))
+
+
+def cmd_serve_all(args) -> None:
+    from dimec.serving.local import ProcessServer
+    from dimec.serving.package import resolve_package
+
+    token = os.environ.get("DIMEC_TOKEN") or secrets.token_urlsafe(24)  # private to this demo
+    texts = _texts(args)
+    servers = [ProcessServer(tier, resolve_package(args.run_dir, tier), token, threads=args.threads)
+               for tier in ("edge", "cloud")]
+    try:
+        for server in servers:
+            server.start()
+        for server in servers:
+            server.wait()
+            print(f"{server.tier} tier up on {server.url}", file=sys.stderr)
+        with _client(args, args.run_dir, servers[0].url, servers[1].url, token) as client:
+            _run_client(client, texts)
+    finally:
+        for server in servers:
+            server.stop()
+        print("servers stopped", file=sys.stderr)
+
+
+def cmd_profile(args) -> None:
+    from dimec.serving.profile import profile_run
+
+    out = Path(args.out) if args.out else Path(args.run_dir) / "profile.json"
+    profile = profile_run(args.run_dir, args.edge_url, args.cloud_url, _token(args), args.backend, args.samples,
+                          _links(args), out, log=lambda s: print(s, file=sys.stderr))
+    print(json.dumps(profile, indent=2))
+    print(f"wrote {out}; use it with `dimec calibrate {args.run_dir} --set cost.profile={out}`", file=sys.stderr)

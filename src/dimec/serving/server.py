@@ -1,0 +1,307 @@
+"""HTTP service of the edge and cloud tiers (FastAPI; run with uvicorn, bound to 127.0.0.1 by default).
+
+    POST /v1/classify   one text (or pair) or a batch -> labels, probs, tier, exit layer   (bearer token)
+    POST /v1/ping       echo the body size: lets `dimec profile` measure a link's throughput (bearer token)
+    GET  /healthz       liveness and what this tier serves
+    GET  /metrics       Prometheus text: requests by path and status, latency histogram, samples per tier
+    GET  /openapi.json  the schema
+
+Bad input never gets a 5xx: bodies over the size limit get 413, malformed or over-limit requests a 422 whose
+JSON says what is wrong, a missing or wrong token 401. `TierService` holds the request logic so the Ray
+Serve deployments (ray_app.py) answer exactly like this app.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from starlette.exceptions import HTTPException
+
+from dimec.errors import ConfigError
+from dimec.serving.tier import TierModel
+
+log = logging.getLogger("dimec.serving")
+KNOWN_PATHS = ("/v1/classify", "/v1/ping", "/healthz", "/metrics", "/openapi.json", "/docs")
+MAX_ID_CHARS = 128
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_body_bytes: int = 1_000_000
+    max_text_chars: int = 20_000  # per text (or pair member)
+    max_batch: int = 64  # texts per request
+
+
+class ClassifyRequest(BaseModel):
+    """Either `text` (+ optional `text_pair`) or `texts` (+ optional `text_pairs`); `ids` are echoed back."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    text: str | None = None
+    text_pair: str | None = None
+    texts: list[str] | None = None
+    text_pairs: list[str] | None = None
+    ids: list[str] | None = Field(None, description="request ids, one per text, echoed in the answer")
+
+    @model_validator(mode="after")
+    def _one_form(self) -> ClassifyRequest:
+        if (self.text is None) == (self.texts is None):
+            raise ValueError("give exactly one of 'text' or 'texts'")
+        if self.text is not None and self.text_pairs is not None:
+            raise ValueError("'text_pairs' goes with 'texts'; use 'text_pair' with 'text'")
+        if self.texts is not None and self.text_pair is not None:
+            raise ValueError("'text_pair' goes with 'text'; use 'text_pairs' with 'texts'")
+        n = len(self.batch()[0])
+        for name in ("text_pairs", "ids"):
+            if getattr(self, name) is not None and len(getattr(self, name)) != n:
+                raise ValueError(f"'{name}' must have one entry per text ({n}), got {len(getattr(self, name))}")
+        return self
+
+    def batch(self) -> tuple[list[str], list[str] | None]:
+        if self.text is not None:
+            return [self.text], None if self.text_pair is None else [self.text_pair]
+        return list(self.texts or []), self.text_pairs
+
+
+class ClassifyResponse(BaseModel):
+    tier: str
+    exit_layer: int
+    label_names: list[str]
+    ids: list[str] | None
+    labels: list[str]
+    label_ids: list[int]
+    probs: list[list[float]]
+    compute_ms: float = Field(description="model time on the server, so clients can separate link time")
+
+
+class RequestError(Exception):
+    """A request the service refuses: HTTP status and a message for the JSON body."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+class TierService:
+    """Auth, limits and classification for one tier; shared by the FastAPI app and Ray Serve."""
+
+    def __init__(self, model: TierModel, token: str | None, limits: Limits = Limits()) -> None:
+        if not token:
+            raise ConfigError("a bearer token is required between tiers",
+                              "pass --token T or set DIMEC_TOKEN (the same on every tier)")
+        self.model, self.limits = model, limits
+        self._token = token.encode()
+
+    def authorize(self, authorization: str | None) -> None:
+        """`authorization`: the raw Authorization header. Constant-time compare against the token."""
+        scheme, _, given = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not given:
+            raise RequestError(401, "missing bearer token (Authorization: Bearer TOKEN)")
+        if not hmac.compare_digest(given.strip().encode(), self._token):
+            raise RequestError(401, "invalid bearer token")
+
+    def check(self, request: ClassifyRequest) -> tuple[list[str], list[str] | None]:
+        texts, pairs = request.batch()
+        lim = self.limits
+        if len(texts) > lim.max_batch:
+            raise RequestError(422, f"batch of {len(texts)} texts is over the limit of {lim.max_batch}")
+        for i, t in enumerate([*texts, *(pairs or [])]):
+            if not t.strip():
+                raise RequestError(422, f"text {i % len(texts)} is empty")
+            if len(t) > lim.max_text_chars:
+                raise RequestError(422, f"text {i % len(texts)} has {len(t)} characters, over the limit of "
+                                        f"{lim.max_text_chars}")
+        if request.ids and any(len(x) > MAX_ID_CHARS for x in request.ids):
+            raise RequestError(422, f"request ids are limited to {MAX_ID_CHARS} characters")
+        if not texts:
+            raise RequestError(422, "'texts' is empty")
+        return texts, pairs
+
+    def classify(self, request: ClassifyRequest) -> ClassifyResponse:
+        texts, pairs = self.check(request)
+        start = time.perf_counter()
+        pred = self.model.classify(texts, pairs)
+        return ClassifyResponse(
+            tier=self.model.tier, exit_layer=self.model.exit_layer, label_names=self.model.label_names,
+            ids=request.ids, labels=pred.labels, label_ids=pred.label_ids.tolist(),
+            probs=pred.probs.round(6).tolist(), compute_ms=(time.perf_counter() - start) * 1e3,
+        )
+
+    def health(self) -> dict[str, Any]:
+        m = self.model
+        return {"status": "ok", "tier": m.tier, "exit_layer": m.exit_layer, "exit_layers": list(m.exit_layers),
+                "label_names": m.label_names, "backend": m.backend}
+
+
+def create_app(package_dir: str | Path | None, tier: str, token: str | None, limits: Limits | None = None,
+               model: TierModel | None = None) -> FastAPI:
+    """The FastAPI app of the edge or cloud tier. `model` may be given to share a loaded TierModel."""
+    model = model or TierModel(package_dir)
+    if model.tier != tier:
+        raise ConfigError(f"the package at {model.directory} is the {model.tier} tier, not {tier}",
+                          f"serve it as `dimec serve {model.tier}` or give the {tier} package")
+    if tier == "mobile":
+        raise ConfigError("the mobile tier runs in the client, not as a server", "serve edge or cloud")
+    service = TierService(model, token, limits or Limits())
+    app, metrics = _base_app(f"dimec {tier} tier", service)
+
+    @app.post("/v1/classify", response_model=ClassifyResponse, dependencies=[Depends(_authorized)],
+              responses=_ERRORS)
+    def classify(body: ClassifyRequest) -> ClassifyResponse:
+        answer = service.classify(body)
+        metrics["samples"].labels(tier).inc(len(answer.labels))
+        return answer
+
+    return app
+
+
+class GatewayAnswer(BaseModel):
+    answers: list[dict[str, Any]]
+
+
+def create_gateway_app(client, token: str | None, limits: Limits | None = None) -> FastAPI:
+    """The mobile tier as an HTTP entry point (used on Ray Serve): a MobileClient routes each text, answers
+    easy ones itself and offloads the rest; same auth, limits and metrics as the tier servers."""
+    service = TierService(client.mobile, token, limits or Limits())
+    app, metrics = _base_app("dimec mobile gateway", service)
+
+    @app.post("/v1/classify", response_model=GatewayAnswer, dependencies=[Depends(_authorized)],
+              responses=_ERRORS)
+    def classify(body: ClassifyRequest) -> GatewayAnswer:
+        texts, pairs = service.check(body)
+        answers = client.classify(texts, pairs, body.ids)
+        for a in answers:
+            metrics["samples"].labels(a.tier).inc()
+        return GatewayAnswer(answers=[a.to_dict() for a in answers])
+
+    return app
+
+
+_ERRORS: dict[int | str, dict[str, Any]] = {401: {"description": "missing or bad token"},
+                                            413: {"description": "body too large"},
+                                            422: {"description": "invalid request or over a limit"}}
+
+
+def _authorized(request: Request) -> None:
+    request.app.state.service.authorize(request.headers.get("authorization"))
+
+
+def _base_app(title: str, service: TierService) -> tuple[FastAPI, dict[str, Any]]:
+    """App with the guard (body limit, metrics), JSON error handlers, /healthz, /metrics and /v1/ping."""
+    registry = CollectorRegistry()  # one per app: several apps in one process (tests) do not clash
+    metrics = {
+        "requests": Counter("dimec_requests", "HTTP requests by path and status", ["path", "status"],
+                            registry=registry),
+        "latency": Histogram("dimec_request_latency_seconds", "Request latency", ["path"], registry=registry,
+                             buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10)),
+        "samples": Counter("dimec_samples", "Samples answered, by tier", ["tier"], registry=registry),
+    }
+    app = FastAPI(title=title, version="1", description=__doc__)
+    app.state.service = service
+    app.add_middleware(_Guard, limits=service.limits, metrics=metrics)
+
+    @app.exception_handler(RequestError)
+    async def _request_error(_request: Request, exc: RequestError):
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+        return JSONResponse({"error": exc.message}, exc.status, headers=headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_request: Request, exc: RequestValidationError):
+        detail = [{"loc": [str(x) for x in e.get("loc", ())], "msg": str(e.get("msg", ""))} for e in exc.errors()]
+        return JSONResponse({"error": "invalid request body", "detail": detail[:20]}, 422)
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(_request: Request, exc: HTTPException):
+        return JSONResponse({"error": str(exc.detail)}, exc.status_code, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _crash(_request: Request, exc: Exception):  # a bug, never bad input: log it, say little
+        log.exception("internal error")
+        return JSONResponse({"error": "internal error"}, 500)
+
+    @app.post("/v1/ping", dependencies=[Depends(_authorized)])
+    async def ping(request: Request) -> dict[str, int]:
+        return {"bytes": len(await request.body())}
+
+    @app.get("/healthz")
+    def healthz() -> dict[str, Any]:
+        return service.health()
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    def prometheus() -> PlainTextResponse:
+        return PlainTextResponse(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app, metrics
+
+
+class _Guard:
+    """Outermost ASGI layer: counts every request (even ones refused early) and enforces the body limit
+    while reading, so an oversized body is never buffered whole."""
+
+    def __init__(self, app, limits: Limits, metrics: dict) -> None:
+        self.app, self.limits, self.metrics = app, limits, metrics
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start, status = time.perf_counter(), [500]
+        path = scope["path"] if scope["path"] in KNOWN_PATHS else "other"
+
+        async def tracked_send(message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            body = await self._read_body(scope, receive)
+            if body is None:
+                await _send_json(tracked_send, 413, {
+                    "error": f"request body is over the limit of {self.limits.max_body_bytes} bytes"})
+                return
+            replayed = [False]
+
+            async def replay():
+                if not replayed[0]:
+                    replayed[0] = True
+                    return {"type": "http.request", "body": body, "more_body": False}
+                return await receive()
+
+            await self.app(scope, replay, tracked_send)
+        finally:
+            self.metrics["requests"].labels(path, str(status[0])).inc()
+            self.metrics["latency"].labels(path).observe(time.perf_counter() - start)
+
+    async def _read_body(self, scope, receive) -> bytes | None:
+        limit = self.limits.max_body_bytes
+        for name, value in scope.get("headers", ()):
+            if name == b"content-length" and value.isdigit() and int(value) > limit:
+                return None
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                break
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > limit:
+                return None
+            if not message.get("more_body", False):
+                break
+        return b"".join(chunks)
+
+
+async def _send_json(send, status: int, payload: dict) -> None:
+    body = json.dumps(payload).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
