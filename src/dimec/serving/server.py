@@ -255,7 +255,9 @@ class _Guard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         start, status = time.perf_counter(), [500]
-        path = scope["path"] if scope["path"] in KNOWN_PATHS else "other"
+        path, root = scope["path"], scope.get("root_path", "")
+        path = path[len(root):] if root and path.startswith(root) else path  # behind Ray's /edge prefix
+        path = path if path in KNOWN_PATHS else "other"  # bounded label values
 
         async def tracked_send(message) -> None:
             if message["type"] == "http.response.start":

@@ -1,7 +1,8 @@
 """TierModel: the one class that loads a tier package and classifies. The FastAPI server, the Ray Serve
 deployments and the mobile client all go through it, so a tier behaves the same wherever it runs.
 
-Backends: "torch" (any tier), "onnx" and "onnx-int8" (the mobile package, run with onnxruntime).
+Backends: "torch" (any tier), "onnx" and "onnx-int8" (the mobile package, run with onnxruntime; one
+intra-op thread by default: a phone answers one user's texts, mostly one at a time).
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 class TierModel:
     def __init__(self, package: str | Path, backend: str = "torch", verify: bool = True,
-                 onnx_threads: int | None = None) -> None:
+                 onnx_threads: int = 1) -> None:
         if backend not in BACKENDS:
             raise ConfigError(f"unknown backend {backend!r}", f"use one of {', '.join(BACKENDS)}")
         self.directory = Path(package)
@@ -84,7 +85,7 @@ class TierModel:
         if self.tokenizer is None:
             raise ArtifactError(f"package {self.directory} has no tokenizer", "export the package again")
 
-    def _load_onnx(self, backend: str, threads: int | None) -> None:
+    def _load_onnx(self, backend: str, threads: int) -> None:
         import onnxruntime as ort
         from transformers import AutoTokenizer
 
@@ -93,8 +94,10 @@ class TierModel:
             raise ArtifactError(f"{self.directory} has no {path.name} (only the mobile package is exported to ONNX)",
                                 "run `dimec export RUN_DIR` (without --no-onnx), or use --backend torch")
         options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        # Idle pool threads would spin on cores the phone (or, here, the servers) needs for other work.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         providers = ["CPUExecutionProvider"]
         self.session = ort.InferenceSession(str(path), options, providers=providers)
         self.embed_session = ort.InferenceSession(str(self.directory / EMBED_ONNX), options, providers=providers)

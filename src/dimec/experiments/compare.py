@@ -1,0 +1,90 @@
+"""Fit every router on validation and score it on test through the one evaluation loop; routers with a
+seed are scored over several seeds (mean and standard deviation)."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from dimec.config import CalibrationConfig
+from dimec.costs import CostModel
+from dimec.evaluation import MethodResult, evaluate_router
+from dimec.routing import ROUTERS, make_router
+from dimec.routing.base import ExitOutputs, Router
+from dimec.training.cartography import Cartography
+
+# Table I order: references first, then the baselines, then DIMEC-DC, then the bound
+METHODS = ("cloud-only", "mobile-only", "edge-only", "random", "deebert", "adaee", "isplitee", "knn",
+           "dimec-fixed", "dimec-dynamic", "oracle")
+DISPLAY = {"cloud-only": "BERT (cloud-only)", "dimec-fixed": "DIMEC-DC Fixed (Ours-F)",
+           "dimec-dynamic": "DIMEC-DC Dynamic (Ours-D)", "deebert": "DeeBERT", "adaee": "AdaEE",
+           "isplitee": "I-SplitEE", "knn": "kNN pools", "random": "Random", "oracle": "Oracle (uses labels)",
+           "mobile-only": "mobile-only", "edge-only": "edge-only"}
+
+
+def router_params(name: str) -> set[str]:
+    """The keyword parameters a registered router's `__init__` accepts (PoolRouter's included)."""
+    cls = ROUTERS[name]
+    params: set[str] = set()
+    for klass in cls.__mro__:
+        if "__init__" in vars(klass):
+            params |= {p for p in inspect.signature(klass.__init__).parameters if p != "self"}
+    return params - {"pool_params"}
+
+
+def is_seeded(name: str) -> bool:
+    return "seed" in router_params(name)
+
+
+def build_router(name: str, calibration: CalibrationConfig, seed: int | None = None, **overrides: Any) -> Router:
+    """A router by name with the run's calibration settings (for the pool routers) and a seed."""
+    accepted = router_params(name)
+    params = {k: getattr(calibration, k) for k in ("alpha_grid", "beta_grid", "medium_rule", "cartography_exit")
+              if k in accepted}
+    if seed is not None and "seed" in accepted:
+        params["seed"] = seed
+    return make_router(name, **(params | overrides))
+
+
+def evaluate_over_seeds(router_factory: Callable[[int], Router], outputs: ExitOutputs, cost_model: CostModel,
+                        metric: str, seeds: Sequence[int], name: str | None = None) -> tuple[dict, dict]:
+    """`router_factory(seed)` returns a fitted router; each is scored on `outputs` (the stream in order,
+    once). Returns (mean, std): MethodResult-like dicts averaged / spread over the seeds."""
+    results = [evaluate_router(router_factory(s), outputs, cost_model, metric, name) for s in seeds]
+    return aggregate(results)
+
+
+def aggregate(results: Sequence[MethodResult]) -> tuple[dict, dict]:
+    def stat(fn: Callable[[np.ndarray], Any], values: list) -> Any:
+        return fn(np.asarray(values, dtype=np.float64), axis=0)
+
+    out = []
+    for fn in (np.mean, np.std):  # population std over seeds
+        out.append({
+            "method": results[0].method,
+            "accuracy": float(stat(fn, [r.accuracy for r in results])),
+            "metrics": {k: float(stat(fn, [r.metrics[k] for r in results])) for k in results[0].metrics},
+            "mean_cost": float(stat(fn, [r.mean_cost for r in results])),
+            "cost_change_pct": float(stat(fn, [r.cost_change_pct for r in results])),
+            "tier_shares": [float(v) for v in stat(fn, [r.tier_shares for r in results])],
+            "runs": len(results),
+        })
+    return out[0], out[1]
+
+
+def compare_methods(val: ExitOutputs, test: ExitOutputs, cost_model: CostModel, carto: Cartography | None,
+                    metric: str, calibration: CalibrationConfig, methods: Sequence[str] = METHODS,
+                    seeds: Sequence[int] = (0,)) -> list[dict]:
+    """Fit each method on validation, score on test. One row per method: mean, std (zeros when the
+    method has no seed) and whether it ran over seeds."""
+    rows = []
+    for name in methods:
+        def factory(seed: int, name: str = name) -> Router:
+            return build_router(name, calibration, seed).fit(val, cost_model, carto)
+
+        mean, std = evaluate_over_seeds(factory, test, cost_model, metric, seeds if is_seeded(name) else seeds[:1])
+        rows.append({"method": name, "mean": mean, "std": std, "seeded": is_seeded(name)})
+    return rows

@@ -1,0 +1,119 @@
+"""Table I: every method on every task, as Markdown, CSV and JSON, with the paper's headline beside it."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from dimec.experiments.compare import DISPLAY
+
+# We could not find the paper's per-task Table I numbers in a source we can cite, so only the abstract's
+# headline is quoted; no per-task number is made up.
+PAPER_HEADLINE = ("paper (Bajpai & Hanawal, arXiv 2412.16616, abstract): DIMEC-DC cuts inference cost by "
+                  ">43% at <0.5 pt accuracy loss vs cloud-only, on GLUE tasks")
+CSV_FIELDS = ("task", "method", "runs", "accuracy", "accuracy_std", "accuracy_change_pt", "metric_name", "metric",
+              "metric_std", "mean_cost", "cost_change_pct", "cost_change_pct_std", "oracle_saving_share",
+              "mobile_share", "edge_share", "cloud_share")
+
+
+def task_rows(task: str, metric: str, compared: list[dict], cloud_only_cost: float) -> list[dict]:
+    """Flat Table I rows for one task from `compare_methods` output. oracle_saving_share =
+    (cloud_only - cost) / (cloud_only - oracle cost): 1 = every saving the oracle finds, 0 = none."""
+    by_name = {r["method"]: r for r in compared}
+    base_acc = by_name["cloud-only"]["mean"]["accuracy"] if "cloud-only" in by_name else math.nan
+    oracle_cost = by_name["oracle"]["mean"]["mean_cost"] if "oracle" in by_name else math.nan
+    room = cloud_only_cost - oracle_cost
+    rows = []
+    for r in compared:
+        mean, std = r["mean"], r["std"]
+        rows.append({
+            "task": task, "method": r["method"], "runs": mean["runs"],
+            "accuracy": mean["accuracy"], "accuracy_std": std["accuracy"],
+            "accuracy_change_pt": 100 * (mean["accuracy"] - base_acc),
+            "metric_name": metric, "metric": mean["metrics"].get(metric, mean["accuracy"]),
+            "metric_std": std["metrics"].get(metric, std["accuracy"]),
+            "mean_cost": mean["mean_cost"], "cost_change_pct": mean["cost_change_pct"],
+            "cost_change_pct_std": std["cost_change_pct"],
+            "oracle_saving_share": (cloud_only_cost - mean["mean_cost"]) / room if room > 1e-12 else math.nan,
+            "mobile_share": mean["tier_shares"][0], "edge_share": mean["tier_shares"][1],
+            "cloud_share": mean["tier_shares"][2],
+        })
+    return rows
+
+
+def _pm(value: float, std: float, runs: int, scale: float = 100.0, digits: int = 1) -> str:
+    text = f"{scale * value:.{digits}f}"
+    return f"{text} ± {scale * std:.{digits}f}" if runs > 1 else text
+
+
+def markdown_table(tasks: dict[str, dict[str, Any]], meta: dict[str, Any]) -> str:
+    """tasks: {task: {"metric", "test_size", "rows"}} -> the whole Table I document."""
+    lines = ["# Table I: accuracy and cost of every method", "", f"> {PAPER_HEADLINE}.", ""]
+    lines += [f"- {k}: {v}" for k, v in meta.items()]
+    lines += ["", "Accuracy and the task metric in %, cost change vs cloud-only in % (negative = cheaper); "
+              "'± std' over seeds for seeded (online/random) methods. Oracle share: the fraction of the oracle's "
+              "cost saving a method achieves (the oracle uses labels; it is a bound, not a method).", ""]
+    for task, t in tasks.items():
+        metric = t["metric"]
+        extra = f" | {metric.upper()} (%)" if metric != "accuracy" else ""
+        lines += [f"## {task} ({t['test_size']} test samples)", "",
+                  f"| method | accuracy (%) | Δacc (pt){extra} | cost vs cloud (%) | oracle share | "
+                  "mobile / edge / cloud (%) |",
+                  "|---|---:|---:|" + ("---:|" if extra else "") + "---:|---:|---|"]
+        for r in t["rows"]:
+            cells = [DISPLAY.get(r["method"], r["method"]), _pm(r["accuracy"], r["accuracy_std"], r["runs"]),
+                     f"{r['accuracy_change_pt']:+.2f}"]
+            if extra:
+                cells.append(_pm(r["metric"], r["metric_std"], r["runs"]))
+            share = r["oracle_saving_share"]
+            cells += [_pm(r["cost_change_pct"], r["cost_change_pct_std"], r["runs"], scale=1.0),
+                      "-" if math.isnan(share) else f"{share:.2f}",
+                      " / ".join(f"{100 * r[k]:.0f}" for k in ("mobile_share", "edge_share", "cloud_share"))]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += summary_matrix(tasks)
+    return "\n".join(lines) + "\n"
+
+
+def summary_matrix(tasks: dict[str, dict[str, Any]]) -> list[str]:
+    """Methods x tasks, each cell 'accuracy % / cost change %' (the paper's layout)."""
+    names = list(dict.fromkeys(r["method"] for t in tasks.values() for r in t["rows"]))
+    lines = ["## All tasks: accuracy (%) / cost vs cloud-only (%)", "",
+             "| method | " + " | ".join(tasks) + " |", "|---|" + "---:|" * len(tasks)]
+    for name in names:
+        cells = []
+        for t in tasks.values():
+            r = next((r for r in t["rows"] if r["method"] == name), None)
+            cells.append("-" if r is None else f"{100 * r['accuracy']:.1f} / {r['cost_change_pct']:+.1f}")
+        lines.append(f"| {DISPLAY.get(name, name)} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def write_table(tasks: dict[str, dict[str, Any]], meta: dict[str, Any], out_dir: Path) -> dict[str, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {ext: out_dir / f"table_I.{ext}" for ext in ("md", "csv", "json")}
+    paths["md"].write_text(markdown_table(tasks, meta))
+    with paths["csv"].open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        w.writeheader()
+        for t in tasks.values():
+            w.writerows({k: r[k] for k in CSV_FIELDS} for r in t["rows"])
+    doc = {"paper": PAPER_HEADLINE, "meta": meta, "tasks": tasks}
+    paths["json"].write_text(json.dumps(strict_json(doc), indent=2, allow_nan=False) + "\n")
+    return paths
+
+
+def strict_json(obj: Any) -> Any:
+    """NaN/inf (e.g. an undefined oracle share) -> null, tuples -> lists, paths -> strings."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [strict_json(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj

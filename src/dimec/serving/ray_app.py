@@ -1,0 +1,126 @@
+"""The same three tiers on Ray Serve, for scale-out (optional extra: `pip install "ray[serve]"`).
+
+Each tier is one Ray Serve application whose replicas build exactly the FastAPI app of server.py (same
+TierModel, auth, limits, metrics), so nothing about a tier is implemented twice:
+
+    /edge/v1/classify, /cloud/v1/classify   the tier servers (create_app)
+    /mobile/v1/classify                     a mobile gateway (create_gateway_app around a MobileClient)
+                                            that offloads to /edge and /cloud through Ray's own proxy
+
+Ray binds loopback only here: `ray.init(_node_ip_address="127.0.0.1")` with
+RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (otherwise Ray may pick another address and hang), HTTP on 127.0.0.1.
+
+    python -m dimec.serving.ray_app RUN_DIR_or_EXPORT_DIR [--port 8000]    (token: env DIMEC_TOKEN)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from dimec.serving.package import resolve_package
+from dimec.serving.server import Limits
+
+# Replicas per tier follow the load: the cloud gets the most headroom (it runs every layer), the
+# mobile gateway the least (it stands in for many phones doing their own work).
+AUTOSCALING: dict[str, dict[str, Any]] = {
+    "mobile": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 8},
+    "edge": {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 4},
+    "cloud": {"min_replicas": 1, "max_replicas": 8, "target_ongoing_requests": 2},
+}
+
+
+def start_ray(num_cpus: int | None = None, http_port: int = 8000) -> None:
+    """A local Ray cluster and Serve's HTTP proxy, both on loopback."""
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    import ray
+    from ray import serve
+
+    if not ray.is_initialized():
+        ray.init(_node_ip_address="127.0.0.1", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
+                 configure_logging=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": http_port})
+
+
+def tier_application(tier: str, package: str | Path, token: str, limits: Limits | None = None,
+                     autoscaling: dict[str, Any] | None = None, num_cpus: float = 0.5,
+                     edge_url: str | None = None, cloud_url: str | None = None, backend: str = "torch",
+                     routing: str = "fixed"):
+    """A bound Serve application for one tier; the app is built on each replica (a closure, not a pickled
+    model)."""
+    from ray import serve
+
+    package = str(package)
+    if tier == "mobile":
+        def build():
+            from dimec.serving.client import MobileClient
+            from dimec.serving.server import create_gateway_app
+
+            client = MobileClient(package, edge_url, cloud_url, token, backend=backend, routing=routing)
+            return create_gateway_app(client, token, limits)
+    else:
+        def build():
+            from dimec.serving.server import create_app
+
+            return create_app(package, tier, token, limits)
+
+    deployment = serve.deployment(serve.ingress(build)(), name=f"dimec-{tier}",
+                                  autoscaling_config=autoscaling or AUTOSCALING[tier],
+                                  ray_actor_options={"num_cpus": num_cpus})
+    return deployment.bind()
+
+
+def deploy_three_tiers(path: str | Path, token: str, http_port: int = 8000, limits: Limits | None = None,
+                       num_cpus: float = 0.5, autoscaling: dict[str, dict[str, Any]] | None = None,
+                       backend: str = "torch") -> dict[str, str]:
+    """Deploy edge, cloud, then the mobile gateway; returns each tier's base URL."""
+    from ray import serve
+
+    autoscaling = {**AUTOSCALING, **(autoscaling or {})}
+    base = f"http://127.0.0.1:{http_port}"
+    urls = {tier: f"{base}/{tier}" for tier in ("mobile", "edge", "cloud")}
+    for tier in ("edge", "cloud", "mobile"):
+        package = resolve_package(path, tier, onnx=backend.startswith("onnx") and tier == "mobile")
+        app = tier_application(tier, package, token, limits, autoscaling[tier], num_cpus,
+                               urls["edge"], urls["cloud"], backend)
+        serve.run(app, name=f"dimec-{tier}", route_prefix=f"/{tier}")
+    return urls
+
+
+def shutdown() -> None:
+    import ray
+    from ray import serve
+
+    try:
+        serve.shutdown()
+    finally:
+        ray.shutdown()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m dimec.serving.ray_app", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("path", help="run directory or `dimec export` folder")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--num-cpus", type=float, default=0.5, help="CPUs reserved per replica")
+    args = parser.parse_args(argv)
+    token = os.environ.get("DIMEC_TOKEN")
+    if not token:
+        parser.error("set DIMEC_TOKEN (the bearer token of every tier)")
+    start_ray(http_port=args.port)
+    try:
+        for tier, url in deploy_three_tiers(args.path, token, args.port, num_cpus=args.num_cpus).items():
+            print(f"{tier:<6} {url}/v1/classify", flush=True)
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        shutdown()
+
+
+if __name__ == "__main__":
+    main()
