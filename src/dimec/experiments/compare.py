@@ -11,7 +11,7 @@ import numpy as np
 
 from dimec.config import CalibrationConfig
 from dimec.costs import CostModel
-from dimec.evaluation import MethodResult, evaluate_router
+from dimec.evaluation import MethodResult, evaluate_router, score_decisions
 from dimec.routing import ROUTERS, make_router
 from dimec.routing.base import ExitOutputs, Router
 from dimec.training.cartography import Cartography
@@ -88,3 +88,27 @@ def compare_methods(val: ExitOutputs, test: ExitOutputs, cost_model: CostModel, 
         mean, std = evaluate_over_seeds(factory, test, cost_model, metric, seeds if is_seeded(name) else seeds[:1])
         rows.append({"method": name, "mean": mean, "std": std, "seeded": is_seeded(name)})
     return rows
+
+
+def threshold_sweeps(val: ExitOutputs, test: ExitOutputs, cost_model: CostModel, carto: Cartography | None,
+                     metric: str, calibration: CalibrationConfig) -> dict[str, list[dict]]:
+    """Accuracy/cost on test for every threshold of the methods that have one (the Pareto curves):
+    DeeBERT's entropy threshold, AdaEE's mobile confidence threshold held fixed (no bandit) and
+    DIMEC-DC's alpha (beta re-chosen by the reward search for each alpha)."""
+    from dimec.routing.base import MOBILE
+    from dimec.routing.baselines import DEFAULT_ARMS, deebert_decisions, entropy_grid, split_decisions
+
+    def scored(name: str, decisions, threshold: float) -> dict:
+        return score_decisions(name, decisions, test, cost_model, metric).to_dict() | {"threshold": float(threshold)}
+
+    sweeps = {
+        "deebert": [scored("deebert", deebert_decisions(test, cost_model, t), t) for t in entropy_grid(val, 21)],
+        "adaee": [scored("adaee", split_decisions(test, cost_model, MOBILE, t), t) for t in DEFAULT_ARMS],
+    }
+    if carto is not None:
+        sweeps["dimec-fixed"] = [
+            evaluate_router(build_router("dimec-fixed", calibration, alpha_grid=(a,)).fit(val, cost_model, carto),
+                            test, cost_model, metric).to_dict() | {"threshold": float(a)}
+            for a in calibration.alpha_grid
+        ]
+    return sweeps

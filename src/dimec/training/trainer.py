@@ -59,6 +59,13 @@ def predict_exit_outputs(model: MultiExitModel, enc: Encoded, batch_size: int = 
     return ExitOutputs(probs=probs, labels=enc.labels.copy(), embeddings=emb)
 
 
+def joint_loss(model: MultiExitModel, batch: dict[str, torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
+    """The paper's objective L_m + L_e + L_c (with optional per-exit weights)."""
+    logits = model(**_model_inputs(batch))  # 3 x (B, C)
+    losses = torch.stack([torch.nn.functional.cross_entropy(lg, batch["labels"]) for lg in logits])
+    return (weights * losses).sum()
+
+
 def exit_accuracies(outputs: ExitOutputs) -> list[float]:
     return outputs.correct.mean(0).tolist()
 
@@ -107,9 +114,7 @@ def train(model: MultiExitModel, train_enc: Encoded, val_enc: Encoded, cfg: Trai
         bar = tqdm(total=len(train_enc), desc=f"epoch {epoch}/{cfg.epochs}", unit="sample", disable=not cfg.progress)
         for index in batches:
             batch = collate(train_enc, index, pad_id)
-            logits = model(**_model_inputs(batch))  # 3 x (B, C)
-            losses = torch.stack([torch.nn.functional.cross_entropy(lg, batch["labels"]) for lg in logits])
-            loss = (weights * losses).sum()  # paper: L_m + L_e + L_c
+            loss = joint_loss(model, batch, weights)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             optimizer.step()
