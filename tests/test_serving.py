@@ -17,7 +17,7 @@ pytest.importorskip("onnxruntime")
 from fastapi.testclient import TestClient  # noqa: E402
 
 from dimec.errors import ArtifactError, ConfigError, DataError  # noqa: E402
-from dimec.serving.client import Answer, MobileClient, Timeouts  # noqa: E402
+from dimec.serving.client import Answer, MobileClient, RemoteResult, Timeouts  # noqa: E402
 from dimec.serving.links import LinkProfile, LinkTransport  # noqa: E402
 from dimec.serving.local import ThreadServer  # noqa: E402
 from dimec.serving.package import MANIFEST, export_packages, read_manifest, resolve_package  # noqa: E402
@@ -400,6 +400,21 @@ def test_client_reports_wrong_token_as_fallback_with_reason(models, servers):
     with client:
         answer = client.classify(["good"])[0]
     assert answer.degraded and "401" in answer.errors[0] and "no cloud tier" in answer.errors[1]
+
+
+def test_client_refuses_a_tier_serving_another_model(models):
+    class OtherModel:  # any Remote works (Ray handles, test doubles)
+        name = "edge"
+
+        def available(self) -> bool:
+            return True
+
+        def classify(self, texts, pairs, ids) -> RemoteResult:
+            return RemoteResult(np.full((len(texts), 2), 0.5, np.float32), 2, ["x", "y"], 1)
+
+    with MobileClient(models["mobile"], routing="edge-only", remotes={"edge": OtherModel()}) as client:
+        answer = client.classify(["good"])[0]
+    assert answer.degraded and "another model" in answer.errors[0]
 
 
 # ---- profile and CLI --------------------------------------------------------------------------------------------

@@ -21,10 +21,10 @@ from dimec.config import CalibrationConfig, CostConfig, RunConfig
 from dimec.costs import CostModel
 from dimec.data import Example, TaskData, load_task
 from dimec.errors import ArtifactError, ConfigError, DataError
-from dimec.evaluation import MethodResult, evaluate_router, score_decisions
+from dimec.evaluation import MethodResult, evaluate_router
 from dimec.modeling.multi_exit import MultiExitModel
 from dimec.routing import make_router
-from dimec.routing.base import CLOUD, Decisions, ExitOutputs
+from dimec.routing.base import ExitOutputs
 from dimec.routing.dimec import DimecFixedRouter
 from dimec.training.batching import encode
 from dimec.training.cartography import Cartography, plot_data_map, read_dynamics
@@ -159,9 +159,7 @@ def evaluate_stage(run_dir: Path, cfg: RunConfig | None = None) -> dict:
     cost_model = load_cost_model(run_dir, cfg.cost)
     metric = json.loads((run_dir / "data.json").read_text())["metric"]
     results: list[MethodResult] = [
-        # the reference every cost is compared with: all samples through all l layers on the cloud
-        score_decisions("cloud-only", Decisions.from_tiers(np.full(len(test), CLOUD), cost_model), test,
-                        cost_model, metric),
+        evaluate_router(make_router("cloud-only"), test, cost_model, metric),  # the reference
         evaluate_router(fixed, test, cost_model, metric, name="dimec-fixed"),
         evaluate_router(dynamic, test, cost_model, metric, name="dimec-dynamic"),
     ]

@@ -3,6 +3,7 @@ seed are scored over several seeds (mean and standard deviation)."""
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -25,14 +26,15 @@ DISPLAY = {"cloud-only": "BERT (cloud-only)", "dimec-fixed": "DIMEC-DC Fixed (Ou
            "mobile-only": "mobile-only", "edge-only": "edge-only"}
 
 
-def router_params(name: str) -> set[str]:
+@functools.cache
+def router_params(name: str) -> frozenset[str]:
     """The keyword parameters a registered router's `__init__` accepts (PoolRouter's included)."""
     cls = ROUTERS[name]
     params: set[str] = set()
     for klass in cls.__mro__:
         if "__init__" in vars(klass):
             params |= {p for p in inspect.signature(klass.__init__).parameters if p != "self"}
-    return params - {"pool_params"}
+    return frozenset(params - {"pool_params"})
 
 
 def is_seeded(name: str) -> bool:

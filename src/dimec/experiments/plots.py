@@ -69,12 +69,14 @@ def plot_pools_tsne(embeddings: np.ndarray, pools: np.ndarray, path: Path, title
                     max_points: int = 1500, seed: int = 0) -> Path:
     """t-SNE of (at most max_points) validation embeddings (N, H), coloured by pool (N,)."""
     from sklearn.manifold import TSNE
+    from threadpoolctl import threadpool_limits
 
     rng = np.random.default_rng(seed)
     keep = np.sort(rng.permutation(len(embeddings))[:max_points])
     x = np.asarray(embeddings[keep], dtype=np.float64)
     perplexity = float(min(30.0, max(2.0, (len(x) - 1) / 3)))  # TSNE needs perplexity < n
-    xy = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(x)  # (n, 2)
+    with threadpool_limits(1, user_api="openmp"):  # OpenMP threads spin badly on a busy machine (20x slower)
+        xy = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(x)  # (n, 2)
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 5))
     for k in range(3):

@@ -61,6 +61,7 @@ class Answer:
 class RemoteResult:
     probs: np.ndarray  # (N, C)
     exit_layer: int
+    label_names: list[str]
     attempts: int
 
 
@@ -102,7 +103,7 @@ class HttpRemote:
     def classify(self, texts: list[str], pairs: list[str] | None, ids: list[str]) -> RemoteResult:
         if not self.available():
             raise TierUnavailableError(f"{self.name} skipped: it failed less than {self.cooldown_s:g} s ago")
-        probs, exit_layer, attempts = [], 0, 0
+        probs, exit_layer, labels, attempts = [], 0, [], 0
         for start in range(0, len(texts), self.max_batch):
             part = slice(start, start + self.max_batch)
             body: dict[str, Any] = {"texts": texts[part], "ids": ids[part]}
@@ -110,8 +111,8 @@ class HttpRemote:
                 body["text_pairs"] = pairs[part]
             payload, tries = self._post(body)
             probs.append(np.asarray(payload["probs"], dtype=np.float32))
-            exit_layer, attempts = int(payload["exit_layer"]), attempts + tries
-        return RemoteResult(np.concatenate(probs), exit_layer, attempts)
+            exit_layer, labels, attempts = int(payload["exit_layer"]), payload["label_names"], attempts + tries
+        return RemoteResult(np.concatenate(probs), exit_layer, labels, attempts)
 
     def _post(self, body: dict[str, Any]) -> tuple[dict[str, Any], int]:
         error = "no attempt"
@@ -144,7 +145,8 @@ class HttpRemote:
         """The answer must be for exactly the ids we sent, one probability row each."""
         try:
             payload = response.json()
-            ok = payload["ids"] == body["ids"] and len(payload["probs"]) == len(body["ids"])
+            ok = payload["ids"] == body["ids"] and len(payload["probs"]) == len(body["ids"]) and \
+                all(len(p) == len(payload["label_names"]) for p in payload["probs"])
         except (ValueError, KeyError, TypeError):
             return None
         return payload if ok else None
@@ -245,6 +247,7 @@ class MobileClient:
                 continue
             try:
                 result = remote.classify(sub_texts, sub_pairs, sub_ids)
+                self._check_same_model(target, result)
             except TierUnavailableError as exc:
                 errors.append(exc.message)
                 with self._lock:
@@ -255,6 +258,14 @@ class MobileClient:
                                           errors=list(errors))
             return
         self._answer_locally(batch, rows, ids, answers, routed=TIERS[routed], degraded=True, errors=errors)
+
+    def _check_same_model(self, target: str, result: RemoteResult) -> None:
+        """A tier serving another model (other labels or exit layers) must not answer for this one."""
+        expected = self.mobile.exit_layers[TIERS.index(target)]
+        if list(result.label_names) != self.mobile.label_names or result.exit_layer != expected:
+            raise TierUnavailableError(
+                f"{target} serves another model (labels {result.label_names}, exit layer {result.exit_layer}; "
+                f"expected {self.mobile.label_names}, exit layer {expected}): deploy packages of one export")
 
     def _answer_locally(self, batch, rows, ids, answers, routed: str, degraded: bool, errors: list[str]) -> None:
         probs = softmax(self.mobile.logits(batch.rows(rows)))

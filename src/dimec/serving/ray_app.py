@@ -82,11 +82,17 @@ def deploy_three_tiers(path: str | Path, token: str, http_port: int = 8000, limi
     autoscaling = {**AUTOSCALING, **(autoscaling or {})}
     base = f"http://127.0.0.1:{http_port}"
     urls = {tier: f"{base}/{tier}" for tier in ("mobile", "edge", "cloud")}
+    apps = {}
     for tier in ("edge", "cloud", "mobile"):
         package = resolve_package(path, tier, onnx=backend.startswith("onnx") and tier == "mobile")
-        app = tier_application(tier, package, token, limits, autoscaling[tier], num_cpus,
-                               urls["edge"], urls["cloud"], backend)
-        serve.run(app, name=f"dimec-{tier}", route_prefix=f"/{tier}")
+        apps[tier] = tier_application(tier, package, token, limits, autoscaling[tier], num_cpus,
+                                      urls["edge"], urls["cloud"], backend)
+    if hasattr(serve, "run_many"):  # Ray >= 2.4x: the replicas of all tiers start side by side
+        serve.run_many([serve.RunTarget(app, name=f"dimec-{tier}", route_prefix=f"/{tier}")
+                        for tier, app in apps.items()])
+    else:
+        for tier, app in apps.items():
+            serve.run(app, name=f"dimec-{tier}", route_prefix=f"/{tier}")
     return urls
 
 

@@ -1,0 +1,209 @@
+"""`dimec reproduce`: the paper's Table I, the cost ablations (Fig. 5) and the figures, from one command.
+
+For each task: train once into OUT/runs/<task> (a finished run with the same settings is reused), load
+the cached validation/test exit outputs, fit every router on validation (cartography + cost model),
+score each on test through `dimec.evaluation` (seeded methods over several seeds), then re-calibrate
+DIMEC-DC under scaled cost settings. Everything lands in OUT with an index.md linking it all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from dimec.config import RunConfig
+from dimec.config import load_run_config as config_from_file
+from dimec.costs import CostModel
+from dimec.errors import ArtifactError, ConfigError
+from dimec.experiments import plots
+from dimec.experiments.ablations import MULTIPLIERS, run_ablations, write_ablations
+from dimec.experiments.compare import METHODS, build_router, compare_methods, threshold_sweeps
+from dimec.experiments.tables import PAPER_HEADLINE, strict_json, task_rows, write_table
+from dimec.pipeline import load_cartography, load_cost_model, load_run_config, split_outputs, train_stage
+from dimec.routing import ROUTERS
+from dimec.routing.base import ExitOutputs
+from dimec.training.cartography import Cartography, plot_data_map
+
+TASKS = ("sst2", "cola", "mrpc", "qnli", "rotten_tomatoes")
+
+
+@dataclass
+class TaskRun:
+    """One task's trained run and everything the methods are fitted and scored on."""
+
+    task: str
+    run_dir: Path
+    cfg: RunConfig
+    metric: str
+    sizes: dict[str, int]
+    val: ExitOutputs
+    test: ExitOutputs
+    carto: Cartography
+    cost_model: CostModel
+    reused: bool
+
+
+def task_config(base_cfg: RunConfig, task: str) -> RunConfig:
+    return replace(base_cfg, data=replace(base_cfg.data, task=task))
+
+
+def _same_training(old: RunConfig, new: RunConfig) -> bool:
+    """Whether a saved run was trained with these data/model/training settings (progress bars aside)."""
+    def key(cfg: RunConfig) -> dict:
+        return {"data": asdict(cfg.data), "model": asdict(cfg.model), "train": asdict(cfg.train) | {"progress": None}}
+
+    return json.dumps(key(old), default=list) == json.dumps(key(new), default=list)
+
+
+def prepare_task(task: str, base_cfg: RunConfig, out_dir: Path) -> TaskRun:
+    cfg = task_config(base_cfg, task)
+    run_dir = Path(out_dir) / "runs" / task
+    reused = (run_dir / "train_result.json").is_file() and _same_training(load_run_config(run_dir), cfg)
+    if not reused:
+        train_stage(cfg, run_dir)  # resumes a half-finished run; refuses one with other settings
+    val, test = split_outputs(run_dir, "validation"), split_outputs(run_dir, "test")
+    carto = load_cartography(run_dir, cfg.calibration)
+    if len(carto.confidence) != len(val):
+        raise ArtifactError(f"{run_dir}: dynamics cover {len(carto.confidence)} samples, validation has {len(val)}",
+                            "delete that run directory and run reproduce again")
+    info = json.loads((run_dir / "data.json").read_text())
+    return TaskRun(task, run_dir, cfg, info["metric"], info["sizes"], val, test, carto,
+                   load_cost_model(run_dir, cfg.cost), reused)
+
+
+def reproduce(tasks: Sequence[str], base_cfg: RunConfig, out_dir: str | Path, seeds: Sequence[int] = (0, 1, 2),
+              methods: Sequence[str] | None = None, multipliers: Sequence[float] = MULTIPLIERS,
+              meta: dict | None = None, tsne_points: int = 1500) -> dict:
+    """Table I + ablations + plots for `tasks`; returns {"tables", "ablations", "index"}."""
+    out_dir = Path(out_dir)
+    methods = list(dict.fromkeys(["cloud-only", *(methods or METHODS), "oracle"]))  # references always in
+    unknown = [m for m in methods if m not in ROUTERS]
+    if unknown:
+        raise ConfigError(f"unknown method(s) {', '.join(unknown)}", f"known: {', '.join(sorted(ROUTERS))}")
+    if not tasks or not seeds:
+        raise ConfigError("reproduce needs at least one task and one seed")
+    plot_dir = out_dir / "plots"
+    plot_dir.mkdir(parents=True, exist_ok=True)
+    tables, ablation_rows, task_files, pool_shares, device_acc = {}, [], {}, {}, {}
+    for task in tasks:
+        tr = prepare_task(task, base_cfg, out_dir)
+        cal, cm = tr.cfg.calibration, tr.cost_model
+        compared = compare_methods(tr.val, tr.test, cm, tr.carto, tr.metric, cal, methods, tuple(seeds))
+        tables[task] = {"metric": tr.metric, "test_size": len(tr.test), "sizes": tr.sizes,
+                        "run_dir": str(tr.run_dir), "reused_run": tr.reused, "cost_model": cm.to_dict(),
+                        "rows": task_rows(task, tr.metric, compared, cm.cloud_only)}
+        ablations = run_ablations(task, tr.val, tr.test, tr.carto, tr.metric, tr.cfg.cost, cal,
+                                  lambda c, run_dir=tr.run_dir: load_cost_model(run_dir, c), multipliers)
+        ablation_rows += ablations
+        fixed = build_router("dimec-fixed", cal).fit(tr.val, cm, tr.carto)
+        pool_shares[task], device_acc[task] = fixed.pool_shares_, tr.test.correct.mean(0)  # (3,), (3,)
+        task_files[task] = task_plots(tr, fixed.pools_, compared, ablations, plot_dir, tsne_points)
+    meta = {**(meta or {}), "tasks": list(tasks), "seeds": list(seeds), "methods": methods,
+            "cost": asdict(base_cfg.cost), "model": base_cfg.model.name_or_path, "epochs": base_cfg.train.epochs,
+            "max_samples (pooled rows cap)": base_cfg.data.max_samples}
+    table_paths = write_table(tables, meta, out_dir)
+    ablation_paths = write_ablations(ablation_rows, out_dir)
+    for path, figure in ((plot_dir / "pool_proportions.png", plots.plot_pool_proportions),
+                         (plot_dir / "device_accuracy.png", plots.plot_device_accuracy)):
+        figure(pool_shares if "pool" in path.name else device_acc, path)
+    index = write_index(out_dir, meta, tables, table_paths, ablation_paths, task_files)
+    return {"tables": tables, "ablations": ablation_rows, "index": index}
+
+
+def task_plots(tr: TaskRun, pools: np.ndarray, compared: list[dict], ablations: list[dict], plot_dir: Path,
+               tsne_points: int) -> dict[str, Path]:
+    """Per-task figures: data map, t-SNE of the pools, Pareto plot (with its sweep data as JSON), ablation."""
+    t = tr.task
+    files = {"data map": plot_dir / f"{t}_data_map.png", "t-SNE of the pools": plot_dir / f"{t}_tsne_pools.png",
+             "accuracy vs cost": plot_dir / f"{t}_pareto.png", "cost ablations": plot_dir / f"{t}_ablations.png"}
+    plots.plot_ablation(ablations, files["cost ablations"], f"{t}: DIMEC-DC under scaled costs (Fig. 5)")
+    cal = tr.cfg.calibration
+    plot_data_map(tr.carto, files["data map"], cal.cartography_exit,
+                  title=f"{t}: data map at the {cal.cartography_exit} exit ({len(tr.val)} validation samples)")
+    plots.plot_pools_tsne(tr.val.embeddings, pools, files["t-SNE of the pools"],
+                          f"{t}: t-SNE of validation embeddings by DIMEC pool (Fig. 4b/c)", tsne_points)
+    sweeps = threshold_sweeps(tr.val, tr.test, tr.cost_model, tr.carto, tr.metric, cal)
+    plots.plot_pareto({r["method"]: r["mean"] for r in compared}, sweeps, files["accuracy vs cost"],
+                      f"{t}: accuracy vs cost, every method ({len(tr.test)} test samples)")
+    files["sweep data"] = plot_dir / f"{t}_pareto.json"
+    files["sweep data"].write_text(json.dumps(strict_json(sweeps), indent=2, allow_nan=False) + "\n")
+    return files
+
+
+def write_index(out_dir: Path, meta: dict, tables: dict, table_paths: dict, ablation_paths: dict,
+                task_files: dict[str, dict[str, Path]]) -> Path:
+    def rel(p: Path) -> str:
+        return str(Path(p).relative_to(out_dir))
+
+    lines = ["# DIMEC-DC reproduction", "", f"> {PAPER_HEADLINE}.", "", "## Settings", ""]
+    lines += [f"- {k}: `{v}`" for k, v in meta.items()]
+    lines += ["", "## Tables", "",
+              f"- [Table I]({rel(table_paths['md'])}) ([CSV]({rel(table_paths['csv'])}), "
+              f"[JSON]({rel(table_paths['json'])}))",
+              f"- [Cost ablations, Fig. 5]({rel(ablation_paths['md'])}) ([CSV]({rel(ablation_paths['csv'])}), "
+              f"[JSON]({rel(ablation_paths['json'])}))", "",
+              "## Figures", "", "![pool proportions (Fig. 3)](plots/pool_proportions.png)", "",
+              "![accuracy of each device alone (Fig. 4a)](plots/device_accuracy.png)", ""]
+    for task, files in task_files.items():
+        t = tables[task]
+        lines += [f"### {task}", "",
+                  f"Run `{rel(Path(t['run_dir']))}` ({'reused' if t['reused_run'] else 'trained'}); samples "
+                  + ", ".join(f"{k} {v}" for k, v in t["sizes"].items()) + f"; metric {t['metric']}.", ""]
+        lines += [f"- [{name}]({rel(p)})" for name, p in files.items()] + [""]
+        lines += [f"![{name}]({rel(p)})" for name, p in files.items() if p.suffix == ".png"] + [""]
+    path = out_dir / "index.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+# ---- command line -----------------------------------------------------------------------------------------
+def add_reproduce_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--tasks", default=",".join(TASKS), help=f"comma list (default {','.join(TASKS)})")
+    parser.add_argument("--out", default="reproduce", help="output directory (runs, tables, plots, index.md)")
+    parser.add_argument("--max-train-samples", type=int, default=None, metavar="N",
+                        help="cap the training split at about N rows (stratified; recorded in the outputs)")
+    parser.add_argument("--epochs", type=int, default=None, help="training epochs (default: train.epochs)")
+    parser.add_argument("--seeds", default="0,1,2", help="seeds for the seeded/online methods (comma list)")
+    parser.add_argument("--methods", default=None, help=f"comma list (default all: {','.join(METHODS)})")
+    parser.add_argument("--multipliers", default=",".join(f"{m:g}" for m in MULTIPLIERS),
+                        help="cost multipliers for the ablations (comma list)")
+    parser.add_argument("--config", help="YAML/JSON base config (its data.task is replaced per task)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override one setting, e.g. --set cost.offload_cloud=4 (repeatable)")
+    return parser
+
+
+def _items(text: str, kind: type, what: str) -> list:
+    try:
+        return [kind(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"bad --{what} {text!r}", f"give a comma list of {kind.__name__} values") from None
+
+
+def with_train_cap(cfg: RunConfig, max_train_samples: int) -> RunConfig:
+    """The training split holds about N rows: the pooled-rows cap data.max_samples = ceil(N / train share)."""
+    if max_train_samples < 1:
+        raise ConfigError(f"--max-train-samples must be >= 1, got {max_train_samples}")
+    cap = math.ceil(max_train_samples / cfg.data.split_ratios[0])
+    return replace(cfg, data=replace(cfg.data, max_samples=cap))
+
+
+def main_reproduce(args: argparse.Namespace) -> None:
+    overrides = list(args.overrides) + ([f"train.epochs={args.epochs}"] if args.epochs is not None else [])
+    cfg = config_from_file(args.config, overrides)
+    meta = {}
+    if args.max_train_samples is not None:
+        cfg = with_train_cap(cfg, args.max_train_samples)
+        meta["max_train_samples (requested cap)"] = args.max_train_samples
+    result = reproduce(_items(args.tasks, str, "tasks"), cfg, Path(args.out), _items(args.seeds, int, "seeds"),
+                       _items(args.methods, str, "methods") if args.methods else None,
+                       _items(args.multipliers, float, "multipliers"), meta)
+    summary = (Path(args.out) / "table_I.md").read_text().split("## All tasks")[-1]
+    print(f"## All tasks{summary}")
+    print(f"wrote {result['index']}")

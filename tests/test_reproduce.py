@@ -1,0 +1,139 @@
+"""`dimec reproduce`: tables, ablations and plots on synthetic outputs, then the whole flow on the tiny model."""
+
+import csv
+import json
+import shutil
+from dataclasses import replace
+
+import numpy as np
+import pytest
+from conftest import tiny_run_config
+from test_baselines import CM, random_case
+
+from dimec.cli import main
+from dimec.config import CalibrationConfig, CostConfig
+from dimec.costs import CostModel
+from dimec.experiments import plots
+from dimec.experiments.ablations import CSV_FIELDS as ABLATION_FIELDS
+from dimec.experiments.ablations import FACTORS, cost_settings, run_ablations, write_ablations
+from dimec.experiments.compare import METHODS, compare_methods, threshold_sweeps
+from dimec.experiments.reproduce import _same_training, reproduce, with_train_cap
+from dimec.experiments.tables import CSV_FIELDS, PAPER_HEADLINE, task_rows, write_table
+
+
+@pytest.fixture(scope="module")
+def synthetic():
+    val, carto = random_case(n=200, seed=1)
+    test, _ = random_case(n=150, seed=2)
+    return val, test, carto
+
+
+def test_table_I_has_a_row_per_method_and_task(synthetic, tmp_path):
+    val, test, carto = synthetic
+    tasks = {}
+    for task, metric in (("sst2", "accuracy"), ("cola", "mcc")):
+        compared = compare_methods(val, test, CM, carto, metric, CalibrationConfig(), METHODS, seeds=(0, 1))
+        tasks[task] = {"metric": metric, "test_size": len(test), "rows": task_rows(task, metric, compared,
+                                                                                   CM.cloud_only)}
+    paths = write_table(tasks, {"seeds": [0, 1]}, tmp_path)
+    with paths["csv"].open() as f:
+        rows = list(csv.DictReader(f))
+    assert tuple(rows[0]) == CSV_FIELDS and len(rows) == 2 * len(METHODS)
+    assert [r["method"] for r in rows[: len(METHODS)]] == list(METHODS)
+    by = {(r["task"], r["method"]): r for r in rows}
+    assert float(by["sst2", "oracle"]["oracle_saving_share"]) == pytest.approx(1.0)
+    assert float(by["sst2", "cloud-only"]["oracle_saving_share"]) == pytest.approx(0.0)
+    assert float(by["sst2", "cloud-only"]["cost_change_pct"]) == pytest.approx(0.0)
+    assert float(by["sst2", "adaee"]["runs"]) == 2 and float(by["sst2", "knn"]["runs"]) == 1
+    doc = json.loads(paths["json"].read_text())
+    assert doc["paper"] == PAPER_HEADLINE and set(doc["tasks"]) == {"sst2", "cola"}
+    md = paths["md"].read_text()
+    assert PAPER_HEADLINE in md and "| MCC (%) |" in md and md.count("DIMEC-DC Fixed") == 3  # 2 tasks + summary
+    assert "±" in md  # seeded methods carry their spread
+
+
+def test_ablations_vary_one_factor_at_a_time(synthetic, tmp_path):
+    val, test, carto = synthetic
+    base = CostConfig()
+    settings = cost_settings(base, 6, (0.5, 1, 2, 4))
+    assert len(settings) == 4 * len(FACTORS)
+    fee = [c.cloud_fee for f, _, c in settings if f == "cloud_fee"]
+    assert fee == [3.0, 6.0, 12.0, 24.0]  # the default fee is l = 6 lambda
+    for factor, mult, c in settings:
+        changed = {k for k in ("mobile_layer", "edge_layer", "offload_cloud", "cloud_fee")
+                   if getattr(c, k) != getattr(base, k)}
+        expected = {FACTORS[factor]} if mult != 1 or factor == "cloud_fee" else set()  # fee: None -> 6.0
+        assert changed == expected
+
+    rows = run_ablations("sst2", val, test, carto, "accuracy", base, CalibrationConfig(),
+                         lambda c: CostModel.from_config(c, (2, 3, 6)), (0.5, 4))
+    assert len(rows) == len(FACTORS) * 2 * 2
+    for r in rows:
+        assert 0 <= r["accuracy"] <= 1 and sum(r[k] for k in ("mobile_share", "edge_share", "cloud_share")) == \
+            pytest.approx(1)
+    cheap, dear = (next(r for r in rows if r["factor"] == "o_c" and r["multiplier"] == m
+                        and r["method"] == "dimec-fixed") for m in (0.5, 4))
+    assert dear["cloud_only_cost"] > cheap["cloud_only_cost"]
+    paths = write_ablations(rows, tmp_path)
+    with paths["csv"].open() as f:
+        assert tuple(next(csv.reader(f))) == ABLATION_FIELDS
+    assert len(json.loads(paths["json"].read_text())) == len(rows)
+
+
+def test_plots_are_written(synthetic, tmp_path):
+    val, test, carto = synthetic
+    shares = {"sst2": np.array([0.5, 0.2, 0.3]), "cola": np.array([0.1, 0.1, 0.8])}
+    files = [plots.plot_pool_proportions(shares, tmp_path / "pools.png"),
+             plots.plot_device_accuracy({"sst2": np.array([0.8, 0.85, 0.9])}, tmp_path / "acc.png"),
+             plots.plot_pools_tsne(val.embeddings, np.arange(len(val)) % 3, tmp_path / "tsne.png", "t", 60)]
+    compared = compare_methods(val, test, CM, carto, "accuracy", CalibrationConfig(), ("cloud-only", "oracle"))
+    sweeps = threshold_sweeps(val, test, CM, carto, "accuracy", CalibrationConfig())
+    assert set(sweeps) == {"deebert", "adaee", "dimec-fixed"}
+    assert len(sweeps["dimec-fixed"]) == len(CalibrationConfig().alpha_grid)
+    files.append(plots.plot_pareto({r["method"]: r["mean"] for r in compared}, sweeps, tmp_path / "p.png", "t"))
+    rows = run_ablations("t", val, test, carto, "accuracy", CostConfig(), CalibrationConfig(),
+                         lambda c: CostModel.from_config(c, (2, 3, 6)), (0.5, 2))
+    files.append(plots.plot_ablation(rows, tmp_path / "abl.png", "t"))
+    for f in files:
+        assert f.is_file() and f.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_train_cap_is_turned_into_a_pooled_rows_cap():
+    cfg = with_train_cap(tiny_run_config("enc", "data.csv"), 100)
+    assert cfg.data.max_samples == 125  # 80% of 125 rows train
+
+
+def test_a_run_is_reused_only_with_the_same_training_settings(tiny_encoder, tiny_task_csv):
+    cfg = tiny_run_config(tiny_encoder, tiny_task_csv)
+    assert _same_training(cfg, replace(cfg, train=replace(cfg.train, progress=True)))
+    assert not _same_training(cfg, replace(cfg, train=replace(cfg.train, epochs=9)))
+    assert not _same_training(cfg, with_train_cap(cfg, 50))
+    assert _same_training(cfg, replace(cfg, cost=replace(cfg.cost, offload_cloud=9.0)))  # costs need no training
+
+
+def test_reproduce_end_to_end_on_the_tiny_model(tiny_run, tiny_encoder, tiny_task_csv, tmp_path):
+    cfg = tiny_run_config(tiny_encoder, tiny_task_csv)
+    out = tmp_path / "repro"
+    shutil.copytree(tiny_run, out / "runs" / "file")  # trained with the same settings: reused, not retrained
+    result = reproduce(["file"], cfg, out, seeds=(0, 1), multipliers=(0.5, 2), tsne_points=60)
+    for name in ("index.md", "table_I.md", "table_I.csv", "table_I.json", "ablations.md", "ablations.csv",
+                 "plots/pool_proportions.png", "plots/device_accuracy.png", "plots/file_tsne_pools.png",
+                 "plots/file_data_map.png", "plots/file_pareto.png", "plots/file_pareto.json",
+                 "plots/file_ablations.png", "runs/file/outputs/test.safetensors"):
+        assert (out / name).is_file(), name
+    table = result["tables"]["file"]
+    assert [r["method"] for r in table["rows"]] == list(METHODS) and table["reused_run"]
+    assert len(result["ablations"]) == len(FACTORS) * 2 * 2
+    index = (out / "index.md").read_text()
+    assert "table_I.md" in index and "plots/file_pareto.png" in index and PAPER_HEADLINE in index
+
+    # the CLI on the same output directory reuses the trained run
+    config = tmp_path / "cfg.json"
+    cfg.save(config)
+    assert main(["reproduce", "--tasks", "file", "--out", str(out), "--config", str(config), "--seeds", "0",
+                 "--methods", "dimec-fixed,adaee", "--multipliers", "1"]) == 0
+    doc = json.loads((out / "table_I.json").read_text())
+    rows = doc["tasks"]["file"]["rows"]
+    assert [r["method"] for r in rows] == ["cloud-only", "dimec-fixed",
+                                                                                   "adaee", "oracle"]
+    assert main(["reproduce", "--tasks", "file", "--out", str(out), "--methods", "nope"]) == 2
