@@ -7,7 +7,8 @@
 3. a bounded load test with the edge server killed (SIGKILL) and restarted mid-run: requests lost,
    answered twice, fallbacks counted.
 
-    python benchmarks/bench_serving.py [RUN_DIR (default runs/default)] [--requests 300] [--concurrency 4]
+    python benchmarks/bench_serving.py [RUN_DIR (default runs/default)] [--requests 600] [--rounds 5]
+                                       [--concurrency 4] [--fault-requests 400] [--no-write]
 """
 
 from __future__ import annotations
@@ -66,18 +67,19 @@ def bench_mobile(mobile_dir: Path, texts: list[str], labels: list[int], repeats:
 
 # ---- 2./3. load generator ---------------------------------------------------------------------------------------
 def run_load(client, texts: list[str], labels: list[int], total: int, concurrency: int, tag: str,
-             during=None, max_seconds: float = 300) -> dict:
-    """`concurrency` workers share `total` single-text requests (bounded in count and time)."""
+             during=None, stop: threading.Event | None = None, max_seconds: float = 300) -> dict:
+    """`concurrency` workers share up to `total` single-text requests (bounded in count and time; `stop`
+    ends it earlier)."""
     lock = threading.Lock()
     next_index = [0]
-    results: dict[str, tuple[float, object]] = {}
+    results: dict[str, tuple[float, object, float]] = {}  # id -> (latency ms, answer, finished at)
     sent: list[str] = []
     errors: list[str] = []
     error_ids: set[str] = set()
     deadline = time.monotonic() + max_seconds
 
     def worker() -> None:
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and not (stop is not None and stop.is_set()):
             with lock:
                 i = next_index[0]
                 if i >= total:
@@ -96,7 +98,7 @@ def run_load(client, texts: list[str], labels: list[int], total: int, concurrenc
             with lock:
                 if rid in results:
                     errors.append(f"{rid} answered twice")
-                results[rid] = ((time.perf_counter() - start) * 1e3, answer)
+                results[rid] = ((time.perf_counter() - start) * 1e3, answer, time.perf_counter())
 
     threads = [threading.Thread(target=worker, daemon=True) for _ in range(concurrency)]
     start = time.perf_counter()
@@ -107,8 +109,8 @@ def run_load(client, texts: list[str], labels: list[int], total: int, concurrenc
     for t in threads:
         t.join(max(1.0, deadline - time.monotonic()))
     seconds = time.perf_counter() - start
-    latencies = [lat for lat, _ in results.values()]
-    answers = [a for _, a in results.values()]
+    latencies = [lat for lat, _, _ in results.values()]
+    answers = [a for _, a, _ in results.values()]
     correct = sum(a.label_id == labels[int(a.id.rsplit("-", 1)[1]) % len(labels)] for a in answers)
     return {
         "sent": len(sent), "answered": len(answers), "errors": errors, "seconds": seconds,
@@ -117,6 +119,7 @@ def run_load(client, texts: list[str], labels: list[int], total: int, concurrenc
         "tiers": {t: sum(a.tier == t for a in answers) for t in ("mobile", "edge", "cloud")},
         "fallbacks": sum(a.fallback for a in answers), "degraded": sum(a.degraded for a in answers),
         "lost": len(set(sent) - set(results) - error_ids),  # neither answered nor refused explicitly
+        "finished": [(done - start, a.tier) for _, a, done in results.values()],
     }
 
 
@@ -143,31 +146,39 @@ def bench_systems(mobile_dir: Path, urls: dict, token: str, texts, labels, reque
         summary[name]["tiers"] = rs[-1]["tiers"]
         summary[name]["lost"] = sum(r["lost"] for r in rs)
         summary[name]["errors"] = sum(len(r["errors"]) for r in rs)
-    summary["ratio"] = summary["three-tier"]["throughput"] / summary["cloud-only"]["throughput"]
+    ratios = [a["throughput"] / b["throughput"] for a, b in zip(runs["three-tier"], runs["cloud-only"], strict=True)]
+    summary["ratio"], summary["ratio_range"] = statistics.median(ratios), (min(ratios), max(ratios))
     return summary
 
 
-def bench_edge_failure(mobile_dir: Path, urls: dict, token: str, edge_server, texts, labels, requests: int,
+def bench_edge_failure(mobile_dir: Path, urls: dict, token: str, edge_server, texts, labels, cap: int,
                        concurrency: int) -> dict:
-    """Kill the edge a second into the run, restart it at once; the load goes on until `requests` are
-    answered (the restart takes a few seconds: model import and load)."""
+    """Kill the edge a second into the run and restart it at once (model import and load take seconds);
+    the load goes on until the edge has answered again for 3 s (at most `cap` requests)."""
     from dimec.serving.client import MobileClient
 
     timeline: dict[str, float] = {}
     client = MobileClient(mobile_dir, urls["edge"], urls["cloud"], token, backend="onnx-int8", routing="fixed",
                           cooldown_s=0.5, retries=1)
+    stop = threading.Event()
     t0 = time.perf_counter()
 
     def chaos() -> None:
-        time.sleep(1.0)
-        edge_server.kill()
-        timeline["killed_s"] = time.perf_counter() - t0
-        edge_server.start().wait(120)
-        timeline["back_s"] = time.perf_counter() - t0
+        try:
+            time.sleep(1.0)
+            edge_server.kill()
+            timeline["killed_s"] = time.perf_counter() - t0
+            edge_server.start().wait(120)
+            timeline["back_s"] = time.perf_counter() - t0
+            time.sleep(3.0)
+        finally:
+            stop.set()
 
-    result = run_load(client, texts, labels, requests, concurrency, "fault", during=chaos)
+    result = run_load(client, texts, labels, cap, concurrency, "fault", during=chaos, stop=stop)
     result["client_stats"] = client.stats()
     result.update(timeline)
+    back = timeline.get("back_s", float("inf"))
+    result["edge_after_restart"] = sum(tier == "edge" and t > back for t, tier in result["finished"])
     client.close()
     return result
 
@@ -178,7 +189,7 @@ def render(mobile: dict, systems: dict, fault: dict, check: dict, args, run_metr
     shares = ", ".join(f"{k} {v / max(1, sum(three['tiers'].values())):.0%}" for k, v in three["tiers"].items())
     fixed = next((r for r in run_metrics.get("results", []) if r["method"] == "dimec-fixed"), None)
     lines = [
-        f"Run `{args.run_dir}`; test split, {args.requests} requests per round, {args.concurrency} concurrent "
+        f"Run `{args.run_dir}` (made by `make run`); test split, {args.requests} requests per round, {args.concurrency} concurrent "
         f"clients (closed loop, one text per request), {args.rounds} rounds per system alternated; edge and cloud "
         "are `dimec serve` subprocesses (PyTorch fp32, 1 thread each), the mobile tier runs in the client "
         "process (onnxruntime int8, 1 thread). All on this one 2-core machine, so the mobile work competes "
@@ -191,9 +202,10 @@ def render(mobile: dict, systems: dict, fault: dict, check: dict, args, run_metr
         f"| cloud-only | {cloud['throughput']:.1f} | {cloud['p50_ms']:.1f} | {cloud['p99_ms']:.1f} | "
         f"{cloud['accuracy']:.4f} | cloud 100% |",
         "",
-        f"- Throughput ratio three-tier / cloud-only: **{systems['ratio']:.2f}x** (target >= 2x: "
+        f"- Throughput ratio three-tier / cloud-only, median of the per-round ratios: **{systems['ratio']:.2f}x** "
+        f"(rounds {systems['ratio_range'][0]:.2f}-{systems['ratio_range'][1]:.2f}x; target >= 2x: "
         f"{'reached' if systems['ratio'] >= 2 else 'not reached'}). Lost requests: {three['lost'] + cloud['lost']}, "
-        f"errors: {three['errors'] + cloud['errors']}.",
+        f"errors: {three['errors'] + cloud['errors']}. Table figures are medians over rounds.",
     ]
     if fixed:
         lines.append(f"- The router sends {fixed['tier_shares'][0]:.0%}/{fixed['tier_shares'][1]:.0%}/"
@@ -222,15 +234,16 @@ def render(mobile: dict, systems: dict, fault: dict, check: dict, args, run_metr
         f"{check['onnx_int8']['route_agreement']:.4f}.",
         "",
         f"Edge killed (SIGKILL) {fault.get('killed_s', 0):.1f} s into a run of {fault['sent']} requests "
-        f"({args.concurrency} concurrent clients) and restarted at once (healthy again at "
-        f"{fault.get('back_s', 0):.1f} s):",
+        f"({args.concurrency} concurrent clients, three-tier routing) and restarted at once (healthy again at "
+        f"{fault.get('back_s', 0):.1f} s; the run goes on 3 s more):",
         "",
         f"- sent {fault['sent']}, answered {fault['answered']}, lost **{fault['lost']}**, answered twice "
         f"**{sum('twice' in e for e in fault['errors'])}**, explicit errors {len(fault['errors'])};",
         f"- fallbacks counted by the client: {fault['client_stats'].get('fallbacks', 0)} (answers whose tier differs "
         f"from the routed one: {fault['fallbacks']}), degraded (mobile exit): {fault['degraded']}, retries "
         f"{fault['client_stats'].get('retries', 0)}; answered on mobile/edge/cloud: "
-        f"{fault['tiers']['mobile']}/{fault['tiers']['edge']}/{fault['tiers']['cloud']}.",
+        f"{fault['tiers']['mobile']}/{fault['tiers']['edge']}/{fault['tiers']['cloud']}, of which "
+        f"{fault['edge_after_restart']} by the restarted edge.",
     ]
     return "\n".join(lines)
 
@@ -238,10 +251,11 @@ def render(mobile: dict, systems: dict, fault: dict, check: dict, args, run_metr
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir", nargs="?", default="runs/default")
-    parser.add_argument("--requests", type=int, default=300, help="requests per system and round")
+    parser.add_argument("--requests", type=int, default=600, help="requests per system and round (600: the "
+                        "whole test split of the default run)")
     parser.add_argument("--concurrency", type=int, default=4)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--fault-requests", type=int, default=400)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--fault-requests", type=int, default=5000, help="cap on the fault run's requests")
     parser.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
     args = parser.parse_args()
 
@@ -264,7 +278,7 @@ def main() -> int:
     check = read_manifest(packages["mobile"])["onnx"]["check"]
 
     print("mobile tier: int8 vs fp32", flush=True)
-    mobile = bench_mobile(packages["mobile"], texts[:300], labels[:300])
+    mobile = bench_mobile(packages["mobile"], texts, labels)
     print(json.dumps(mobile, indent=1))
 
     token = secrets.token_urlsafe(24)
@@ -276,11 +290,11 @@ def main() -> int:
         print("three-tier vs cloud-only", flush=True)
         systems = bench_systems(packages["mobile"], urls, token, texts, labels, args.requests, args.concurrency,
                                 args.rounds)
-        print(json.dumps(systems, indent=1))
+        print(json.dumps(systems, indent=1, default=str))
         print("edge killed and restarted under load", flush=True)
         fault = bench_edge_failure(packages["mobile"], urls, token, servers["edge"], texts, labels,
                                    args.fault_requests, args.concurrency)
-        print(json.dumps({k: v for k, v in fault.items() if k != "errors"}, indent=1))
+        print(json.dumps({k: v for k, v in fault.items() if k not in ("errors", "finished")}, indent=1))
     finally:
         for server in servers.values():
             server.stop()

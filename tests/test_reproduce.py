@@ -134,6 +134,6 @@ def test_reproduce_end_to_end_on_the_tiny_model(tiny_run, tiny_encoder, tiny_tas
                  "--methods", "dimec-fixed,adaee", "--multipliers", "1"]) == 0
     doc = json.loads((out / "table_I.json").read_text())
     rows = doc["tasks"]["file"]["rows"]
-    assert [r["method"] for r in rows] == ["cloud-only", "dimec-fixed",
+    assert doc["tasks"]["file"]["reused_run"] and [r["method"] for r in rows] == ["cloud-only", "dimec-fixed",
                                                                                    "adaee", "oracle"]
     assert main(["reproduce", "--tasks", "file", "--out", str(out), "--methods", "nope"]) == 2

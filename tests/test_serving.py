@@ -402,6 +402,13 @@ def test_client_reports_wrong_token_as_fallback_with_reason(models, servers):
     assert answer.degraded and "401" in answer.errors[0] and "no cloud tier" in answer.errors[1]
 
 
+def test_request_refused_by_the_servers_is_answered_on_the_mobile(models, servers):
+    with client_for(models, servers, routing="edge-only", cooldown_s=30) as client:
+        long = client.classify(["good " * 5000])[0]  # over the servers' 20,000 characters
+        assert long.degraded and "refused" in long.errors[0] and "refused" in long.errors[1]
+        assert client.classify(["good"])[0].tier == "edge"  # the tier was not put on cooldown
+
+
 def test_client_refuses_a_tier_serving_another_model(models):
     class OtherModel:  # any Remote works (Ray handles, test doubles)
         name = "edge"

@@ -63,4 +63,5 @@ def test_three_tiers_on_ray_serve(tiny_run, tmp_path_factory):
             metrics = httpx.get(f"{urls['edge']}/metrics", timeout=30).text
             assert 'dimec_requests_total{path="/v1/classify",status="200"}' in metrics
         finally:
-            shutdown()
+            with deadline(60):  # shutting down is bounded too
+                shutdown()

@@ -1,1 +1,14 @@
-"""Experiments: every method on the paper's tasks (Table I), cost ablations (Fig. 5) and the plots."""
+"""Experiments: every method on the paper's tasks (Table I), cost ablations (Fig. 5) and the plots.
+
+Only names live here, so that the CLI can build its parser without importing torch or scikit-learn.
+"""
+
+TASKS = ("sst2", "cola", "mrpc", "qnli", "rotten_tomatoes")  # the paper's GLUE tasks and Rotten Tomatoes
+# Table I order: references first, then the baselines, then DIMEC-DC, then the bound
+METHODS = ("cloud-only", "mobile-only", "edge-only", "random", "deebert", "adaee", "isplitee", "knn",
+           "dimec-fixed", "dimec-dynamic", "oracle")
+DISPLAY = {"cloud-only": "BERT (cloud-only)", "dimec-fixed": "DIMEC-DC Fixed (Ours-F)",
+           "dimec-dynamic": "DIMEC-DC Dynamic (Ours-D)", "deebert": "DeeBERT", "adaee": "AdaEE",
+           "isplitee": "I-SplitEE", "knn": "kNN pools", "random": "Random", "oracle": "Oracle (uses labels)",
+           "mobile-only": "mobile-only", "edge-only": "edge-only"}
+MULTIPLIERS = (0.5, 1.0, 2.0, 4.0)  # cost ablations: each factor times these

@@ -13,13 +13,13 @@ from pathlib import Path
 from dimec.config import CalibrationConfig, CostConfig
 from dimec.costs import CostModel
 from dimec.evaluation import evaluate_router
+from dimec.experiments import MULTIPLIERS
 from dimec.experiments.compare import build_router
 from dimec.experiments.tables import strict_json
 from dimec.routing.base import ExitOutputs
 from dimec.training.cartography import Cartography
 
 FACTORS = {"lambda_m": "mobile_layer", "lambda_e": "edge_layer", "o_c": "offload_cloud", "cloud_fee": "cloud_fee"}
-MULTIPLIERS = (0.5, 1.0, 2.0, 4.0)
 ABLATION_METHODS = ("dimec-fixed", "dimec-dynamic")
 CSV_FIELDS = ("task", "factor", "multiplier", "value", "method", "accuracy", "metric_name", "metric", "mean_cost",
               "cloud_only_cost", "cost_change_pct", "mobile_share", "edge_share", "cloud_share", "alpha", "beta")
@@ -74,7 +74,7 @@ def ablation_markdown(rows: list[dict]) -> str:
         for r in (r for r in rows if r["task"] == task):
             shares = " / ".join(f"{100 * r[k]:.0f}" for k in ("mobile_share", "edge_share", "cloud_share"))
             lines.append(f"| {r['factor']} | {r['multiplier']:g} | {r['value']:g} | {r['method']} | "
-                         f"{100 * r['accuracy']:.1f} | {r['cost_change_pct']:+.1f} | {shares} | "
+                         f"{100 * r['accuracy']:.1f} | {round(r['cost_change_pct'], 1) + 0.0:+.1f} | {shares} | "
                          f"{r['alpha']} | {r['beta']} |")
         lines.append("")
     return "\n".join(lines)

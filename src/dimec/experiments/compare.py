@@ -13,17 +13,10 @@ import numpy as np
 from dimec.config import CalibrationConfig
 from dimec.costs import CostModel
 from dimec.evaluation import MethodResult, evaluate_router, score_decisions
+from dimec.experiments import DISPLAY, METHODS  # noqa: F401  (re-exported)
 from dimec.routing import ROUTERS, make_router
 from dimec.routing.base import ExitOutputs, Router
 from dimec.training.cartography import Cartography
-
-# Table I order: references first, then the baselines, then DIMEC-DC, then the bound
-METHODS = ("cloud-only", "mobile-only", "edge-only", "random", "deebert", "adaee", "isplitee", "knn",
-           "dimec-fixed", "dimec-dynamic", "oracle")
-DISPLAY = {"cloud-only": "BERT (cloud-only)", "dimec-fixed": "DIMEC-DC Fixed (Ours-F)",
-           "dimec-dynamic": "DIMEC-DC Dynamic (Ours-D)", "deebert": "DeeBERT", "adaee": "AdaEE",
-           "isplitee": "I-SplitEE", "knn": "kNN pools", "random": "Random", "oracle": "Oracle (uses labels)",
-           "mobile-only": "mobile-only", "edge-only": "edge-only"}
 
 
 @functools.cache

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dimec.experiments.compare import DISPLAY
+from dimec.experiments import DISPLAY
 
 TIERS = ("mobile", "edge", "cloud")
 POOLS = ("easy (mobile)", "medium (edge)", "hard (cloud)")

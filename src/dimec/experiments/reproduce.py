@@ -14,23 +14,19 @@ import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from dimec.config import RunConfig
 from dimec.config import load_run_config as config_from_file
-from dimec.costs import CostModel
 from dimec.errors import ArtifactError, ConfigError
-from dimec.experiments import plots
-from dimec.experiments.ablations import MULTIPLIERS, run_ablations, write_ablations
-from dimec.experiments.compare import METHODS, build_router, compare_methods, threshold_sweeps
-from dimec.experiments.tables import PAPER_HEADLINE, strict_json, task_rows, write_table
-from dimec.pipeline import load_cartography, load_cost_model, load_run_config, split_outputs, train_stage
-from dimec.routing import ROUTERS
-from dimec.routing.base import ExitOutputs
-from dimec.training.cartography import Cartography, plot_data_map
+from dimec.experiments import METHODS, MULTIPLIERS, TASKS
 
-TASKS = ("sst2", "cola", "mrpc", "qnli", "rotten_tomatoes")
+if TYPE_CHECKING:  # the heavy modules (torch, scikit-learn) load only when reproduce runs, not with the CLI
+    import numpy as np
+
+    from dimec.costs import CostModel
+    from dimec.routing.base import ExitOutputs
+    from dimec.training.cartography import Cartography
 
 
 @dataclass
@@ -62,6 +58,8 @@ def _same_training(old: RunConfig, new: RunConfig) -> bool:
 
 
 def prepare_task(task: str, base_cfg: RunConfig, out_dir: Path) -> TaskRun:
+    from dimec.pipeline import load_cartography, load_cost_model, load_run_config, split_outputs, train_stage
+
     cfg = task_config(base_cfg, task)
     run_dir = Path(out_dir) / "runs" / task
     reused = (run_dir / "train_result.json").is_file() and _same_training(load_run_config(run_dir), cfg)
@@ -81,6 +79,13 @@ def reproduce(tasks: Sequence[str], base_cfg: RunConfig, out_dir: str | Path, se
               methods: Sequence[str] | None = None, multipliers: Sequence[float] = MULTIPLIERS,
               meta: dict | None = None, tsne_points: int = 1500) -> dict:
     """Table I + ablations + plots for `tasks`; returns {"tables", "ablations", "index"}."""
+    from dimec.experiments import plots
+    from dimec.experiments.ablations import run_ablations, write_ablations
+    from dimec.experiments.compare import build_router, compare_methods
+    from dimec.experiments.tables import task_rows, write_table
+    from dimec.pipeline import load_cost_model
+    from dimec.routing import ROUTERS
+
     out_dir = Path(out_dir)
     methods = list(dict.fromkeys(["cloud-only", *(methods or METHODS), "oracle"]))  # references always in
     unknown = [m for m in methods if m not in ROUTERS]
@@ -119,6 +124,11 @@ def reproduce(tasks: Sequence[str], base_cfg: RunConfig, out_dir: str | Path, se
 def task_plots(tr: TaskRun, pools: np.ndarray, compared: list[dict], ablations: list[dict], plot_dir: Path,
                tsne_points: int) -> dict[str, Path]:
     """Per-task figures: data map, t-SNE of the pools, Pareto plot (with its sweep data as JSON), ablation."""
+    from dimec.experiments import plots
+    from dimec.experiments.compare import threshold_sweeps
+    from dimec.experiments.tables import strict_json
+    from dimec.training.cartography import plot_data_map
+
     t = tr.task
     files = {"data map": plot_dir / f"{t}_data_map.png", "t-SNE of the pools": plot_dir / f"{t}_tsne_pools.png",
              "accuracy vs cost": plot_dir / f"{t}_pareto.png", "cost ablations": plot_dir / f"{t}_ablations.png"}
@@ -138,6 +148,8 @@ def task_plots(tr: TaskRun, pools: np.ndarray, compared: list[dict], ablations: 
 
 def write_index(out_dir: Path, meta: dict, tables: dict, table_paths: dict, ablation_paths: dict,
                 task_files: dict[str, dict[str, Path]]) -> Path:
+    from dimec.experiments.tables import PAPER_HEADLINE
+
     def rel(p: Path) -> str:
         return str(Path(p).relative_to(out_dir))
 

@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from dimec.experiments.compare import DISPLAY
+from dimec.experiments import DISPLAY
 
 # We could not find the paper's per-task Table I numbers in a source we can cite, so only the abstract's
 # headline is quoted; no per-task number is made up.
@@ -44,8 +44,8 @@ def task_rows(task: str, metric: str, compared: list[dict], cloud_only_cost: flo
     return rows
 
 
-def _pm(value: float, std: float, runs: int, scale: float = 100.0, digits: int = 1) -> str:
-    text = f"{scale * value:.{digits}f}"
+def _pm(value: float, std: float, runs: int, scale: float = 100.0, digits: int = 1, sign: str = "") -> str:
+    text = f"{round(scale * value, digits) + 0.0:{sign}.{digits}f}"  # + 0.0: no "-0.0"
     return f"{text} ± {scale * std:.{digits}f}" if runs > 1 else text
 
 
@@ -69,8 +69,8 @@ def markdown_table(tasks: dict[str, dict[str, Any]], meta: dict[str, Any]) -> st
             if extra:
                 cells.append(_pm(r["metric"], r["metric_std"], r["runs"]))
             share = r["oracle_saving_share"]
-            cells += [_pm(r["cost_change_pct"], r["cost_change_pct_std"], r["runs"], scale=1.0),
-                      "-" if math.isnan(share) else f"{share:.2f}",
+            cells += [_pm(r["cost_change_pct"], r["cost_change_pct_std"], r["runs"], scale=1.0, sign="+"),
+                      "-" if math.isnan(share) else f"{round(share, 2) + 0.0:.2f}",
                       " / ".join(f"{100 * r[k]:.0f}" for k in ("mobile_share", "edge_share", "cloud_share"))]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
@@ -87,7 +87,7 @@ def summary_matrix(tasks: dict[str, dict[str, Any]]) -> list[str]:
         cells = []
         for t in tasks.values():
             r = next((r for r in t["rows"] if r["method"] == name), None)
-            cells.append("-" if r is None else f"{100 * r['accuracy']:.1f} / {r['cost_change_pct']:+.1f}")
+            cells.append("-" if r is None else f"{100 * r['accuracy']:.1f} / {round(r['cost_change_pct'], 1) + 0.0:+.1f}")
         lines.append(f"| {DISPLAY.get(name, name)} | " + " | ".join(cells) + " |")
     return lines + [""]
 

@@ -135,8 +135,10 @@ class HttpRemote:
                 error = "malformed answer"
                 continue
             error = f"HTTP {response.status_code}: {_error_text(response)}"
+            if response.status_code in (413, 422):  # this request's fault, not the tier's: no retry, no cooldown
+                raise TierUnavailableError(f"{self.name} at {self.url} refused the request: {error}")
             if response.status_code not in self.RETRY_STATUS:
-                break  # 401/413/422 will not change on a retry
+                break  # 401/403/404: a retry will not help
         self._down_until = time.monotonic() + self.cooldown_s
         raise TierUnavailableError(f"{self.name} at {self.url} failed after {attempt + 1} attempt(s): {error}")
 
@@ -200,19 +202,18 @@ class MobileClient:
 
     # ---- the one entry point --------------------------------------------------------------------------
     def classify(self, texts: list[str], pairs: list[str] | None = None, ids: list[str] | None = None) -> list[Answer]:
-        texts, pairs, ids = _check_inputs(texts, pairs, ids)
-        batch = self.mobile.encode(texts, pairs)
-        tiers = self._route(batch)
-        answers: list[Answer | None] = [None] * len(texts)
+        call = _Call(*_check_inputs(texts, pairs, ids))
+        tiers = self._route(call)
         local = np.flatnonzero(tiers == MOBILE)
         if len(local):
-            self._answer_locally(batch, local, ids, answers, routed="mobile", degraded=False, errors=[])
+            self._answer_locally(call, local, routed="mobile", degraded=False, errors=[])
         for routed in (EDGE, CLOUD):
             rows = np.flatnonzero(tiers == routed)
             if len(rows):
-                self._offload(batch, rows, texts, pairs, ids, answers, routed)
-        missing = [ids[i] for i, a in enumerate(answers) if a is None]
-        if missing or len({a.id for a in answers}) != len(ids):  # a bug, never expected: say so loudly
+                self._offload(call, rows, routed)
+        answers = call.answers
+        missing = [call.ids[i] for i, a in enumerate(answers) if a is None]
+        if missing or len({a.id for a in answers}) != len(call.ids):  # a bug, never expected: say so loudly
             raise DimecError(f"internal error: request ids {missing[:5]} got no answer or were answered twice")
         with self._lock:
             self.counts["answers"] += len(answers)
@@ -223,21 +224,20 @@ class MobileClient:
                 self.counts["degraded"] += a.degraded
         return answers  # type: ignore[return-value]
 
-    def _route(self, batch) -> np.ndarray:
-        n = len(batch)
+    def _route(self, call: _Call) -> np.ndarray:
         if self.router is None:
             fixed = {"cloud-only": CLOUD, "edge-only": EDGE, "mobile-only": MOBILE}[self.routing]
-            return np.full(n, fixed, dtype=np.int64)
-        emb = self.mobile.embed(batch)  # (N, H): only the embedding layer, the mobile layers run later if needed
+            return np.full(len(call.texts), fixed, dtype=np.int64)
+        emb = self.mobile.embed(call.batch(self.mobile))  # (N, H): the embedding layer only
         if self.routing == "dynamic":
             with self._lock:  # the moving centroids are shared state
                 return np.array([self.router.update(e) for e in emb], dtype=np.int64)
         return self.router.predict_tiers(emb).astype(np.int64)
 
-    def _offload(self, batch, rows, texts, pairs, ids, answers, routed: int) -> None:
-        sub_texts = [texts[i] for i in rows]
-        sub_pairs = None if pairs is None else [pairs[i] for i in rows]
-        sub_ids = [ids[i] for i in rows]
+    def _offload(self, call: _Call, rows: np.ndarray, routed: int) -> None:
+        sub_texts = [call.texts[i] for i in rows]
+        sub_pairs = None if call.pairs is None else [call.pairs[i] for i in rows]
+        sub_ids = [call.ids[i] for i in rows]
         errors: list[str] = []
         other = CLOUD if routed == EDGE else EDGE
         for target in (TIERS[routed], TIERS[other]):
@@ -254,10 +254,10 @@ class MobileClient:
                     self.counts[f"failed_{target}"] += 1
                 continue
             for j, i in enumerate(rows):
-                answers[i] = self._answer(ids[i], result.probs[j], target, TIERS[routed], result.exit_layer,
-                                          errors=list(errors))
+                call.answers[i] = self._answer(call.ids[i], result.probs[j], target, TIERS[routed],
+                                               result.exit_layer, errors=list(errors))
             return
-        self._answer_locally(batch, rows, ids, answers, routed=TIERS[routed], degraded=True, errors=errors)
+        self._answer_locally(call, rows, routed=TIERS[routed], degraded=True, errors=errors)
 
     def _check_same_model(self, target: str, result: RemoteResult) -> None:
         """A tier serving another model (other labels or exit layers) must not answer for this one."""
@@ -267,11 +267,12 @@ class MobileClient:
                 f"{target} serves another model (labels {result.label_names}, exit layer {result.exit_layer}; "
                 f"expected {self.mobile.label_names}, exit layer {expected}): deploy packages of one export")
 
-    def _answer_locally(self, batch, rows, ids, answers, routed: str, degraded: bool, errors: list[str]) -> None:
-        probs = softmax(self.mobile.logits(batch.rows(rows)))
+    def _answer_locally(self, call: _Call, rows: np.ndarray, routed: str, degraded: bool,
+                        errors: list[str]) -> None:
+        probs = softmax(self.mobile.logits(call.batch(self.mobile).rows(rows)))
         for j, i in enumerate(rows):
-            answers[i] = self._answer(ids[i], probs[j], "mobile", routed, self.mobile.exit_layer, degraded,
-                                      list(errors))
+            call.answers[i] = self._answer(call.ids[i], probs[j], "mobile", routed, self.mobile.exit_layer,
+                                           degraded, list(errors))
 
     def _answer(self, rid: str, probs: np.ndarray, tier: str, routed: str, exit_layer: int,
                 degraded: bool = False, errors: list[str] | None = None) -> Answer:
@@ -295,6 +296,21 @@ class MobileClient:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class _Call:
+    """One classify call: its inputs, answers so far, and the tokens, made only if the mobile needs them
+    (a cloud-only client never tokenises)."""
+
+    def __init__(self, texts: list[str], pairs: list[str] | None, ids: list[str]) -> None:
+        self.texts, self.pairs, self.ids = texts, pairs, ids
+        self.answers: list[Answer | None] = [None] * len(texts)
+        self._batch = None
+
+    def batch(self, mobile: TierModel):
+        if self._batch is None:
+            self._batch = mobile.encode(self.texts, self.pairs)
+        return self._batch
 
 
 def _check_inputs(texts, pairs, ids) -> tuple[list[str], list[str] | None, list[str]]:
