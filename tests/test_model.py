@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 
@@ -98,3 +99,21 @@ def test_numpy_embedder_matches_torch_embed(model):
             ref = model.embed(enc["input_ids"], enc["attention_mask"], enc["token_type_ids"])[0].numpy()
         ours = fast(enc["input_ids"][0].numpy(), enc["token_type_ids"][0].numpy())
         assert abs(ours - ref).max() < 1e-5
+
+
+def test_fast_router_decides_like_nearest_centroid_of_embed(model):
+    from dimec.modeling.fast_embed import FastRouter, NumpyEmbedder
+    from dimec.routing.dimec import nearest_centroid
+
+    fast = NumpyEmbedder(model)
+    rng = np.random.default_rng(0)
+    samples = [model.tokenizer(t, p) for t, p in (("good film", None), ("the plot was dull", "acting quite poor"),
+                                                   ("a b c d e f g", None), ("fun", "not fun at all"))]
+    embeddings = np.stack([fast(s["input_ids"], s["token_type_ids"]) for s in samples])  # (S, H)
+    for trial in range(20):
+        centroids = embeddings[rng.choice(len(samples), 3)] + rng.normal(0, 0.05, (3, embeddings.shape[1]))
+        if trial % 4 == 0:
+            centroids[trial % 3] = np.nan  # an empty pool is never chosen
+        router = FastRouter(fast, centroids)
+        for s, e in zip(samples, embeddings, strict=True):
+            assert router(s["input_ids"], s["token_type_ids"]) == nearest_centroid(e[None], centroids)[0]

@@ -28,7 +28,7 @@ from dimec.routing.base import ExitOutputs
 from dimec.routing.dimec import DimecFixedRouter
 from dimec.training.batching import encode
 from dimec.training.cartography import Cartography, plot_data_map, read_dynamics
-from dimec.training.trainer import MODEL_DIR, TrainResult, predict_exit_outputs, train
+from dimec.training.trainer import MODEL_DIR, TrainResult, predict_exit_outputs, seed_everything, train
 
 RUN_CONFIG = "config.json"
 ROUTER_FILE = "router.json"
@@ -68,6 +68,7 @@ def task_data(cfg: RunConfig) -> TaskData:
 def train_stage(cfg: RunConfig, run_dir: Path) -> TrainResult:
     run_dir = Path(run_dir)
     data = task_data(cfg)  # data and model are checked before anything is written to run_dir
+    seed_everything(cfg.train.seed)  # before the exit heads are initialised: same config, same run
     model = MultiExitModel.from_encoder(
         cfg.model.name_or_path, data.label_names, cfg.model.exit_layers, cfg.model.exit_pooling,
         cfg.model.classifier_dropout, task=data.name, metric=data.metric, max_length=cfg.data.max_length,
