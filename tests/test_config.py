@@ -13,6 +13,16 @@ def test_yaml_file_and_overrides(tmp_path):
     assert cfg.calibration.variability == "variance"  # untouched defaults stay
 
 
+def test_exponent_floats_without_a_dot(tmp_path):
+    # YAML 1.1 reads 1e-4 as a string; a float setting must still take it, from a file and from --set
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  learning_rate: 3e-5\n")
+    assert load_run_config(path).train.learning_rate == 3e-5
+    assert load_run_config(None, ["train.learning_rate=1e-4"]).train.learning_rate == 1e-4
+    with pytest.raises(ConfigError, match="train.learning_rate must be of type float"):
+        load_run_config(None, ["train.learning_rate=fast"])
+
+
 def test_save_load_round_trip(tmp_path):
     cfg = load_run_config(None, ["calibration.alpha_grid=[0.6,0.7]", "data.split_ratios=[0.7,0.15,0.15]"])
     cfg.save(tmp_path / "config.json")

@@ -117,3 +117,5 @@ def test_fast_router_decides_like_nearest_centroid_of_embed(model):
         router = FastRouter(fast, centroids)
         for s, e in zip(samples, embeddings, strict=True):
             assert router(s["input_ids"], s["token_type_ids"]) == nearest_centroid(e[None], centroids)[0]
+    with pytest.raises(ValueError, match="max_tokens"):
+        FastRouter(fast, centroids, max_tokens=3)(samples[1]["input_ids"])

@@ -69,16 +69,23 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     print(format_table(evaluate_stage(Path(args.run_dir), _stage_config(args))))
 
 
-def cmd_route(args: argparse.Namespace) -> None:
+def texts_from_args(texts: list[str], file: str | None) -> list[str]:
+    """Texts given on the command line, then the non-empty lines of `file` (one text per line)."""
     from dimec.errors import DataError
-    from dimec.pipeline import route_texts
 
-    texts = list(args.texts)
-    if args.file:
-        path = Path(args.file)
+    texts = list(texts)
+    if file:
+        path = Path(file)
         if not path.is_file():
             raise DataError(f"file not found: {path}", "give a text file with one text per line")
         texts += [line for line in path.read_text().splitlines() if line.strip()]
+    return texts
+
+
+def cmd_route(args: argparse.Namespace) -> None:
+    from dimec.pipeline import route_texts
+
+    texts = texts_from_args(args.texts, args.file)
     for answer in route_texts(Path(args.run_dir), texts, mode=args.mode):
         print(json.dumps(answer))
 

@@ -92,13 +92,9 @@ def _links(args) -> dict:
 
 
 def _texts(args) -> list[str] | None:
-    texts = list(args.texts)
-    if args.file:
-        path = Path(args.file)
-        if not path.is_file():
-            raise DataError(f"file not found: {path}", "give a text file with one text per line")
-        texts += [line for line in path.read_text().splitlines() if line.strip()]
-    return texts or None
+    from dimec.cli import texts_from_args  # at call time: dimec.cli imports this module to attach it
+
+    return texts_from_args(args.texts, args.file) or None
 
 
 # ---- commands -----------------------------------------------------------------------------------------------
