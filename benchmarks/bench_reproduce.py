@@ -119,7 +119,8 @@ def main() -> None:
     diag = {task: diagnostics(Path(t["run_dir"]), scales) for task, t in tasks.items()}
     diag_lines = [
         f"| {task} | {100 * d['separability']:.0f}% ({100 * d['largest_pool']:.0f}%) | "
-        f"{100 * d['mobile_acc_routed']:.1f}% on {100 * d['routed_mobile_share']:.0f}% / {100 * d['mobile_acc_all']:.1f}% | "
+        + (f"{100 * d['mobile_acc_routed']:.1f}% on {100 * d['routed_mobile_share']:.0f}%" if d["routed_mobile_share"]
+           else "none routed") + f" / {100 * d['mobile_acc_all']:.1f}% | "
         + " | ".join(f"{d['scales'][x]['dimec-dynamic'][0]:+.1f} / {d['scales'][x]['dimec-dynamic'][1]:+.1f}%"
                      for x in scales) + " |"
         for task, d in diag.items()]
