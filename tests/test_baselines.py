@@ -7,9 +7,10 @@ from dimec.config import CalibrationConfig, CostConfig
 from dimec.costs import CostModel
 from dimec.evaluation import evaluate_router
 from dimec.experiments.compare import METHODS, build_router, compare_methods, evaluate_over_seeds
+from dimec.outputs import ExitOutputs
 from dimec.routing import ROUTERS, make_router
-from dimec.routing.base import CLOUD, EDGE, MOBILE, ExitOutputs
 from dimec.routing.baselines import entropy, ucb_choices
+from dimec.tiers import CLOUD, EDGE, MOBILE
 from dimec.training.cartography import Cartography
 
 CM = CostModel.from_config(CostConfig(), (2, 3, 6))  # lambda = 0.1/6: mobile 0.05, edge 0.0917, cloud 0.15

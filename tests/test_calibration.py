@@ -6,10 +6,19 @@ import pytest
 from dimec.config import CostConfig
 from dimec.costs import CostModel
 from dimec.errors import ConfigError, NotFittedError
+from dimec.outputs import ExitOutputs
 from dimec.routing import make_router
-from dimec.routing.base import Decisions, ExitOutputs
-from dimec.routing.dimec import DimecDynamicRouter, DimecFixedRouter, nearest_centroid
-from dimec.routing.pools import EASY, HARD, MEDIUM, assign_pools, expected_reward, search_thresholds
+from dimec.routing.base import Decisions
+from dimec.routing.dimec import DimecDynamicRouter, DimecFixedRouter
+from dimec.routing.pools import (
+    EASY,
+    HARD,
+    MEDIUM,
+    assign_pools,
+    expected_reward,
+    nearest_centroid,
+    search_thresholds,
+)
 from dimec.training.cartography import Cartography
 
 

@@ -349,6 +349,17 @@ def test_max_samples_takes_a_stratified_subsample(tmp_path):
     assert label_distribution(all_rows(small)) == {0: 30, 1: 60}  # 1/3 zeros, as in the pool
 
 
+def test_train_and_eval_caps_apply_after_the_split(tmp_path):
+    full = load_task(cfg(task="sst2", glue_dir=str(sst2_folder(tmp_path, 300, 60))))
+    capped = load_task(cfg(task="sst2", glue_dir=str(tmp_path), max_train_samples=60))
+    assert len(capped.train) == 60 and set(capped.train) <= set(full.train)
+    assert label_distribution(capped.train) == {0: 20, 1: 40}  # stratified
+    assert capped.validation == full.validation and capped.test == full.test  # evaluation rows untouched
+    both = load_task(cfg(task="sst2", glue_dir=str(tmp_path), max_train_samples=60, max_eval_samples=15))
+    assert (len(both.train), len(both.validation), len(both.test)) == (60, 15, 15)
+    assert set(both.test) <= set(full.test)
+
+
 def test_split_ratios(tmp_path):
     data = load_task(cfg(task="sst2", glue_dir=str(sst2_folder(tmp_path)), split_ratios=(0.5, 0.25, 0.25)))
     assert (len(data.train), len(data.validation), len(data.test)) == (36, 18, 18)
@@ -384,6 +395,8 @@ def test_too_small_to_stratify(tmp_path):
     ({"split_ratios": (1.0, 0.0, 0.0)}, "three positive shares"),
     ({"split_ratios": (0.9, -0.1, 0.2)}, "three positive shares"),
     ({"max_samples": 0}, "max_samples must be a positive"),
+    ({"max_train_samples": 0}, "max_train_samples must be a positive"),
+    ({"max_eval_samples": -3}, "max_eval_samples must be a positive"),
 ])
 def test_bad_split_config_is_a_config_error(kwargs, message):
     with pytest.raises(ConfigError, match=message):

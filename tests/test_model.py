@@ -103,7 +103,7 @@ def test_numpy_embedder_matches_torch_embed(model):
 
 def test_fast_router_decides_like_nearest_centroid_of_embed(model):
     from dimec.modeling.fast_embed import FastRouter, NumpyEmbedder
-    from dimec.routing.dimec import nearest_centroid
+    from dimec.routing.pools import nearest_centroid
 
     fast = NumpyEmbedder(model)
     rng = np.random.default_rng(0)

@@ -9,8 +9,8 @@ from conftest import tiny_run_config
 
 from dimec.cli import main
 from dimec.config import RunConfig
+from dimec.outputs import ExitOutputs
 from dimec.pipeline import calibrate_stage, route_texts, split_outputs, train_stage
-from dimec.routing.base import ExitOutputs
 from dimec.training.cartography import read_dynamics
 
 

@@ -98,9 +98,9 @@ def test_plots_are_written(synthetic, tmp_path):
         assert f.is_file() and f.read_bytes()[:4] == b"\x89PNG"
 
 
-def test_train_cap_is_turned_into_a_pooled_rows_cap():
+def test_train_cap_caps_the_training_split_only():
     cfg = with_train_cap(tiny_run_config("enc", "data.csv"), 100)
-    assert cfg.data.max_samples == 125  # 80% of 125 rows train
+    assert cfg.data.max_train_samples == 100 and cfg.data.max_samples is None  # evaluation rows uncapped
 
 
 def test_a_run_is_reused_only_with_the_same_training_settings(tiny_encoder, tiny_task_csv):

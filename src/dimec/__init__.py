@@ -1,5 +1,3 @@
 """dimec: distributed inference of transformer classifiers across mobile, edge and cloud tiers."""
 
 __version__ = "0.1.0"
-
-TIERS: tuple[str, str, str] = ("mobile", "edge", "cloud")

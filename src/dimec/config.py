@@ -32,7 +32,9 @@ class DataConfig:
     label_column: str = "label"
     split: str = "pooled"  # "pooled": pool all labelled rows and split 80/10/10 (paper); "own": task's splits
     split_ratios: tuple[float, float, float] = (0.8, 0.1, 0.1)
-    max_samples: int | None = None  # stratified cap on the pooled rows (None: all)
+    max_samples: int | None = None  # stratified cap on the pooled rows, before splitting (None: all)
+    max_train_samples: int | None = None  # stratified cap on the training split only (None: all)
+    max_eval_samples: int | None = None  # stratified cap on validation and on test, each (None: all)
     max_length: int = 128  # tokens
     seed: int = 42
 

@@ -8,7 +8,8 @@ import numpy as np
 
 from dimec.costs import CostModel
 from dimec.metrics import compute_metrics
-from dimec.routing.base import Decisions, ExitOutputs, Router
+from dimec.outputs import ExitOutputs
+from dimec.routing.base import Decisions, Router
 
 
 @dataclass

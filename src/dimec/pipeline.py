@@ -22,24 +22,22 @@ from dimec.costs import CostModel
 from dimec.data import Example, TaskData, load_task
 from dimec.errors import ArtifactError, ConfigError, DataError
 from dimec.evaluation import MethodResult, evaluate_router
-from dimec.modeling.multi_exit import MultiExitModel
+from dimec.modeling.multi_exit import MODEL_CONFIG, MultiExitModel
+from dimec.outputs import ExitOutputs
 from dimec.routing import make_router
-from dimec.routing.base import ExitOutputs
 from dimec.routing.dimec import DimecFixedRouter
+from dimec.rundir import CONFIG, MODEL_DIR, SPLITS, RunDir
+from dimec.tiers import POOLS, TIERS
 from dimec.training.batching import encode
 from dimec.training.cartography import Cartography, plot_data_map, read_dynamics
-from dimec.training.trainer import MODEL_DIR, TrainResult, predict_exit_outputs, seed_everything, train
-
-RUN_CONFIG = "config.json"
-ROUTER_FILE = "router.json"
-SPLITS = ("train", "validation", "test")
+from dimec.training.trainer import TrainResult, predict_exit_outputs, seed_everything, train
 
 
 # ---- run directory -------------------------------------------------------------------------------------
 def load_run_config(run_dir: Path) -> RunConfig:
-    path = Path(run_dir) / RUN_CONFIG
+    path = RunDir(run_dir).config
     if not path.is_file():
-        raise ArtifactError(f"{run_dir} is not a dimec run directory (no {RUN_CONFIG})",
+        raise ArtifactError(f"{run_dir} is not a dimec run directory (no {CONFIG})",
                             "create one with `dimec train --run-dir DIR` or `dimec run --run-dir DIR`")
     return RunConfig.load(path)
 
@@ -47,7 +45,7 @@ def load_run_config(run_dir: Path) -> RunConfig:
 def prepare_run_dir(cfg: RunConfig, run_dir: Path) -> None:
     """Save the config; refuse to resume a run whose data/model/training settings differ."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / RUN_CONFIG
+    path = RunDir(run_dir).config
     if path.is_file():
         old = load_run_config(run_dir)
         for section in ("data", "model", "train"):
@@ -74,7 +72,7 @@ def train_stage(cfg: RunConfig, run_dir: Path) -> TrainResult:
         cfg.model.classifier_dropout, task=data.name, metric=data.metric, max_length=cfg.data.max_length,
     )
     prepare_run_dir(cfg, run_dir)
-    (run_dir / "data.json").write_text(json.dumps({
+    RunDir(run_dir).data.write_text(json.dumps({
         "task": data.name, "label_names": data.label_names, "metric": data.metric,
         "sizes": {s: len(getattr(data, s)) for s in SPLITS},
     }, indent=2) + "\n")
@@ -83,20 +81,20 @@ def train_stage(cfg: RunConfig, run_dir: Path) -> TrainResult:
     train_enc = encode(model.tokenizer, data.train, cfg.data.max_length)
     val_enc = encode(model.tokenizer, data.validation, cfg.data.max_length)
     result = train(model, train_enc, val_enc, cfg.train, run_dir)
-    (run_dir / "train_result.json").write_text(json.dumps(asdict(result), indent=2) + "\n")
+    RunDir(run_dir).train_result.write_text(json.dumps(asdict(result), indent=2) + "\n")
     return result
 
 
 def load_model(run_dir: Path) -> MultiExitModel:
-    if not (Path(run_dir) / MODEL_DIR).is_dir():
+    if not RunDir(run_dir).model.is_dir():
         raise ArtifactError(f"{run_dir} has no trained model ({MODEL_DIR}/)", "run `dimec train` on it first")
-    return MultiExitModel.from_pretrained(Path(run_dir) / MODEL_DIR)
+    return MultiExitModel.from_pretrained(RunDir(run_dir).model)
 
 
 def split_outputs(run_dir: Path, split: str) -> ExitOutputs:
     """Each exit's outputs on a split, computed once with the kept model and cached."""
     run_dir = Path(run_dir)
-    cache = run_dir / "outputs" / f"{split}.safetensors"
+    cache = RunDir(run_dir).outputs(split)
     if cache.is_file():
         return ExitOutputs.load(cache)
     cfg = load_run_config(run_dir)
@@ -116,8 +114,8 @@ def load_cartography(run_dir: Path, cfg: CalibrationConfig) -> Cartography:
 
 def load_cost_model(run_dir: Path, cost_cfg: CostConfig | None = None) -> CostModel:
     cfg = load_run_config(run_dir)
-    model_cfg = json.loads((Path(run_dir) / MODEL_DIR / "dimec_model.json").read_text()) \
-        if (Path(run_dir) / MODEL_DIR).is_dir() else None
+    model_dir = RunDir(run_dir).model
+    model_cfg = json.loads((model_dir / MODEL_CONFIG).read_text()) if model_dir.is_dir() else None
     if model_cfg is None:
         raise ArtifactError(f"{run_dir} has no trained model", "run `dimec train` on it first")
     return CostModel.from_config(cost_cfg or cfg.cost, tuple(model_cfg["exit_layers"]))
@@ -127,7 +125,7 @@ def calibrate_stage(run_dir: Path, cfg: RunConfig | None = None) -> dict:
     """Cartography -> thresholds by reward search -> pools -> centroids, saved as router.json."""
     run_dir = Path(run_dir)
     cfg = cfg or load_run_config(run_dir)
-    cfg.save(run_dir / RUN_CONFIG)  # calibration and cost settings may be changed between stages
+    cfg.save(RunDir(run_dir).config)  # calibration and cost settings may be changed between stages
     carto = load_cartography(run_dir, cfg.calibration)
     val = split_outputs(run_dir, "validation")
     if len(carto.confidence) != len(val):
@@ -137,16 +135,16 @@ def calibrate_stage(run_dir: Path, cfg: RunConfig | None = None) -> dict:
     c = cfg.calibration
     router = DimecFixedRouter(c.alpha_grid, c.beta_grid, c.medium_rule, c.cartography_exit)
     router.fit(val, cost_model, carto)
-    router.save(run_dir / ROUTER_FILE)
+    router.save(RunDir(run_dir).router)
     summary = {
         "alpha": router.alpha_, "beta": router.beta_, "expected_reward": router.expected_reward_,
-        "pool_counts": dict(zip(("easy", "medium", "hard"), router.counts_.tolist(), strict=True)),
+        "pool_counts": dict(zip(POOLS, router.counts_.tolist(), strict=True)),
         "cost_model": cost_model.to_dict(), "tier_costs": cost_model.tier_costs.tolist(),
         "reward_grid": {"alpha": list(c.alpha_grid), "beta": list(c.beta_grid), "reward": router.reward_grid_.tolist()},
         "variability": c.variability, "medium_rule": c.medium_rule,
     }
-    (run_dir / "calibration.json").write_text(json.dumps(summary, indent=2) + "\n")
-    plot_data_map(carto, run_dir / "data_map.png", c.cartography_exit)
+    RunDir(run_dir).calibration.write_text(json.dumps(summary, indent=2) + "\n")
+    plot_data_map(carto, RunDir(run_dir).data_map, c.cartography_exit)
     return summary
 
 
@@ -154,11 +152,11 @@ def evaluate_stage(run_dir: Path, cfg: RunConfig | None = None) -> dict:
     """Cloud-only, DIMEC Fixed and Dynamic on the test split, under one cost model."""
     run_dir = Path(run_dir)
     cfg = cfg or load_run_config(run_dir)
-    fixed = DimecFixedRouter.load(run_dir / ROUTER_FILE)
+    fixed = DimecFixedRouter.load(RunDir(run_dir).router)
     dynamic = dynamic_from_fixed(fixed)
     test = split_outputs(run_dir, "test")
     cost_model = load_cost_model(run_dir, cfg.cost)
-    metric = json.loads((run_dir / "data.json").read_text())["metric"]
+    metric = json.loads(RunDir(run_dir).data.read_text())["metric"]
     results: list[MethodResult] = [
         evaluate_router(make_router("cloud-only"), test, cost_model, metric),  # the reference
         evaluate_router(fixed, test, cost_model, metric, name="dimec-fixed"),
@@ -166,7 +164,7 @@ def evaluate_stage(run_dir: Path, cfg: RunConfig | None = None) -> dict:
     ]
     report = {"task": cfg.data.task, "metric": metric, "test_size": len(test),
               "cost_model": cost_model.to_dict(), "results": [r.to_dict() for r in results]}
-    (run_dir / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
+    RunDir(run_dir).metrics.write_text(json.dumps(report, indent=2) + "\n")
     return report
 
 
@@ -200,7 +198,7 @@ def route_texts(run_dir: Path, texts: list[str], pairs: list[str] | None = None,
     if pairs is not None and len(pairs) != len(texts):
         raise DataError(f"{len(texts)} texts but {len(pairs)} text pairs", "give one pair per text")
     model = load_model(run_dir)
-    router = DimecFixedRouter.load(Path(run_dir) / ROUTER_FILE)
+    router = DimecFixedRouter.load(RunDir(run_dir).router)
     if mode == "dynamic":
         router = dynamic_from_fixed(router)
     answers = []
@@ -214,7 +212,7 @@ def route_texts(run_dir: Path, texts: list[str], pairs: list[str] | None = None,
         tier = router.update(emb[0]) if mode == "dynamic" else int(router.predict_tiers(emb)[0])
         probs = model(**inputs, upto=tier)[-1].softmax(-1)[0]  # only layers 1..exit_layers[tier]
         label = int(probs.argmax())
-        answers.append({"text": text, "tier": ("mobile", "edge", "cloud")[tier],
+        answers.append({"text": text, "tier": TIERS[tier],
                         "label": model.config.label_names[label], "confidence": round(float(probs[label]), 4)})
     return answers
 

@@ -24,9 +24,11 @@ def check_split_config(cfg: DataConfig) -> None:
     if len(ratios) != 3 or not all(r > 0 for r in ratios) or not math.isclose(sum(ratios), 1.0, abs_tol=1e-6):
         raise ConfigError(f"data.split_ratios must be three positive shares summing to 1, got {list(ratios)}",
                           "e.g. data.split_ratios=[0.8,0.1,0.1] (train, validation, test)")
-    if cfg.max_samples is not None and cfg.max_samples < 1:
-        raise ConfigError(f"data.max_samples must be a positive number of rows, got {cfg.max_samples}",
-                          "or data.max_samples=null for all rows")
+    for name in ("max_samples", "max_train_samples", "max_eval_samples"):
+        value = getattr(cfg, name)
+        if value is not None and value < 1:
+            raise ConfigError(f"data.{name} must be a positive number of rows, got {value}",
+                              f"or data.{name}=null for all rows")
 
 
 def split_task(raw: RawTask, cfg: DataConfig) -> TaskData:
@@ -37,11 +39,25 @@ def split_task(raw: RawTask, cfg: DataConfig) -> TaskData:
                               cfg.max_samples)
     else:
         splits = own_split(raw, cfg.seed, cfg.max_samples)
+    splits = cap_splits(splits, cfg)
     for name, rows in zip(SPLIT_NAMES, splits, strict=True):
         if not rows:
             raise DataError(f"the {name} split of task {raw.name!r} is empty",
                             "use more rows (data.max_samples) or other data.split_ratios")
     return TaskData(raw.name, list(raw.label_names), raw.metric, *splits, skipped_rows=raw.skipped_rows)
+
+
+def cap_splits(splits: tuple[list[Example], list[Example], list[Example]], cfg: DataConfig
+               ) -> tuple[list[Example], list[Example], list[Example]]:
+    """data.max_train_samples caps the training split alone, data.max_eval_samples validation and test each:
+    training rows cost CPU time, evaluation rows are cheap and make every threshold and interval tighter."""
+    train, validation, test = splits
+    if cfg.max_train_samples is not None:
+        train = stratified_sample(train, cfg.max_train_samples, cfg.seed)
+    if cfg.max_eval_samples is not None:
+        validation = stratified_sample(validation, cfg.max_eval_samples, cfg.seed)
+        test = stratified_sample(test, cfg.max_eval_samples, cfg.seed)
+    return train, validation, test
 
 
 def pooled_split(pool: list[Example], ratios: tuple[float, float, float], seed: int,

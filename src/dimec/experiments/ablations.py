@@ -16,7 +16,7 @@ from dimec.evaluation import evaluate_router
 from dimec.experiments import MULTIPLIERS
 from dimec.experiments.compare import build_router
 from dimec.experiments.tables import strict_json
-from dimec.routing.base import ExitOutputs
+from dimec.outputs import ExitOutputs
 from dimec.training.cartography import Cartography
 
 FACTORS = {"lambda_m": "mobile_layer", "lambda_e": "edge_layer", "o_c": "offload_cloud", "cloud_fee": "cloud_fee"}

@@ -14,8 +14,9 @@ from dimec.config import CalibrationConfig
 from dimec.costs import CostModel
 from dimec.evaluation import MethodResult, evaluate_router, score_decisions
 from dimec.experiments import DISPLAY, METHODS  # noqa: F401  (re-exported)
+from dimec.outputs import ExitOutputs
 from dimec.routing import ROUTERS, make_router
-from dimec.routing.base import ExitOutputs, Router
+from dimec.routing.base import Router
 from dimec.training.cartography import Cartography
 
 
@@ -90,8 +91,8 @@ def threshold_sweeps(val: ExitOutputs, test: ExitOutputs, cost_model: CostModel,
     """Accuracy/cost on test for every threshold of the methods that have one (the Pareto curves):
     DeeBERT's entropy threshold, AdaEE's mobile confidence threshold held fixed (no bandit) and
     DIMEC-DC's alpha (beta re-chosen by the reward search for each alpha)."""
-    from dimec.routing.base import MOBILE
     from dimec.routing.baselines import DEFAULT_ARMS, deebert_decisions, entropy_grid, split_decisions
+    from dimec.tiers import MOBILE
 
     def scored(name: str, decisions, threshold: float) -> dict:
         return score_decisions(name, decisions, test, cost_model, metric).to_dict() | {"threshold": float(threshold)}

@@ -9,9 +9,10 @@ from pathlib import Path
 import numpy as np
 
 from dimec.experiments import DISPLAY
+from dimec.tiers import POOLS as POOL_NAMES
+from dimec.tiers import TIERS
 
-TIERS = ("mobile", "edge", "cloud")
-POOLS = ("easy (mobile)", "medium (edge)", "hard (cloud)")
+POOLS = tuple(f"{p} ({t})" for p, t in zip(POOL_NAMES, TIERS, strict=True))  # legend labels
 COLORS = ("tab:green", "tab:orange", "tab:red")
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -25,7 +24,7 @@ if TYPE_CHECKING:  # the heavy modules (torch, scikit-learn) load only when repr
     import numpy as np
 
     from dimec.costs import CostModel
-    from dimec.routing.base import ExitOutputs
+    from dimec.outputs import ExitOutputs
     from dimec.training.cartography import Cartography
 
 
@@ -59,10 +58,11 @@ def _same_training(old: RunConfig, new: RunConfig) -> bool:
 
 def prepare_task(task: str, base_cfg: RunConfig, out_dir: Path) -> TaskRun:
     from dimec.pipeline import load_cartography, load_cost_model, load_run_config, split_outputs, train_stage
+    from dimec.rundir import RunDir
 
     cfg = task_config(base_cfg, task)
     run_dir = Path(out_dir) / "runs" / task
-    reused = (run_dir / "train_result.json").is_file() and _same_training(load_run_config(run_dir), cfg)
+    reused = RunDir(run_dir).train_result.is_file() and _same_training(load_run_config(run_dir), cfg)
     if not reused:
         train_stage(cfg, run_dir)  # resumes a half-finished run; refuses one with other settings
     val, test = split_outputs(run_dir, "validation"), split_outputs(run_dir, "test")
@@ -70,7 +70,7 @@ def prepare_task(task: str, base_cfg: RunConfig, out_dir: Path) -> TaskRun:
     if len(carto.confidence) != len(val):
         raise ArtifactError(f"{run_dir}: dynamics cover {len(carto.confidence)} samples, validation has {len(val)}",
                             "delete that run directory and run reproduce again")
-    info = json.loads((run_dir / "data.json").read_text())
+    info = json.loads(RunDir(run_dir).data.read_text())
     return TaskRun(task, run_dir, cfg, info["metric"], info["sizes"], val, test, carto,
                    load_cost_model(run_dir, cfg.cost), reused)
 
@@ -111,7 +111,7 @@ def reproduce(tasks: Sequence[str], base_cfg: RunConfig, out_dir: str | Path, se
         task_files[task] = task_plots(tr, fixed.pools_, compared, ablations, plot_dir, tsne_points)
     meta = {**(meta or {}), "tasks": list(tasks), "seeds": list(seeds), "methods": methods,
             "cost": asdict(base_cfg.cost), "model": base_cfg.model.name_or_path, "epochs": base_cfg.train.epochs,
-            "max_samples (pooled rows cap)": base_cfg.data.max_samples}
+            "max_train_samples (training split cap)": base_cfg.data.max_train_samples}
     table_paths = write_table(tables, meta, out_dir)
     ablation_paths = write_ablations(ablation_rows, out_dir)
     for path, figure in ((plot_dir / "pool_proportions.png", plots.plot_pool_proportions),
@@ -179,7 +179,7 @@ def add_reproduce_arguments(parser: argparse.ArgumentParser) -> argparse.Argumen
     parser.add_argument("--tasks", default=",".join(TASKS), help=f"comma list (default {','.join(TASKS)})")
     parser.add_argument("--out", default="reproduce", help="output directory (runs, tables, plots, index.md)")
     parser.add_argument("--max-train-samples", type=int, default=None, metavar="N",
-                        help="cap the training split at about N rows (stratified; recorded in the outputs)")
+                        help="cap the training split at N rows (stratified; validation and test keep their share)")
     parser.add_argument("--epochs", type=int, default=None, help="training epochs (default: train.epochs)")
     parser.add_argument("--seeds", default="0,1,2", help="seeds for the seeded/online methods (comma list)")
     parser.add_argument("--methods", default=None, help=f"comma list (default all: {','.join(METHODS)})")
@@ -199,11 +199,11 @@ def _items(text: str, kind: type, what: str) -> list:
 
 
 def with_train_cap(cfg: RunConfig, max_train_samples: int) -> RunConfig:
-    """The training split holds about N rows: the pooled-rows cap data.max_samples = ceil(N / train share)."""
+    """The training split holds at most N rows (stratified); validation and test keep their share of the
+    pooled rows, so thresholds are chosen and reported on thousands of samples where the task has them."""
     if max_train_samples < 1:
         raise ConfigError(f"--max-train-samples must be >= 1, got {max_train_samples}")
-    cap = math.ceil(max_train_samples / cfg.data.split_ratios[0])
-    return replace(cfg, data=replace(cfg.data, max_samples=cap))
+    return replace(cfg, data=replace(cfg.data, max_train_samples=max_train_samples))
 
 
 def main_reproduce(args: argparse.Namespace) -> None:
@@ -212,7 +212,6 @@ def main_reproduce(args: argparse.Namespace) -> None:
     meta = {}
     if args.max_train_samples is not None:
         cfg = with_train_cap(cfg, args.max_train_samples)
-        meta["max_train_samples (requested cap)"] = args.max_train_samples
     result = reproduce(_items(args.tasks, str, "tasks"), cfg, Path(args.out), _items(args.seeds, int, "seeds"),
                        _items(args.methods, str, "methods") if args.methods else None,
                        _items(args.multipliers, float, "multipliers"), meta)

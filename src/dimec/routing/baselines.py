@@ -13,8 +13,10 @@ import numpy as np
 
 from dimec.costs import CostModel
 from dimec.errors import ConfigError
-from dimec.routing.base import CLOUD, EDGE, MOBILE, Decisions, ExitOutputs, Router, register
-from dimec.routing.dimec import PoolRouter
+from dimec.outputs import ExitOutputs
+from dimec.routing.base import Decisions, Router, register
+from dimec.routing.pools import PoolRouter
+from dimec.tiers import CLOUD, EDGE, MOBILE
 
 if TYPE_CHECKING:
     from dimec.training.cartography import Cartography

@@ -5,63 +5,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Self
 
 import numpy as np
 
-from dimec.config import CalibrationConfig
 from dimec.costs import CostModel
-from dimec.errors import ArtifactError, ConfigError
-from dimec.routing.base import Decisions, ExitOutputs, Router, register
-from dimec.routing.pools import assign_pools, search_thresholds
-from dimec.training.cartography import Cartography
-
-_DEFAULT = CalibrationConfig()
-
-
-class PoolRouter(Router):
-    """Shared calibration: thresholds by reward search, pools of validation embeddings, their centroids."""
-
-    def __init__(
-        self,
-        alpha_grid: tuple[float, ...] = _DEFAULT.alpha_grid,
-        beta_grid: tuple[float, ...] = _DEFAULT.beta_grid,
-        medium_rule: str = _DEFAULT.medium_rule,
-        cartography_exit: str = _DEFAULT.cartography_exit,
-    ) -> None:
-        self.alpha_grid = tuple(alpha_grid)
-        self.beta_grid = tuple(beta_grid)
-        self.medium_rule = medium_rule
-        self.cartography_exit = cartography_exit
-
-    def fit(self, val: ExitOutputs, cost_model: CostModel, cartography: Cartography | None = None) -> Self:
-        if cartography is None:
-            raise ConfigError(f"router {self.name!r} needs the validation cartography to fit")
-        confidence, variability = cartography.exit(self.cartography_exit)
-        search = search_thresholds(
-            confidence, variability, val.max_probs, cost_model, self.alpha_grid, self.beta_grid, self.medium_rule
-        )
-        self.alpha_, self.beta_, self.expected_reward_ = search.alpha, search.beta, search.reward
-        self.reward_grid_ = search.grid
-        self.pools_ = assign_pools(confidence, variability, self.alpha_, self.beta_, self.medium_rule)  # (N,)
-        self.pool_embeddings_ = val.embeddings.astype(np.float64)  # (N, H)
-        self.counts_ = np.bincount(self.pools_, minlength=3).astype(np.int64)  # (3,)
-        hidden = val.embeddings.shape[1]
-        self.centroids_ = np.full((3, hidden), np.nan)  # an empty pool keeps NaN and is never chosen
-        for k in range(3):
-            if self.counts_[k]:
-                self.centroids_[k] = self.pool_embeddings_[self.pools_ == k].mean(0)
-        return self
-
-    @property
-    def pool_shares_(self) -> np.ndarray:
-        return self.counts_ / max(1, self.counts_.sum())
-
-
-def nearest_centroid(embeddings: np.ndarray, centroids: np.ndarray) -> np.ndarray:
-    """(N, H), (3, H) -> (N,) index of the nearest non-empty centroid (Euclidean)."""
-    d = ((embeddings[:, None, :] - centroids[None]) ** 2).sum(-1)  # (N, 3)
-    return np.where(np.isnan(d), np.inf, d).argmin(1)
+from dimec.errors import ArtifactError
+from dimec.outputs import ExitOutputs
+from dimec.routing.base import Decisions, register
+from dimec.routing.pools import PoolRouter, nearest_centroid
 
 
 @register("dimec-fixed")

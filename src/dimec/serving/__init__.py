@@ -10,5 +10,3 @@
 - profile:  `dimec profile` -> the cost-model profile in milliseconds
 - ray_app:  the same tiers on Ray Serve (optional extra)
 """
-
-TIERS = ("mobile", "edge", "cloud")

@@ -190,9 +190,10 @@ def cmd_serve_all(args) -> None:
 
 
 def cmd_profile(args) -> None:
+    from dimec.rundir import RunDir
     from dimec.serving.profile import profile_run
 
-    out = Path(args.out) if args.out else Path(args.run_dir) / "profile.json"
+    out = Path(args.out) if args.out else RunDir(args.run_dir).profile
     profile = profile_run(args.run_dir, args.edge_url, args.cloud_url, _token(args), args.backend, args.samples,
                           _links(args), out, log=lambda s: print(s, file=sys.stderr))
     print(json.dumps(profile, indent=2))

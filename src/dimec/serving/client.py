@@ -22,13 +22,12 @@ import httpx
 import numpy as np
 
 from dimec.errors import ConfigError, DataError, DimecError, TierUnavailableError
-from dimec.serving import TIERS
 from dimec.serving.links import LinkProfile, LinkTransport
 from dimec.serving.package import ROUTER_FILE
 from dimec.serving.tier import TierModel, softmax
+from dimec.tiers import CLOUD, EDGE, MOBILE, TIERS
 
 ROUTINGS = ("fixed", "dynamic", "cloud-only", "edge-only", "mobile-only")
-MOBILE, EDGE, CLOUD = 0, 1, 2
 
 
 @dataclass(frozen=True)

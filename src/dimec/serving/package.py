@@ -19,19 +19,13 @@ from pathlib import Path
 from typing import Any
 
 from dimec.errors import ArtifactError, ConfigError
-from dimec.serving import TIERS
+from dimec.rundir import PACKAGES_DIR, ROUTER
+from dimec.tiers import TIERS, tier_index
 
 MANIFEST = "manifest.json"
-PACKAGES_DIR = "packages"  # default export folder inside a run directory
 MODEL_SUBDIR = "model"
-ROUTER_FILE = "router.json"
+ROUTER_FILE = ROUTER  # the fitted router, copied from the run directory into the mobile package
 FORMAT_VERSION = 1
-
-
-def tier_index(tier: str) -> int:
-    if tier not in TIERS:
-        raise ConfigError(f"unknown tier {tier!r}", f"use one of {', '.join(TIERS)}")
-    return TIERS.index(tier)
 
 
 def sha256(path: Path) -> str:

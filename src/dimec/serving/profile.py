@@ -23,6 +23,7 @@ from typing import Any
 import httpx
 
 from dimec.errors import DimecError
+from dimec.rundir import RunDir
 from dimec.serving.links import LinkProfile, LinkTransport
 from dimec.serving.local import ProcessServer
 from dimec.serving.package import check_texts_for, resolve_package
@@ -96,7 +97,7 @@ def profile_run(run_dir: str | Path, edge_url: str | None = None, cloud_url: str
                 texts: list[str] | None = None, log=print) -> dict[str, float]:
     run_dir = Path(run_dir)
     links = links or {}
-    out = Path(out) if out else run_dir / "profile.json"
+    out = Path(out) if out else RunDir(run_dir).profile
     mobile = TierModel(resolve_package(run_dir, "mobile", onnx=backend.startswith("onnx")), backend)
     texts, _, _, source = check_texts_for(run_dir, texts, None, samples, mobile.tokenizer)
     log(f"profiling on {len(texts)} texts ({source})")

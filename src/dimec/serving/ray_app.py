@@ -23,6 +23,7 @@ from typing import Any
 
 from dimec.serving.package import resolve_package
 from dimec.serving.server import Limits
+from dimec.tiers import TIERS
 
 # Replicas per tier follow the load: the cloud gets the most headroom (it runs every layer), the
 # mobile gateway the least (it stands in for many phones doing their own work).
@@ -81,7 +82,7 @@ def deploy_three_tiers(path: str | Path, token: str, http_port: int = 8000, limi
 
     autoscaling = {**AUTOSCALING, **(autoscaling or {})}
     base = f"http://127.0.0.1:{http_port}"
-    urls = {tier: f"{base}/{tier}" for tier in ("mobile", "edge", "cloud")}
+    urls = {tier: f"{base}/{tier}" for tier in TIERS}
     apps = {}
     for tier in ("edge", "cloud", "mobile"):
         package = resolve_package(path, tier, onnx=backend.startswith("onnx") and tier == "mobile")

@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from dimec.errors import ArtifactError, ConfigError
-from dimec.serving.package import MODEL_SUBDIR, read_manifest, tier_index
+from dimec.serving.package import MODEL_SUBDIR, read_manifest
+from dimec.tiers import tier_index
 
 BACKENDS = ("torch", "onnx", "onnx-int8")
 ONNX_FILES = {"onnx": "model.onnx", "onnx-int8": "model.int8.onnx"}

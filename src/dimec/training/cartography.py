@@ -13,12 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from dimec.errors import ArtifactError, ConfigError
-
-EXIT_NAMES = ("mobile", "edge", "cloud")
-
-
-def dynamics_path(run_dir: Path, epoch: int) -> Path:
-    return run_dir / "dynamics" / f"epoch_{epoch:03d}.jsonl"
+from dimec.rundir import RunDir
+from dimec.tiers import TIERS
 
 
 def write_epoch_dynamics(path: Path, epoch: int, true_label_probs: np.ndarray, correct: np.ndarray) -> None:
@@ -31,13 +27,12 @@ def write_epoch_dynamics(path: Path, epoch: int, true_label_probs: np.ndarray, c
     tmp.replace(path)  # never leave half an epoch behind after a crash
 
 
-def read_dynamics(run_dir: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Returns (probs, correct), each (E, N, 3) over the E recorded epochs."""
-    files = sorted((run_dir / "dynamics").glob("epoch_*.jsonl"))
+def read_dynamics(run_dir: Path, split: str = "validation") -> tuple[np.ndarray, np.ndarray]:
+    """Returns (probs, correct), each (E, N, 3) over the E recorded epochs of `split`."""
+    folder = RunDir(run_dir).dynamics_dir(split)
+    files = sorted(folder.glob("epoch_*.jsonl"))
     if not files:
-        raise ArtifactError(
-            f"no training dynamics in {run_dir / 'dynamics'}", "run `dimec train RUN_DIR` first"
-        )
+        raise ArtifactError(f"no training dynamics in {folder}", "run `dimec train RUN_DIR` first")
     probs, correct = [], []
     for f in files:
         rows = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
@@ -62,9 +57,9 @@ class Cartography:
         return cls(confidence=probs.mean(axis=0), variability=spread, correctness=correct.mean(axis=0))
 
     def exit(self, name: str) -> tuple[np.ndarray, np.ndarray]:
-        if name not in EXIT_NAMES:
-            raise ConfigError(f"unknown exit {name!r}", f"use one of {', '.join(EXIT_NAMES)}")
-        k = EXIT_NAMES.index(name)
+        if name not in TIERS:
+            raise ConfigError(f"unknown exit {name!r}", f"use one of {', '.join(TIERS)}")
+        k = TIERS.index(name)
         return self.confidence[:, k], self.variability[:, k]
 
 
@@ -76,7 +71,7 @@ def plot_data_map(carto: Cartography, path: Path, exit_name: str = "mobile", tit
     import matplotlib.pyplot as plt
 
     conf, var = carto.exit(exit_name)
-    k = EXIT_NAMES.index(exit_name)
+    k = TIERS.index(exit_name)
     fig, ax = plt.subplots(figsize=(6, 5))
     sc = ax.scatter(var, conf, c=carto.correctness[:, k], cmap="coolwarm_r", s=8, alpha=0.7, vmin=0, vmax=1)
     fig.colorbar(sc, ax=ax, label="correctness (fraction of epochs right)")

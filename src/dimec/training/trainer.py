@@ -19,13 +19,10 @@ from tqdm.auto import tqdm
 
 from dimec.config import TrainConfig
 from dimec.modeling.multi_exit import MultiExitModel
-from dimec.routing.base import ExitOutputs
+from dimec.outputs import ExitOutputs
+from dimec.rundir import RunDir
 from dimec.training.batching import Encoded, collate, eval_batches, train_batches
-from dimec.training.cartography import dynamics_path, write_epoch_dynamics
-
-MODEL_DIR = "model"
-CHECKPOINT_DIR = "checkpoint"
-LOG_FILE = "train_log.jsonl"
+from dimec.training.cartography import write_epoch_dynamics
 
 
 def seed_everything(seed: int) -> None:
@@ -129,16 +126,16 @@ def train(model: MultiExitModel, train_enc: Encoded, val_enc: Encoded, cfg: Trai
 
         val = predict_exit_outputs(model, val_enc, cfg.eval_batch_size)
         true_prob = val.probs[np.arange(len(val)), :, val.labels]  # (N, 3) probability of the true label
-        write_epoch_dynamics(dynamics_path(run_dir, epoch), epoch, true_prob, val.correct)
+        write_epoch_dynamics(RunDir(run_dir).dynamics(epoch), epoch, true_prob, val.correct)
         accs = exit_accuracies(val)
         score = accs[2] if cfg.select_metric == "cloud_accuracy" else float(np.mean(accs))
         improved = score > state["best_score"]
         if improved:
             state["best_epoch"], state["best_score"] = epoch, score
-            model.save_pretrained(run_dir / MODEL_DIR)
+            model.save_pretrained(RunDir(run_dir).model)
         record = {"epoch": epoch, "val_exit_accuracy": accs, "score": score, "kept": improved,
                   "train_seconds": round(seconds, 2), "samples_per_second": round(len(train_enc) / seconds, 2)}
-        with (run_dir / LOG_FILE).open("a") as f:
+        with RunDir(run_dir).train_log.open("a") as f:
             f.write(json.dumps(record) + "\n")
         if cfg.progress:
             print(f"epoch {epoch}: val acc mobile/edge/cloud = {accs[0]:.4f}/{accs[1]:.4f}/{accs[2]:.4f}"
@@ -154,7 +151,7 @@ def train(model: MultiExitModel, train_enc: Encoded, val_enc: Encoded, cfg: Trai
 
 # ---- checkpoints: safetensors for tensors, JSON for the rest --------------------------------------------
 def _save_checkpoint(run_dir: Path, model, optimizer, scheduler, state: dict) -> None:
-    ckpt = run_dir / CHECKPOINT_DIR
+    ckpt = RunDir(run_dir).checkpoint
     ckpt.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(ckpt / "model.safetensors"))
     opt_state = optimizer.state_dict()
@@ -176,7 +173,7 @@ def _save_checkpoint(run_dir: Path, model, optimizer, scheduler, state: dict) ->
 
 def _resume(run_dir: Path, model, optimizer, scheduler, state: dict) -> int:
     """Load the last finished epoch's checkpoint if any; returns that epoch (0 when starting fresh)."""
-    ckpt = run_dir / CHECKPOINT_DIR
+    ckpt = RunDir(run_dir).checkpoint
     if not (ckpt / "state.json").is_file():
         return 0
     meta = json.loads((ckpt / "state.json").read_text())
