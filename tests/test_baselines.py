@@ -24,7 +24,7 @@ def outputs(max_probs, labels=None, preds=None, emb=None) -> ExitOutputs:
     probs = np.stack([np.where(preds == 0, mp, 1 - mp), np.where(preds == 0, 1 - mp, mp)], -1)  # (N, 3, 2)
     labels = np.zeros(len(mp), dtype=int) if labels is None else np.asarray(labels)
     emb = np.zeros((len(mp), 2)) if emb is None else np.asarray(emb, dtype=np.float64)
-    return ExitOutputs(probs, labels, emb)
+    return ExitOutputs.from_probs(probs, labels, emb)
 
 
 def carto_for(conf, var) -> Cartography:

@@ -80,7 +80,7 @@ def test_reward_search_picks_the_right_thresholds():
 
 def _fitted(router_cls, pools_embeddings, conf, var):
     probs = np.tile(np.array([[[0.9, 0.1]]]), (len(conf), 3, 1))
-    val = ExitOutputs(probs=probs, labels=np.zeros(len(conf), dtype=int), embeddings=pools_embeddings)
+    val = ExitOutputs.from_probs(probs, np.zeros(len(conf), dtype=int), pools_embeddings)
     carto = Cartography(confidence=np.stack([conf] * 3, 1), variability=np.stack([var] * 3, 1),
                         correctness=np.ones((len(conf), 3)))
     cm = CostModel(0.0, 0.0, 0.1, 0.2, 0.0, (1, 2, 3))
@@ -99,7 +99,7 @@ def test_fixed_router_nearest_centroid_and_round_trip(tmp_path):
     loaded = DimecFixedRouter.load(tmp_path / "router.json")
     np.testing.assert_allclose(loaded.centroids_, router.centroids_)
     assert (loaded.alpha_, loaded.beta_) == (router.alpha_, router.beta_)
-    d = router.route(ExitOutputs(np.full((3, 3, 2), 0.5), np.zeros(3, int), np.array([[1.0, 1], [9, 0], [0, 8]])), cm)
+    d = router.route(ExitOutputs.from_probs(np.full((3, 3, 2), 0.5), np.zeros(3, int), np.array([[1.0, 1], [9, 0], [0, 8]])), cm)
     np.testing.assert_allclose(d.cost, cm.tier_costs[[0, 1, 2]])
 
 

@@ -96,13 +96,15 @@ def split_outputs(run_dir: Path, split: str) -> ExitOutputs:
     run_dir = Path(run_dir)
     cache = RunDir(run_dir).outputs(split)
     if cache.is_file():
-        return ExitOutputs.load(cache)
+        try:
+            return ExitOutputs.load(cache)
+        except ArtifactError as exc:  # damaged or outdated: it is only a cache, compute it again
+            print(f"dimec: {exc.message}; recomputing it", flush=True)
     cfg = load_run_config(run_dir)
     model = load_model(run_dir)
     examples: list[Example] = getattr(task_data(cfg), split)
     outputs = predict_exit_outputs(model, encode(model.tokenizer, examples, cfg.data.max_length),
                                    cfg.train.eval_batch_size, progress=cfg.train.progress)
-    cache.parent.mkdir(exist_ok=True)
     outputs.save(cache)
     return outputs
 

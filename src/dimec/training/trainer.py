@@ -38,22 +38,22 @@ def _model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 @torch.no_grad()
 def predict_exit_outputs(model: MultiExitModel, enc: Encoded, batch_size: int = 128,
                          progress: bool = False) -> ExitOutputs:
-    """Every exit's softmax and the routing embedding for each sample, computed once, in input order."""
+    """Every exit's logits and the routing embedding for each sample, computed once, in input order."""
     model.eval()
     pad_id = model.tokenizer.pad_token_id or 0
     n, c = len(enc), model.config.num_labels
-    probs = np.zeros((n, 3, c), dtype=np.float32)  # (N, 3, C)
+    all_logits = np.zeros((n, 3, c), dtype=np.float32)  # (N, 3, C)
     emb = None
     batches = list(eval_batches(enc.lengths, batch_size))
     for index in tqdm(batches, desc="predict", disable=not progress, leave=False):
         inputs = _model_inputs(collate(enc, index, pad_id))
         logits = model(**inputs)  # 3 x (B, C)
-        probs[index] = torch.stack(logits, 1).softmax(-1).numpy()
+        all_logits[index] = torch.stack(logits, 1).numpy()
         e = model.embed(**inputs).numpy()  # (B, H)
         if emb is None:
             emb = np.zeros((n, e.shape[1]), dtype=np.float32)
         emb[index] = e
-    return ExitOutputs(probs=probs, labels=enc.labels.copy(), embeddings=emb)
+    return ExitOutputs(all_logits, enc.labels.copy(), emb, lengths=enc.lengths)
 
 
 def joint_loss(model: MultiExitModel, batch: dict[str, torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
