@@ -55,12 +55,12 @@ def routing_vs_mobile(run_dir: Path, samples: int, repeats: int = 5) -> dict:
     forward, as on a phone that routes the next sample after answering the last one."""
     from dimec.modeling.fast_embed import FastRouter, NumpyEmbedder
     from dimec.pipeline import load_model, load_run_config, task_data
-    from dimec.routing.dimec import DimecFixedRouter
+    from dimec.routing.base import load_router
     from dimec.rundir import RunDir
 
     torch.set_num_threads(1)  # a phone-like single stream; every path measured the same way
     model = load_model(run_dir)
-    router = DimecFixedRouter.load(RunDir(run_dir).router)
+    router, _ = load_router(RunDir(run_dir).router)
     embedder = NumpyEmbedder(model)
     fast = FastRouter(embedder, router.centroids_, model.config.max_length)
     texts = [e.text for e in task_data(load_run_config(run_dir)).test[:samples]]

@@ -8,7 +8,7 @@ from dimec.costs import CostModel
 from dimec.errors import ConfigError, NotFittedError
 from dimec.outputs import ExitOutputs
 from dimec.routing import make_router
-from dimec.routing.base import Decisions
+from dimec.routing.base import Decisions, load_router, save_router
 from dimec.routing.dimec import DimecDynamicRouter, DimecFixedRouter
 from dimec.routing.pools import (
     EASY,
@@ -95,8 +95,9 @@ def test_fixed_router_nearest_centroid_and_round_trip(tmp_path):
     np.testing.assert_allclose(router.centroids_, [[0, 0.5], [10, 0.5], [0.5, 10]])
     tiers = router.predict_tiers(np.array([[1.0, 1.0], [9.0, 0.0], [0.0, 8.0]]))
     np.testing.assert_array_equal(tiers, [EASY, MEDIUM, HARD])
-    router.save(tmp_path / "router.json")
-    loaded = DimecFixedRouter.load(tmp_path / "router.json")
+    save_router(router, tmp_path / "router.json", cm)
+    loaded, raw = load_router(tmp_path / "router.json")
+    assert isinstance(loaded, DimecFixedRouter) and CostModel.from_dict(raw["cost_model"]) == cm
     np.testing.assert_allclose(loaded.centroids_, router.centroids_)
     assert (loaded.alpha_, loaded.beta_) == (router.alpha_, router.beta_)
     d = router.route(ExitOutputs.from_probs(np.full((3, 3, 2), 0.5), np.zeros(3, int), np.array([[1.0, 1], [9, 0], [0, 8]])), cm)
@@ -132,11 +133,13 @@ def test_empty_pool_does_not_crash_routing(tmp_path):
     emb = np.array([[0.0, 0.0], [1.0, 0.0], [9.0, 9.0]])
     conf, var = np.array([0.9, 0.9, 0.9]), np.array([0.0, 0.0, 0.0])  # all easy: medium and hard empty
     for cls in (DimecFixedRouter, DimecDynamicRouter):
-        router, _ = _fitted(cls, emb, conf, var)
+        router, cm = _fitted(cls, emb, conf, var)
         assert router.counts_.tolist() == [3, 0, 0]
         np.testing.assert_array_equal(router.predict_tiers(np.array([[50.0, 50.0], [0.0, 1.0]])), [EASY, EASY])
-    router.save(tmp_path / "r.json")
-    assert DimecDynamicRouter.load(tmp_path / "r.json").predict_tiers(np.array([[5.0, 5.0]])).tolist() == [EASY]
+    save_router(router, tmp_path / "r.json", cm)
+    loaded, _ = load_router(tmp_path / "r.json")
+    assert isinstance(loaded, DimecDynamicRouter)
+    assert loaded.predict_tiers(np.array([[5.0, 5.0]])).tolist() == [EASY]
 
 
 def test_nearest_centroid_ignores_nan():

@@ -77,6 +77,8 @@ class CostConfig:
     offload_edge: float = 2.5  # o_e / lambda
     offload_cloud: float = 3.0  # o_c / lambda
     cloud_fee: float | None = None  # per-sample cloud fee / lambda; None: l (edge rate for the whole model)
+    # a hidden-state transfer (model-distributed paths) costs this many raw-text offloads over the same hop
+    hidden_state_offload: float = 1.25
     profile: str | None = None  # a measured profile (ms) written by `dimec profile`, used instead
 
 

@@ -7,6 +7,11 @@ Tiers (exit layers m < n <= l):
 - mobile: runs layers 1..m on the phone                 cost = lambda_m * m
 - edge:   the sample is offloaded, edge runs 1..n        cost = o_e + lambda_e * n
 - cloud:  the sample is offloaded, cloud runs 1..l       cost = o_c + cloud_fee * (layers / l)
+
+Model-distributed paths (a tier continues from another tier's hidden state) add hops: a hidden-state
+transfer from tier a to tier b costs `hidden_state_factor * (raw(b) - raw(a))`, where raw() is the raw-text
+offload price of a tier (0 for the mobile, o_e, o_c): the edge-to-cloud distance is what the cloud's offload
+price adds to the edge's. docs/cost-model.md gives every path's formula.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ class CostModel:
     o_c: float  # offloading a sample from mobile to cloud
     cloud_fee: float  # fee for one sample through all l layers on the cloud
     exit_layers: tuple[int, int, int]  # (m, n, l)
+    hidden_state_factor: float = 1.25  # a hidden-state hop costs this many raw offloads over the same hop
 
     @property
     def num_layers(self) -> int:
@@ -44,6 +50,19 @@ class CostModel:
     def cloud(self, layers: int | np.ndarray | None = None) -> float | np.ndarray:
         layers = self.num_layers if layers is None else layers
         return self.o_c + self.cloud_fee * np.asarray(layers) / self.num_layers
+
+    # ---- model-distributed paths: per-tier rates and hops -----------------------------------------
+    def layer_rate(self, tier: int) -> float:
+        """Cost of one transformer layer run on `tier` (the cloud bills its fee pro rata)."""
+        return (self.lambda_m, self.lambda_e, self.cloud_fee / self.num_layers)[tier]
+
+    def raw_offload(self, tier: int) -> float:
+        """Cost of sending the raw input from the mobile to `tier` (nothing for the mobile itself)."""
+        return (0.0, self.o_e, self.o_c)[tier]
+
+    def hop(self, source: int, target: int) -> float:
+        """Cost of moving a hidden state from tier `source` to tier `target` (farther up the hierarchy)."""
+        return self.hidden_state_factor * max(0.0, self.raw_offload(target) - self.raw_offload(source))
 
     # ---- the three tiers ------------------------------------------------------------------------
     @property
@@ -65,11 +84,11 @@ class CostModel:
     def from_config(cls, cfg: CostConfig, exit_layers: tuple[int, int, int]) -> CostModel:
         m, n, l = exit_layers
         if cfg.profile:
-            return cls.from_profile(cfg.profile, exit_layers, cfg.full_model_reward)
+            return cls.from_profile(cfg.profile, exit_layers, cfg.full_model_reward, cfg.hidden_state_offload)
         lam = cfg.lambda_ if cfg.lambda_ is not None else cfg.full_model_reward / l
         if lam <= 0:
             raise ConfigError(f"cost.lambda_ must be > 0, got {lam}")
-        for name in ("mobile_layer", "edge_layer", "offload_edge", "offload_cloud"):
+        for name in ("mobile_layer", "edge_layer", "offload_edge", "offload_cloud", "hidden_state_offload"):
             if getattr(cfg, name) < 0:
                 raise ConfigError(f"cost.{name} must be >= 0, got {getattr(cfg, name)}")
         fee = cfg.cloud_fee if cfg.cloud_fee is not None else float(l)
@@ -80,14 +99,18 @@ class CostModel:
             o_c=cfg.offload_cloud * lam,
             cloud_fee=fee * lam,
             exit_layers=(m, n, l),
+            hidden_state_factor=cfg.hidden_state_offload,
         )
 
     @classmethod
     def from_profile(
-        cls, path: str | Path, exit_layers: tuple[int, int, int], full_model_reward: float = 0.1
+        cls, path: str | Path, exit_layers: tuple[int, int, int], full_model_reward: float = 0.1,
+        hidden_state_offload: float = 1.25,
     ) -> CostModel:
         """A measured profile in milliseconds (from `dimec profile`), scaled by the same rule as lambda:
-        running all l layers at the edge's per-layer time is worth `full_model_reward`."""
+        running all l layers at the edge's per-layer time is worth `full_model_reward`. The profile's
+        measured `hidden_state_factor` (hidden-state transfer time / raw offload time), when it has one,
+        replaces the setting."""
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"cost profile not found: {path}", "run `dimec profile RUN_DIR` first")
@@ -105,6 +128,7 @@ class CostModel:
             o_c=ms["o_c_ms"] * scale,
             cloud_fee=ms["cloud_layer_ms"] * l * scale,
             exit_layers=tuple(exit_layers),
+            hidden_state_factor=float(raw.get("hidden_state_factor", hidden_state_offload)),
         )
 
     def to_dict(self) -> dict:

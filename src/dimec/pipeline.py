@@ -14,7 +14,6 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from dimec.config import CalibrationConfig, CostConfig, RunConfig
@@ -25,7 +24,8 @@ from dimec.evaluation import MethodResult, evaluate_router
 from dimec.modeling.multi_exit import MODEL_CONFIG, MultiExitModel
 from dimec.outputs import ExitOutputs
 from dimec.routing import make_router
-from dimec.routing.dimec import DimecFixedRouter
+from dimec.routing.base import load_router, save_router
+from dimec.routing.dimec import DimecDynamicRouter, DimecFixedRouter
 from dimec.rundir import CONFIG, MODEL_DIR, SPLITS, RunDir
 from dimec.tiers import POOLS, TIERS
 from dimec.training.batching import encode
@@ -137,7 +137,7 @@ def calibrate_stage(run_dir: Path, cfg: RunConfig | None = None) -> dict:
     c = cfg.calibration
     router = DimecFixedRouter(c.alpha_grid, c.beta_grid, c.medium_rule, c.cartography_exit)
     router.fit(val, cost_model, carto)
-    router.save(RunDir(run_dir).router)
+    save_router(router, RunDir(run_dir).router, cost_model)
     summary = {
         "alpha": router.alpha_, "beta": router.beta_, "expected_reward": router.expected_reward_,
         "pool_counts": dict(zip(POOLS, router.counts_.tolist(), strict=True)),
@@ -154,8 +154,8 @@ def evaluate_stage(run_dir: Path, cfg: RunConfig | None = None) -> dict:
     """Cloud-only, DIMEC Fixed and Dynamic on the test split, under one cost model."""
     run_dir = Path(run_dir)
     cfg = cfg or load_run_config(run_dir)
-    fixed = DimecFixedRouter.load(RunDir(run_dir).router)
-    dynamic = dynamic_from_fixed(fixed)
+    fixed, _ = load_router(RunDir(run_dir).router)
+    dynamic = DimecDynamicRouter.from_fixed(fixed)
     test = split_outputs(run_dir, "test")
     cost_model = load_cost_model(run_dir, cfg.cost)
     metric = json.loads(RunDir(run_dir).data.read_text())["metric"]
@@ -200,9 +200,9 @@ def route_texts(run_dir: Path, texts: list[str], pairs: list[str] | None = None,
     if pairs is not None and len(pairs) != len(texts):
         raise DataError(f"{len(texts)} texts but {len(pairs)} text pairs", "give one pair per text")
     model = load_model(run_dir)
-    router = DimecFixedRouter.load(RunDir(run_dir).router)
+    router, _ = load_router(RunDir(run_dir).router)
     if mode == "dynamic":
-        router = dynamic_from_fixed(router)
+        router = DimecDynamicRouter.from_fixed(router)
     answers = []
     for i, text in enumerate(texts):
         if not text.strip():
@@ -217,11 +217,3 @@ def route_texts(run_dir: Path, texts: list[str], pairs: list[str] | None = None,
         answers.append({"text": text, "tier": TIERS[tier],
                         "label": model.config.label_names[label], "confidence": round(float(probs[label]), 4)})
     return answers
-
-
-def dynamic_from_fixed(fixed: DimecFixedRouter):
-    """A Dynamic router starting from a fitted Fixed router's pools."""
-    dynamic = make_router("dimec-dynamic", **fixed.get_params())
-    dynamic.__dict__.update({k: (v.copy() if isinstance(v, np.ndarray) else v)
-                             for k, v in vars(fixed).items() if k.endswith("_")})
-    return dynamic

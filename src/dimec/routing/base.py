@@ -7,14 +7,16 @@ once per split; routers only decide which exit answers and what that costs.
 
 from __future__ import annotations
 
+import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Self
 
 import numpy as np
 
 from dimec.costs import CostModel
-from dimec.errors import ConfigError, NotFittedError
+from dimec.errors import ArtifactError, ConfigError, NotFittedError
 from dimec.outputs import ExitOutputs
 
 if TYPE_CHECKING:
@@ -60,6 +62,14 @@ class Router(ABC):
         if not any(k.endswith("_") for k in vars(self)):
             raise NotFittedError(f"router {self.name!r} is used before fit", "call fit(...) first")
 
+    # ---- persistence: parameters and fitted state as JSON -------------------------------------------
+    def state(self) -> dict[str, Any]:
+        """The fitted state as JSON values (what `load_state` restores). Stateless routers: {}."""
+        return {}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.fitted_ = True
+
 
 ROUTERS: dict[str, type[Router]] = {}
 
@@ -81,3 +91,42 @@ def make_router(name: str, **params: Any) -> Router:
     if name not in ROUTERS:
         raise ConfigError(f"unknown router {name!r}", f"known routers: {', '.join(sorted(ROUTERS))}")
     return ROUTERS[name](**params)
+
+
+ROUTER_FORMAT = 2  # 1: dimec-fixed only, no cost model (dimec <= 0.1.0)
+
+
+def save_router(router: Router, path: str | Path, cost_model: CostModel, **extra: Any) -> None:
+    """router.json: the router's name, parameters and fitted state, and the cost model it was fitted under."""
+    from dimec.atomic import write_json
+
+    router.check_fitted()
+    params = {k: list(v) if isinstance(v, tuple) else v for k, v in router.get_params().items()}
+    write_json(path, {"format_version": ROUTER_FORMAT, "router": router.name, "params": params,
+                      "state": router.state(), "cost_model": cost_model.to_dict(), **extra})
+
+
+def load_router(path: str | Path) -> tuple[Router, dict[str, Any]]:
+    """(router, the whole file) from router.json; an older or damaged file is one clear error."""
+    import dimec.routing  # noqa: F401  (registers the built-in routers)
+
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"router file not found: {path}", "run `dimec calibrate RUN_DIR` first")
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ArtifactError(f"{path} is not valid JSON ({exc})", "run `dimec calibrate RUN_DIR` again") from None
+    if not isinstance(raw, dict) or raw.get("format_version") != ROUTER_FORMAT:
+        raise ArtifactError(f"{path} was written by an older dimec (router format "
+                            f"{raw.get('format_version', 1) if isinstance(raw, dict) else '?'}, "
+                            f"this version reads {ROUTER_FORMAT})",
+                            "run `dimec calibrate RUN_DIR` again (no retraining needed)")
+    try:
+        router = make_router(raw["router"], **raw["params"])
+        router.load_state(raw["state"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ArtifactError(f"{path} is damaged ({type(exc).__name__}: {exc})",
+                            "run `dimec calibrate RUN_DIR` again") from None
+    return router, raw
+

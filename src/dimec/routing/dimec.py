@@ -1,83 +1,86 @@
-"""DIMEC-DC routers: nearest pool centroid in embedding space (Fixed), with the online mean update of
-Algorithm 2 (Dynamic)."""
+"""DIMEC-DC routers, exactly as published: nearest pool centroid in embedding space (Fixed), with the online
+mean update of Algorithm 2 (Dynamic). As plans: pool k answers on tier k at its exit, no verification."""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
+from typing import Self
 
 import numpy as np
 
 from dimec.costs import CostModel
-from dimec.errors import ArtifactError
 from dimec.outputs import ExitOutputs
-from dimec.routing.base import Decisions, register
+from dimec.routing.base import register
+from dimec.routing.plan import PlanRouter, Stage
 from dimec.routing.pools import PoolRouter, nearest_centroid
+from dimec.tiers import TIERS
+from dimec.training.cartography import Cartography
+
+TIER_PLANS = [(Stage(k, k),) for k in range(len(TIERS))]  # plan k: answer on tier k at its own exit
 
 
 @register("dimec-fixed")
-class DimecFixedRouter(PoolRouter):
+class DimecFixedRouter(PoolRouter, PlanRouter):
     """Ours-F: each test sample goes to the tier of its nearest pool mean; the means never move."""
+
+    def fit(self, val: ExitOutputs, cost_model: CostModel, cartography: Cartography | None = None) -> Self:
+        super().fit(val, cost_model, cartography)
+        self.plans_, self.confidence_ = list(TIER_PLANS), "max_prob"
+        return self
 
     def predict_tiers(self, embeddings: np.ndarray) -> np.ndarray:
         self.check_fitted()
         return nearest_centroid(np.asarray(embeddings, dtype=np.float64), self.centroids_)
 
-    def route(self, outputs: ExitOutputs, cost_model: CostModel) -> Decisions:
-        return Decisions.from_tiers(self.predict_tiers(outputs.embeddings), cost_model)
+    def choose_plans(self, embeddings: np.ndarray, lengths: np.ndarray | None) -> np.ndarray:
+        return self.predict_tiers(embeddings)
 
-    # ---- persistence (JSON beside the model) ---------------------------------------------------------
-    def save(self, path: str | Path) -> None:
-        self.check_fitted()
-        state = {
-            "router": self.name,
-            "params": {k: list(v) if isinstance(v, tuple) else v for k, v in self.get_params().items()},
-            "alpha": self.alpha_, "beta": self.beta_, "expected_reward": self.expected_reward_,
-            "counts": self.counts_.tolist(),
-            "centroids": [None if np.isnan(c).any() else c.tolist() for c in self.centroids_],
-        }
-        Path(path).write_text(json.dumps(state) + "\n")
+    # ---- persistence (router.json, through dimec.routing.base.save_router / load_router) -------------
+    def state(self) -> dict:
+        return {**super().state(), "alpha": self.alpha_, "beta": self.beta_,
+                "expected_reward": self.expected_reward_, "counts": self.counts_.tolist(),
+                "centroids": [None if np.isnan(c).any() else c.tolist() for c in self.centroids_]}
 
-    @classmethod
-    def load(cls, path: str | Path) -> DimecFixedRouter:
-        path = Path(path)
-        if not path.is_file():
-            raise ArtifactError(f"router file not found: {path}", "run `dimec calibrate RUN_DIR` first")
-        state = json.loads(path.read_text())
-        from dimec.routing.base import ROUTERS
-
-        router = ROUTERS[state["router"]](**state["params"])
-        router.alpha_, router.beta_ = state["alpha"], state["beta"]
-        router.expected_reward_ = state["expected_reward"]
-        router.counts_ = np.asarray(state["counts"], dtype=np.int64)
+    def load_state(self, state: dict) -> None:
+        super().load_state(state)
+        self.alpha_, self.beta_ = float(state["alpha"]), float(state["beta"])
+        self.expected_reward_ = float(state["expected_reward"])
+        self.counts_ = np.asarray(state["counts"], dtype=np.int64)
         hidden = next(len(c) for c in state["centroids"] if c is not None)
-        router.centroids_ = np.array([c if c is not None else [np.nan] * hidden for c in state["centroids"]])
-        return router
+        self.centroids_ = np.array([c if c is not None else [np.nan] * hidden for c in state["centroids"]])
 
 
 @register("dimec-dynamic")
 class DimecDynamicRouter(DimecFixedRouter):
     """Ours-D (Algorithm 2): assign to the nearest mean, then move that mean towards the sample:
-    mu_k <- (n_k * mu_k + e) / (n_k + 1), n_k <- n_k + 1. The stream is seen once, in order."""
+    mu_k <- (n_k * mu_k + e) / (n_k + 1), n_k <- n_k + 1. The stream is seen once, in order; routing a
+    batch moves copies of the means (the fitted ones stay), `update` moves the router's own (serving)."""
 
     online = True
+
+    @classmethod
+    def from_fixed(cls, fixed: DimecFixedRouter) -> DimecDynamicRouter:
+        """A Dynamic router starting from a fitted Fixed router's pools (same parameters, copied state)."""
+        dynamic = cls(**fixed.get_params())
+        dynamic.load_state(fixed.state())
+        return dynamic
 
     def predict_tiers(self, embeddings: np.ndarray) -> np.ndarray:
         self.check_fitted()
         centroids, counts = self.centroids_.copy(), self.counts_.copy()
         tiers = np.empty(len(embeddings), dtype=np.int64)
         for i, e in enumerate(np.asarray(embeddings, dtype=np.float64)):
-            k = int(nearest_centroid(e[None], centroids)[0])
-            centroids[k] = (counts[k] * centroids[k] + e) / (counts[k] + 1)
-            counts[k] += 1
-            tiers[i] = k
+            tiers[i] = _assign_and_move(e, centroids, counts)
         return tiers
 
     def update(self, embedding: np.ndarray) -> int:
         """Serving path: route one sample and keep the moved mean (state persists across calls)."""
         self.check_fitted()
-        e = np.asarray(embedding, dtype=np.float64)
-        k = int(nearest_centroid(e[None], self.centroids_)[0])
-        self.centroids_[k] = (self.counts_[k] * self.centroids_[k] + e) / (self.counts_[k] + 1)
-        self.counts_[k] += 1
-        return k
+        return _assign_and_move(np.asarray(embedding, dtype=np.float64), self.centroids_, self.counts_)
+
+
+def _assign_and_move(e: np.ndarray, centroids: np.ndarray, counts: np.ndarray) -> int:
+    """Nearest mean k for one embedding (H,); moves centroids[k] towards it and counts it (in place)."""
+    k = int(nearest_centroid(e[None], centroids)[0])
+    centroids[k] = (counts[k] * centroids[k] + e) / (counts[k] + 1)
+    counts[k] += 1
+    return k

@@ -190,13 +190,12 @@ class MobileClient:
     def _load_router(self, routing: str):
         if routing not in ("fixed", "dynamic"):
             return None
-        from dimec.routing.dimec import DimecFixedRouter
+        from dimec.routing.base import load_router
+        from dimec.routing.dimec import DimecDynamicRouter
 
-        router = DimecFixedRouter.load(self.mobile.directory / ROUTER_FILE)
+        router, _ = load_router(self.mobile.directory / ROUTER_FILE)
         if routing == "dynamic":
-            from dimec.pipeline import dynamic_from_fixed
-
-            router = dynamic_from_fixed(router)
+            router = DimecDynamicRouter.from_fixed(router)
         return router
 
     # ---- the one entry point --------------------------------------------------------------------------

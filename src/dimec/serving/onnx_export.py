@@ -77,12 +77,12 @@ def check_agreement(directory: Path, texts: list[str], pairs: list[str] | None =
                     labels: list[int] | None = None, source: str = "given texts") -> dict[str, Any]:
     """ONNX fp32 and int8 against PyTorch on the same tokens: label agreement, max logit difference,
     routing agreement (tier chosen from embed.onnx vs torch), and accuracy when labels are known."""
-    from dimec.routing.dimec import DimecFixedRouter
+    from dimec.routing.base import load_router
 
     reference = TierModel(directory, "torch", verify=False)
     batch = reference.encode(texts, pairs)
     ref_logits, ref_emb = reference.logits(batch), reference.embed(batch)
-    router = DimecFixedRouter.load(directory / ROUTER_FILE)
+    router, _ = load_router(directory / ROUTER_FILE)
     ref_tiers = router.predict_tiers(ref_emb)
     report: dict[str, Any] = {"samples": len(texts), "source": source}
     if labels is not None:
