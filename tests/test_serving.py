@@ -20,7 +20,8 @@ from dimec.errors import ArtifactError, ConfigError, DataError  # noqa: E402
 from dimec.serving.client import Answer, MobileClient, RemoteResult, Timeouts  # noqa: E402
 from dimec.serving.links import LinkProfile, LinkTransport  # noqa: E402
 from dimec.serving.local import ThreadServer  # noqa: E402
-from dimec.serving.package import MANIFEST, export_packages, read_manifest, resolve_package  # noqa: E402
+from dimec.serving.export import export_packages  # noqa: E402
+from dimec.serving.package import MANIFEST, read_manifest, resolve_package  # noqa: E402
 from dimec.serving.server import Limits, create_app  # noqa: E402
 from dimec.serving.tier import TierModel  # noqa: E402
 
@@ -33,7 +34,7 @@ TEXTS = ["good movie", "the film was very boring", "a lovely plot and acting", "
 # ---- fixtures -----------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def packages(tiny_run, tmp_path_factory):
-    return export_packages(tiny_run, tmp_path_factory.mktemp("packages"), check_texts=TEXTS * 5)
+    return export_packages(tiny_run, tmp_path_factory.mktemp("packages"), full=True, check_texts=TEXTS * 5)
 
 
 @pytest.fixture(scope="module")
@@ -79,8 +80,11 @@ def test_packages_hold_only_their_tiers_layers(packages, tiny_run):
         assert config["num_hidden_layers"] == layers[index]
         assert all(len(f["sha256"]) == 64 for f in manifest["files"].values())
     mobile = read_manifest(packages["mobile"])["files"]
-    assert {"router.json", "model.onnx", "model.int8.onnx", "embed.onnx", "model/tokenizer.json"} <= set(mobile)
+    assert {"router.json", "model.onnx", "model.int8.onnx", "model/model.safetensors", "model/tokenizer.json"} <= \
+        set(mobile)  # exported with full=True
     assert "router.json" not in read_manifest(packages["edge"])["files"]
+    ids = {read_manifest(packages[t])["model_id"] for t in ("mobile", "edge", "cloud")}
+    assert len(ids) == 1 and len(ids.pop()) == 64  # one identity for every package of one export
 
 
 def test_tampered_package_is_refused(packages, tmp_path):
@@ -99,17 +103,64 @@ def test_tampered_package_is_refused(packages, tmp_path):
 
 def test_onnx_int8_agrees_with_pytorch(packages, models):
     check = read_manifest(packages["mobile"])["onnx"]["check"]
-    assert check["samples"] == len(TEXTS) * 5
-    assert check["onnx_fp32"]["agreement"] == 1.0 and check["onnx_fp32"]["max_logit_diff"] < 1e-4
-    assert check["onnx_fp32"]["route_agreement"] == 1.0
-    assert check["onnx_int8"]["agreement"] >= 0.9 and check["onnx_int8"]["max_logit_diff"] < 0.5
-    assert check["onnx_int8"]["route_agreement"] == 1.0  # routing embedding is not quantised
-    # dynamic axes: other batch sizes and lengths than the traced example
+    assert check["samples"] == len(TEXTS) * 5 and check["router"] == "dimec-fixed"
+    fp32, int8 = check["onnx_fp32"], check["onnx_int8"]
+    assert fp32["agreement"] == 1.0 and fp32["max_logit_diff"] < 1e-4 and fp32["max_hidden_diff"] < 1e-4
+    assert fp32["route_agreement"] == fp32["decision_agreement"] == 1.0
+    assert int8["agreement"] >= 0.9 and int8["max_logit_diff"] < 0.5
+    assert int8["route_agreement"] >= 0.9 and int8["max_hidden_diff"] < 0.1 * int8["hidden_scale"]
+    # dynamic axes: other batch sizes and lengths than the traced example; one graph gives all three outputs
+    fp32_model = TierModel(packages["mobile"], "onnx")
     for texts in (["good"], TEXTS, [" ".join(TEXTS)]):
         batch = models["mobile"].encode(texts)
         ref = models["mobile_torch"].logits(batch)
         assert np.abs(models["mobile"].logits(batch) - ref).max() < 0.5
-        assert np.allclose(models["mobile"].embed(batch), models["mobile_torch"].embed(batch), atol=1e-5)
+        assert np.allclose(fp32_model.embed(batch), models["mobile_torch"].embed(batch), atol=1e-5)
+        assert np.abs(models["mobile"].embed(batch) - models["mobile_torch"].embed(batch)).max() < 0.05
+        logits, hidden = models["mobile"].mobile_stage(batch)
+        ref_logits, ref_hidden = models["mobile_torch"].mobile_stage(batch)
+        assert np.allclose(logits, models["mobile"].logits(batch), atol=1e-5) and np.abs(logits - ref_logits).max() < 0.5
+        lengths = batch.attention_mask.sum(1)
+        assert [len(h) for h in hidden] == [len(h) for h in ref_hidden] == lengths.tolist()  # real tokens only
+        assert max(np.abs(a - b).max() for a, b in zip(hidden, ref_hidden, strict=True)) < 0.5
+
+
+def test_the_phone_downloads_one_int8_graph(tiny_run, tmp_path):
+    """Default export: the mobile package holds one int8 ONNX graph (int8 embedding table included), the
+    router and the tokenizer; no fp32 graph, no PyTorch weights. The int8 graph's word table is int8."""
+    import onnx
+
+    mobile = export_packages(tiny_run, tmp_path, tiers=("mobile",), check_texts=TEXTS)["mobile"]
+    files = set(read_manifest(mobile)["files"])
+    assert {"model.int8.onnx", "router.json", "model/dimec_model.json", "model/tokenizer.json"} <= files
+    assert not {"model.onnx", "embed.onnx", "model/model.safetensors"} & files
+    graph = onnx.load(str(mobile / "model.int8.onnx")).graph
+    assert [o.name for o in graph.output] == ["logits", "embedding", "hidden"]
+    tables = [i for i in graph.initializer if list(i.dims) == [27, 32]]  # (V, H): one copy of the word table
+    assert len(tables) == 1 and tables[0].data_type == onnx.TensorProto.INT8
+    matmuls = [i for i in graph.initializer if list(i.dims) in ([32, 32], [32, 37], [37, 32])]
+    assert matmuls and all(i.data_type == onnx.TensorProto.INT8 for i in matmuls)  # every MatMul weight
+    with pytest.raises(ArtifactError, match="--full"):
+        TierModel(mobile, "torch")
+    with pytest.raises(ArtifactError, match="--full"):
+        resolve_package(tmp_path, "mobile", "onnx")
+    assert resolve_package(tmp_path, "mobile", "onnx-int8") == mobile
+
+
+def test_resolve_package_never_exports(tiny_run, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("packages"))
+    with pytest.raises(ArtifactError, match="dimec export"):
+        resolve_package(run, "edge")
+    assert not (run / "packages").exists()
+    from dimec.serving.export import ensure_package
+
+    said = []
+    edge = ensure_package(run, "edge", log=said.append)  # exports on request, and says so
+    assert edge == run / "packages" / "edge" and "exporting it now" in said[0]
+    assert ensure_package(run, "edge", log=said.append) == edge and len(said) == 2  # found: nothing said
 
 
 def test_tier_models_match_the_multi_exit_model(models, tiny_run):

@@ -8,6 +8,7 @@ import os
 import sys
 from pathlib import Path
 
+from dimec.cli_helpers import texts_from_args
 from dimec.errors import DimecError
 
 
@@ -67,19 +68,6 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from dimec.pipeline import evaluate_stage, format_table
 
     print(format_table(evaluate_stage(Path(args.run_dir), _stage_config(args))))
-
-
-def texts_from_args(texts: list[str], file: str | None) -> list[str]:
-    """Texts given on the command line, then the non-empty lines of `file` (one text per line)."""
-    from dimec.errors import DataError
-
-    texts = list(texts)
-    if file:
-        path = Path(file)
-        if not path.is_file():
-            raise DataError(f"file not found: {path}", "give a text file with one text per line")
-        texts += [line for line in path.read_text().splitlines() if line.strip()]
-    return texts
 
 
 def cmd_route(args: argparse.Namespace) -> None:

@@ -9,17 +9,21 @@ import secrets
 import sys
 from pathlib import Path
 
+from dimec.cli_helpers import texts_from_args
 from dimec.errors import ConfigError, DataError
+from dimec.serving.client import ROUTINGS
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 DEFAULT_PORTS = {"edge": 8101, "cloud": 8102}
 
 
 def attach_serving_commands(sub) -> None:
-    p = sub.add_parser("export", help="write one package per tier (and the mobile one as ONNX fp32/int8)")
+    p = sub.add_parser("export", help="write one package per tier (the mobile one: one int8 ONNX graph)")
     p.add_argument("run_dir")
     p.add_argument("--out", help="output folder (default RUN_DIR/packages)")
-    p.add_argument("--no-onnx", action="store_true", help="skip the ONNX export of the mobile package")
+    p.add_argument("--full", action="store_true",
+                   help="also ship the mobile tier's fp32 ONNX graph and PyTorch weights (for comparisons)")
+    p.add_argument("--no-onnx", action="store_true", help="mobile package with PyTorch weights, no ONNX graph")
     p.add_argument("--texts-file", help="texts (one per line) for the ONNX check (default: validation split)")
     p.add_argument("--check-limit", type=int, default=500, help="at most this many texts for the ONNX check")
     p.set_defaults(func=cmd_export)
@@ -30,6 +34,9 @@ def attach_serving_commands(sub) -> None:
     _server_args(p)
     p.add_argument("--port", type=int, help="default: 8101 for edge, 8102 for cloud")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
+    p.add_argument("--cloud-url", help="edge only: the cloud tier that plans going on to the cloud are forwarded to")
+    p.add_argument("--cloud-token", help="bearer token for --cloud-url (default: this server's token)")
+    p.add_argument("--link-cloud", help="edge only: emulated edge->cloud link, e.g. 'wan' or 'latency=30'")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("serve-all", help="local three-tier demo: edge and cloud servers + the mobile client")
@@ -65,6 +72,7 @@ def _server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-body-bytes", type=int, default=1_000_000)
     p.add_argument("--max-text-chars", type=int, default=20_000)
     p.add_argument("--max-batch", type=int, default=64)
+    p.add_argument("--max-hidden-bytes", type=int, default=8_000_000, help="body limit of /v1/continue")
     p.add_argument("--log-level", default="warning")
 
 
@@ -73,7 +81,9 @@ def _client_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--file", help="a text file, one text per line")
     p.add_argument("--backend", default="onnx-int8", choices=("onnx-int8", "onnx", "torch"),
                    help="how the mobile tier runs")
-    p.add_argument("--routing", default="fixed", choices=("fixed", "dynamic", "cloud-only", "edge-only", "mobile-only"))
+    p.add_argument("--routing", default="router", choices=ROUTINGS,
+                   help="router: the package's calibrated router.json (any servable policy; 'fixed' is its older "
+                        "name); dynamic: DIMEC-DC Dynamic; or one tier for every text")
     p.add_argument("--link-edge", help="emulated mobile->edge link, e.g. 'wifi' or 'latency=20,jitter=5,bandwidth=50'")
     p.add_argument("--link-cloud", help="emulated mobile->cloud link, e.g. '4g' or 'latency=80,loss=0.01'")
     p.add_argument("--connect-timeout", type=float, default=1.0, help="seconds")
@@ -92,14 +102,16 @@ def _links(args) -> dict:
 
 
 def _texts(args) -> list[str] | None:
-    from dimec.cli import texts_from_args  # at call time: dimec.cli imports this module to attach it
-
     return texts_from_args(args.texts, args.file) or None
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
 
 
 # ---- commands -----------------------------------------------------------------------------------------------
 def cmd_export(args) -> None:
-    from dimec.serving.package import export_packages
+    from dimec.serving.export import export_packages
 
     texts = None
     if args.texts_file:
@@ -107,14 +119,14 @@ def cmd_export(args) -> None:
         if not path.is_file():
             raise DataError(f"file not found: {path}")
         texts = [line for line in path.read_text().splitlines() if line.strip()]
-    export_packages(args.run_dir, args.out, onnx=not args.no_onnx, check_texts=texts, check_limit=args.check_limit,
-                    log=print)
+    export_packages(args.run_dir, args.out, onnx=not args.no_onnx, full=args.full, check_texts=texts,
+                    check_limit=args.check_limit, log=print)
 
 
 def cmd_serve(args) -> None:
     import uvicorn
 
-    from dimec.serving.package import resolve_package
+    from dimec.serving.export import ensure_package
     from dimec.serving.server import Limits, create_app
 
     token = _token(args)
@@ -127,8 +139,16 @@ def cmd_serve(args) -> None:
     if args.host not in LOOPBACK_HOSTS:
         print(f"dimec: warning: binding {args.host}: plain HTTP, put TLS in front of it beyond a trusted network",
               file=sys.stderr)
-    limits = Limits(args.max_body_bytes, args.max_text_chars, args.max_batch)
-    app = create_app(resolve_package(args.path, args.tier), args.tier, token, limits)
+    limits = Limits(args.max_body_bytes, args.max_text_chars, args.max_batch, args.max_hidden_bytes)
+    forward = None
+    if args.cloud_url:
+        if args.tier != "edge":
+            raise ConfigError("--cloud-url is for the edge (it forwards plans that go on to the cloud)")
+        from dimec.serving.client import HttpRemote
+        from dimec.serving.links import LinkProfile
+
+        forward = HttpRemote("cloud", args.cloud_url, args.cloud_token or token, link=LinkProfile.parse(args.link_cloud))
+    app = create_app(ensure_package(args.path, args.tier, log=_say), args.tier, token, limits, forward=forward)
     port = args.port or DEFAULT_PORTS[args.tier]
     print(f"dimec {args.tier} tier on http://{args.host}:{port} (exit layer {app.state.service.model.exit_layer})",
           flush=True)
@@ -137,9 +157,9 @@ def cmd_serve(args) -> None:
 
 def _client(args, mobile_path, edge_url, cloud_url, token):
     from dimec.serving.client import MobileClient, Timeouts
-    from dimec.serving.package import resolve_package
+    from dimec.serving.export import ensure_package
 
-    package = resolve_package(mobile_path, "mobile", onnx=args.backend.startswith("onnx"))
+    package = ensure_package(mobile_path, "mobile", args.backend, log=_say)
     return MobileClient(package, edge_url, cloud_url, token, Timeouts(args.connect_timeout, args.timeout),
                         args.retries, _links(args), args.backend, args.routing)
 
@@ -168,20 +188,22 @@ def cmd_client(args) -> None:
 
 
 def cmd_serve_all(args) -> None:
+    from dimec.serving.export import ensure_package
     from dimec.serving.local import ProcessServer
-    from dimec.serving.package import resolve_package
 
     token = os.environ.get("DIMEC_TOKEN") or secrets.token_urlsafe(24)  # private to this demo
     texts = _texts(args)
-    servers = [ProcessServer(tier, resolve_package(args.run_dir, tier), token, threads=args.threads)
-               for tier in ("edge", "cloud")]
+    cloud = ProcessServer("cloud", ensure_package(args.run_dir, "cloud", log=_say), token, threads=args.threads)
+    edge = ProcessServer("edge", ensure_package(args.run_dir, "edge", log=_say), token, threads=args.threads,
+                         extra_args=["--cloud-url", cloud.url])  # the edge forwards plans going on to the cloud
+    servers = [edge, cloud]
     try:
         for server in servers:
             server.start()
         for server in servers:
             server.wait()
             print(f"{server.tier} tier up on {server.url}", file=sys.stderr)
-        with _client(args, args.run_dir, servers[0].url, servers[1].url, token) as client:
+        with _client(args, args.run_dir, edge.url, cloud.url, token) as client:
             _run_client(client, texts)
     finally:
         for server in servers:

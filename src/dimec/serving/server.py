@@ -1,6 +1,8 @@
 """HTTP service of the edge and cloud tiers (FastAPI; run with uvicorn, bound to 127.0.0.1 by default).
 
     POST /v1/classify   one text (or pair) or a batch -> labels, probs, tier, exit layer   (bearer token)
+                        with "plan": the rest of a routing plan that starts on this tier (continuation.py)
+    POST /v1/continue   a hidden state after layer k (safetensors body, wire.py): run the plan on from there
     POST /v1/ping       echo the body size: lets `dimec profile` measure a link's throughput (bearer token)
     GET  /healthz       liveness and what this tier serves
     GET  /metrics       Prometheus text: requests by path and status, latency histogram, samples per tier
@@ -19,20 +21,23 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from dimec.errors import ConfigError
+from dimec.serving import wire
+from dimec.serving.continuation import PlanAnswer, PlanRunner, PlanStage, request_plan
 from dimec.serving.tier import TierModel
 
 log = logging.getLogger("dimec.serving")
-KNOWN_PATHS = ("/v1/classify", "/v1/ping", "/healthz", "/metrics", "/openapi.json", "/docs")
+KNOWN_PATHS = ("/v1/classify", "/v1/continue", "/v1/ping", "/healthz", "/metrics", "/openapi.json", "/docs")
 MAX_ID_CHARS = 128
 
 
@@ -40,7 +45,11 @@ MAX_ID_CHARS = 128
 class Limits:
     max_body_bytes: int = 1_000_000
     max_text_chars: int = 20_000  # per text (or pair member)
-    max_batch: int = 64  # texts per request
+    max_batch: int = 64  # texts (or hidden states) per request
+    max_hidden_bytes: int = 8_000_000  # body of a continuation request (POST /v1/continue)
+
+    def body_limit(self, path: str) -> int:
+        return self.max_hidden_bytes if path == "/v1/continue" else self.max_body_bytes
 
 
 class ClassifyRequest(BaseModel):
@@ -52,6 +61,9 @@ class ClassifyRequest(BaseModel):
     texts: list[str] | None = None
     text_pairs: list[str] | None = None
     ids: list[str] | None = Field(None, description="request ids, one per text, echoed in the answer")
+    plan: list[PlanStage] | None = Field(None, description="the rest of a routing plan, starting on this tier; "
+                                         "the answer is then a PlanAnswer (per sample: the tier and exit)")
+    confidence: Literal["max_prob", "entropy"] = Field("max_prob", description="what the plan's thresholds read")
 
     @model_validator(mode="after")
     def _one_form(self) -> ClassifyRequest:
@@ -101,6 +113,7 @@ class TierService:
                               "pass --token T or set DIMEC_TOKEN (the same on every tier)")
         self.model, self.limits = model, limits
         self._token = token.encode()
+        self.plans: PlanRunner | None = None  # set by create_app on the edge and cloud
 
     def authorize(self, authorization: str | None) -> None:
         """`authorization`: the raw Authorization header. Constant-time compare against the token."""
@@ -140,12 +153,13 @@ class TierService:
     def health(self) -> dict[str, Any]:
         m = self.model
         return {"status": "ok", "tier": m.tier, "exit_layer": m.exit_layer, "exit_layers": list(m.exit_layers),
-                "label_names": m.label_names, "backend": m.backend}
+                "label_names": m.label_names, "backend": m.backend, "model_id": m.model_id}
 
 
 def create_app(package_dir: str | Path | None, tier: str, token: str | None, limits: Limits | None = None,
-               model: TierModel | None = None) -> FastAPI:
-    """The FastAPI app of the edge or cloud tier. `model` may be given to share a loaded TierModel."""
+               model: TierModel | None = None, forward=None) -> FastAPI:
+    """The FastAPI app of the edge or cloud tier. `model` may be given to share a loaded TierModel; `forward`
+    (the edge's cloud, a client.HttpRemote) receives the hidden states of plans that go on to the cloud."""
     model = model or TierModel(package_dir)
     if model.tier != tier:
         raise ConfigError(f"the package at {model.directory} is the {model.tier} tier, not {tier}",
@@ -153,16 +167,50 @@ def create_app(package_dir: str | Path | None, tier: str, token: str | None, lim
     if tier == "mobile":
         raise ConfigError("the mobile tier runs in the client, not as a server", "serve edge or cloud")
     service = TierService(model, token, limits or Limits())
+    service.plans = PlanRunner(model, service.limits.max_batch, forward)
     app, metrics = _base_app(f"dimec {tier} tier", service)
 
-    @app.post("/v1/classify", response_model=ClassifyResponse, dependencies=[Depends(_authorized)],
+    @app.post("/v1/classify", response_model=ClassifyResponse | PlanAnswer, dependencies=[Depends(_authorized)],
               responses=_ERRORS)
-    def classify(body: ClassifyRequest) -> ClassifyResponse:
+    def classify(body: ClassifyRequest) -> ClassifyResponse | PlanAnswer:
+        if body.plan is not None:  # model-distributed: the rest of a plan that starts here
+            texts, pairs = service.check(body)
+            try:
+                answer = service.plans.classify(texts, pairs, body.ids, request_plan(body.plan), body.confidence)
+            except wire.WireError as exc:
+                raise RequestError(exc.status, exc.message) from None
+            _count_plan(metrics, answer)
+            return answer
         answer = service.classify(body)
         metrics["samples"].labels(tier).inc(len(answer.labels))
         return answer
 
+    @app.post("/v1/continue", response_model=PlanAnswer, dependencies=[Depends(_authorized)],
+              responses={**_ERRORS, 409: {"description": "the hidden state comes from another model"},
+                         415: {"description": f"the body is not {wire.CONTENT_TYPE}"}},
+              openapi_extra={"requestBody": {"required": True, "content": {wire.CONTENT_TYPE: {
+                  "schema": {"type": "string", "format": "binary"}}}}})
+    async def continue_(request: Request) -> PlanAnswer:
+        """Continue from a hidden state: a safetensors body (see dimec.serving.wire) with the hidden state
+        after layer k, its attention mask, k, the model identity, request ids and the rest of the plan."""
+        kind = request.headers.get("content-type", "").split(";")[0].strip()
+        if kind not in (wire.CONTENT_TYPE, "application/octet-stream"):
+            raise RequestError(415, f"send the hidden state as {wire.CONTENT_TYPE} (got {kind or 'no type'})")
+        body = await request.body()
+        try:
+            state = wire.decode(body)
+            answer = await run_in_threadpool(service.plans.continue_state, state)
+        except wire.WireError as exc:
+            raise RequestError(exc.status, exc.message) from None
+        _count_plan(metrics, answer)
+        return answer
+
     return app
+
+
+def _count_plan(metrics: dict[str, Any], answer: PlanAnswer) -> None:
+    for t in answer.tiers:
+        metrics["samples"].labels(t).inc()
 
 
 class GatewayAnswer(BaseModel):
@@ -265,10 +313,10 @@ class _Guard:
             await send(message)
 
         try:
-            body = await self._read_body(scope, receive)
+            limit = self.limits.body_limit(path)
+            body = await self._read_body(scope, receive, limit)
             if body is None:
-                await _send_json(tracked_send, 413, {
-                    "error": f"request body is over the limit of {self.limits.max_body_bytes} bytes"})
+                await _send_json(tracked_send, 413, {"error": f"request body is over the limit of {limit} bytes"})
                 return
             replayed = [False]
 
@@ -283,8 +331,7 @@ class _Guard:
             self.metrics["requests"].labels(path, str(status[0])).inc()
             self.metrics["latency"].labels(path).observe(time.perf_counter() - start)
 
-    async def _read_body(self, scope, receive) -> bytes | None:
-        limit = self.limits.max_body_bytes
+    async def _read_body(self, scope, receive, limit: int) -> bytes | None:
         for name, value in scope.get("headers", ()):
             if name == b"content-length" and value.isdigit() and int(value) > limit:
                 return None
