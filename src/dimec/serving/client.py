@@ -138,7 +138,7 @@ class HttpRemote:
         return _merge(parts)
 
     def continue_hidden(self, rows: list[np.ndarray], layer: int, model_id: str, ids: list[str],
-                        plan: Plan | None = None, confidence: str = "max_prob") -> RemoteResult:
+                        plan: Plan | None = None, confidence: str = "max_prob", dtype=np.float16) -> RemoteResult:
         """Hidden states after `layer` (one (T_i, H) array per sample) to this tier, which runs the plan on."""
         self._check_available()
         parts, start = [], 0
@@ -146,10 +146,11 @@ class HttpRemote:
             stop, width = start, 0
             while stop < len(rows) and stop - start < self.max_batch:
                 width = max(width, len(rows[stop]))
-                if stop > start and (stop + 1 - start) * width * rows[0].shape[1] * 2 > MAX_HIDDEN_BYTES:
+                itemsize = np.dtype(dtype).itemsize
+                if stop > start and (stop + 1 - start) * width * rows[0].shape[1] * itemsize > MAX_HIDDEN_BYTES:
                     break
                 stop += 1
-            content = wire.encode(rows[start:stop], layer, model_id, ids[start:stop], plan, confidence)
+            content = wire.encode(rows[start:stop], layer, model_id, ids[start:stop], plan, confidence, dtype)
             parts.append(self._post("/v1/continue", ids[start:stop], content, wire.CONTENT_TYPE, "hidden"))
             start = stop
         return _merge(parts)
@@ -239,12 +240,15 @@ class MobileClient:
                  cloud_url: str | None = None, token: str | None = None, timeouts: Timeouts = Timeouts(),
                  retries: int = 2, links: dict[str, LinkProfile] | None = None, backend: str = "onnx-int8",
                  routing: str = "router", cooldown_s: float = 1.0, remotes: dict[str, Remote] | None = None,
-                 seed: int = 0) -> None:
+                 seed: int = 0, hidden_dtype: str = "float16") -> None:
         if routing not in ROUTINGS:
             raise ConfigError(f"unknown routing {routing!r}", f"use one of {', '.join(ROUTINGS)}")
         self.mobile = mobile_package if isinstance(mobile_package, TierModel) else TierModel(mobile_package, backend)
         if self.mobile.tier != "mobile":
             raise ConfigError(f"{self.mobile.directory} is the {self.mobile.tier} package, not the mobile one")
+        if hidden_dtype not in ("float16", "float32"):
+            raise ConfigError(f"hidden_dtype must be float16 or float32, got {hidden_dtype!r}")
+        self.hidden_dtype = np.dtype(hidden_dtype)  # of hidden states on the wire: fp16 halves the bytes
         self.routing = routing
         self.router, self.plans, self.confidence = self._load_router(routing)
         if self.mobile.model_id is None and any(p[0].tier == MOBILE and len(p) > 1 for p in self.plans):
@@ -349,7 +353,7 @@ class MobileClient:
                 continue
             try:
                 result = remote.continue_hidden(hidden, self.mobile.exit_layer, self.mobile.model_id, ids,
-                                                substitute, self.confidence)
+                                                substitute, self.confidence, self.hidden_dtype)
                 self._check_same_model(TIERS[tier], result, len(rows))
             except TierUnavailableError as exc:
                 errors.append(exc.message)

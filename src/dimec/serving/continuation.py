@@ -111,7 +111,8 @@ class PlanRunner:
     def continue_state(self, state: HiddenState) -> PlanAnswer:
         plan = self.check_state(state)
         hidden = state.hidden.astype(np.float32)
-        return self._run(hidden, state.attention_mask, state.layer, plan, state.confidence, state.ids)
+        return self._run(hidden, state.attention_mask, state.layer, plan, state.confidence, state.ids,
+                         state.hidden.dtype)
 
     def classify(self, texts: list[str], pairs: list[str] | None, ids: list[str] | None, plan: Plan,
                  kind: str) -> PlanAnswer:
@@ -127,7 +128,8 @@ class PlanRunner:
 
     # ---- the stages ----------------------------------------------------------------------------------------------
     def _run(self, hidden: np.ndarray, mask: np.ndarray, layer: int, plan: Plan, kind: str,
-             ids: list[str] | None) -> PlanAnswer:
+             ids: list[str] | None, dtype=np.float16) -> PlanAnswer:
+        """`dtype`: of hidden states forwarded on (the precision the request came in; fp16 for raw text)."""
         m = self.model
         n = len(hidden)
         probs = np.zeros((n, len(m.label_names)))
@@ -156,7 +158,7 @@ class PlanRunner:
         if len(open_rows) and rest:
             start = time.perf_counter()
             error = self._forward(hidden, mask[open_rows], layer, rest, kind, open_rows, ids, probs, exit_index,
-                                  answered_on)
+                                  answered_on, dtype)
             forward_ms = (time.perf_counter() - start) * 1e3
             if error:
                 fallback[open_rows] = True  # answered here, at the last exit this tier ran
@@ -168,7 +170,8 @@ class PlanRunner:
             exits=exit_index.tolist(), exit_layers=[m.exit_layers[e] for e in exit_index], fallback=fallback.tolist(), errors=errors,
             compute_ms=compute_ms, forward_ms=forward_ms)
 
-    def _forward(self, hidden, mask, layer, rest: Plan, kind, rows, ids, probs, exit_index, answered_on) -> str | None:
+    def _forward(self, hidden, mask, layer, rest: Plan, kind, rows, ids, probs, exit_index, answered_on,
+                 dtype) -> str | None:
         """Ship the open rows' hidden state to the next tier; fill their answers. Returns an error or None."""
         from dimec.errors import TierUnavailableError
 
@@ -177,7 +180,7 @@ class PlanRunner:
         sub_ids = [ids[i] for i in rows] if ids else [f"row-{i}" for i in rows]
         trimmed = [h[: int(k.sum())] for h, k in zip(hidden, mask, strict=True)]  # real tokens only
         try:
-            result = self.forward.continue_hidden(trimmed, layer, self.model.model_id, sub_ids, rest, kind)
+            result = self.forward.continue_hidden(trimmed, layer, self.model.model_id, sub_ids, rest, kind, dtype)
         except TierUnavailableError as exc:
             return exc.message
         if list(result.label_names) != self.model.label_names:
