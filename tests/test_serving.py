@@ -18,9 +18,9 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 from dimec.errors import ArtifactError, ConfigError, DataError  # noqa: E402
 from dimec.serving.client import Answer, MobileClient, RemoteResult, Timeouts  # noqa: E402
+from dimec.serving.export import export_packages  # noqa: E402
 from dimec.serving.links import LinkProfile, LinkTransport  # noqa: E402
 from dimec.serving.local import ThreadServer  # noqa: E402
-from dimec.serving.export import export_packages  # noqa: E402
 from dimec.serving.package import MANIFEST, read_manifest, resolve_package  # noqa: E402
 from dimec.serving.server import Limits, create_app  # noqa: E402
 from dimec.serving.tier import TierModel  # noqa: E402
