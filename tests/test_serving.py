@@ -491,6 +491,13 @@ def test_profile_writes_the_cost_model_file(tiny_run, servers, tmp_path, package
     assert details["edge"]["throughput_mbit"] > 0 and details["mobile"]["backend"] == "onnx-int8"
     cost = CostModel.from_profile(out, (1, 2, 2))
     assert cost.o_e > 0 and cost.cloud_fee > 0
+    # the hidden state after layer m against the raw text, on the same links: bytes and time
+    for tier in ("edge", "cloud"):
+        assert details[tier]["hidden"]["request_bytes"] > details[tier]["request_bytes"]
+        assert details[tier]["hidden_state_factor"] > 0
+    assert profile["hidden_state_factor"] == pytest.approx(
+        (details["edge"]["hidden_state_factor"] + details["cloud"]["hidden_state_factor"]) / 2, abs=1e-3)
+    assert cost.hidden_state_factor == profile["hidden_state_factor"]
 
 
 def test_cli_export_and_client(tiny_run, servers, tmp_path, capsys, monkeypatch):
