@@ -212,6 +212,8 @@ class TierModel:
             return self.model.embedding_output(**inputs).float().numpy()
 
     def _chunked(self, batch: Batch, fn) -> np.ndarray:
+        if len(batch) == 1:  # one sample (a phone's usual call): no sorting or regrouping to pay for
+            return fn(batch)
         order = np.argsort(batch.attention_mask.sum(1), kind="stable")  # similar lengths share a pass
         out = None
         for start in range(0, len(order), CHUNK):
