@@ -15,14 +15,24 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import load_file, save_file
 
-from dimec.errors import ArtifactError
+from dimec.errors import ArtifactError, ConfigError
 
 FORMAT_VERSION = 2  # 1: probabilities only (no logits, no lengths); read as stale and recomputed
+CONFIDENCES = ("max_prob", "entropy")
 
 
 def softmax(logits: np.ndarray, axis: int = -1) -> np.ndarray:
     z = np.exp(logits - logits.max(axis, keepdims=True))
     return z / z.sum(axis, keepdims=True)
+
+
+def confidence(probs: np.ndarray, kind: str = "max_prob") -> np.ndarray:
+    """(..., C) -> (...): max-probability, or minus the entropy (so that higher is always more confident)."""
+    if kind == "max_prob":
+        return probs.max(-1)
+    if kind == "entropy":
+        return (probs * np.log(np.clip(probs, 1e-12, 1.0))).sum(-1)
+    raise ConfigError(f"unknown confidence {kind!r}", f"use one of {', '.join(CONFIDENCES)}")
 
 
 @dataclass(eq=False)
@@ -80,6 +90,13 @@ class ExitOutputs:
     @property
     def correct(self) -> np.ndarray:  # (N, 3) bool
         return self.predictions == self.labels[:, None]
+
+    def confidences(self, kind: str = "max_prob") -> np.ndarray:
+        """(N, 3) each exit's confidence in its own prediction (computed once per kind)."""
+        cache = self.__dict__.setdefault("_confidences", {})
+        if kind not in cache:
+            cache[kind] = confidence(self.probs, kind)
+        return cache[kind]
 
     def with_temperatures(self, temperatures) -> ExitOutputs:
         return ExitOutputs(self.logits, self.labels, self.embeddings, self.lengths, temperatures)

@@ -3,8 +3,6 @@ seed are scored over several seeds (mean and standard deviation)."""
 
 from __future__ import annotations
 
-import functools
-import inspect
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -20,29 +18,18 @@ from dimec.routing.base import Router
 from dimec.training.cartography import Cartography
 
 
-@functools.cache
-def router_params(name: str) -> frozenset[str]:
-    """The keyword parameters a registered router's `__init__` accepts (PoolRouter's included)."""
-    cls = ROUTERS[name]
-    params: set[str] = set()
-    for klass in cls.__mro__:
-        if "__init__" in vars(klass):
-            params |= {p for p in inspect.signature(klass.__init__).parameters if p != "self"}
-    return frozenset(params - {"pool_params"})
-
-
 def is_seeded(name: str) -> bool:
-    return "seed" in router_params(name)
+    """Whether a registered router takes a seed (its results are then averaged over several)."""
+    return "seed" in ROUTERS[name].from_config(CalibrationConfig()).get_params()
 
 
 def build_router(name: str, calibration: CalibrationConfig, seed: int | None = None, **overrides: Any) -> Router:
-    """A router by name with the run's calibration settings (for the pool routers) and a seed."""
-    accepted = router_params(name)
-    params = {k: getattr(calibration, k) for k in ("alpha_grid", "beta_grid", "medium_rule", "cartography_exit")
-              if k in accepted}
-    if seed is not None and "seed" in accepted:
-        params["seed"] = seed
-    return make_router(name, **(params | overrides))
+    """A router by name with the run's calibration settings (each router's `from_config`), a seed where it
+    takes one, and any parameter overridden."""
+    if name not in ROUTERS:
+        make_router(name)  # the registry's one clear error for an unknown name
+    router = ROUTERS[name].from_config(calibration, seed)
+    return type(router)(**(router.get_params() | overrides)) if overrides else router
 
 
 def evaluate_over_seeds(router_factory: Callable[[int], Router], outputs: ExitOutputs, cost_model: CostModel,

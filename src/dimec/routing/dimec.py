@@ -9,7 +9,7 @@ import numpy as np
 
 from dimec.costs import CostModel
 from dimec.outputs import ExitOutputs
-from dimec.routing.base import register
+from dimec.routing.base import TrainingSignal, register
 from dimec.routing.plan import PlanRouter, Stage
 from dimec.routing.pools import PoolRouter, nearest_centroid
 from dimec.tiers import TIERS
@@ -22,8 +22,9 @@ TIER_PLANS = [(Stage(k, k),) for k in range(len(TIERS))]  # plan k: answer on ti
 class DimecFixedRouter(PoolRouter, PlanRouter):
     """Ours-F: each test sample goes to the tier of its nearest pool mean; the means never move."""
 
-    def fit(self, val: ExitOutputs, cost_model: CostModel, cartography: Cartography | None = None) -> Self:
-        super().fit(val, cost_model, cartography)
+    def fit(self, val: ExitOutputs, cost_model: CostModel, cartography: Cartography | None = None,
+            train: TrainingSignal | None = None) -> Self:
+        super().fit(val, cost_model, cartography, train)
         self.plans_, self.confidence_ = list(TIER_PLANS), "max_prob"
         return self
 

@@ -26,11 +26,9 @@ import numpy as np
 
 from dimec.costs import CostModel
 from dimec.errors import ConfigError
-from dimec.outputs import ExitOutputs
+from dimec.outputs import CONFIDENCES, ExitOutputs, confidence  # noqa: F401  (re-exported)
 from dimec.routing.base import Decisions, Router
 from dimec.tiers import CLOUD, TIERS
-
-CONFIDENCES = ("max_prob", "entropy")
 
 
 @dataclass(frozen=True)
@@ -88,22 +86,15 @@ def stage_costs(plan: Plan, cost_model: CostModel) -> np.ndarray:
     return np.asarray(costs, dtype=np.float64)
 
 
-def confidence(probs: np.ndarray, kind: str = "max_prob") -> np.ndarray:
-    """(..., C) -> (...): max-probability, or minus the entropy (so that higher is always more confident)."""
-    if kind == "max_prob":
-        return probs.max(-1)
-    if kind == "entropy":
-        return (probs * np.log(np.clip(probs, 1e-12, 1.0))).sum(-1)
-    raise ConfigError(f"unknown confidence {kind!r}", f"use one of {', '.join(CONFIDENCES)}")
-
-
-def stop_stages(outputs: ExitOutputs, plan: Plan, kind: str = "max_prob") -> np.ndarray:
-    """(N,) index of the stage at which each sample stops."""
-    n = len(outputs)
-    stop = np.full(n, len(plan) - 1, dtype=np.int64)
-    open_ = np.ones(n, dtype=bool)
+def stop_stages(conf: np.ndarray, plan: Plan, rows: np.ndarray | None = None) -> np.ndarray:
+    """(N,) index of the stage at which each sample stops. conf: (N, 3) every exit's confidence; rows: (N,)
+    bool, the samples that take this plan (others get -1)."""
+    n = len(conf)
+    rows = np.ones(n, dtype=bool) if rows is None else rows
+    stop = np.where(rows, len(plan) - 1, -1)
+    open_ = rows.copy()
     for i, s in enumerate(plan[:-1]):
-        ok = open_ & (confidence(outputs.probs[:, s.exit], kind) >= s.threshold)
+        ok = open_ & (conf[:, s.exit] >= s.threshold)
         stop[ok] = i
         open_ &= ~ok
     return stop
@@ -122,13 +113,14 @@ class PlanDecisions:
 def run_plans(outputs: ExitOutputs, plans: list[Plan], choice: np.ndarray, cost_model: CostModel,
               kind: str = "max_prob") -> PlanDecisions:
     """Run plan `choice[i]` on sample i. choice: (N,) indices into `plans`."""
+    conf = outputs.confidences(kind)  # (N, 3)
     n = len(outputs)
     out = PlanDecisions(np.zeros(n, np.int64), np.zeros(n, np.int64), np.zeros(n), np.zeros(n, np.int64))
     for p, plan in enumerate(plans):
-        rows = np.flatnonzero(choice == p)
-        if not len(rows):
+        rows = choice == p
+        if not rows.any():
             continue
-        stop = stop_stages(outputs.subset(rows), plan, kind)
+        stop = stop_stages(conf, plan, rows)[rows]
         out.exit_index[rows] = np.array([s.exit for s in plan])[stop]
         out.tier[rows] = np.array([s.tier for s in plan])[stop]
         out.cost[rows] = stage_costs(plan, cost_model)[stop]
