@@ -90,6 +90,17 @@ class CalibrationConfig:
     medium_rule: str = "text"  # "text": conf >= a and var > b (paper's text); "algorithm1": conf < a and var > b
     cartography_exit: str = "mobile"  # which exit's training dynamics define the pools
     seed: int = 42
+    # ---- the served policy and what it must meet (docs/method.md, "Stated loss") ----
+    policy: str = "auto"  # auto (cheapest that meets the target), or one policy: cascade, hybrid-learned, ...
+    max_loss: float | None = 0.5  # points of accuracy (or disagreement) below cloud-only
+    delta: float | None = None  # the loss bound holds with probability >= 1 - delta (None: point estimate)
+    budget: float | None = None  # instead of max_loss: mean cost at most this (reward units) ...
+    budget_cut: float | None = None  # ... or a cost cut of at least this many % against cloud-only
+    loss: str = "accuracy"  # "accuracy" (needs labels) or "disagreement" with the cloud exit (label-free)
+    guarantee_test: str = "binomial"  # p-value for --delta: "binomial" (exact) or "betting"
+    order_share: float = 0.5  # --delta: share of validation that orders the candidates, the rest tests them
+    threshold_grid: int = 20  # confidence thresholds tried per exit (quantiles of validation confidences)
+    prerouter_adequate: float = 0.5  # learned pre-router: an exit is adequate if right in this share of epochs
 
 
 @dataclass

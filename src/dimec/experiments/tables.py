@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from dimec.atomic import strict_json  # noqa: F401  (re-exported for the experiment modules)
 from dimec.experiments import DISPLAY
 
 # We could not find the paper's per-task Table I numbers in a source we can cite, so only the abstract's
@@ -104,16 +105,3 @@ def write_table(tasks: dict[str, dict[str, Any]], meta: dict[str, Any], out_dir:
     doc = {"paper": PAPER_HEADLINE, "meta": meta, "tasks": tasks}
     paths["json"].write_text(json.dumps(strict_json(doc), indent=2, allow_nan=False) + "\n")
     return paths
-
-
-def strict_json(obj: Any) -> Any:
-    """NaN/inf (e.g. an undefined oracle share) -> null, tuples -> lists, paths -> strings."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {str(k): strict_json(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [strict_json(v) for v in obj]
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj

@@ -15,6 +15,7 @@ from dimec.costs import CostModel
 from dimec.errors import ConfigError
 from dimec.outputs import ExitOutputs
 from dimec.routing.base import Decisions, Router, TrainingSignal, register
+from dimec.routing.plan import Plan, PlanRouter, Stage
 from dimec.routing.pools import PoolRouter
 from dimec.tiers import CLOUD, EDGE, MOBILE
 
@@ -25,8 +26,22 @@ DEFAULT_ARMS = (0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 1.0)
 
 
 # ---- fixed tiers -----------------------------------------------------------------------------------------
-class _ConstantTier(Router):
+class _ConstantTier(PlanRouter):
+    """Every sample answered on one tier at its exit: one plan of one stage, nothing to learn."""
+
     tier: int
+    confidence_ = "max_prob"
+    prerouter_ = None
+
+    @property
+    def plans_(self) -> list[Plan]:
+        return [(Stage(self.tier, self.tier),)]
+
+    def check_fitted(self) -> None:
+        """Nothing to learn: always ready."""
+
+    def load_state(self, state: dict) -> None:
+        """Nothing to restore."""
 
     def route(self, outputs: ExitOutputs, cost_model: CostModel) -> Decisions:
         return Decisions.from_tiers(np.full(len(outputs), self.tier), cost_model)

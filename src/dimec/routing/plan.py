@@ -132,14 +132,15 @@ class PlanRouter(Router):
     """A router that can be served: before any layer runs it picks one of its plans for each sample
     (`choose_plans`, from the routing embedding and the token count), and the plan does the rest.
 
-    Fitted state: `plans_` (list of plans) and `confidence_` ("max_prob" or "entropy", what thresholds read).
-    Subclasses with a pre-router override `choose_plans`; everything else (routing cached outputs,
-    serving, JSON state) is shared."""
+    Fitted state: `plans_` (list of plans), `confidence_` ("max_prob" or "entropy", what thresholds read) and
+    `prerouter_` (None: plan 0 for every sample; else a pre-router from routing/prerouters.py). Routing
+    cached outputs, serving and the JSON state are shared by every subclass."""
 
     def choose_plans(self, embeddings: np.ndarray, lengths: np.ndarray | None) -> np.ndarray:
-        """(N, H), (N,) -> (N,) index into `plans_`. Without a pre-router: plan 0 for every sample."""
+        """(N, H), (N,) -> (N,) index into `plans_`."""
         self.check_fitted()
-        return np.zeros(len(embeddings), dtype=np.int64)
+        pre = getattr(self, "prerouter_", None)
+        return np.zeros(len(embeddings), dtype=np.int64) if pre is None else pre.choose(embeddings, lengths)
 
     def route(self, outputs: ExitOutputs, cost_model: CostModel) -> Decisions:
         self.check_fitted()
@@ -147,13 +148,24 @@ class PlanRouter(Router):
         d = run_plans(outputs, self.plans_, choice, cost_model, self.confidence_)
         return Decisions(exit_index=d.exit_index, tier=d.tier, cost=d.cost)
 
+    def adopt(self, other: PlanRouter) -> None:
+        """Take another fitted plan router's plans, confidence and pre-router (a tuned or auto choice)."""
+        self.plans_, self.confidence_ = list(other.plans_), other.confidence_
+        self.prerouter_ = getattr(other, "prerouter_", None)
+
     def describe(self) -> str:
-        return "; ".join(plan_text(p) for p in self.plans_)
+        pre = getattr(self, "prerouter_", None)
+        plans = " | ".join(plan_text(p) for p in self.plans_)
+        return plans if pre is None else f"{pre.describe()}: {plans}"
 
     def state(self) -> dict:
-        return {"plans": [[s.to_list() for s in p] for p in self.plans_], "confidence": self.confidence_}
+        pre = getattr(self, "prerouter_", None)
+        return {"plans": [[s.to_list() for s in p] for p in self.plans_], "confidence": self.confidence_,
+                "prerouter": None if pre is None else pre.to_dict()}
 
     def load_state(self, state: dict) -> None:
+        from dimec.routing.prerouters import prerouter_from_dict
+
         self.plans_ = [check_plan(tuple(Stage.from_list(s) for s in p)) for p in state["plans"]]
         self.confidence_ = str(state["confidence"])
-
+        self.prerouter_ = prerouter_from_dict(state.get("prerouter"))

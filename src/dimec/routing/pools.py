@@ -27,6 +27,7 @@ from dimec.costs import CostModel
 from dimec.errors import ConfigError
 from dimec.outputs import ExitOutputs
 from dimec.routing.base import Router, TrainingSignal
+from dimec.routing.prerouters import nearest_centroid  # noqa: F401  (re-exported)
 from dimec.tiers import EASY, HARD, MEDIUM
 from dimec.training.cartography import Cartography
 
@@ -135,9 +136,3 @@ class PoolRouter(Router):
     @property
     def pool_shares_(self) -> np.ndarray:
         return self.counts_ / max(1, self.counts_.sum())
-
-
-def nearest_centroid(embeddings: np.ndarray, centroids: np.ndarray) -> np.ndarray:
-    """(N, H), (3, H) -> (N,) index of the nearest non-empty centroid (Euclidean)."""
-    d = ((embeddings[:, None, :] - centroids[None]) ** 2).sum(-1)  # (N, 3)
-    return np.where(np.isnan(d), np.inf, d).argmin(1)

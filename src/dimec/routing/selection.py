@@ -1,0 +1,117 @@
+"""Choosing among candidate configurations of servable policies on validation, to meet a `Target`.
+
+Every candidate is a fitted `PlanRouter` with fixed thresholds. Each is routed over the validation outputs
+once; its per-sample loss against cloud-only and its cost give the figures the target reads (see
+routing/targets.py for the three modes and the guarantee).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from dimec.costs import CostModel
+from dimec.outputs import ExitOutputs
+from dimec.routing.plan import PlanRouter
+from dimec.routing.targets import (
+    Target,
+    learn_then_test,
+    pareto_order,
+    sample_losses,
+    select_budget,
+    select_point,
+    split_rows,
+)
+from dimec.tiers import CLOUD
+
+
+@dataclass
+class Scores:
+    """Validation figures of K candidates: loss in points (against cloud-only) and mean cost."""
+
+    family: list[str]  # (K,) which policy each candidate belongs to
+    loss_pt: np.ndarray  # (K,) on every validation row
+    cost: np.ndarray  # (K,)
+    order_loss_pt: np.ndarray = field(default_factory=lambda: np.empty(0))  # (K,) on the ordering rows
+    order_cost: np.ndarray = field(default_factory=lambda: np.empty(0))
+
+
+@dataclass
+class Selection:
+    index: int | None  # the chosen candidate (None: nothing meets the target)
+    scores: Scores
+    how: str  # one line: what was required and what was found
+    guarantee: dict | None = None  # the sequence tested and its p-values, when a guarantee was asked
+
+
+def candidate_losses(router: PlanRouter, outputs: ExitOutputs, cost_model: CostModel, loss: str,
+                     rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(per-sample loss, per-sample cost) of a candidate on `outputs` (optionally only `rows`)."""
+    d = router.route(outputs, cost_model)
+    n = len(outputs)
+    answer = outputs.predictions[np.arange(n), d.exit_index]
+    losses = sample_losses(answer, outputs.predictions[:, CLOUD], outputs.labels, loss)
+    if rows is not None:
+        return losses[rows], d.cost[rows]
+    return losses, d.cost
+
+
+def score(candidates: list[tuple[str, PlanRouter]], val: ExitOutputs, cost_model: CostModel,
+          target: Target, order_rows: np.ndarray | None = None) -> Scores:
+    k = len(candidates)
+    loss, cost = np.zeros(k), np.zeros(k)
+    order_loss, order_cost = np.zeros(k), np.zeros(k)
+    for j, (_, router) in enumerate(candidates):
+        losses, costs = candidate_losses(router, val, cost_model, target.loss)
+        loss[j], cost[j] = 100 * losses.mean(), costs.mean()
+        if order_rows is not None:
+            order_loss[j], order_cost[j] = 100 * losses[order_rows].mean(), costs[order_rows].mean()
+    return Scores([f for f, _ in candidates], loss, cost, order_loss, order_cost)
+
+
+def select(candidates: list[tuple[str, PlanRouter]], val: ExitOutputs, cost_model: CostModel,
+           target: Target) -> Selection:
+    """The candidate the target picks. candidates: (family, fitted router) pairs; include cloud-only (the
+    fallback that always meets a loss target)."""
+    target.check()
+    if target.guaranteed:
+        return _select_guaranteed(candidates, val, cost_model, target)
+    scores = score(candidates, val, cost_model, target)
+    if target.budgeted:
+        cap = target.cost_cap(cost_model.cloud_only)
+        index = select_budget(scores.loss_pt, scores.cost, cap)
+        how = (f"most accurate with mean validation cost <= {cap:.4g} "
+               f"({100 * (cap / cost_model.cloud_only - 1):+.1f}% against cloud-only)")
+    else:
+        index = select_point(scores.loss_pt, scores.cost, target.max_loss)
+        how = f"cheapest with validation loss <= {target.max_loss:g} pt (point estimate, {len(val)} samples)"
+    return Selection(index, scores, how)
+
+
+def _select_guaranteed(candidates: list[tuple[str, PlanRouter]], val: ExitOutputs, cost_model: CostModel,
+                       target: Target) -> Selection:
+    order_rows, test_rows = split_rows(len(val), target.order_share, target.seed)
+    scores = score(candidates, val, cost_model, target, order_rows)
+    safe = [j for j, (f, _) in enumerate(candidates) if f == "cloud-only"]  # L = 0: admissible untested
+    front = np.array([j for j in pareto_order(scores.order_loss_pt, scores.order_cost) if j not in safe])
+    cache: dict[int, np.ndarray] = {}
+
+    class _Lazy(dict):  # per-sample test-row losses, computed only for the candidates actually tested
+        def __getitem__(self, j: int) -> np.ndarray:
+            if j not in cache:
+                cache[j] = candidate_losses(candidates[j][1], val, cost_model, target.loss, test_rows)[0]
+            return cache[j]
+
+    result = learn_then_test(scores.order_loss_pt, scores.order_cost, _Lazy(), target, front)
+    admissible = result.certified + safe
+    index = min(admissible, key=lambda j: (scores.cost[j], scores.loss_pt[j])) if admissible else None
+    how = (f"cheapest of {len(result.certified)} configuration(s) certified by Learn-then-Test "
+           f"({target.test} p-values, delta {target.delta:g}; {len(order_rows)} validation samples order "
+           f"{len(front)} Pareto candidates, {len(test_rows)} test them; cloud-only is always admissible)")
+    guarantee = {"order_samples": len(order_rows), "test_samples": len(test_rows), "front": len(front),
+                 "tested": [{"family": candidates[j][0], "describe": candidates[j][1].describe(), "p_value": p,
+                             "order_loss_pt": float(scores.order_loss_pt[j]),
+                             "order_cost": float(scores.order_cost[j])} for j, p in result.tested],
+                 "certified": len(result.certified)}
+    return Selection(index, scores, how, guarantee)
