@@ -24,6 +24,7 @@ DEFAULT_MODEL = "default"  # resolves to the embedded all-MiniLM-L6-v2 (PyPI gt-
 @dataclass
 class DataConfig:
     task: str = "rotten_tomatoes"  # rotten_tomatoes, sst2, cola, mrpc, qnli, rte, mnli, qqp, or "file"
+    name: str | None = None  # task="file": the data's name in reports (default: the file's or folder's name)
     path: str | None = None  # a task folder or file; GLUE tasks default to <glue_dir>/<TASK>
     glue_dir: str = "../shared/glue"
     source: str = "local"  # "local" files or the Hugging Face "hub" (needs internet)
