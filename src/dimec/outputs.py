@@ -101,6 +101,13 @@ class ExitOutputs:
     def with_temperatures(self, temperatures) -> ExitOutputs:
         return ExitOutputs(self.logits, self.labels, self.embeddings, self.lengths, temperatures)
 
+    @classmethod
+    def concat(cls, parts: list[ExitOutputs]) -> ExitOutputs:
+        """The samples of several outputs (of one model: same temperatures) in order."""
+        lengths = None if any(p.lengths is None for p in parts) else np.concatenate([p.lengths for p in parts])
+        return cls(np.concatenate([p.logits for p in parts]), np.concatenate([p.labels for p in parts]),
+                   np.concatenate([p.embeddings for p in parts]), lengths, parts[0].temperatures)
+
     def subset(self, index: np.ndarray) -> ExitOutputs:
         lengths = None if self.lengths is None else self.lengths[index]
         return ExitOutputs(self.logits[index], self.labels[index], self.embeddings[index], lengths,
