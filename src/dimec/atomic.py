@@ -12,6 +12,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 
 def _tmp_sibling(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -69,7 +71,12 @@ def atomic_dir(path: str | Path):
 
 
 def strict_json(obj: Any) -> Any:
-    """NaN/inf (e.g. an undefined oracle share) -> null, tuples -> lists, paths -> strings."""
+    """NaN/inf (e.g. an undefined oracle share) -> null, tuples and arrays -> lists, numpy scalars -> Python
+    numbers, paths -> strings."""
+    if isinstance(obj, np.ndarray):
+        return strict_json(obj.tolist())
+    if isinstance(obj, np.generic):
+        return strict_json(obj.item())
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None
     if isinstance(obj, dict):

@@ -65,8 +65,14 @@ class AutoRouter(PlanRouter):
     def fit(self, val: ExitOutputs, cost_model: CostModel, cartography: Cartography | None = None,
             train: TrainingSignal | None = None) -> Self:
         target = Target(**target_of(self.calibration_())).check()
-        candidates, skipped = self.candidates(val, cost_model, cartography, train)
-        selection = select(candidates, val, cost_model, target)
+        skipped: dict[str, str] = {}
+
+        def build(outputs: ExitOutputs, carto: Cartography | None) -> list[tuple[str, PlanRouter]]:
+            built, why = self.candidates(outputs, cost_model, carto, train)
+            skipped.update(why)
+            return built
+
+        candidates, selection = select(build, val, cartography, cost_model, target)
         if selection.index is None:
             raise DimecError(f"no policy meets the target ({target.describe()}) on validation",
                              "raise the budget: no policy is cheaper than mobile-only")

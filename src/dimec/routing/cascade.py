@@ -22,7 +22,7 @@ from dimec.errors import ConfigError
 from dimec.outputs import ExitOutputs
 from dimec.routing.base import TrainingSignal, register
 from dimec.routing.plan import PlanRouter, Stage, check_plan
-from dimec.routing.selection import Selection, select
+from dimec.routing.selection import select
 from dimec.routing.targets import Target
 from dimec.tiers import CLOUD, EDGE, MOBILE
 from dimec.training.cartography import Cartography
@@ -94,11 +94,14 @@ class TunedPlanRouter(PlanRouter):
         if self.thresholds is not None:
             self.set_thresholds(self.thresholds, self.confidence)
             return self
-        candidates = [(self.name, c) for c in self.candidates(val, cost_model, cartography, train)]
         from dimec.routing.baselines import CloudOnlyRouter  # the fallback that always meets a loss target
 
-        candidates.append(("cloud-only", CloudOnlyRouter().fit(val, cost_model)))
-        selection: Selection = select(candidates, val, cost_model, self.target_())
+        def build(outputs: ExitOutputs, carto: Cartography | None) -> list[tuple[str, PlanRouter]]:
+            self.prepare(outputs, cost_model, carto, train)
+            return [(self.name, c) for c in self.candidates(outputs, cost_model, carto, train)] + \
+                [("cloud-only", CloudOnlyRouter())]
+
+        candidates, selection = select(build, val, cartography, cost_model, self.target_())
         if selection.index is None:
             raise ConfigError(f"no {self.name} configuration meets the target ({self.target_().describe()})",
                               "raise the budget; no policy is cheaper than mobile-only")

@@ -59,8 +59,8 @@ class _Hybrid(TunedPlanRouter):
 
     def fit(self, val: ExitOutputs, cost_model: CostModel, cartography: Cartography | None = None,
             train: TrainingSignal | None = None) -> Self:
-        self.prepare(val, cost_model, cartography, train)
         if self.thresholds is not None:
+            self.prepare(val, cost_model, cartography, train)
             pre = self.with_thresholds(self.fitted_prerouter_, tuple(self.thresholds[2:]))
             self.set_thresholds(self.thresholds, self.confidence, pre)
         else:

@@ -7,7 +7,8 @@ routing/targets.py for the three modes and the guarantee).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -24,6 +25,7 @@ from dimec.routing.targets import (
     split_rows,
 )
 from dimec.tiers import CLOUD
+from dimec.training.cartography import Cartography
 
 
 @dataclass
@@ -31,10 +33,8 @@ class Scores:
     """Validation figures of K candidates: loss in points (against cloud-only) and mean cost."""
 
     family: list[str]  # (K,) which policy each candidate belongs to
-    loss_pt: np.ndarray  # (K,) on every validation row
+    loss_pt: np.ndarray  # (K,) on the rows the candidates are scored on (all of validation, or its ordering part)
     cost: np.ndarray  # (K,)
-    order_loss_pt: np.ndarray = field(default_factory=lambda: np.empty(0))  # (K,) on the ordering rows
-    order_cost: np.ndarray = field(default_factory=lambda: np.empty(0))
 
 
 @dataclass
@@ -57,26 +57,29 @@ def candidate_losses(router: PlanRouter, outputs: ExitOutputs, cost_model: CostM
     return losses, d.cost
 
 
-def score(candidates: list[tuple[str, PlanRouter]], val: ExitOutputs, cost_model: CostModel,
-          target: Target, order_rows: np.ndarray | None = None) -> Scores:
+def score(candidates: list[tuple[str, PlanRouter]], outputs: ExitOutputs, cost_model: CostModel,
+          target: Target) -> Scores:
     k = len(candidates)
     loss, cost = np.zeros(k), np.zeros(k)
-    order_loss, order_cost = np.zeros(k), np.zeros(k)
     for j, (_, router) in enumerate(candidates):
-        losses, costs = candidate_losses(router, val, cost_model, target.loss)
+        losses, costs = candidate_losses(router, outputs, cost_model, target.loss)
         loss[j], cost[j] = 100 * losses.mean(), costs.mean()
-        if order_rows is not None:
-            order_loss[j], order_cost[j] = 100 * losses[order_rows].mean(), costs[order_rows].mean()
-    return Scores([f for f, _ in candidates], loss, cost, order_loss, order_cost)
+    return Scores([f for f, _ in candidates], loss, cost)
 
 
-def select(candidates: list[tuple[str, PlanRouter]], val: ExitOutputs, cost_model: CostModel,
-           target: Target) -> Selection:
-    """The candidate the target picks. candidates: (family, fitted router) pairs; include cloud-only (the
-    fallback that always meets a loss target)."""
+CandidateBuilder = Callable[[ExitOutputs, "Cartography | None"], list[tuple[str, PlanRouter]]]
+
+
+def select(build: CandidateBuilder, val: ExitOutputs, cartography: Cartography | None, cost_model: CostModel,
+           target: Target) -> tuple[list[tuple[str, PlanRouter]], Selection]:
+    """Build the candidates with `build(outputs, cartography)` (fitted, fixed-threshold plan routers, with
+    their family names; include cloud-only, the fallback that always meets a loss target) and pick the one
+    the target asks for. With a guarantee the candidates are built from the ordering part of validation
+    only, so that the testing part is untouched by every choice made before the test."""
     target.check()
     if target.guaranteed:
-        return _select_guaranteed(candidates, val, cost_model, target)
+        return _select_guaranteed(build, val, cartography, cost_model, target)
+    candidates = build(val, cartography)
     scores = score(candidates, val, cost_model, target)
     if target.budgeted:
         cap = target.cost_cap(cost_model.cloud_only)
@@ -86,32 +89,41 @@ def select(candidates: list[tuple[str, PlanRouter]], val: ExitOutputs, cost_mode
     else:
         index = select_point(scores.loss_pt, scores.cost, target.max_loss)
         how = f"cheapest with validation loss <= {target.max_loss:g} pt (point estimate, {len(val)} samples)"
-    return Selection(index, scores, how)
+    return candidates, Selection(index, scores, how)
 
 
-def _select_guaranteed(candidates: list[tuple[str, PlanRouter]], val: ExitOutputs, cost_model: CostModel,
-                       target: Target) -> Selection:
+def subset_cartography(cartography: Cartography | None, rows: np.ndarray) -> Cartography | None:
+    if cartography is None:
+        return None
+    return Cartography(cartography.confidence[rows], cartography.variability[rows], cartography.correctness[rows])
+
+
+def _select_guaranteed(build: CandidateBuilder, val: ExitOutputs, cartography: Cartography | None,
+                       cost_model: CostModel, target: Target) -> tuple[list[tuple[str, PlanRouter]], Selection]:
     order_rows, test_rows = split_rows(len(val), target.order_share, target.seed)
-    scores = score(candidates, val, cost_model, target, order_rows)
+    order, test = val.subset(order_rows), val.subset(test_rows)
+    candidates = build(order, subset_cartography(cartography, order_rows))
+    scores = score(candidates, order, cost_model, target)
     safe = [j for j, (f, _) in enumerate(candidates) if f == "cloud-only"]  # L = 0: admissible untested
-    front = np.array([j for j in pareto_order(scores.order_loss_pt, scores.order_cost) if j not in safe])
+    front = np.array([j for j in pareto_order(scores.loss_pt, scores.cost) if j not in safe], dtype=np.int64)
     cache: dict[int, np.ndarray] = {}
 
     class _Lazy(dict):  # per-sample test-row losses, computed only for the candidates actually tested
         def __getitem__(self, j: int) -> np.ndarray:
             if j not in cache:
-                cache[j] = candidate_losses(candidates[j][1], val, cost_model, target.loss, test_rows)[0]
+                cache[j] = candidate_losses(candidates[j][1], test, cost_model, target.loss)[0]
             return cache[j]
 
-    result = learn_then_test(scores.order_loss_pt, scores.order_cost, _Lazy(), target, front)
+    result = learn_then_test(scores.loss_pt, scores.cost, _Lazy(), target, front)
     admissible = result.certified + safe
     index = min(admissible, key=lambda j: (scores.cost[j], scores.loss_pt[j])) if admissible else None
     how = (f"cheapest of {len(result.certified)} configuration(s) certified by Learn-then-Test "
-           f"({target.test} p-values, delta {target.delta:g}; {len(order_rows)} validation samples order "
-           f"{len(front)} Pareto candidates, {len(test_rows)} test them; cloud-only is always admissible)")
+           f"({target.test} p-values, delta {target.delta:g}; {len(order_rows)} validation samples build and "
+           f"order {len(front)} Pareto candidates, {len(test_rows)} others test them; cloud-only is always "
+           "admissible)")
     guarantee = {"order_samples": len(order_rows), "test_samples": len(test_rows), "front": len(front),
                  "tested": [{"family": candidates[j][0], "describe": candidates[j][1].describe(), "p_value": p,
-                             "order_loss_pt": float(scores.order_loss_pt[j]),
-                             "order_cost": float(scores.order_cost[j])} for j, p in result.tested],
+                             "order_loss_pt": float(scores.loss_pt[j]), "order_cost": float(scores.cost[j])}
+                            for j, p in result.tested],
                  "certified": len(result.certified)}
-    return Selection(index, scores, how, guarantee)
+    return candidates, Selection(index, scores, how, guarantee)
