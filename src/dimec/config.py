@@ -95,6 +95,7 @@ class CalibrationConfig:
     policy: str = "auto"  # auto (cheapest that meets the target), or one policy: cascade, hybrid-learned, ...
     max_loss: float | None = 0.5  # points of accuracy (or disagreement) below cloud-only
     delta: float | None = None  # the loss bound holds with probability >= 1 - delta (None: point estimate)
+    point_margin: float = 0.0  # point estimate: validation loss + this many standard errors <= max_loss
     budget: float | None = None  # instead of max_loss: mean cost at most this (reward units) ...
     budget_cut: float | None = None  # ... or a cost cut of at least this many % against cloud-only
     loss: str = "accuracy"  # "accuracy" (needs labels) or "disagreement" with the cloud exit (label-free)

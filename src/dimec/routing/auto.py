@@ -96,7 +96,8 @@ class AutoRouter(PlanRouter):
             if target.budgeted:
                 j = select_budget(s.loss_pt[idx], s.cost[idx], target.cost_cap(cost_model.cloud_only))
             else:
-                j = select_point(s.loss_pt[idx], s.cost[idx], target.max_loss)
+                j = select_point(s.loss_pt[idx] + target.point_margin * s.loss_se_pt[idx], s.cost[idx],
+                                 target.max_loss)
             row = {"family": family, "candidates": len(idx), "meets_target": j is not None,
                    "chosen": selection.index is not None and candidates[selection.index][0] == family}
             if j is not None:

@@ -42,7 +42,8 @@ def target_of(calibration: CalibrationConfig) -> dict[str, Any]:
     """The target settings of a calibration section, as router parameters."""
     return {"max_loss": calibration.max_loss, "delta": calibration.delta, "budget": calibration.budget,
             "budget_cut": calibration.budget_cut, "loss": calibration.loss, "test": calibration.guarantee_test,
-            "order_share": calibration.order_share, "seed": calibration.seed}
+            "order_share": calibration.order_share, "seed": calibration.seed,
+            "point_margin": calibration.point_margin}
 
 
 class TunedPlanRouter(PlanRouter):

@@ -35,6 +35,7 @@ class Scores:
     family: list[str]  # (K,) which policy each candidate belongs to
     loss_pt: np.ndarray  # (K,) on the rows the candidates are scored on (all of validation, or its ordering part)
     cost: np.ndarray  # (K,)
+    loss_se_pt: np.ndarray  # (K,) standard error of loss_pt
 
 
 @dataclass
@@ -60,11 +61,12 @@ def candidate_losses(router: PlanRouter, outputs: ExitOutputs, cost_model: CostM
 def score(candidates: list[tuple[str, PlanRouter]], outputs: ExitOutputs, cost_model: CostModel,
           target: Target) -> Scores:
     k = len(candidates)
-    loss, cost = np.zeros(k), np.zeros(k)
+    loss, cost, se = np.zeros(k), np.zeros(k), np.zeros(k)
     for j, (_, router) in enumerate(candidates):
         losses, costs = candidate_losses(router, outputs, cost_model, target.loss)
         loss[j], cost[j] = 100 * losses.mean(), costs.mean()
-    return Scores([f for f, _ in candidates], loss, cost)
+        se[j] = 100 * losses.std() / np.sqrt(max(1, len(losses)))
+    return Scores([f for f, _ in candidates], loss, cost, se)
 
 
 CandidateBuilder = Callable[[ExitOutputs, "Cartography | None"], list[tuple[str, PlanRouter]]]
@@ -87,8 +89,9 @@ def select(build: CandidateBuilder, val: ExitOutputs, cartography: Cartography |
         how = (f"most accurate with mean validation cost <= {cap:.4g} "
                f"({100 * (cap / cost_model.cloud_only - 1):+.1f}% against cloud-only)")
     else:
-        index = select_point(scores.loss_pt, scores.cost, target.max_loss)
-        how = f"cheapest with validation loss <= {target.max_loss:g} pt (point estimate, {len(val)} samples)"
+        index = select_point(scores.loss_pt + target.point_margin * scores.loss_se_pt, scores.cost, target.max_loss)
+        margin = f" + {target.point_margin:g} standard errors" if target.point_margin else ""
+        how = f"cheapest with validation loss{margin} <= {target.max_loss:g} pt (point estimate, {len(val)} samples)"
     return candidates, Selection(index, scores, how)
 
 

@@ -49,6 +49,7 @@ class Target:
     test: str = "binomial"
     order_share: float = 0.5  # guarantee: share of validation used to order the candidates
     seed: int = 0
+    point_margin: float = 0.0  # point estimate: loss + margin * its standard error <= max_loss
 
     def check(self) -> Target:
         """One clear ConfigError per bad value (the CLI turns it into exit 2)."""
@@ -72,6 +73,8 @@ class Target:
             raise ConfigError(f"unknown loss {self.loss!r}", f"use one of {', '.join(LOSSES)}")
         if self.test not in TESTS:
             raise ConfigError(f"unknown guarantee test {self.test!r}", f"use one of {', '.join(TESTS)}")
+        if self.point_margin < 0:
+            raise ConfigError(f"calibration.point_margin must be >= 0 standard errors, got {self.point_margin}")
         if not 0 < self.order_share < 1:
             raise ConfigError(f"the ordering share must be in (0, 1), got {self.order_share}")
         return self
@@ -89,8 +92,10 @@ class Target:
             return f"mean cost <= {self.budget:.4g}" if self.budget is not None else f"cost cut >= {self.budget_cut:g}%"
         what = "accuracy points lost" if self.loss == "accuracy" else "points of disagreement with the cloud exit"
         text = f"{what} <= {self.max_loss:g}"
-        return text + (f" with probability >= {1 - self.delta:g} ({self.test} test)" if self.guaranteed
-                       else " on validation (point estimate)")
+        if self.guaranteed:
+            return text + f" with probability >= {1 - self.delta:g} ({self.test} test)"
+        margin = f" + {self.point_margin:g} standard errors" if self.point_margin else ""
+        return text + f" on validation (point estimate{margin})"
 
     def cost_cap(self, cloud_only: float) -> float:
         """The mean cost a budgeted target allows, in reward units."""
