@@ -91,7 +91,7 @@ class CalibrationConfig:
     medium_rule: str = "text"  # "text": conf >= a and var > b (paper's text); "algorithm1": conf < a and var > b
     cartography_exit: str = "mobile"  # which exit's training dynamics define the pools
     seed: int = 42
-    # ---- the served policy and what it must meet (docs/method.md, "Stated loss") ----
+    # ---- the served policy and what it must meet (docs/routing.md) ----
     policy: str = "auto"  # auto (cheapest that meets the target), or one policy: cascade, hybrid-learned, ...
     max_loss: float | None = 0.5  # points of accuracy (or disagreement) below cloud-only
     delta: float | None = None  # the loss bound holds with probability >= 1 - delta (None: point estimate)

@@ -12,7 +12,7 @@ The loss is measured against cloud-only inference on the same samples, per sampl
     disagreement  L_i = 1[answer != cloud exit's answer]          in {0, 1}; needs no labels, and bounds the
                                                                   accuracy loss from above (L_acc <= L_dis)
 
-The guarantee (docs/method.md, "Stated loss"): validation is split once, at random, into an ordering part
+The guarantee (docs/routing.md): validation is split once, at random, into an ordering part
 and a testing part. On the ordering part the candidates' (loss, cost) points give a Pareto front, sorted
 from safest to most aggressive; on the testing part each hypothesis H_j: "E[L_j] > eps" is tested in that
 order, at level delta, stopping at the first that is not rejected (fixed-sequence testing controls the
