@@ -79,7 +79,7 @@ class ExitOutputs:
     def num_classes(self) -> int:
         return self.logits.shape[2]
 
-    @property
+    @cached_property
     def predictions(self) -> np.ndarray:  # (N, 3); a temperature never changes an argmax
         return self.logits.argmax(-1)
 
@@ -87,9 +87,22 @@ class ExitOutputs:
     def max_probs(self) -> np.ndarray:  # (N, 3) confidence of each exit in its own prediction
         return self.probs.max(-1)
 
-    @property
+    @cached_property
     def correct(self) -> np.ndarray:  # (N, 3) bool
         return self.predictions == self.labels[:, None]
+
+    def losses_against_last_exit(self, loss: str = "accuracy") -> np.ndarray:
+        """(N, 3) int8: what answering at exit k loses against the last exit (cloud-only), per sample:
+        "accuracy" 1[last right] - 1[k right] in {-1, 0, 1}; "disagreement" 1[k's answer != last's]."""
+        cache = self.__dict__.setdefault("_losses", {})
+        if loss not in cache:
+            if loss == "accuracy":
+                cache[loss] = self.correct[:, -1:].astype(np.int8) - self.correct.astype(np.int8)
+            elif loss == "disagreement":
+                cache[loss] = (self.predictions != self.predictions[:, -1:]).astype(np.int8)
+            else:
+                raise ConfigError(f"unknown loss {loss!r}", "use accuracy or disagreement")
+        return cache[loss]
 
     def confidences(self, kind: str = "max_prob") -> np.ndarray:
         """(N, 3) each exit's confidence in its own prediction (computed once per kind)."""

@@ -19,12 +19,10 @@ from dimec.routing.targets import (
     Target,
     learn_then_test,
     pareto_order,
-    sample_losses,
     select_budget,
     select_point,
     split_rows,
 )
-from dimec.tiers import CLOUD
 from dimec.training.cartography import Cartography
 
 
@@ -50,9 +48,7 @@ def candidate_losses(router: PlanRouter, outputs: ExitOutputs, cost_model: CostM
                      rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(per-sample loss, per-sample cost) of a candidate on `outputs` (optionally only `rows`)."""
     d = router.route(outputs, cost_model)
-    n = len(outputs)
-    answer = outputs.predictions[np.arange(n), d.exit_index]
-    losses = sample_losses(answer, outputs.predictions[:, CLOUD], outputs.labels, loss)
+    losses = outputs.losses_against_last_exit(loss)[np.arange(len(outputs)), d.exit_index]
     if rows is not None:
         return losses[rows], d.cost[rows]
     return losses, d.cost
