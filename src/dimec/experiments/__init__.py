@@ -14,5 +14,6 @@ DISPLAY = {"cloud-only": "BERT (cloud-only)", "dimec-fixed": "DIMEC-DC Fixed (Ou
            "edge-cascade": "edge cascade (e-c)", "cloud-early-exit": "cloud early exit",
            "hybrid-centroid": "hybrid, DIMEC pools", "hybrid-learned": "hybrid, learned pre-router",
            "auto": "auto (dimec default)"}
+OURS = ("cascade", "hybrid-centroid", "hybrid-learned", "auto")  # dimec's policies; the rest are the paper's rows
 SWEPT = ("cascade", "edge-cascade", "cloud-early-exit", "hybrid-centroid")  # Pareto plot: their grids on test
 MULTIPLIERS = (0.5, 1.0, 2.0, 4.0)  # cost ablations: each factor times these
