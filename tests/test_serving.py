@@ -103,7 +103,7 @@ def test_tampered_package_is_refused(packages, tmp_path):
 
 def test_onnx_int8_agrees_with_pytorch(packages, models):
     check = read_manifest(packages["mobile"])["onnx"]["check"]
-    assert check["samples"] == len(TEXTS) * 5 and check["router"] == "dimec-fixed"
+    assert check["samples"] == len(TEXTS) * 5 and check["router"] == "auto"  # the run's calibrated policy
     fp32, int8 = check["onnx_fp32"], check["onnx_int8"]
     assert fp32["agreement"] == 1.0 and fp32["max_logit_diff"] < 1e-4 and fp32["max_hidden_diff"] < 1e-4
     assert fp32["route_agreement"] == fp32["decision_agreement"] == 1.0
@@ -345,7 +345,7 @@ def test_three_tiers_end_to_end_match_the_pipeline(models, servers, tiny_run):
     assert all(a.exit_layer == layers[("mobile", "edge", "cloud").index(a.tier)] for a in answers)
 
 
-@pytest.mark.parametrize("routing", ["edge-only", "cloud-only", "dynamic", "fixed"])
+@pytest.mark.parametrize("routing", ["edge-only", "cloud-only", "fixed", "router"])
 def test_every_routing_answers_each_request_once(models, servers, routing):
     with client_for(models, servers, routing=routing) as client:
         answers = client.classify(TEXTS * 2)
@@ -354,6 +354,40 @@ def test_every_routing_answers_each_request_once(models, servers, routing):
     assert stats["answers"] == len(answers) and stats.get("fallbacks", 0) == 0
     if routing in ("edge-only", "cloud-only"):
         assert {a.tier for a in answers} == {routing.split("-")[0]}
+
+
+def test_dynamic_routing_moves_the_pool_means(models, servers, packages, tiny_run, tmp_path):
+    """DIMEC-DC Dynamic on the client: a DIMEC router.json served with --routing dynamic; each sample moves
+    its pool's mean (shared by the client's threads); the package's own means stay."""
+    import shutil
+
+    from dimec.pipeline import load_cartography, load_cost_model, load_run_config, split_outputs
+    from dimec.routing.base import save_router
+    from dimec.routing.dimec import DimecFixedRouter
+    from dimec.serving.package import write_manifest
+
+    cfg = load_run_config(tiny_run)
+    fixed = DimecFixedRouter.from_config(cfg.calibration).fit(
+        split_outputs(tiny_run, "validation"), load_cost_model(tiny_run), load_cartography(tiny_run, cfg.calibration))
+    mobile = tmp_path / "mobile"
+    shutil.copytree(packages["mobile"], mobile)
+    save_router(fixed, mobile / "router.json", load_cost_model(tiny_run))
+    manifest = read_manifest(mobile, verify=False)
+    manifest.pop("files")
+    write_manifest(mobile, manifest)
+    with MobileClient(mobile, servers["edge"].url, servers["cloud"].url, TOKEN, routing="dynamic") as client:
+        before = client.online.counts.copy()
+        answers = client.classify(TEXTS * 2)
+        assert client.online.counts.sum() == before.sum() + len(answers)
+        assert not client.router.prerouter_.online and client.router.prerouter_.counts.sum() == before.sum()
+    assert len({a.id for a in answers}) == 2 * len(TEXTS) and not any(a.fallback for a in answers)
+    from dimec.routing import make_router
+
+    save_router(make_router("cloud-only").fit(split_outputs(tiny_run, "validation"), load_cost_model(tiny_run)),
+                mobile / "router.json", load_cost_model(tiny_run))  # no pool means to move
+    write_manifest(mobile, manifest)
+    with pytest.raises(ConfigError, match="pool means"):
+        MobileClient(mobile, routing="dynamic")
 
 
 def test_client_rejects_bad_input(models, servers):

@@ -38,7 +38,8 @@ from dimec.serving.tier import TierModel
 from dimec.tiers import CLOUD, EDGE, MOBILE, TIERS
 
 # "router": the package's calibrated router.json, whatever policy it holds ("fixed" is its older name);
-# "dynamic": DIMEC-DC Dynamic started from a DIMEC router.json; the rest: one tier for every sample.
+# "dynamic": the same with its pool means moving along the stream (DIMEC-DC's Algorithm 2; needs a centroid
+# pre-router: DIMEC-DC or hybrid-centroid); the rest: one tier for every sample.
 ROUTINGS = ("router", "fixed", "dynamic", "cloud-only", "edge-only", "mobile-only")
 SINGLE_TIER = {"cloud-only": CLOUD, "edge-only": EDGE, "mobile-only": MOBILE}
 MAX_HIDDEN_BYTES = 4_000_000  # per continuation request (the servers accept 8 MB by default)
@@ -251,6 +252,7 @@ class MobileClient:
         self.hidden_dtype = np.dtype(hidden_dtype)  # of hidden states on the wire: fp16 halves the bytes
         self.routing = routing
         self.router, self.plans, self.confidence = self._load_router(routing)
+        self.online = self._online_prerouter(routing)  # serving an online pre-router moves its means
         if self.mobile.model_id is None and any(p[0].tier == MOBILE and len(p) > 1 for p in self.plans):
             raise ConfigError(f"the mobile package {self.mobile.directory} has no model identity, which its "
                               "plans need to ship hidden states", "run `dimec export RUN_DIR` again")
@@ -274,14 +276,19 @@ class MobileClient:
         if not isinstance(router, PlanRouter):
             raise ConfigError(f"router {router.name!r} in {self.mobile.directory} cannot be served (it is not a "
                               "plan router)", "calibrate a servable policy, or use --routing cloud-only")
-        if routing == "dynamic":
-            from dimec.routing.dimec import DimecDynamicRouter, DimecFixedRouter
-
-            if not isinstance(router, DimecFixedRouter):
-                raise ConfigError(f"--routing dynamic needs a DIMEC-DC router.json, this package holds "
-                                  f"{router.name!r}", "use --routing router")
-            router = DimecDynamicRouter.from_fixed(router)
         return router, list(router.plans_), router.confidence_
+
+    def _online_prerouter(self, routing: str):
+        """The pre-router whose means move with the stream (DIMEC-DC Dynamic), or None."""
+        from dimec.routing.prerouters import CentroidPreRouter
+
+        pre = getattr(self.router, "prerouter_", None)
+        if routing == "dynamic":
+            if not isinstance(pre, CentroidPreRouter):
+                raise ConfigError(f"--routing dynamic needs pool means to move (DIMEC-DC or hybrid-centroid); "
+                                  f"{self.mobile.directory} serves {self.router.describe()}", "use --routing router")
+            return CentroidPreRouter(pre.centroids.copy(), pre.counts.copy(), tuple(pre.plan_of_pool), online=True)
+        return pre if getattr(pre, "online", False) else None
 
     # ---- the one entry point --------------------------------------------------------------------------
     def classify(self, texts: list[str], pairs: list[str] | None = None, ids: list[str] | None = None) -> list[Answer]:
@@ -313,9 +320,9 @@ class MobileClient:
         (the routing embedding from the package's graph, then the router). What `classify` runs."""
         lengths = batch.attention_mask.sum(1)
         emb = self.mobile.embed(batch)  # (N, H): the embedding layer only
-        if self.routing == "dynamic":
-            with self._lock:  # the moving centroids are shared state
-                return np.array([self.router.update(e) for e in emb], dtype=np.int64)
+        if self.online is not None:
+            with self._lock:  # the moving means are shared state
+                return np.array([self.online.update(e) for e in emb], dtype=np.int64)
         return np.asarray(self.router.choose_plans(emb, lengths), dtype=np.int64)
 
     def _route(self, call: _Call) -> np.ndarray:
