@@ -11,11 +11,11 @@
    4G links (latency, jitter and bandwidth of the presets, no loss): bytes per request and end-to-end latency;
 5. the edge killed (SIGKILL) and restarted under load: requests lost, answered twice, fallbacks counted.
 
-Writes benchmarks/results/serving.json; `render(results)` turns it into the BENCHMARKS.md section (printed,
-and written into BENCHMARKS.md with --write-md).
+Writes benchmarks/results/serving.json in report.py's format ({"title", "command", "script", "measured",
+"data"}); `render(data)` is the BENCHMARKS.md section body (`python benchmarks/report.py` renders it).
 
     python benchmarks/bench_serving.py [RUN_DIR (default runs/default)] [--requests 600] [--rounds 5]
-        [--concurrency 4] [--link-samples 100] [--fault-requests 5000] [--write-md]
+        [--concurrency 4] [--mobile-samples 300] [--link-samples 100] [--fault-requests 5000] [--out PATH]
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "serving.json"
 COMMAND = "python benchmarks/bench_serving.py runs/default"
+TITLE = "Serving (issue 10): model-distributed paths, the phone's deployable, three tiers vs cloud-only"
 LINKS = {"wifi": "wifi,loss=0", "4g": "4g,loss=0"}  # presets of dimec.serving.links, without loss
 
 
@@ -285,8 +286,8 @@ def render(r: dict) -> str:
     shares = ", ".join(f"{k} {v / max(1, sum(three['tiers'].values())):.0%}" for k, v in three["tiers"].items())
     int8, fp32 = m["check"]["onnx_int8"], m["check"].get("onnx_fp32")
     lines = [
-        f"Run `{r['run_dir']}`, router `{r['router']['name']}` from its router.json: {r['router']['plans']}. "
-        f"Measured {r['date']} on {r['machine']}; everything on this machine over loopback.",
+        f"Run `{r['run_dir']}`, served policy `{r['router']['name']}` from its router.json: "
+        f"{r['router']['describe']}. Everything on this one machine, over loopback.",
         "",
         "**What a phone downloads** (`dimec export`, default): "
         f"{m['size']['package_bytes'] / 1e6:.1f} MB on disk ({m['size']['int8_graph_bytes'] / 1e6:.1f} MB int8 "
@@ -385,8 +386,7 @@ def main() -> int:
     parser.add_argument("--mobile-samples", type=int, default=300, help="texts timed one by one on the mobile")
     parser.add_argument("--link-samples", type=int, default=100)
     parser.add_argument("--fault-requests", type=int, default=5000, help="cap on the fault run's requests")
-    parser.add_argument("--out", default=str(RESULTS))
-    parser.add_argument("--write-md", action="store_true", help="also replace the section in BENCHMARKS.md")
+    parser.add_argument("--out", default=str(RESULTS), help="results file (default benchmarks/results/serving.json)")
     args = parser.parse_args()
 
     run_dir = Path(args.run_dir)
@@ -436,22 +436,17 @@ def main() -> int:
 
     import os
 
-    results = {
-        "run_dir": str(args.run_dir), "date": date.today().isoformat(),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
-        "command": COMMAND, "router": {"name": router.name, "plans": "; ".join(plan_text(p) for p in router.plans_),
-                                       "confidence": router.confidence_},
+    data = {
+        "run_dir": str(args.run_dir),
+        "router": {"name": router.name, "describe": router.describe(), "confidence": router.confidence_,
+                   "plans": [plan_text(p) for p in router.plans_]},
         "mobile": mobile, "systems": systems, "links": links, "fault": fault,
     }
-    write_json(args.out, json.loads(json.dumps(results, default=float)))
-    body = render(results)
-    print("\n" + body + f"\n\nwrote {args.out}")
-    if args.write_md:
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
-        from report import update_section
-
-        update_section("Serving (issue 10): model-distributed paths", body, COMMAND)
-        print("updated BENCHMARKS.md")
+    data = json.loads(json.dumps(data, default=float))
+    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+    write_json(args.out, {"title": TITLE, "command": COMMAND, "script": "bench_serving.py",
+                          "measured": {"date": date.today().isoformat(), "machine": machine}, "data": data})
+    print("\n" + render(data) + f"\n\nwrote {args.out} (render BENCHMARKS.md with `python benchmarks/report.py`)")
     return 0 if fault["lost"] == 0 and fault["answered_twice"] == 0 else 1
 
 
