@@ -318,6 +318,8 @@ class MobileClient:
     def route(self, batch) -> np.ndarray:
         """(N,) index into `self.plans` for a tokenised batch: the routing decision, before any layer runs
         (the routing embedding from the package's graph, then the router). What `classify` runs."""
+        if len(self.plans) == 1 and self.online is None:  # one plan (a cascade): nothing to decide, no embedding
+            return np.zeros(len(batch), dtype=np.int64)
         lengths = batch.attention_mask.sum(1)
         emb = self.mobile.embed(batch)  # (N, H): the embedding layer only
         if self.online is not None:
