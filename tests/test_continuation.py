@@ -234,7 +234,7 @@ def test_continue_refuses_bad_input_and_stays_healthy(edge_http, models):
     good = _state_for(models, TEXTS[:2])
     other_tier_plan = check_plan((Stage(CLOUD, 2),))
     cases = [
-        (_state_for(models, TEXTS[:2], model_id="f" * 64), HIDDEN, 409, "another model" if False else "from model"),
+        (_state_for(models, TEXTS[:2], model_id="f" * 64), HIDDEN, 409, "from model"),
         (_body(hidden=np.zeros((1, 2, 5), np.float16), meta={"model": models["edge"].model_id}), HIDDEN, 422,
          "hidden size 5"),
         (_body(hidden=np.zeros((1, 40, 32), np.float16), meta={"model": models["edge"].model_id}), HIDDEN, 422,

@@ -142,13 +142,12 @@ class HttpRemote:
                         plan: Plan | None = None, confidence: str = "max_prob", dtype=np.float16) -> RemoteResult:
         """Hidden states after `layer` (one (T_i, H) array per sample) to this tier, which runs the plan on."""
         self._check_available()
-        parts, start = [], 0
+        parts, start, row_bytes = [], 0, rows[0].shape[1] * np.dtype(dtype).itemsize  # per token
         while start < len(rows):  # split by count and by bytes: each body stays under the servers' limit
             stop, width = start, 0
             while stop < len(rows) and stop - start < self.max_batch:
                 width = max(width, len(rows[stop]))
-                itemsize = np.dtype(dtype).itemsize
-                if stop > start and (stop + 1 - start) * width * rows[0].shape[1] * itemsize > MAX_HIDDEN_BYTES:
+                if stop > start and (stop + 1 - start) * width * row_bytes > MAX_HIDDEN_BYTES:
                     break
                 stop += 1
             content = wire.encode(rows[start:stop], layer, model_id, ids[start:stop], plan, confidence, dtype)
@@ -185,7 +184,7 @@ class HttpRemote:
                 error = "malformed answer"
                 continue
             error = f"HTTP {response.status_code}: {_error_text(response)}"
-            if response.status_code in (409, 413, 422):  # this request's fault, not the tier's: no retry, no cooldown
+            if response.status_code in (409, 413, 415, 422):  # this request's fault, not the tier's: no retry or cooldown
                 raise TierUnavailableError(f"{self.name} at {self.url} refused the request: {error}")
             if response.status_code not in self.RETRY_STATUS:
                 break  # 401/403/404: a retry will not help
