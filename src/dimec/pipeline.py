@@ -244,8 +244,11 @@ def evaluate_stage(run_dir: Path, cfg: RunConfig | None = None, other_costs: boo
     routers = {"cloud-only": make_router("cloud-only"), raw["router"]: policy, "dimec-fixed": paper,
                "dimec-dynamic": DimecDynamicRouter.from_fixed(paper), "oracle": make_router("oracle")}
     results: list[MethodResult] = evaluate_methods(routers, test, cost_model, metric)
+    calibrated = raw.get("report", {})  # what calibrate found on validation: the target, the winner and why
     report = {"task": cfg.data.task, "metric": metric, "test_size": len(test), "policy": raw["router"],
-              "policy_describe": policy.describe(), "target": raw.get("report", {}).get("target"),
+              "policy_describe": policy.describe(), "target": calibrated.get("target"),
+              "winner": calibrated.get("winner"), "why": calibrated.get("how"),
+              "families_on_validation": calibrated.get("families"),
               "cost_model": cost_model.to_dict(), "calibrated_under_other_costs": mismatch,
               "results": [r.to_dict() for r in results]}
     write_json(rd.metrics, report)
@@ -258,8 +261,10 @@ def format_table(report: dict) -> str:
     metric = report["metric"]
     head = (f"{'method':<16}{'accuracy':>9}" + (f"{metric:>8}" if metric != "accuracy" else "")
             + f"{'d acc (pt) [95% CI]':>24}{'cost vs cloud [95% CI]':>26}{'oracle':>8}   mobile/edge/cloud")
-    lines = [f"task {report['task']}, {report['test_size']} test samples; served policy {report['policy']}: "
-             f"{report['policy_describe']}", head, "-" * len(head)]
+    winner = f" (it chose {report['winner']})" if report.get("winner") else ""
+    lines = [f"task {report['task']}, {report['test_size']} test samples; served policy {report['policy']}{winner}: "
+             f"{report['policy_describe']}", f"target: {report['target']}; {report.get('why') or ''}",
+             head, "-" * len(head)]
     for r in report["results"]:
         extra = f"{r['metrics'][metric]:>8.4f}" if metric != "accuracy" else ""
         a, c = r["accuracy_change_pt"], r["cost_change"]
