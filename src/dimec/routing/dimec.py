@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dimec.atomic import read_json, write_text
 from dimec.costs import CostModel
 from dimec.errors import ArtifactError
 from dimec.outputs import ExitOutputs
@@ -36,22 +37,29 @@ class DimecFixedRouter(PoolRouter):
             "counts": self.counts_.tolist(),
             "centroids": [None if np.isnan(c).any() else c.tolist() for c in self.centroids_],
         }
-        Path(path).write_text(json.dumps(state) + "\n")
+        write_text(path, json.dumps(state) + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> DimecFixedRouter:
         path = Path(path)
         if not path.is_file():
             raise ArtifactError(f"router file not found: {path}", "run `dimec calibrate RUN_DIR` first")
-        state = json.loads(path.read_text())
+        state = read_json(path, "run `dimec calibrate RUN_DIR` again")
         from dimec.routing.base import ROUTERS
 
-        router = ROUTERS[state["router"]](**state["params"])
-        router.alpha_, router.beta_ = state["alpha"], state["beta"]
-        router.expected_reward_ = state["expected_reward"]
-        router.counts_ = np.asarray(state["counts"], dtype=np.int64)
-        hidden = next(len(c) for c in state["centroids"] if c is not None)
-        router.centroids_ = np.array([c if c is not None else [np.nan] * hidden for c in state["centroids"]])
+        try:
+            router = ROUTERS[state["router"]](**state["params"])
+            router.alpha_, router.beta_ = state["alpha"], state["beta"]
+            router.expected_reward_ = state["expected_reward"]
+            router.counts_ = np.asarray(state["counts"], dtype=np.int64)
+            hidden = next(len(c) for c in state["centroids"] if c is not None)
+            router.centroids_ = np.array([c if c is not None else [np.nan] * hidden for c in state["centroids"]],
+                                         dtype=np.float64)  # (3, H)
+            if router.centroids_.shape != (3, hidden):
+                raise ValueError(f"centroids of shape {router.centroids_.shape}")
+        except (KeyError, TypeError, ValueError, StopIteration) as exc:
+            raise ArtifactError(f"{path} is not a valid router file ({type(exc).__name__}: {exc})",
+                                "run `dimec calibrate RUN_DIR` again") from None
         return router
 
 

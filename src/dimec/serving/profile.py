@@ -22,6 +22,7 @@ from typing import Any
 
 import httpx
 
+from dimec.atomic import write_json, write_text
 from dimec.errors import DimecError
 from dimec.rundir import RunDir
 from dimec.serving.links import LinkProfile, LinkTransport
@@ -128,7 +129,6 @@ def profile_run(run_dir: str | Path, edge_url: str | None = None, cloud_url: str
         "cloud_layer_ms": details["cloud"]["compute_ms"]["median"] / top,
     }
     profile = {k: round(max(v, 1e-4), 4) for k, v in profile.items()}  # the cost model divides by lambda_e
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(profile, indent=2) + "\n")
-    out.with_name(out.stem + "_details.json").write_text(json.dumps(details, indent=2) + "\n")
+    write_text(out.with_name(out.stem + "_details.json"), json.dumps(details, indent=2) + "\n")
+    write_json(out, profile)  # last: a profile on disk always has its details beside it
     return profile
