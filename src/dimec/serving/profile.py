@@ -23,8 +23,9 @@ from typing import Any
 import httpx
 
 from dimec.atomic import write_json, write_text
-from dimec.errors import DimecError
+from dimec.errors import DimecError, TierUnavailableError
 from dimec.rundir import RunDir
+from dimec.serving.client import check_url
 from dimec.serving.links import LinkProfile, LinkTransport
 from dimec.serving.local import ProcessServer
 from dimec.serving.package import check_texts_for, resolve_package
@@ -60,12 +61,17 @@ def profile_remote(url: str, token: str, texts: list[str], link: LinkProfile | N
                    timeout_s: float = 30) -> dict[str, Any]:
     """Per-sample model time (reported by the server) and offload time (the rest of the round trip),
     plus the link's idle round trip (GET /healthz) and throughput (POST of PING_BYTES to /v1/ping)."""
+    url = check_url("tier", url)
     transport: httpx.BaseTransport = httpx.HTTPTransport()
     if link is not None and not link.is_ideal:
         transport = LinkTransport(link, transport)
     headers = {"Authorization": f"Bearer {token}"}
     with httpx.Client(transport=transport, timeout=timeout_s, headers=headers) as http:
-        health = _ok(http.get(f"{url}/healthz")).json()
+        try:
+            health = _ok(http.get(f"{url}/healthz")).json()
+        except httpx.TransportError as exc:
+            raise TierUnavailableError(f"cannot reach {url} ({type(exc).__name__}: {exc})",
+                                       "start the tier (`dimec serve`) or leave the URL out to start one here") from None
         for text in texts[:3]:  # warm-up: connection, allocator, lazy init
             _ok(http.post(f"{url}/v1/classify", json={"text": text}))
         compute, offload = [], []
