@@ -31,7 +31,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from starlette.exceptions import HTTPException
 
-from dimec.errors import ConfigError
+from dimec.errors import ConfigError, TierAuthError
 from dimec.serving.tier import TierModel
 from dimec.textinput import text_problem
 
@@ -206,10 +206,15 @@ def create_gateway_app(client, token: str | None, limits: Limits | None = None) 
     app, metrics = _base_app("dimec mobile gateway", service)
 
     @app.post("/v1/classify", response_model=GatewayAnswer, dependencies=[Depends(_authorized)],
-              responses=_errors(401, 413, 422, 500))
+              responses=_errors(401, 413, 422, 500, 502))
     def classify(body: ClassifyRequest) -> GatewayAnswer:
         texts, pairs = service.check(body)
-        answers = client.classify(texts, pairs, body.ids)
+        try:
+            answers = client.classify(texts, pairs, body.ids)
+        except TierAuthError as exc:  # the gateway's own deployment is wrong, not the request
+            log.error("gateway misconfigured: %s", exc.message)
+            raise RequestError(502, "the gateway's token is refused by a tier behind it (a deployment error)") \
+                from None
         for a in answers:
             metrics["samples"].labels(a.tier).inc()
         return GatewayAnswer(answers=[a.to_dict() for a in answers])
@@ -223,6 +228,7 @@ _ERROR_MEANING = {
     422: "invalid request: body not UTF-8 JSON, unknown field, wrong type, text that is not valid Unicode, "
          "empty text, or over a limit",
     500: "internal error: a bug in the server, never caused by the request's content",
+    502: "a tier behind the gateway refuses the gateway's token (a deployment error)",
 }
 
 
