@@ -277,7 +277,7 @@ def kill_calibrate(paths: dict[str, Path], work: Path, kills: int, rng: random.R
     trials = []
     for k in range(kills):
         run = fresh(f"cal-{k}")
-        at = rng.uniform(0.3, 1.0) * full  # the first 30% is Python and torch starting up
+        at = rng.uniform(0.25, 0.95) * full  # the first quarter is Python and torch starting up
         proc = start("calibrate", str(run), log=work / f"cal-{k}.log")
         time.sleep(at)
         was_running = kill(proc)
@@ -314,12 +314,16 @@ def kill_train(paths: dict[str, Path], work: Path, kills: int, rng: random.Rando
     train = ["train", "--config", str(paths["config"])]
     epochs = 4
     t0 = time.perf_counter()
-    assert dimec(*train, "--run-dir", str(work / "train-timing"), timeout=1200).returncode == 0
+    timing = start(*train, "--run-dir", str(work / "train-timing"), log=work / "train-timing.log")
+    first_row = _wait_for_log_rows(work / "train-timing", 1, timing, 1200)
+    assert timing.wait(1200) == 0
     full = time.perf_counter() - t0
+    epoch_s = (time.perf_counter() - first_row) / (epochs - 1)
     trials = []
     for k in range(kills):
         run = work / f"train-{'ckpt' if at_checkpoint else 'rand'}-{k}"
         shutil.rmtree(run, ignore_errors=True)
+        started = time.perf_counter()
         proc = start(*train, "--run-dir", str(run), log=work / f"{run.name}.log")
         if at_checkpoint:  # the write of checkpoint number `target` (2..epochs-1) begins: kill at once
             target, writes, last_change, seen = rng.randint(2, epochs - 1), 0, 0.0, _snapshot(run / "checkpoint")
@@ -334,9 +338,15 @@ def kill_train(paths: dict[str, Path], work: Path, kills: int, rng: random.Rando
                         break
                 time.sleep(0.0005)
             at = None
-        else:
-            at = rng.uniform(0.3, 1.0) * full
-            time.sleep(at)
+        else:  # a random moment of epoch `k`: after k-1 logged epochs, somewhere within the next epoch
+            k = rng.randint(1, epochs)
+            if k > 1:
+                _wait_for_log_rows(run, k - 1, proc, 1200)
+            else:  # data.json is written as training begins
+                _wait_for_file(run / "data.json", proc, 1200)
+            pause = rng.uniform(0, epoch_s)
+            time.sleep(pause)
+            at = round(time.perf_counter() - started, 2)
         was_running = kill(proc)
         state = run / "checkpoint" / "state.json"
         try:
@@ -360,6 +370,24 @@ def kill_train(paths: dict[str, Path], work: Path, kills: int, rng: random.Rando
     return {"full_run_s": round(full, 1), "epochs": epochs, "trials": trials,
             "killed_running": sum(t["killed_running"] for t in trials), "resumed_clean": sum(ok),
             "tracebacks": sum(t["resume"]["traceback"] for t in trials)}
+
+
+def _wait_for_file(path: Path, proc: subprocess.Popen, timeout_s: float) -> float:
+    deadline = time.monotonic() + timeout_s
+    while not path.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    return time.perf_counter()
+
+
+def _wait_for_log_rows(run: Path, rows: int, proc: subprocess.Popen, timeout_s: float) -> float:
+    """Until train_log.jsonl holds `rows` lines (or the process ends); returns the time it happened."""
+    deadline = time.monotonic() + timeout_s
+    log = run / "train_log.jsonl"
+    while proc.poll() is None and time.monotonic() < deadline:
+        if log.exists() and log.read_text().count("\n") >= rows:
+            break
+        time.sleep(0.005)
+    return time.perf_counter()
 
 
 def _model_loads(run: Path) -> bool:
