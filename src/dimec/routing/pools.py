@@ -22,15 +22,13 @@ from typing import Self
 
 import numpy as np
 
-from dimec.config import CalibrationConfig
+from dimec.config import MEDIUM_RULES, CalibrationConfig
 from dimec.costs import CostModel
 from dimec.errors import ConfigError
 from dimec.outputs import ExitOutputs
 from dimec.routing.base import Router
 from dimec.tiers import EASY, HARD, MEDIUM
 from dimec.training.cartography import Cartography
-
-MEDIUM_RULES = ("text", "algorithm1")
 
 
 def assign_pools(
