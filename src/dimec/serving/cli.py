@@ -37,7 +37,6 @@ def _bounded(kind: type, low: float, high: float | None = None, what: str = "") 
 
 PORT = _bounded(int, 1, 65535, "a TCP port")
 POSITIVE_INT = _bounded(int, 1)
-COUNT = _bounded(int, 0)
 SECONDS = _bounded(float, 0.001, 3600, "a time in seconds")
 
 
