@@ -113,8 +113,14 @@ def random_body(rng: random.Random) -> bytes:
         return {rng.choice(["text", "texts", "text_pair", "text_pairs", "ids", "x"]): value(depth + 1)
                 for _ in range(rng.randint(0, 4))}
 
-    form = rng.choice(["json", "json", "near", "near", "truncated", "flipped", "deep", "digits", "garbage"])
-    if form == "near":
+    form = rng.choice(["json", "json", "near", "near", "valid", "valid", "truncated", "flipped", "deep", "digits",
+                       "garbage"])
+    if form == "valid":  # right shape, any text: emoji, NUL, RTL marks, long texts (some lone surrogates: 422)
+        texts = ["".join(rng.choice(["good ", "film ", "\u00e9", "\U0001f600", "\x00", "\u200f", "\ufeff", " ",
+                                     "\n", "\ud800" if rng.random() < 0.05 else "a"])
+                         for _ in range(rng.choice([1, 5, 50, 3000]))) for _ in range(rng.randint(1, 3))]
+        body = {"texts": texts, "ids": [str(i) for i in range(len(texts))]}
+    elif form == "near":
         body = {"texts": [value(3) for _ in range(rng.randint(1, 3))]}
         body[rng.choice(["ids", "text_pairs", "text"])] = value()
     else:
@@ -508,16 +514,14 @@ def render(result: dict) -> str:
         "",
         "### Faults injected (SIGKILL) and what survived",
         "",
-        "| fault | trials | killed while running | damaged artifacts after the kill | recovered by re-running | notes |",
+        "| fault | trials | killed while running | damaged artifacts after the kill | recovered cleanly | notes |",
         "| --- | ---: | ---: | ---: | ---: | --- |",
         f"| `dimec calibrate` killed at a random moment (run takes {cal['full_run_s']} s) | {len(cal['trials'])} | "
         f"{cal['killed_running']} | {cal['damaged_after_kill']} | {cal['recovered']} (calibrate, then evaluate) | "
         f"router identical to an uninterrupted run: {cal['router_identical']}/{len(cal['trials'])} |",
-        f"| `dimec train` killed at a random moment ({tr['epochs']} epochs, {tr['full_run_s']} s) | "
-        f"{len(tr['trials'])} | {tr['killed_running']} | - | {tr['resumed_clean']} | resumed with one log row "
-        f"per epoch and a loadable model; tracebacks on resume: {tr['tracebacks']} |",
-        f"| `dimec train` killed as a checkpoint write begins | {len(tc['trials'])} | {tc['killed_running']} | - | "
-        f"{tc['resumed_clean']} | tracebacks on resume: {tc['tracebacks']} |",
+        _train_row(f"`dimec train` killed at a random moment of a random epoch ({tr['epochs']} epochs, "
+                   f"{tr['full_run_s']} s)", tr),
+        _train_row("`dimec train` killed as a checkpoint write begins", tc),
     ]
     for victim, s in sv.items():
         lines.append(f"| {victim} server killed mid-burst ({s['requests']} requests, 4 clients, {victim}-first "
@@ -532,6 +536,16 @@ def render(result: dict) -> str:
             lines.append(f"- killed {when} after {t['epochs_checkpointed_at_kill']} checkpointed epoch(s): resume "
                          f"exit {t['resume']['exit']}, {t['resume']['message'][:120]}; log epochs {t['log_epochs']}")
     return "\n".join(lines)
+
+
+def _train_row(name: str, t: dict) -> str:
+    n = len(t["trials"])
+    exit0 = sum(x["resume"]["exit"] == 0 for x in t["trials"])
+    exact = sum(x["log_exact"] for x in t["trials"])
+    loads = sum(x["model_loads"] for x in t["trials"])
+    return (f"| {name} | {n} | {t['killed_running']} | - | {t['resumed_clean']} | `dimec train` again: exit 0 "
+            f"{exit0}/{n}, one log row per epoch {exact}/{n}, model loads {loads}/{n}, tracebacks "
+            f"{t['tracebacks']} |")
 
 
 def write_doc(body: str) -> None:
@@ -549,9 +563,14 @@ def main() -> int:
     parser.add_argument("--fuzz", type=int, default=1000, help="fuzzed HTTP bodies")
     parser.add_argument("--requests", type=int, default=400, help="requests per server-kill burst")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--note", default="dimec harden branch", help="what code was measured, for the report")
+    parser.add_argument("--note", default="branch harden (issue 11), before issue 9's trainer changes",
+                        help="what code was measured, for the report")
     parser.add_argument("--doc", action="store_true", help="also rewrite the measured section of docs/reliability.md")
+    parser.add_argument("--render", action="store_true", help="only re-render docs/reliability.md from the JSON")
     args = parser.parse_args()
+    if args.render:
+        write_doc(render(json.loads(RESULT.read_text())))
+        return 0
 
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="dimec-reliability-"))
     work.mkdir(parents=True, exist_ok=True)
