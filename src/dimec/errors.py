@@ -34,3 +34,7 @@ class NotFittedError(DimecError):
 
 class TierUnavailableError(DimecError):
     """A serving tier could not be reached."""
+
+
+class TierAuthError(ConfigError):
+    """A serving tier refused this client's token: a misconfiguration to fix, not an outage to route around."""

@@ -3,16 +3,41 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import secrets
+import socket
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from dimec.errors import ConfigError, DataError
+from dimec.errors import ConfigError
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 DEFAULT_PORTS = {"edge": 8101, "cloud": 8102}
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
+
+
+# ---- argument types: a bad number is an argparse error (one line, exit 2) before anything starts ----------
+def _bounded(kind: type, low: float, high: float | None = None, what: str = "") -> Callable[[str], Any]:
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a{'n integer' if kind is int else ' number'}") from None
+        if value != value or value < low or (high is not None and value > high):  # value != value: NaN
+            bounds = f"in {low}..{high}" if high is not None else f"at least {low}"
+            raise argparse.ArgumentTypeError(f"{text} is out of range: {what or 'it'} must be {bounds}")
+        return value
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+PORT = _bounded(int, 1, 65535, "a TCP port")
+POSITIVE_INT = _bounded(int, 1)
+SECONDS = _bounded(float, 0.001, 3600, "a time in seconds")
 
 
 def attach_serving_commands(sub) -> None:
@@ -21,21 +46,21 @@ def attach_serving_commands(sub) -> None:
     p.add_argument("--out", help="output folder (default RUN_DIR/packages)")
     p.add_argument("--no-onnx", action="store_true", help="skip the ONNX export of the mobile package")
     p.add_argument("--texts-file", help="texts (one per line) for the ONNX check (default: validation split)")
-    p.add_argument("--check-limit", type=int, default=500, help="at most this many texts for the ONNX check")
+    p.add_argument("--check-limit", type=POSITIVE_INT, default=500, help="at most this many texts for the ONNX check")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("serve", help="serve the edge or cloud tier over HTTP (bearer token required)")
     p.add_argument("tier", choices=("edge", "cloud"))
     p.add_argument("path", help="the tier's package, or a run directory (its package is exported if missing)")
     _server_args(p)
-    p.add_argument("--port", type=int, help="default: 8101 for edge, 8102 for cloud")
+    p.add_argument("--port", type=PORT, help="default: 8101 for edge, 8102 for cloud")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("serve-all", help="local three-tier demo: edge and cloud servers + the mobile client")
     p.add_argument("run_dir")
     _client_args(p)
-    p.add_argument("--threads", type=int, default=1, help="torch threads per server process")
+    p.add_argument("--threads", type=POSITIVE_INT, default=1, help="torch threads per server process")
     p.set_defaults(func=cmd_serve_all)
 
     p = sub.add_parser("client", help="the mobile client: route texts, answer locally or offload")
@@ -52,7 +77,7 @@ def attach_serving_commands(sub) -> None:
     p.add_argument("--cloud-url", help="default: start a local cloud server")
     p.add_argument("--token", help="bearer token for given servers (default: env DIMEC_TOKEN)")
     p.add_argument("--backend", default="onnx-int8", choices=("onnx-int8", "onnx", "torch"))
-    p.add_argument("--samples", type=int, default=50)
+    p.add_argument("--samples", type=POSITIVE_INT, default=50)
     p.add_argument("--link-edge", help="emulated link, e.g. 'wifi' or 'latency=20,jitter=5,bandwidth=50,loss=0'")
     p.add_argument("--link-cloud", help="emulated link, e.g. '4g' or 'latency=80,bandwidth=20'")
     p.add_argument("--out", help="profile path (default RUN_DIR/profile.json)")
@@ -61,11 +86,11 @@ def attach_serving_commands(sub) -> None:
 
 def _server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--token", help="bearer token clients must send (default: env DIMEC_TOKEN)")
-    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
-    p.add_argument("--max-body-bytes", type=int, default=1_000_000)
-    p.add_argument("--max-text-chars", type=int, default=20_000)
-    p.add_argument("--max-batch", type=int, default=64)
-    p.add_argument("--log-level", default="warning")
+    p.add_argument("--threads", type=POSITIVE_INT, help="torch intra-op threads (default: torch's choice)")
+    p.add_argument("--max-body-bytes", type=POSITIVE_INT, default=1_000_000)
+    p.add_argument("--max-text-chars", type=POSITIVE_INT, default=20_000)
+    p.add_argument("--max-batch", type=POSITIVE_INT, default=64)
+    p.add_argument("--log-level", default="warning", choices=LOG_LEVELS)
 
 
 def _client_args(p: argparse.ArgumentParser) -> None:
@@ -76,9 +101,10 @@ def _client_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--routing", default="fixed", choices=("fixed", "dynamic", "cloud-only", "edge-only", "mobile-only"))
     p.add_argument("--link-edge", help="emulated mobile->edge link, e.g. 'wifi' or 'latency=20,jitter=5,bandwidth=50'")
     p.add_argument("--link-cloud", help="emulated mobile->cloud link, e.g. '4g' or 'latency=80,loss=0.01'")
-    p.add_argument("--connect-timeout", type=float, default=1.0, help="seconds")
-    p.add_argument("--timeout", type=float, default=10.0, help="read timeout, seconds")
-    p.add_argument("--retries", type=int, default=2, help="extra attempts per tier (bounded)")
+    p.add_argument("--connect-timeout", type=SECONDS, default=1.0, help="seconds")
+    p.add_argument("--timeout", type=SECONDS, default=10.0, help="read timeout, seconds")
+    p.add_argument("--retries", type=_bounded(int, 0, 10, "--retries"), default=2,
+                   help="extra attempts per tier (0..10)")
 
 
 def _token(args) -> str | None:
@@ -100,20 +126,14 @@ def _texts(args) -> list[str] | None:
 # ---- commands -----------------------------------------------------------------------------------------------
 def cmd_export(args) -> None:
     from dimec.serving.package import export_packages
+    from dimec.textinput import read_lines
 
-    texts = None
-    if args.texts_file:
-        path = Path(args.texts_file)
-        if not path.is_file():
-            raise DataError(f"file not found: {path}")
-        texts = [line for line in path.read_text().splitlines() if line.strip()]
+    texts = read_lines(args.texts_file) if args.texts_file else None
     export_packages(args.run_dir, args.out, onnx=not args.no_onnx, check_texts=texts, check_limit=args.check_limit,
                     log=print)
 
 
 def cmd_serve(args) -> None:
-    import uvicorn
-
     from dimec.serving.package import resolve_package
     from dimec.serving.server import Limits, create_app
 
@@ -128,11 +148,51 @@ def cmd_serve(args) -> None:
         print(f"dimec: warning: binding {args.host}: plain HTTP, put TLS in front of it beyond a trusted network",
               file=sys.stderr)
     limits = Limits(args.max_body_bytes, args.max_text_chars, args.max_batch)
-    app = create_app(resolve_package(args.path, args.tier), args.tier, token, limits)
     port = args.port or DEFAULT_PORTS[args.tier]
-    print(f"dimec {args.tier} tier on http://{args.host}:{port} (exit layer {app.state.service.model.exit_layer})",
-          flush=True)
-    uvicorn.run(app, host=args.host, port=port, log_level=args.log_level, timeout_graceful_shutdown=5)
+    sock = bind_port(args.host, port)  # before the model loads: a taken port fails fast, and no other
+    try:                               # server can take it between this check and serving
+        app = create_app(resolve_package(args.path, args.tier), args.tier, token, limits)
+        print(f"dimec {args.tier} tier on http://{_url_host(args.host)}:{port} "
+              f"(exit layer {app.state.service.model.exit_layer})", flush=True)
+        run_server(app, sock, args.log_level)
+    finally:
+        sock.close()
+
+
+def bind_port(host: str, port: int) -> socket.socket:
+    """A listening socket on host:port, or a ConfigError saying why not (in use, not an address here...)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise ConfigError(f"cannot bind {host!r}: {exc.strerror}", "give --host an IP address or host name "
+                                                                   "of this machine") from None
+    family, _, _, _, address = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a port in TIME_WAIT is free; one in use is not
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise ConfigError(f"port {port} on {host} is already in use",
+                              "stop the other server or pick another --port") from None
+        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror}",
+                          "ports below 1024 need privileges; --host must be an address of this machine") from None
+    sock.setblocking(False)
+    return sock
+
+
+def run_server(app, sock: socket.socket, log_level: str) -> None:
+    """uvicorn on an already bound socket (tests replace this function)."""
+    import uvicorn
+
+    config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5)
+    uvicorn.Server(config).run(sockets=[sock])
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
 
 
 def _client(args, mobile_path, edge_url, cloud_url, token):
@@ -153,10 +213,11 @@ def _run_client(client, texts: list[str] | None) -> None:
         interactive = sys.stdin.isatty()
         if interactive:
             print("type a text and press enter (Ctrl-D to quit)", file=sys.stderr)
-        for line in sys.stdin:
-            if line.strip():
-                answer = client.classify([line.strip()])[0]
-                print(json.dumps({"text": line.strip(), **answer.to_dict()}), flush=True)
+        from dimec.textinput import iter_lines
+
+        for line in iter_lines(sys.stdin.buffer, "stdin"):  # checked as UTF-8, line by line
+            answer = client.classify([line.strip()])[0]
+            print(json.dumps({"text": line.strip(), **answer.to_dict()}), flush=True)
     print(f"stats: {json.dumps(client.stats())}", file=sys.stderr)
 
 

@@ -4,6 +4,9 @@ Fallback order: a sample routed to the edge goes to the cloud if the edge fails,
 goes to the edge; if both fail it is answered from the mobile exit and marked `degraded`. Every sample
 gets exactly one answer (checked before returning, by request id); a tier that failed is skipped for
 `cooldown_s` so a dead tier costs one failed exchange, not one per request.
+
+A misconfiguration is not an outage: a URL that is not http(s) is a ConfigError when the client is made,
+and a tier that refuses the token (401/403) raises TierAuthError from `classify` instead of falling back.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from typing import Any, Protocol
 import httpx
 import numpy as np
 
-from dimec.errors import ConfigError, DataError, DimecError, TierUnavailableError
+from dimec.errors import ConfigError, DataError, DimecError, TierAuthError, TierUnavailableError
 from dimec.serving.links import LinkProfile, LinkTransport
 from dimec.serving.package import ROUTER_FILE
 from dimec.serving.tier import TierModel, softmax
@@ -74,6 +77,18 @@ class Remote(Protocol):
     def classify(self, texts: list[str], pairs: list[str] | None, ids: list[str]) -> RemoteResult: ...
 
 
+def check_url(name: str, url: str) -> str:
+    """`url` without a trailing slash, or a ConfigError when it is not an http(s) URL with a host."""
+    try:
+        parsed = httpx.URL(url)
+    except (httpx.InvalidURL, TypeError) as exc:
+        raise ConfigError(f"the {name} URL {url!r} is not a URL ({exc})", "e.g. http://127.0.0.1:8101") from None
+    if parsed.scheme not in ("http", "https") or not parsed.host:
+        raise ConfigError(f"the {name} URL {url!r} is not an http:// or https:// URL with a host",
+                          "e.g. http://127.0.0.1:8101 (the tiers speak HTTP)")
+    return url.rstrip("/")
+
+
 class HttpRemote:
     """One remote tier over HTTP(S) with timeouts, bounded retries, link emulation and a cooldown."""
 
@@ -84,7 +99,7 @@ class HttpRemote:
                  max_batch: int = 32, seed: int = 0) -> None:
         if retries < 0 or retries > 10:
             raise ConfigError(f"retries must be in 0..10, got {retries}")
-        self.name, self.url = name, url.rstrip("/")
+        self.name, self.url = name, check_url(name, url)
         self.retries, self.cooldown_s, self.backoff_s, self.max_batch = retries, cooldown_s, backoff_s, max_batch
         transport = httpx.HTTPTransport()
         if link is not None and not link.is_ideal:
@@ -134,10 +149,13 @@ class HttpRemote:
                 error = "malformed answer"
                 continue
             error = f"HTTP {response.status_code}: {_error_text(response)}"
+            if response.status_code in (401, 403):  # a wrong token: no tier will accept it, say so loudly
+                raise TierAuthError(f"{self.name} at {self.url} refused this client's token ({error})",
+                                    "give the client and every tier the same token (--token or DIMEC_TOKEN)")
             if response.status_code in (413, 422):  # this request's fault, not the tier's: no retry, no cooldown
                 raise TierUnavailableError(f"{self.name} at {self.url} refused the request: {error}")
             if response.status_code not in self.RETRY_STATUS:
-                break  # 401/403/404: a retry will not help
+                break  # 404 and the like: a retry will not help
         self._down_until = time.monotonic() + self.cooldown_s
         raise TierUnavailableError(f"{self.name} at {self.url} failed after {attempt + 1} attempt(s): {error}")
 

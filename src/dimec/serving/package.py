@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from dimec.atomic import atomic_dir, write_json
 from dimec.errors import ArtifactError, ConfigError
 from dimec.rundir import PACKAGES_DIR, ROUTER
 from dimec.tiers import TIERS, tier_index
@@ -46,7 +47,7 @@ def file_table(directory: Path) -> dict[str, dict[str, Any]]:
 def write_manifest(directory: Path, manifest: dict[str, Any]) -> dict[str, Any]:
     """(Re)hash every file and write the manifest last, so a manifest always matches its files."""
     manifest = {**manifest, "files": file_table(directory)}
-    (directory / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    write_json(directory / MANIFEST, manifest)
     return manifest
 
 
@@ -121,31 +122,30 @@ def export_packages(
     written: dict[str, Path] = {}
     for tier in tiers:
         index = tier_index(tier)
-        directory = out / tier
-        if directory.exists():
-            shutil.rmtree(directory)  # never leave files of an older export beside the new manifest
-        directory.mkdir(parents=True)
-        model.slice(index).save_pretrained(directory / MODEL_SUBDIR)
-        manifest: dict[str, Any] = {
-            "format_version": FORMAT_VERSION, "tier": tier, "tier_index": index,
-            "exit_layers": list(cfg.exit_layers), "exit_layer": cfg.exit_layers[index],
-            "label_names": list(cfg.label_names), "max_length": cfg.max_length, "task": cfg.task,
-            "source_run": str(run_dir.resolve()), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        }
-        if tier == "mobile":
-            shutil.copy2(run_dir / ROUTER_FILE, directory / ROUTER_FILE)
-            write_manifest(directory, manifest)  # the check below loads the package
-            if onnx:
-                from dimec.serving.onnx_export import check_agreement, export_mobile_onnx
+        # built in a temporary folder that replaces out/tier in one swap: a crash or a failed check never
+        # leaves a half-written package, nor files of an older export beside the new manifest
+        with atomic_dir(out / tier) as directory:
+            model.slice(index).save_pretrained(directory / MODEL_SUBDIR)
+            manifest: dict[str, Any] = {
+                "format_version": FORMAT_VERSION, "tier": tier, "tier_index": index,
+                "exit_layers": list(cfg.exit_layers), "exit_layer": cfg.exit_layers[index],
+                "label_names": list(cfg.label_names), "max_length": cfg.max_length, "task": cfg.task,
+                "source_run": str(run_dir.resolve()), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            }
+            if tier == "mobile":
+                shutil.copy2(run_dir / ROUTER_FILE, directory / ROUTER_FILE)
+                write_manifest(directory, manifest)  # the check below loads the package
+                if onnx:
+                    from dimec.serving.onnx_export import check_agreement, export_mobile_onnx
 
-                manifest["onnx"] = export_mobile_onnx(directory)
-                texts, pairs, labels, source = check_texts_for(run_dir, check_texts, check_pairs, check_limit,
-                                                               model.tokenizer)
-                manifest["onnx"]["check"] = check_agreement(directory, texts, pairs, labels, source)
-                if log:
-                    log(format_check(manifest["onnx"]["check"]))
-        write_manifest(directory, manifest)
-        written[tier] = directory
+                    manifest["onnx"] = export_mobile_onnx(directory)
+                    texts, pairs, labels, source = check_texts_for(run_dir, check_texts, check_pairs,
+                                                                   check_limit, model.tokenizer)
+                    manifest["onnx"]["check"] = check_agreement(directory, texts, pairs, labels, source)
+                    if log:
+                        log(format_check(manifest["onnx"]["check"]))
+            write_manifest(directory, manifest)
+        directory = written[tier] = out / tier
         if log:
             size = sum(f["bytes"] for f in read_manifest(directory, verify=False)["files"].values())
             log(f"{tier:<6} package: layers 1..{cfg.exit_layers[index]}, {size / 1e6:.1f} MB -> {directory}")

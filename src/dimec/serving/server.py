@@ -6,9 +6,11 @@
     GET  /metrics       Prometheus text: requests by path and status, latency histogram, samples per tier
     GET  /openapi.json  the schema
 
-Bad input never gets a 5xx: bodies over the size limit get 413, malformed or over-limit requests a 422 whose
-JSON says what is wrong, a missing or wrong token 401. `TierService` holds the request logic so the Ray
-Serve deployments (ray_app.py) answer exactly like this app.
+Bad input never gets a 5xx: bodies over the size limit get 413; bodies that are not UTF-8 JSON, have wrong
+fields or types, hold text that is not valid Unicode (a lone surrogate) or go over a limit get 422, whose
+JSON says what is wrong and where; a missing or wrong token 401. The OpenAPI schema lists these statuses and
+the bearer scheme. `TierService` holds the request logic so the Ray Serve deployments (ray_app.py) answer
+exactly like this app.
 """
 
 from __future__ import annotations
@@ -19,17 +21,19 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from starlette.exceptions import HTTPException
 
-from dimec.errors import ConfigError
+from dimec.errors import ConfigError, TierAuthError
 from dimec.serving.tier import TierModel
+from dimec.textinput import text_problem
 
 log = logging.getLogger("dimec.serving")
 KNOWN_PATHS = ("/v1/classify", "/v1/ping", "/healthz", "/metrics", "/openapi.json", "/docs")
@@ -41,6 +45,15 @@ class Limits:
     max_body_bytes: int = 1_000_000
     max_text_chars: int = 20_000  # per text (or pair member)
     max_batch: int = 64  # texts per request
+
+    MIN_BODY_BYTES = 1024  # below this no real request fits: a limit that refuses everything is a mistake
+
+    def __post_init__(self) -> None:
+        for name, low in (("max_body_bytes", self.MIN_BODY_BYTES), ("max_text_chars", 1), ("max_batch", 1)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ConfigError(f"limit {name} must be an integer >= {low}, got {value!r}",
+                                  f"e.g. --{name.replace('_', '-')} {getattr(Limits, name)}")
 
 
 class ClassifyRequest(BaseModel):
@@ -67,6 +80,16 @@ class ClassifyRequest(BaseModel):
                 raise ValueError(f"'{name}' must have one entry per text ({n}), got {len(getattr(self, name))}")
         return self
 
+    @field_validator("text", "text_pair", "texts", "text_pairs", "ids")
+    @classmethod
+    def _valid_unicode(cls, value: str | list[str] | None) -> str | list[str] | None:
+        """JSON can carry a lone surrogate ("\\ud800") that no tokenizer or JSON answer can encode."""
+        for i, text in enumerate([value] if isinstance(value, str) else value or []):
+            problem = text_problem(text)
+            if problem:
+                raise ValueError(problem if isinstance(value, str) else f"item {i} {problem}")
+        return value
+
     def batch(self) -> tuple[list[str], list[str] | None]:
         if self.text is not None:
             return [self.text], None if self.text_pair is None else [self.text_pair]
@@ -82,6 +105,13 @@ class ClassifyResponse(BaseModel):
     label_ids: list[int]
     probs: list[list[float]]
     compute_ms: float = Field(description="model time on the server, so clients can separate link time")
+
+
+class ErrorBody(BaseModel):
+    """Every refusal: what is wrong, and for an invalid body each problem's location and message."""
+
+    error: str
+    detail: list[dict[str, Any]] | None = None
 
 
 class RequestError(Exception):
@@ -156,7 +186,7 @@ def create_app(package_dir: str | Path | None, tier: str, token: str | None, lim
     app, metrics = _base_app(f"dimec {tier} tier", service)
 
     @app.post("/v1/classify", response_model=ClassifyResponse, dependencies=[Depends(_authorized)],
-              responses=_ERRORS)
+              responses=_errors(401, 413, 422, 500))
     def classify(body: ClassifyRequest) -> ClassifyResponse:
         answer = service.classify(body)
         metrics["samples"].labels(tier).inc(len(answer.labels))
@@ -176,10 +206,15 @@ def create_gateway_app(client, token: str | None, limits: Limits | None = None) 
     app, metrics = _base_app("dimec mobile gateway", service)
 
     @app.post("/v1/classify", response_model=GatewayAnswer, dependencies=[Depends(_authorized)],
-              responses=_ERRORS)
+              responses=_errors(401, 413, 422, 500, 502))
     def classify(body: ClassifyRequest) -> GatewayAnswer:
         texts, pairs = service.check(body)
-        answers = client.classify(texts, pairs, body.ids)
+        try:
+            answers = client.classify(texts, pairs, body.ids)
+        except TierAuthError as exc:  # the gateway's own deployment is wrong, not the request
+            log.error("gateway misconfigured: %s", exc.message)
+            raise RequestError(502, "the gateway's token is refused by a tier behind it (a deployment error)") \
+                from None
         for a in answers:
             metrics["samples"].labels(a.tier).inc()
         return GatewayAnswer(answers=[a.to_dict() for a in answers])
@@ -187,13 +222,44 @@ def create_gateway_app(client, token: str | None, limits: Limits | None = None) 
     return app
 
 
-_ERRORS: dict[int | str, dict[str, Any]] = {401: {"description": "missing or bad token"},
-                                            413: {"description": "body too large"},
-                                            422: {"description": "invalid request or over a limit"}}
+_ERROR_MEANING = {
+    401: "missing or wrong bearer token",
+    413: "request body over the size limit",
+    422: "invalid request: body not UTF-8 JSON, unknown field, wrong type, text that is not valid Unicode, "
+         "empty text, or over a limit",
+    500: "internal error: a bug in the server, never caused by the request's content",
+    502: "a tier behind the gateway refuses the gateway's token (a deployment error)",
+}
 
 
-def _authorized(request: Request) -> None:
+def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` for the refusals a route can answer, all with the ErrorBody schema."""
+    return {s: {"model": ErrorBody, "description": _ERROR_MEANING[s]} for s in statuses}
+
+
+BEARER = HTTPBearer(auto_error=False, description="the tiers' shared token: `Authorization: Bearer TOKEN`")
+
+
+def _authorized(request: Request, _: Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)]) -> None:
+    """The scheme is declared through BEARER (so OpenAPI lists it); the check is TierService.authorize's."""
     request.app.state.service.authorize(request.headers.get("authorization"))
+
+
+def _printable(text: Any) -> str:
+    """Text safe to put in a JSON answer: a lone surrogate from the request is shown escaped."""
+    return str(text).encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _body_error(exc: HTTPException) -> str:
+    """Why FastAPI could not parse a body (it answers a bare 400 and keeps the reason as __cause__)."""
+    cause = exc.__cause__
+    if isinstance(cause, UnicodeDecodeError):
+        return f"request body is not valid UTF-8 (byte 0x{cause.object[cause.start]:02x} at offset {cause.start})"
+    if isinstance(cause, RecursionError):
+        return "request body is nested too deeply to parse"
+    if cause is not None:
+        return f"request body is not valid JSON ({_printable(cause).split(';')[0][:200]})"
+    return f"request body could not be parsed ({_printable(exc.detail)})"
 
 
 def _base_app(title: str, service: TierService) -> tuple[FastAPI, dict[str, Any]]:
@@ -206,7 +272,7 @@ def _base_app(title: str, service: TierService) -> tuple[FastAPI, dict[str, Any]
                              buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10)),
         "samples": Counter("dimec_samples", "Samples answered, by tier", ["tier"], registry=registry),
     }
-    app = FastAPI(title=title, version="1", description=__doc__)
+    app = FastAPI(title=title, version="1", description=__doc__, responses=_errors(413))
     app.state.service = service
     app.add_middleware(_Guard, limits=service.limits, metrics=metrics)
 
@@ -217,19 +283,24 @@ def _base_app(title: str, service: TierService) -> tuple[FastAPI, dict[str, Any]
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_request: Request, exc: RequestValidationError):
-        detail = [{"loc": [str(x) for x in e.get("loc", ())], "msg": str(e.get("msg", ""))} for e in exc.errors()]
-        return JSONResponse({"error": "invalid request body", "detail": detail[:20]}, 422)
+        detail = [{"loc": [_printable(x) for x in e.get("loc", ())], "msg": _printable(e.get("msg", ""))}
+                  for e in exc.errors()]
+        first = f": {'.'.join(detail[0]['loc'])}: {detail[0]['msg']}" if detail else ""
+        return JSONResponse({"error": f"invalid request body{first}", "detail": detail[:20]}, 422)
 
     @app.exception_handler(HTTPException)
     async def _http_error(_request: Request, exc: HTTPException):
-        return JSONResponse({"error": str(exc.detail)}, exc.status_code, headers=getattr(exc, "headers", None))
+        if exc.status_code == 400:  # an unparsable body is unprocessable content, as the docs promise
+            return JSONResponse({"error": _body_error(exc)}, 422)
+        return JSONResponse({"error": _printable(exc.detail)}, exc.status_code,
+                            headers=getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
     async def _crash(_request: Request, exc: Exception):  # a bug, never bad input: log it, say little
         log.exception("internal error")
         return JSONResponse({"error": "internal error"}, 500)
 
-    @app.post("/v1/ping", dependencies=[Depends(_authorized)])
+    @app.post("/v1/ping", dependencies=[Depends(_authorized)], responses=_errors(401, 500))
     async def ping(request: Request) -> dict[str, int]:
         return {"bytes": len(await request.body())}
 
