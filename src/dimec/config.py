@@ -189,3 +189,9 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
     if tp is Any:
         return value
     raise ConfigError(f"{where} must be of type {getattr(tp, '__name__', tp)}, got {value!r}")
+
+
+def build_config(cls: type, raw: Any, where: str = "") -> Any:
+    """Any typed config dataclass from a raw mapping, with the same checks and coercions as RunConfig
+    (unknown keys, types, tuples of nested dataclasses); `where` prefixes the names in error messages."""
+    return _build(cls, raw, where)

@@ -11,6 +11,8 @@
     metrics.json                   test-split results (evaluate)
     packages/{tier}/               per-tier deployables (export)
     profile.json                   measured costs in milliseconds (profile)
+    drift_reference.json           validation distributions the drift monitor compares with (export; also
+                                   copied into every package)
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ DATA_MAP = "data_map.png"
 METRICS = "metrics.json"
 PACKAGES_DIR = "packages"
 PROFILE = "profile.json"
+DRIFT_REFERENCE = "drift_reference.json"
 SPLITS = ("train", "validation", "test")
 
 
@@ -102,3 +105,7 @@ class RunDir:
     @property
     def profile(self) -> Path:
         return self.root / PROFILE
+
+    @property
+    def drift_reference(self) -> Path:
+        return self.root / DRIFT_REFERENCE

@@ -30,6 +30,8 @@ def attach_serving_commands(sub) -> None:
     _server_args(p)
     p.add_argument("--port", type=int, help="default: 8101 for edge, 8102 for cloud")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
+    p.add_argument("--sources", help="YAML/JSON file: tokens -> sources and priority classes, scheduling and "
+                                     "allocation settings (docs/fleet.md); replaces --token")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("serve-all", help="local three-tier demo: edge and cloud servers + the mobile client")
@@ -117,9 +119,13 @@ def cmd_serve(args) -> None:
     from dimec.serving.package import resolve_package
     from dimec.serving.server import Limits, create_app
 
+    from dimec.serving.sources import SourceTable
+
     token = _token(args)
-    if not token:
-        raise ConfigError("no bearer token", "pass --token T or set DIMEC_TOKEN (the same value on every tier)")
+    sources = SourceTable.load(args.sources) if getattr(args, "sources", None) else None
+    if not token and sources is None:
+        raise ConfigError("no bearer token", "pass --token T or set DIMEC_TOKEN (the same value on every tier), "
+                                             "or --sources FILE")
     if args.threads:
         import torch
 
@@ -128,7 +134,7 @@ def cmd_serve(args) -> None:
         print(f"dimec: warning: binding {args.host}: plain HTTP, put TLS in front of it beyond a trusted network",
               file=sys.stderr)
     limits = Limits(args.max_body_bytes, args.max_text_chars, args.max_batch)
-    app = create_app(resolve_package(args.path, args.tier), args.tier, token, limits)
+    app = create_app(resolve_package(args.path, args.tier), args.tier, token, limits, sources=sources)
     port = args.port or DEFAULT_PORTS[args.tier]
     print(f"dimec {args.tier} tier on http://{args.host}:{port} (exit layer {app.state.service.model.exit_layer})",
           flush=True)

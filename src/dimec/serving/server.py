@@ -3,17 +3,19 @@
     POST /v1/classify   one text (or pair) or a batch -> labels, probs, tier, exit layer   (bearer token)
     POST /v1/ping       echo the body size: lets `dimec profile` measure a link's throughput (bearer token)
     GET  /healthz       liveness and what this tier serves
-    GET  /metrics       Prometheus text: requests by path and status, latency histogram, samples per tier
+    GET  /metrics       Prometheus text: requests by path and status, latency histogram, samples per tier,
+                        per source and class (fleet.py), drift histograms (monitor.py)
+    GET  /v1/drift/reference  the validation distributions the drift monitor compares with
     GET  /openapi.json  the schema
 
 Bad input never gets a 5xx: bodies over the size limit get 413, malformed or over-limit requests a 422 whose
-JSON says what is wrong, a missing or wrong token 401. `TierService` holds the request logic so the Ray
-Serve deployments (ray_app.py) answer exactly like this app.
+JSON says what is wrong, a missing or wrong token (or one no source maps to) 401; a request the edge's queue
+cannot take 429 with Retry-After (sources mode, docs/fleet.md). `TierService` holds the request logic so
+the Ray Serve deployments (ray_app.py) answer exactly like this app.
 """
 
 from __future__ import annotations
 
-import hmac
 import json
 import logging
 import time
@@ -29,6 +31,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.exceptions import HTTPException
 
 from dimec.errors import ConfigError
+from dimec.serving.fleet import Fleet
+from dimec.serving.sources import Source, SourceTable
 from dimec.serving.tier import TierModel
 
 log = logging.getLogger("dimec.serving")
@@ -52,6 +56,7 @@ class ClassifyRequest(BaseModel):
     texts: list[str] | None = None
     text_pairs: list[str] | None = None
     ids: list[str] | None = Field(None, description="request ids, one per text, echoed in the answer")
+    deadline_ms: float | None = Field(None, ge=0, description="answer within this many ms or refuse at once (429)")
 
     @model_validator(mode="after")
     def _one_form(self) -> ClassifyRequest:
@@ -82,6 +87,10 @@ class ClassifyResponse(BaseModel):
     label_ids: list[int]
     probs: list[list[float]]
     compute_ms: float = Field(description="model time on the server, so clients can separate link time")
+    queue_ms: float | None = Field(None, description="time waiting for the model (sources mode)")
+    source: str | None = Field(None, description="the source the token maps to")
+    priority: str | None = Field(None, description="the source's priority class")
+    advice: dict[str, Any] | None = Field(None, description="PA-MDI allocation advice (docs/fleet.md)")
 
 
 class RequestError(Exception):
@@ -95,20 +104,21 @@ class RequestError(Exception):
 class TierService:
     """Auth, limits and classification for one tier; shared by the FastAPI app and Ray Serve."""
 
-    def __init__(self, model: TierModel, token: str | None, limits: Limits = Limits()) -> None:
-        if not token:
-            raise ConfigError("a bearer token is required between tiers",
-                              "pass --token T or set DIMEC_TOKEN (the same on every tier)")
+    def __init__(self, model: TierModel, token: str | None, limits: Limits = Limits(),
+                 sources: SourceTable | None = None) -> None:
         self.model, self.limits = model, limits
-        self._token = token.encode()
+        self.sources = sources or SourceTable.single(token)  # one token, one source "default"
 
-    def authorize(self, authorization: str | None) -> None:
-        """`authorization`: the raw Authorization header. Constant-time compare against the token."""
+    def authorize(self, authorization: str | None) -> Source:
+        """`authorization`: the raw Authorization header -> the source its token maps to (constant time)."""
         scheme, _, given = (authorization or "").partition(" ")
         if scheme.lower() != "bearer" or not given:
             raise RequestError(401, "missing bearer token (Authorization: Bearer TOKEN)")
-        if not hmac.compare_digest(given.strip().encode(), self._token):
-            raise RequestError(401, "invalid bearer token")
+        source = self.sources.lookup(given.strip())
+        if source is None:
+            raise RequestError(401, "invalid bearer token" if not self.sources.scheduled else
+                               "invalid bearer token: it maps to no source in this tier's sources file")
+        return source
 
     def check(self, request: ClassifyRequest) -> tuple[list[str], list[str] | None]:
         texts, pairs = request.batch()
@@ -144,21 +154,24 @@ class TierService:
 
 
 def create_app(package_dir: str | Path | None, tier: str, token: str | None, limits: Limits | None = None,
-               model: TierModel | None = None) -> FastAPI:
-    """The FastAPI app of the edge or cloud tier. `model` may be given to share a loaded TierModel."""
+               model: TierModel | None = None, sources: SourceTable | None = None) -> FastAPI:
+    """The FastAPI app of the edge or cloud tier. `model` may be given to share a loaded TierModel;
+    `sources` (a SourceTable from a sources file) replaces the single token with sources and priorities."""
     model = model or TierModel(package_dir)
     if model.tier != tier:
         raise ConfigError(f"the package at {model.directory} is the {model.tier} tier, not {tier}",
                           f"serve it as `dimec serve {model.tier}` or give the {tier} package")
     if tier == "mobile":
         raise ConfigError("the mobile tier runs in the client, not as a server", "serve edge or cloud")
-    service = TierService(model, token, limits or Limits())
+    service = TierService(model, token, limits or Limits(), sources)
     app, metrics = _base_app(f"dimec {tier} tier", service)
+    fleet = app.state.fleet = Fleet(service, app.state.registry, service.sources)  # sources, queue, metrics
+    fleet.attach(app)
 
     @app.post("/v1/classify", response_model=ClassifyResponse, dependencies=[Depends(_authorized)],
               responses=_ERRORS)
-    def classify(body: ClassifyRequest) -> ClassifyResponse:
-        answer = service.classify(body)
+    async def classify(body: ClassifyRequest, request: Request) -> ClassifyResponse:
+        answer = await fleet.classify(service, request.state.source, body)
         metrics["samples"].labels(tier).inc(len(answer.labels))
         return answer
 
@@ -189,11 +202,14 @@ def create_gateway_app(client, token: str | None, limits: Limits | None = None) 
 
 _ERRORS: dict[int | str, dict[str, Any]] = {401: {"description": "missing or bad token"},
                                             413: {"description": "body too large"},
-                                            422: {"description": "invalid request or over a limit"}}
+                                            422: {"description": "invalid request or over a limit"},
+                                            429: {"description": "the edge's queue is full for this source's "
+                                                                 "class, or the deadline cannot be met; "
+                                                                 "see Retry-After"}}
 
 
 def _authorized(request: Request) -> None:
-    request.app.state.service.authorize(request.headers.get("authorization"))
+    request.state.source = request.app.state.service.authorize(request.headers.get("authorization"))
 
 
 def _base_app(title: str, service: TierService) -> tuple[FastAPI, dict[str, Any]]:
@@ -207,7 +223,7 @@ def _base_app(title: str, service: TierService) -> tuple[FastAPI, dict[str, Any]
         "samples": Counter("dimec_samples", "Samples answered, by tier", ["tier"], registry=registry),
     }
     app = FastAPI(title=title, version="1", description=__doc__)
-    app.state.service = service
+    app.state.service, app.state.registry = service, registry
     app.add_middleware(_Guard, limits=service.limits, metrics=metrics)
 
     @app.exception_handler(RequestError)
