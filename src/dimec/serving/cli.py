@@ -118,7 +118,6 @@ def cmd_serve(args) -> None:
 
     from dimec.serving.package import resolve_package
     from dimec.serving.server import Limits, create_app
-
     from dimec.serving.sources import SourceTable
 
     token = _token(args)

@@ -107,7 +107,7 @@ def build_reference(outputs, router, cost_model, model: str, bins: int = BINS) -
     }
 
 
-def write_reference(run_dir: str | Path, package_dir: str | Path, manifest: dict[str, Any]) -> dict[str, Any]:
+def write_reference(run_dir: str | Path, package_dir: str | Path, manifest: dict[str, Any]) -> dict[str, Any] | None:
     """At export: the reference from the run's validation outputs and router, into the run directory
     (once) and the package."""
     from dimec.atomic import write_json
@@ -116,6 +116,8 @@ def write_reference(run_dir: str | Path, package_dir: str | Path, manifest: dict
     from dimec.routing.base import load_router
 
     run = RunDir(run_dir)
+    if not run.router.is_file():  # an uncalibrated run: nothing to compare with (monitor says so)
+        return None
     model = model_id(manifest)
     reference = None
     if run.drift_reference.is_file():
