@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from dimec.errors import ConfigError, DataError
+from dimec.serving.fleet_cli import add_fleet_client_args, attach_fleet_commands, fleet_policy_from_args
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 DEFAULT_PORTS = {"edge": 8101, "cloud": 8102}
@@ -60,6 +61,8 @@ def attach_serving_commands(sub) -> None:
     p.add_argument("--out", help="profile path (default RUN_DIR/profile.json)")
     p.set_defaults(func=cmd_profile)
 
+    attach_fleet_commands(sub)  # plan, monitor (fleet_cli.py)
+
 
 def _server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--token", help="bearer token clients must send (default: env DIMEC_TOKEN)")
@@ -81,6 +84,7 @@ def _client_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--connect-timeout", type=float, default=1.0, help="seconds")
     p.add_argument("--timeout", type=float, default=10.0, help="read timeout, seconds")
     p.add_argument("--retries", type=int, default=2, help="extra attempts per tier (bounded)")
+    add_fleet_client_args(p)
 
 
 def _token(args) -> str | None:
@@ -144,9 +148,10 @@ def _client(args, mobile_path, edge_url, cloud_url, token):
     from dimec.serving.client import MobileClient, Timeouts
     from dimec.serving.package import resolve_package
 
+    fleet = fleet_policy_from_args(args)  # constraints, budget, advice: checked first
     package = resolve_package(mobile_path, "mobile", onnx=args.backend.startswith("onnx"))
     return MobileClient(package, edge_url, cloud_url, token, Timeouts(args.connect_timeout, args.timeout),
-                        args.retries, _links(args), args.backend, args.routing)
+                        args.retries, _links(args), args.backend, args.routing, fleet=fleet)
 
 
 def _run_client(client, texts: list[str] | None) -> None:

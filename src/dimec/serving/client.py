@@ -94,7 +94,7 @@ class HttpRemote:
             transport = LinkTransport(link, transport, seed=seed)
         self.http = httpx.Client(transport=transport, timeout=httpx.Timeout(timeouts.read_s, connect=timeouts.connect_s),
                                  headers={"Authorization": f"Bearer {token}"} if token else {})
-        self._down_until = 0.0
+        self._down_until, self._busy = 0.0, False  # busy: down because of a 429, not a failure
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
         self.retry_count = 0  # exchanges repeated after a failure
@@ -105,6 +105,8 @@ class HttpRemote:
     def classify(self, texts: list[str], pairs: list[str] | None, ids: list[str],
                  deadline_ms: float | None = None) -> RemoteResult:
         if not self.available():
+            if self._busy:  # it answered 429: honour its Retry-After
+                raise TierBusyError(f"{self.name} skipped: busy (429), Retry-After not over", 0.0)
             raise TierUnavailableError(f"{self.name} skipped: it failed less than {self.cooldown_s:g} s ago")
         probs, exit_layer, labels, attempts, meta = [], 0, [], 0, {}
         for start in range(0, len(texts), self.max_batch):
@@ -143,13 +145,13 @@ class HttpRemote:
             error = f"HTTP {response.status_code}: {_error_text(response)}"
             if response.status_code == 429:  # busy for this source's class: skip it for its Retry-After
                 retry_after = _retry_after(response)
-                self._down_until = time.monotonic() + retry_after
+                self._down_until, self._busy = time.monotonic() + retry_after, True
                 raise TierBusyError(f"{self.name} at {self.url} is busy: {error}", retry_after)
             if response.status_code in (413, 422):  # this request's fault, not the tier's: no retry, no cooldown
                 raise TierUnavailableError(f"{self.name} at {self.url} refused the request: {error}")
             if response.status_code not in self.RETRY_STATUS:
                 break  # 401/403/404: a retry will not help
-        self._down_until = time.monotonic() + self.cooldown_s
+        self._down_until, self._busy = time.monotonic() + self.cooldown_s, False
         raise TierUnavailableError(f"{self.name} at {self.url} failed after {attempt + 1} attempt(s): {error}")
 
     @staticmethod

@@ -94,24 +94,38 @@ class LatencyTracker:
     minus the server's queueing, plus the queueing the edge last announced (while its advice is valid).
     Seeded from a cost profile (`dimec profile`) when given; a tier never measured is assumed to fit."""
 
-    def __init__(self, seed_ms: dict[str, float] | None = None, alpha: float = 0.2) -> None:
+    PROFILE_KEYS = ("lambda_m_ms", "lambda_e_ms", "o_e_ms", "o_c_ms", "cloud_layer_ms")
+
+    def __init__(self, seed_ms: dict[str, float] | None = None, alpha: float = 0.2,
+                 profile: dict[str, float] | None = None) -> None:
         self.base = dict(seed_ms or {})
         self.alpha = alpha
+        self.profile = profile  # per-layer figures, turned into seeds once the exit layers are known
         self.queue_ms: dict[str, tuple[float, float]] = {}  # tier -> (ms, valid until)
         self._lock = threading.Lock()
 
     @classmethod
-    def from_profile(cls, path: str | Path, exit_layers: tuple[int, int, int]) -> LatencyTracker:
+    def from_profile(cls, path: str | Path) -> LatencyTracker:
         import json
 
         try:
-            p = json.loads(Path(path).read_text())
-            m, n, l = exit_layers
-            seed = {"mobile": p["lambda_m_ms"] * m, "edge": p["o_e_ms"] + p["lambda_e_ms"] * n,
-                    "cloud": p["o_c_ms"] + p["cloud_layer_ms"] * l}
+            raw = json.loads(Path(path).read_text())
+            profile = {k: float(raw[k]) for k in cls.PROFILE_KEYS}
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise ConfigError(f"cannot read the latency profile {path} ({exc})", "run `dimec profile RUN_DIR`") from None
-        return cls(seed)
+        return cls(profile=profile)
+
+    def seed(self, exit_layers: tuple[int, int, int]) -> None:
+        """Turn the profile into first estimates for this model's exits (tiers measured already keep theirs)."""
+        p, (m, n, l) = self.profile, exit_layers
+        if p is None:
+            return
+        seeds = {"mobile": p["lambda_m_ms"] * m, "edge": p["o_e_ms"] + p["lambda_e_ms"] * n,
+                 "cloud": p["o_c_ms"] + p["cloud_layer_ms"] * l}
+        with self._lock:
+            for tier, ms in seeds.items():
+                self.base.setdefault(tier, ms)
+            self.profile = None
 
     def observe(self, tier: str, ms: float, queue_ms: float = 0.0) -> None:
         with self._lock:
@@ -162,6 +176,7 @@ class FleetPolicy:
         come back as ANSWERED."""
         c = call.constraints = constraints or self.constraints
         call.started = time.monotonic()
+        self.latency.seed(tuple(client.mobile.exit_layers))
         tiers = np.asarray(tiers, dtype=np.int64).copy()
         allowed = self.allowed(c)
         costs = self._tier_costs(client)
