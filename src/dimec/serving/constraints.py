@@ -164,6 +164,7 @@ class FleetPolicy:
         self._confidences: deque[float] = deque(maxlen=window)  # recent edge-bound mobile confidences
         self._lock = threading.Lock()
         self.counts: Counter[str] = Counter()
+        self.drift = None  # a monitor.DriftRecorder when the client serves as a gateway
 
     # ---- after routing ------------------------------------------------------------------------------------------
     def allowed(self, constraints: Constraints) -> set[int]:
@@ -177,6 +178,8 @@ class FleetPolicy:
         c = call.constraints = constraints or self.constraints
         call.started = time.monotonic()
         self.latency.seed(tuple(client.mobile.exit_layers))
+        if self.drift is not None:  # the routing side of drift: what the router saw and chose
+            self.drift.observe_routing(client.mobile.embed(call.batch(client.mobile)), tiers)
         tiers = np.asarray(tiers, dtype=np.int64).copy()
         allowed = self.allowed(c)
         costs = self._tier_costs(client)
@@ -289,8 +292,8 @@ class FleetPolicy:
             return {}
         return {"deadline_ms": max(0.0, deadline - (time.monotonic() - call.started) * 1e3)}
 
-    def observe_mobile(self, ms_per_text: float) -> None:
-        self.latency.observe("mobile", ms_per_text)
+    def observe_mobile(self, ms: float) -> None:
+        self.latency.observe("mobile", ms)
 
     # ---- when the call is done ---------------------------------------------------------------------------------
     def finish(self, call, answers: list) -> None:
@@ -301,6 +304,9 @@ class FleetPolicy:
                 a.flags = list(call.flags[i]) + (["deadline-missed"] if late else [])
                 for flag in a.flags:
                     self.counts[f"flag_{flag}"] += 1
+        mobile = [a.probs for a in answers if a.tier == "mobile"]
+        if self.drift is not None and mobile:  # the edge and cloud servers record their own exits
+            self.drift.observe_confidence(MOBILE, np.asarray(mobile))
 
     def stats(self) -> dict[str, float]:
         with self._lock:

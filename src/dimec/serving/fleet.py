@@ -113,12 +113,23 @@ class Fleet:
             return JSONResponse({"error": exc.message, "reason": exc.reason, "retry_after_s": exc.retry_after_s},
                                 429, headers=headers)
 
-        @app.get("/v1/drift/reference")
-        def drift_reference() -> dict[str, Any]:
-            if self.drift is None:
-                return JSONResponse({"error": "this package has no drift reference (export it again)"}, 404)
-            return self.drift.reference
+        add_reference_route(app, self.drift)
 
     def close(self) -> None:
         if self.scheduler is not None:
             self.scheduler.close()
+
+
+def add_reference_route(app: FastAPI, drift: DriftRecorder | None) -> None:
+    @app.get("/v1/drift/reference")
+    def drift_reference() -> dict[str, Any]:
+        if drift is None:
+            return JSONResponse({"error": "this package has no drift reference (export it again)"}, 404)
+        return drift.reference
+
+
+def attach_gateway_drift(app: FastAPI, client) -> None:
+    """A mobile gateway records the routing side of drift (distances, routed tiers, mobile confidences)
+    through its client, into the gateway's registry."""
+    client.fleet.drift = DriftRecorder.for_package(app.state.registry, client.mobile.directory)
+    add_reference_route(app, client.fleet.drift)

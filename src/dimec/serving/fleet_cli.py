@@ -86,11 +86,12 @@ def cmd_monitor(args) -> None:
 
 
 def cmd_plan(args) -> None:
+    from dimec.rundir import RunDir
     from dimec.serving.planning import PlanConstraints, plan_run
 
     trusted = tuple(t.strip() for t in args.trusted.split(",") if t.strip())
     constraints = PlanConstraints(max_loss=args.max_loss, max_latency_ms=args.max_latency_ms,
                                   max_money=args.max_money, max_exposure=0.0 if args.private else args.max_exposure)
-    out = Path(args.out) if args.out else Path(args.run_dir) / "plan"
+    out = Path(args.out) if args.out else RunDir(args.run_dir).plan
     plan_run(Path(args.run_dir), args.profile, constraints, args.objective, args.split, args.policies,
              args.cloud_price, args.edge_price, trusted, out, log=print)

@@ -55,12 +55,13 @@ def model_id(manifest: dict[str, Any]) -> str:
 
 
 # ---- the reference, written at export ---------------------------------------------------------------------------
-def quantile_edges(values: np.ndarray, bins: int = BINS) -> list[float]:
-    """Interior bin edges (upper bounds, the last bin is +Inf): the distinct quantiles of `values`."""
+def quantile_edges(values: np.ndarray, bins: int = BINS, decimals: int = 6) -> list[float]:
+    """Interior bin edges (upper bounds, the last bin is +Inf): the distinct quantiles of `values`, rounded
+    to `decimals` so that no bin is narrower than numerical noise (fp32 vs int8, rounded probabilities)."""
     if not len(values):
         return []
     q = np.quantile(np.asarray(values, dtype=np.float64), np.linspace(0, 1, bins + 1)[1:-1])
-    return [float(x) for x in np.unique(np.round(q, 6))]
+    return [float(x) for x in np.unique(np.round(q, decimals))]
 
 
 def bin_counts(values: np.ndarray, edges: list[float]) -> list[int]:
@@ -94,7 +95,7 @@ def build_reference(outputs, router, cost_model, model: str, bins: int = BINS) -
     anchors = routing_anchors(router, outputs.embeddings)
     distances = routing_distances(outputs.embeddings, anchors)
     answered = outputs.probs.max(-1)[np.arange(len(outputs)), decisions.exit_index]  # (N,)
-    conf_edges = quantile_edges(answered, bins)
+    conf_edges = quantile_edges(answered, bins, decimals=3)  # confidences: 0.001 is the finest bin
     d_edges = quantile_edges(distances, bins)
     return {
         "format_version": REFERENCE_FORMAT, "model": model, "samples": len(outputs), "router": router.name,

@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.exceptions import HTTPException
 
 from dimec.errors import ConfigError
-from dimec.serving.fleet import Fleet
+from dimec.serving.fleet import Fleet, attach_gateway_drift
 from dimec.serving.sources import Source, SourceTable
 from dimec.serving.tier import TierModel
 
@@ -187,6 +187,7 @@ def create_gateway_app(client, token: str | None, limits: Limits | None = None) 
     easy ones itself and offloads the rest; same auth, limits and metrics as the tier servers."""
     service = TierService(client.mobile, token, limits or Limits())
     app, metrics = _base_app("dimec mobile gateway", service)
+    attach_gateway_drift(app, client)  # routing distances, routed tiers, mobile confidences (monitor.py)
 
     @app.post("/v1/classify", response_model=GatewayAnswer, dependencies=[Depends(_authorized)],
               responses=_ERRORS)
