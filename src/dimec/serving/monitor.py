@@ -260,11 +260,10 @@ def monitor(urls: list[str], reference: dict[str, Any] | None = None, threshold:
     if not threshold > 0 or min_samples < 1 or (interval_s is not None and not interval_s > 0):
         raise ConfigError("--threshold must be > 0, --min-samples >= 1 and --interval > 0")
     reference = reference or fetch_reference(urls)
-    live = _merged([scrape(u) for u in urls])
+    live = snapshot(urls)
     if interval_s:  # only what arrived during the interval
         time.sleep(interval_s)
-        after = _merged([scrape(u) for u in urls])
-        live = {k: [a - b for a, b in zip(v, live.get(k, [0.0] * len(v)), strict=True)] for k, v in after.items()}
+        live = difference(snapshot(urls), live)
     rows = compare(reference, live, threshold, min_samples)
     if not rows:
         raise DimecError(f"no drift metrics for model {reference['model']} at {', '.join(urls)}",
@@ -284,6 +283,16 @@ def monitor(urls: list[str], reference: dict[str, Any] | None = None, threshold:
     if all(r["verdict"] == "too few samples" for r in rows):
         log(f"no verdict yet: fewer than {min_samples} live samples in every distribution")
     return 0
+
+
+def snapshot(urls: list[str]) -> dict[tuple[str, str, str], list[float]]:
+    """The drift counts of all URLs together (a tier's exits are disjoint from the gateway's)."""
+    return _merged([scrape(u) for u in urls])
+
+
+def difference(after: dict, before: dict) -> dict[tuple[str, str, str], list[float]]:
+    """What arrived between two snapshots."""
+    return {k: [a - b for a, b in zip(v, before.get(k, [0.0] * len(v)), strict=True)] for k, v in after.items()}
 
 
 def fetch_reference(urls: list[str]) -> dict[str, Any]:
