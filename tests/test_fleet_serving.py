@@ -298,6 +298,19 @@ def test_cloud_budget_moves_work_to_the_edge_then_refills(models):
         answer = client.classify(["good"])[0]
         assert answer.tier == "mobile" and "budget" in answer.flags  # the edge is not trusted: stays here
 
+    class Down(FakeRemote):
+        def classify(self, *a, **kw):
+            from dimec.errors import TierUnavailableError
+
+            raise TierUnavailableError("edge down")
+
+    with MobileClient(models["mobile"], routing="edge-only", remotes={"edge": Down("edge", models["mobile"]),
+                      "cloud": cloud}, fleet=FleetPolicy(budget=CloudBudget(0.0))) as client:
+        before = len(cloud.sent)
+        answer = client.classify(["good"])[0]  # the edge is down and the cloud's budget is spent
+        assert answer.tier == "mobile" and answer.degraded and "budget" in answer.flags
+        assert len(cloud.sent) == before and "cloud budget spent" in answer.errors[-1]
+
 
 def test_bad_constraints_are_clear_errors(models, tmp_path, capsys):
     with pytest.raises(ConfigError, match="max_latency_ms must be > 0"):

@@ -266,7 +266,7 @@ class MobileClient:
             if remote is None:
                 errors.append(f"no {target} tier configured")
                 continue
-            refused, reserved = self.fleet.before_send(call, target, len(rows))
+            refused, reserved = self.fleet.before_send(call, rows, target)
             if refused:
                 errors.append(refused)
                 continue

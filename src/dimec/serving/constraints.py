@@ -254,11 +254,14 @@ class FleetPolicy:
         order = (routed, CLOUD if routed == EDGE else EDGE)
         return [TIERS[t] for t in order if t in allowed]
 
-    def before_send(self, call, target: str, texts: int) -> tuple[str | None, float]:
+    def before_send(self, call, rows: np.ndarray, target: str) -> tuple[str | None, float]:
         """(why not, money reserved): a refusal reason, or None and the amount booked on the budget."""
         if target == "cloud" and self.budget is not None:
-            amount = self.budget.reserve(texts)
+            amount = self.budget.reserve(len(rows))
             if amount is None:
+                for i in rows:
+                    if "budget" not in call.flags[i]:
+                        call.flags[i].append("budget")
                 return f"cloud budget spent ({self.budget.limit:g} per {self.budget.window_s:g} s)", 0.0
             return None, amount
         return None, 0.0
