@@ -5,8 +5,10 @@
    thread); then open-loop Poisson arrivals, one text per request, at `--load` (1.5) x C spread evenly over
    the 12 sources, for `--seconds`:
      unloaded     the two high sources alone, at their share of that load (the reference p99)
-     strict       all 12 sources, strict priority, queue of `--queue` requests
-     fifo         the same load, one FIFO queue of the same size (shedding whoever arrives when it is full)
+     strict       all 12 sources, strict priority, queue of `--queue` requests, `--workers` model threads of
+                  which `--reserved-workers` only run the high class
+     fifo         the same load, one FIFO queue of the same size and all the workers (shedding whoever
+                  arrives when it is full)
      strict+advice  strict, and the clients honour the edge's PA-MDI advice (keep confident texts on the device)
    A shed request (429) goes to the cloud at once, counted; every request is accounted for (answered on the
    edge, shed and answered by the cloud, kept on the device, degraded, or lost). The edge's model time is
@@ -52,12 +54,13 @@ def percentile(values: list[float], q: float) -> float | None:
 
 
 # ---- set-up ------------------------------------------------------------------------------------------------------
-def sources_file(path: Path, tokens: dict[str, str], policy: str, queue: int) -> Path:
+def sources_file(path: Path, tokens: dict[str, str], policy: str, queue: int, workers: int = 1,
+                 reserved: int = 0) -> Path:
     classes = [{"name": name, "weight": weight} for name, weight, _ in CLASSES]
     sources = [{"name": s, "token": t, "priority": s.split("-")[0]} for s, t in tokens.items()]
     path.write_text(json.dumps({"classes": classes, "sources": sources,
-                                "scheduling": {"policy": policy, "queue_capacity": queue, "workers": 1,
-                                               "retry_after_s": 1.0},
+                                "scheduling": {"policy": policy, "queue_capacity": queue, "workers": workers,
+                                               "reserved_workers": reserved, "retry_after_s": 1.0},
                                 "allocation": {"enabled": True, "horizon_s": 3.0, "valid_s": 2.0}}))
     return path
 
@@ -202,11 +205,13 @@ def bench_priorities(packages: dict, texts: list[str], labels: list[int], args) 
     mobile = TierModel(packages["mobile"])
     cloud = start("cloud", packages["cloud"], sources_file(tmp / "cloud.json", tokens, "fifo", 4096),
                   nice=args.cloud_nice)
-    results: dict = {"queue": args.queue, "seconds": args.seconds, "load": args.load,
+    results: dict = {"queue": args.queue, "seconds": args.seconds, "load": args.load, "workers": args.workers,
+                     "reserved_workers": args.reserved_workers,
                      "edge_service_ms": args.edge_service_ms, "sources": {name: count for name, _, count in CLASSES}}
     try:
         for policy in ("strict", "fifo"):
-            edge_sources = sources_file(tmp / f"edge-{policy}.json", tokens, policy, args.queue)
+            edge_sources = sources_file(tmp / f"edge-{policy}.json", tokens, policy, args.queue, args.workers,
+                                        args.reserved_workers)
             edge = PaddedEdge(packages["edge"], edge_sources, args.edge_service_ms) if args.edge_service_ms else \
                 start("edge", packages["edge"], edge_sources)
             try:
@@ -299,6 +304,10 @@ def bench_drift(packages: dict, held_out: list[str], n: int, threshold: float) -
     return out
 
 
+def packages_exits(packages: dict) -> list[int]:
+    return json.loads((Path(packages["edge"]) / "manifest.json").read_text())["exit_layers"]
+
+
 # ---- report ----------------------------------------------------------------------------------------------------------
 def render(results: dict) -> str:
     p, d = results["priorities"], results["drift"]
@@ -306,13 +315,16 @@ def render(results: dict) -> str:
     def ms(x):
         return "-" if x is None else f"{x:.0f}"
 
-    service = (f"the edge's model time held at {p['edge_service_ms']:g} ms per text (its real forward, padded "
-               f"with a sleep: `benchmarks/fleet_edge.py`), " if p.get("edge_service_ms") else "")
-    lines = [
-        f"Edge capacity **{p['capacity_texts_per_s']:.1f} texts/s** ({service}one torch thread, closed loop); offered load "
+    service = (f"the edge's model time held at {p['edge_service_ms']:g} ms per text, its real forward padded "
+               f"with a sleep (`benchmarks/fleet_edge.py`), so that this shared 2-core machine's CPU contention "
+               f"does not set the service time; " if p.get("edge_service_ms") else "")
+    lines = [f"Run: {results['run']}." if results.get("run") else "", "",
+        f"Edge capacity **{p['capacity_texts_per_s']:.1f} texts/s** ({service}one torch thread; closed loop); offered load "
         f"**{p['load']}x** = {p['offered_texts_per_s']:.1f} texts/s, open-loop Poisson, one text per request, spread "
         f"over 12 sources (2 high, 4 medium, 6 low), {p['seconds']:.0f} s per phase (latencies after the first 2 s, "
-        f"from the scheduled arrival); edge queue bound {p['queue']} requests; shed requests go to the cloud at once.",
+        f"from the scheduled arrival); the edge runs {p.get('workers', 1)} model thread(s), "
+        f"{p.get('reserved_workers', 0)} of them kept for the high class under strict priority (FIFO uses all), "
+        f"queue bound {p['queue']} requests; shed requests go to the cloud at once.",
         "",
         "| phase | class | sent | edge | shed -> cloud | kept on device | degraded | lost | p50 ms | p99 ms | "
         "p99 / unloaded | accuracy |",
@@ -346,22 +358,31 @@ def render(results: dict) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir")
-    parser.add_argument("--seconds", type=float, default=20.0, help="seconds per load phase")
+    parser.add_argument("--seconds", type=float, default=40.0, help="seconds per load phase")
     parser.add_argument("--capacity-seconds", type=float, default=8.0)
     parser.add_argument("--load", type=float, default=1.5, help="offered load / edge capacity")
     parser.add_argument("--queue", type=int, default=8, help="the edge's queue bound (requests)")
-    parser.add_argument("--edge-service-ms", type=float, default=40.0,
+    parser.add_argument("--workers", type=int, default=2, help="the edge's model threads")
+    parser.add_argument("--reserved-workers", type=int, default=1,
+                        help="of those, kept for the high class (strict; FIFO uses all)")
+    parser.add_argument("--edge-service-ms", type=float, default=80.0,
                         help="hold the edge's model time per text at this (the real forward, padded with a "
                              "sleep: benchmarks/fleet_edge.py); 0: the real forward only")
     parser.add_argument("--drift-texts", type=int, default=600)
     parser.add_argument("--threshold", type=float, default=0.25)
-    parser.add_argument("--cloud-nice", type=int, default=min(19, os.nice(0) + 5),
-                        help="CPU niceness of the cloud server process (default: this process's + 5)")
+    parser.add_argument("--cloud-nice", type=int, default=min(19, os.nice(0) + 10),
+                        help="CPU niceness of the cloud server process (default: this process's + 10)")
     parser.add_argument("--packages", help="export folder to reuse (or to export into)")
+    parser.add_argument("--render", action="store_true", help="only write fleet.md again from fleet.json")
     parser.add_argument("--part", choices=("all", "priorities", "drift"), default="all",
                         help="run one part (the other's figures in fleet.json are kept)")
     args = parser.parse_args()
 
+    if args.render:
+        body = render(json.loads((RESULTS / "fleet.json").read_text()))
+        (RESULTS / "fleet.md").write_text(body + "\n")
+        print(body)
+        return 0
     run_dir = Path(args.run_dir)
     if not (run_dir / "model").is_dir() or not (run_dir / "router.json").is_file():
         print(f"{run_dir} is not a trained and calibrated run (make one with `make run`)", file=sys.stderr)
@@ -381,8 +402,12 @@ def main() -> int:
     torch.set_num_threads(1)  # the clients' mobile forwards (advice) run like a phone's: one thread
     path = RESULTS / "fleet.json"
     results: dict = json.loads(path.read_text()) if args.part != "all" and path.is_file() else {}
+    data_json = json.loads((run_dir / "data.json").read_text())
+    results["run"] = (f"{data_json['task']} ({', '.join(f'{k} {v}' for k, v in data_json['sizes'].items())}), "
+                      f"model {load_run_config(run_dir).model.name_or_path}, exits {packages_exits(packages)}")
     results.update({"command": f"{COMMAND.replace('RUN_DIR', str(run_dir))} --seconds {args.seconds:g} "
-                               f"--load {args.load:g} --queue {args.queue} --edge-service-ms "
+                               f"--load {args.load:g} --queue {args.queue} --workers {args.workers} "
+                               f"--reserved-workers {args.reserved_workers} --edge-service-ms "
                                f"{args.edge_service_ms:g}", "run_dir": str(run_dir),
                     "machine": f"{os.cpu_count()} cores, shared", "measured": time.strftime("%Y-%m-%d %H:%M")})
     if args.part in ("all", "priorities"):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import threading
+import time
 
 import pytest
 
@@ -238,3 +239,42 @@ def test_allocation_gives_capacity_to_higher_classes_first():
     for i in range(100):
         disabled.arrival("a", 10, i * 0.01)
     assert disabled.keep["a"] == 0
+
+
+def test_reserved_workers_keep_room_for_the_highest_class():
+    cfg = fleet_config("strict", 10)
+    from dataclasses import replace
+
+    t = SourceTable.from_config(replace(cfg, scheduling=replace(cfg.scheduling, workers=2, reserved_workers=1)))
+    scheduler = Scheduler(t)
+    started: list[str] = []
+    release = threading.Event()
+
+    def job(name: str):
+        def work():
+            started.append(name)
+            assert release.wait(10)
+            return name
+        return work
+
+    async def scenario():
+        lo, hi = t.lookup(TOKENS["lo"]), t.lookup(TOKENS["hi"])
+        tasks = [asyncio.ensure_future(scheduler.run(lo, 1, job("l1")))]
+        await asyncio.sleep(0.05)
+        tasks.append(asyncio.ensure_future(scheduler.run(lo, 1, job("l2"))))
+        await asyncio.sleep(0.05)
+        assert started == ["l1"]  # the second worker is kept for the highest class
+        tasks.append(asyncio.ensure_future(scheduler.run(hi, 1, job("h1"))))
+        deadline = time.monotonic() + 5
+        while len(started) < 2 and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
+        assert started == ["l1", "h1"]  # a high request starts at once, beside the running low one
+        release.set()
+        return [d.value for d in await asyncio.wait_for(asyncio.gather(*tasks), 10)]
+
+    try:
+        assert asyncio.run(scenario()) == ["l1", "l2", "h1"]
+    finally:
+        scheduler.close()
+    with pytest.raises(ConfigError, match="reserved_workers"):
+        SourceTable.from_config(replace(cfg, scheduling=replace(cfg.scheduling, workers=2, reserved_workers=2)))

@@ -11,6 +11,10 @@ Policies (`scheduling.policy`):
   tag goes next; over time each busy class gets the edge in proportion to its weight.
 - "fifo": one queue in arrival order, full = refuse the newcomer whatever its class (the baseline).
 
+Reservation (`reserved_workers`, strict and wfq): that many of the `workers` model threads only ever run
+requests of the highest class, so a high request never waits behind a lower one that is already running
+(the others run any class). FIFO ignores it.
+
 Admission (strict and wfq): a newcomer is queued if fewer than `queue_capacity` requests wait (and fewer
 than its class's `max_queue`). Otherwise the newest waiting request of the lowest class below the
 newcomer's is shed (429) to make room; only when nothing of lower priority waits is the newcomer shed. So a
@@ -121,6 +125,8 @@ class Scheduler:
     def __init__(self, table: SourceTable, on_shed: Callable[[Source, str], None] | None = None) -> None:
         cfg = table.config.scheduling
         self.policy, self.capacity, self.retry_after_s = cfg.policy, cfg.queue_capacity, cfg.retry_after_s
+        self.workers = cfg.workers
+        self.open_workers = cfg.workers - (cfg.reserved_workers if cfg.policy != "fifo" else 0)  # for any class
         self.classes = [c.name for c in table.config.classes]  # highest first
         self.limits = {c.name: c.max_queue for c in table.config.classes}
         self.weights = {c.name: c.weight for c in table.config.classes}
@@ -132,6 +138,7 @@ class Scheduler:
         self._vtime = 0.0
         self._last_tag = dict.fromkeys(self.classes, 0.0)
         self._busy = 0
+        self._busy_lower = 0  # workers running a request below the highest class
         self._closed = False
         self._threads = [threading.Thread(target=self._work, name=f"dimec-worker-{i}", daemon=True)
                          for i in range(cfg.workers)]
@@ -149,7 +156,7 @@ class Scheduler:
             except Shed as shed:
                 self._shed_hook(source, shed.reason)
                 raise
-            self._cond.notify()
+            self._cond.notify_all()
         if victim is not None:
             self._shed_hook(victim.source, "evicted")
             victim.loop.call_soon_threadsafe(_settle, victim.future, None, Shed(
@@ -207,8 +214,14 @@ class Scheduler:
             self.on_shed(source, reason)
 
     # ---- the worker side (threads) -----------------------------------------------------------------------
-    def _pick(self) -> _Job:
+    def _pick(self) -> _Job | None:
+        """The next job for a free worker, or None when only lower classes wait and the open workers are
+        all taken (the reserved ones wait for the highest class)."""
         heads = [q[0] for q in self._queues.values() if q]
+        if self._busy_lower >= self.open_workers:
+            heads = [j for j in heads if j.source.rank == 0]
+        if not heads:
+            return None
         if self.policy == "strict":
             job = min(heads, key=lambda j: (j.source.rank, j.seq))
         elif self.policy == "wfq":
@@ -222,12 +235,16 @@ class Scheduler:
     def _work(self) -> None:
         while True:
             with self._cond:
-                while not self._closed and not any(self._queues.values()):
-                    self._cond.wait()
+                job = None
+                while not self._closed and job is None:
+                    job = self._pick()
+                    if job is None:
+                        self._cond.wait()
                 if self._closed:
                     return
-                job = self._pick()
                 self._busy += 1
+                lower = job.source.rank > 0
+                self._busy_lower += lower
             start = time.monotonic()
             value, error = None, None
             try:
@@ -237,7 +254,9 @@ class Scheduler:
             compute_s = time.monotonic() - start
             with self._cond:
                 self._busy -= 1
+                self._busy_lower -= lower
                 self.allocator.served(job.size, compute_s)
+                self._cond.notify_all()  # a worker held back for lower classes may take one now
             done = Done(value, (start - job.arrived) * 1e3, compute_s * 1e3)
             job.loop.call_soon_threadsafe(_settle, job.future, done, error)
 
@@ -251,7 +270,7 @@ class Scheduler:
         per_text = self.allocator.seconds_per_text or 0.0
         ahead_classes = self.classes[: self.classes.index(priority) + 1] if self.policy == "strict" else self.classes
         ahead = sum(j.size for c in ahead_classes for j in self._queues[c]) + 0.5 * self._busy
-        return 1e3 * ahead * per_text / len(self._threads)
+        return 1e3 * ahead * per_text / (len(self._threads) if priority == self.classes[0] else self.open_workers)
 
     def advice(self, priority: str) -> dict[str, Any]:
         with self._cond:

@@ -53,6 +53,7 @@ class SchedulingConfig:
     policy: str = "strict"  # "strict" priority, "wfq" (self-clocked weighted fair queuing) or "fifo" (one queue)
     queue_capacity: int = 32  # requests waiting for the model, all classes together
     workers: int = 1  # requests the model runs at once (threads); 1 suits a CPU with intra-op threads
+    reserved_workers: int = 0  # of those, how many only the highest class may use (strict and wfq)
     retry_after_s: float = 1.0  # the Retry-After of a 429
 
 
@@ -190,6 +191,8 @@ def check_fleet_config(config: FleetConfig, where: str = "sources") -> None:
         problems.append(f"scheduling.queue_capacity must be >= 1, got {sc.queue_capacity}")
     if not 1 <= sc.workers <= 64:
         problems.append(f"scheduling.workers must be in 1..64, got {sc.workers}")
+    if not 0 <= sc.reserved_workers < max(1, sc.workers):
+        problems.append(f"scheduling.reserved_workers must be in 0..workers-1, got {sc.reserved_workers}")
     if not sc.retry_after_s > 0:
         problems.append(f"scheduling.retry_after_s must be > 0, got {sc.retry_after_s}")
     if not 0 < al.target_utilization <= 1:
