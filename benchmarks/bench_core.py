@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from report import update_section  # noqa: E402
+from report import markdown_table, save  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 COMMAND = "python benchmarks/bench_core.py"
@@ -54,16 +54,24 @@ def routing_vs_mobile(run_dir: Path, samples: int, repeats: int = 5) -> dict:
     calls, the three paths taking turns per sample) and, for the routing, also cold: right after a mobile
     forward, as on a phone that routes the next sample after answering the last one."""
     from dimec.modeling.fast_embed import FastRouter, NumpyEmbedder
-    from dimec.pipeline import load_model, load_run_config, task_data
-    from dimec.routing.base import load_router
-    from dimec.rundir import RunDir
+    from dimec.pipeline import (
+        load_cartography,
+        load_cost_model,
+        load_model,
+        load_run_config,
+        split_outputs,
+        task_data,
+    )
+    from dimec.routing.dimec import DimecFixedRouter
 
     torch.set_num_threads(1)  # a phone-like single stream; every path measured the same way
     model = load_model(run_dir)
-    router, _ = load_router(RunDir(run_dir).router)
+    cfg = load_run_config(run_dir)
+    val, carto = split_outputs(run_dir, "validation"), load_cartography(run_dir, cfg.calibration)
+    router = DimecFixedRouter.from_config(cfg.calibration).fit(val, load_cost_model(run_dir, cfg.cost), carto)
     embedder = NumpyEmbedder(model)
     fast = FastRouter(embedder, router.centroids_, model.config.max_length)
-    texts = [e.text for e in task_data(load_run_config(run_dir)).test[:samples]]
+    texts = [e.text for e in task_data(cfg).test[:samples]]
 
     def reference_route(ids, types) -> int:
         return int(router.predict_tiers(embedder(ids, types)[None])[0])
@@ -103,12 +111,23 @@ def main() -> None:
     train_log = [json.loads(x) for x in (run_dir / "train_log.jsonl").read_text().splitlines()]
     calibration = json.loads((run_dir / "calibration.json").read_text())
 
-    rows = "\n".join(
-        f"| {r['method']} | {100 * r['accuracy']:.2f} | {r['mean_cost']:.4f} | {r['cost_change_pct']:+.1f}% | "
-        + " / ".join(f"{100 * s:.1f}" for s in r["tier_shares"]) + " |"
-        for r in report["results"]
-    )
-    body = f"""
+    data = {"seconds": seconds, "peak_mib": peak, "timing": timing, "metrics": report,
+            "train_log": train_log, "policy": calibration.get("policy"), "winner": calibration.get("winner"),
+            "target": calibration.get("target"), "dimec": calibration["dimec"]}
+    print(f"wrote {save('core', 'Core pipeline (issue 2)', COMMAND, 'bench_core.py', data)}")
+
+
+def render(data: dict) -> str:
+    report, timing, train_log, dimec = data["metrics"], data["timing"], data["train_log"], data["dimec"]
+    rows = []
+    for r in report["results"]:
+        a, c = r["accuracy_change_pt"], r["cost_change"]
+        rows.append([r["method"] + (f" ({data['winner']})" if r["method"] == "auto" and data.get("winner") else ""),
+                     f"{100 * r['accuracy']:.2f}", f"{a['estimate']:+.2f} [{a['low']:+.2f}, {a['high']:+.2f}]",
+                     f"{c['estimate']:+.1f}% [{c['low']:+.1f}, {c['high']:+.1f}]",
+                     "-" if r["oracle_share"] is None else f"{r['oracle_share']:.2f}",
+                     " / ".join(f"{100 * x:.1f}" for x in r["tier_shares"])])
+    return f"""
 ### Main job on the embedded default (`make run`)
 
 all-MiniLM-L6-v2 (exits 2/3/6) on Rotten Tomatoes snippets, `configs/default.yaml`
@@ -116,10 +135,10 @@ all-MiniLM-L6-v2 (exits 2/3/6) on Rotten Tomatoes snippets, `configs/default.yam
 
 | figure | value | target |
 |---|---|---|
-| wall time of `dimec run` (train {len(train_log)} epochs + calibrate + evaluate) | {seconds / 60:.1f} min | < 10 min |
-| peak memory (max RSS of the job) | {peak:.0f} MiB | stated |
+| wall time of `dimec run` (train {len(train_log)} epochs + calibrate + evaluate) | {data['seconds'] / 60:.1f} min | < 10 min |
+| peak memory (max RSS of the job) | {data['peak_mib']:.0f} MiB | stated |
 | training throughput (median over epochs) | {statistics.median(x['samples_per_second'] for x in train_log):.1f} samples/s | |
-| routing decision per sample (`FastRouter`: embedding layer + nearest centroid), median, warm | {1000 * timing['route_ms']:.1f} us | |
+| DIMEC-DC's routing decision per sample (`FastRouter`: embedding layer + nearest centroid), median, warm | {1000 * timing['route_ms']:.1f} us | |
 | mobile tier inference per sample (PyTorch: embeddings + layers 1..m + exit), median | {timing['mobile_ms']:.3f} ms | |
 | routing / mobile inference (warm) | {timing['ratio_pct']:.2f}% | < 1% |
 | routing right after a mobile forward (cold caches), median; ratio | {1000 * timing['route_cold_ms']:.1f} us; {timing['cold_ratio_pct']:.2f}% | |
@@ -130,19 +149,19 @@ tokenisation excluded (every path starts from the same token ids). Warm: each pa
 back-to-back calls, the paths taking turns sample by sample. Cold: the best of 5 routing calls each
 made right after a mobile forward of the same sample, which flushes the caches the routing tables and
 numpy's own code sit in; that costs a fixed few tens of microseconds whatever the routing computes.
-`FastRouter` and the reference routing agree on {100 * timing['agreement']:.1f}% of the samples.
+`FastRouter` and the reference routing agree on {100 * timing['agreement']:.1f}% of the samples. The routing
+decision of the served path (the mobile client, int8) is timed in the serving section.
 
 ### Accuracy and cost on the test split
 
-Thresholds chosen on validation: alpha = {calibration['alpha']}, beta = {calibration['beta']};
-pools (easy/medium/hard) = {list(calibration['pool_counts'].values())}. Cost model at its documented defaults.
+The served policy: `{data['policy']}`{f" (it chose {data['winner']})" if data.get('winner') else ""}, target
+"{data['target']}", {report['policy_describe']}. DIMEC-DC's thresholds chosen on validation: alpha =
+{dimec['alpha']}, beta = {dimec['beta']}; pools (easy/medium/hard) = {list(dimec['pool_counts'].values())}.
+Cost model at its documented defaults. Δacc and cost change against cloud-only with 95% paired bootstrap intervals.
 
-| method | accuracy % | mean cost (reward units) | vs cloud-only | mobile / edge / cloud % |
-|---|---|---|---|---|
-{rows}
+{markdown_table(["method", "accuracy %", "Δacc pt [95% CI]", "cost vs cloud-only [95% CI]", "oracle share",
+                 "mobile / edge / cloud %"], rows)}
 """
-    print(body)
-    update_section("Core pipeline (issue 2)", body, COMMAND)
 
 
 if __name__ == "__main__":

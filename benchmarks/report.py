@@ -1,27 +1,81 @@
-"""Write one section of BENCHMARKS.md, leaving the other sections as they are."""
+"""Benchmark results and BENCHMARKS.md: every script saves what it measured to benchmarks/results/NAME.json
+(committed) and BENCHMARKS.md is rendered from those files alone, so a figure in it always has the raw
+numbers and the command beside it.
+
+    python benchmarks/report.py          # re-render BENCHMARKS.md from benchmarks/results/*.json
+
+Each results file holds {"title", "command", "measured": {date, machine}, "script", "data"}; the script
+(a module in benchmarks/) has `render(data) -> str`, the section's Markdown body. Sections appear in the
+order of SECTIONS; hand-written reading notes live in benchmarks/notes/NAME.md and follow their section.
+"""
 
 from __future__ import annotations
 
+import importlib
+import json
+import os
 import platform
-import re
+import sys
 from datetime import date
 from pathlib import Path
+from typing import Any
 
-BENCHMARKS = Path(__file__).resolve().parent.parent / "BENCHMARKS.md"
-HEADER = "# Benchmarks\n\nFigures measured by the scripts in `benchmarks/`; each section names the command that reproduces it.\n"
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+NOTES = HERE / "notes"
+BENCHMARKS = HERE.parent / "BENCHMARKS.md"
+SECTIONS = ("routing", "reproduce", "exits", "serving", "fleet", "reliability", "core", "training")
+HEADER = """# Benchmarks
+
+Figures measured by the scripts in `benchmarks/`. Each section is rendered from the committed results file
+`benchmarks/results/NAME.json` (`python benchmarks/report.py` renders them all again) and names the command
+that measured it, the date and the machine.
+"""
 
 
 def machine() -> str:
-    import os
-
     return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
 
 
-def update_section(title: str, body: str, command: str) -> None:
-    """Replace (or append) the `## title` section with the body, stamped with command, date and machine."""
-    text = BENCHMARKS.read_text() if BENCHMARKS.exists() else HEADER
-    section = (f"## {title}\n\nReproduce: `{command}`  \nMeasured {date.today().isoformat()} on {machine()}.\n\n"
-               f"{body.strip()}\n\n")
-    pattern = re.compile(rf"^## {re.escape(title)}\n.*?(?=^## |\Z)", re.S | re.M)
-    text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip() + "\n\n" + section
-    BENCHMARKS.write_text(text.rstrip() + "\n")
+def save(name: str, title: str, command: str, script: str, data: dict[str, Any]) -> Path:
+    """Write benchmarks/results/NAME.json and re-render BENCHMARKS.md."""
+    sys.path.insert(0, str(HERE.parent / "src"))
+    from dimec.atomic import write_json
+
+    path = RESULTS / f"{name}.json"
+    write_json(path, {"title": title, "command": command, "script": script,
+                      "measured": {"date": date.today().isoformat(), "machine": machine()}, "data": data})
+    render_all()
+    return path
+
+
+def section(name: str) -> str:
+    doc = json.loads((RESULTS / f"{name}.json").read_text())
+    sys.path.insert(0, str(HERE))
+    module = importlib.import_module(Path(doc["script"]).stem)
+    text = (f"## {doc['title']}\n\nReproduce: `{doc['command']}`  \n"
+            f"Measured {doc['measured']['date']} on {doc['measured']['machine']}.\n\n{module.render(doc['data']).strip()}\n")
+    note = NOTES / f"{name}.md"
+    if note.is_file():
+        text += "\n" + note.read_text().strip() + "\n"
+    return text
+
+
+def render_all() -> None:
+    names = [n for n in SECTIONS if (RESULTS / f"{n}.json").is_file()]
+    names += sorted(p.stem for p in RESULTS.glob("*.json") if p.stem not in SECTIONS)
+    BENCHMARKS.write_text(HEADER + "".join("\n" + section(n) for n in names))
+
+
+def markdown_table(header: list[str], rows: list[list[Any]], align: str | None = None) -> str:
+    """A Markdown table; align: one of 'l'/'r' per column (default: first left, the rest right)."""
+    align = align or "l" + "r" * (len(header) - 1)
+    rule = ["---" if a == "l" else "---:" for a in align]
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(rule) + " |"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    render_all()
+    print(f"rendered {BENCHMARKS} from {RESULTS}")

@@ -6,6 +6,7 @@ import pytest
 from dimec.config import CalibrationConfig, CostConfig
 from dimec.costs import CostModel
 from dimec.evaluation import evaluate_router
+from dimec.experiments import OURS
 from dimec.experiments.compare import METHODS, build_router, compare_methods, evaluate_over_seeds
 from dimec.outputs import ExitOutputs
 from dimec.routing import ROUTERS, make_router
@@ -56,11 +57,11 @@ def test_constant_tiers():
 def test_random_tier_shares_converge():
     out = outputs(np.full((30_000, 3), 0.9))
     probs = (0.2, 0.3, 0.5)
-    d = make_router("random", probs=probs, seed=1).route(out, CM)
+    d = make_router("random", probs=probs, seed=1).fit(out, CM).route(out, CM)
     np.testing.assert_allclose(np.bincount(d.tier, minlength=3) / len(out), probs, atol=0.01)
-    again = make_router("random", probs=probs, seed=1).route(out, CM)
+    again = make_router("random", probs=probs, seed=1).fit(out, CM).route(out, CM)
     np.testing.assert_array_equal(d.tier, again.tier)  # a seed reproduces the run
-    assert (make_router("random", probs=probs, seed=2).route(out, CM).tier != d.tier).any()
+    assert (make_router("random", probs=probs, seed=2).fit(out, CM).route(out, CM).tier != d.tier).any()
 
 
 def test_deebert_exits_at_first_exit_under_the_entropy_threshold():
@@ -91,8 +92,9 @@ def test_oracle_is_the_cheapest_at_the_best_accuracy():
     keep = out.correct.any(1)  # every sample has a right exit: the oracle's accuracy is 1
     out, carto = out.subset(keep), Cartography(*(a[keep] for a in (carto.confidence, carto.variability,
                                                                     carto.correctness)))
-    results = {r["method"]: r["mean"] for r in compare_methods(out, out, CM, carto, "accuracy",
-                                                               CalibrationConfig(), METHODS, seeds=(0, 1))}
+    rows = compare_methods(out, out, CM, carto, "accuracy", CalibrationConfig(), METHODS, seeds=(0, 1))
+    assert [r["method"] for r in rows if "skipped" in r] == ["hybrid-learned"]  # no training dynamics given
+    results = {r["method"]: r["mean"] for r in rows if "skipped" not in r}
     oracle, cloud = results["oracle"], results["cloud-only"]
     assert oracle["accuracy"] == 1.0 >= cloud["accuracy"] and oracle["mean_cost"] <= cloud["mean_cost"]
     for name, r in results.items():
@@ -123,8 +125,11 @@ def test_adaee_bandit_learns_the_best_threshold():
     # arm 0.6 keeps every sample on the mobile: reward ~0.70 - 0.02; arm 0.8 offloads all: 0.99 - 0.72
     r = make_router("adaee", arms=(0.6, 0.8), seed=3)
     d = r.route(outputs(mp), cm)
-    assert r.pulls_.argmax() == 0 and r.pulls_[0] > 0.9 * n
-    np.testing.assert_array_equal(d.tier[r.arms_ == 0], MOBILE)
+    arms, _ = r.play(outputs(mp), cm)
+    pulls = np.bincount(arms, minlength=2)
+    assert pulls.argmax() == 0 and pulls[0] > 0.9 * n
+    np.testing.assert_array_equal(d.tier[arms == 0], MOBILE)
+    assert not [k for k in vars(r) if k.endswith("_")]  # routing a stream learns nothing into the router
     again = make_router("adaee", arms=(0.6, 0.8), seed=3)
     np.testing.assert_array_equal(again.route(outputs(mp), cm).cost, d.cost)
 
@@ -135,8 +140,9 @@ def test_isplitee_bandit_learns_the_best_split():
     cm = CostModel(lambda_m=0.2, lambda_e=0.01, o_e=0.1, o_c=0.5, cloud_fee=0.3, exit_layers=(2, 3, 6))
     r = make_router("isplitee", threshold=0.8, seed=0)  # both splits answer on the mobile: m is cheaper
     d = r.route(outputs(mp), cm)
-    assert r.pulls_[0] > 0.9 * n and r.online
-    np.testing.assert_array_equal(d.exit_index[r.arms_ == 1], EDGE)  # split at n exits at n, on the mobile
+    arms, _ = r.play(outputs(mp), cm)
+    assert (arms == 0).sum() > 0.9 * n and r.online
+    np.testing.assert_array_equal(d.exit_index[arms == 1], EDGE)  # split at n exits at n, on the mobile
     assert (d.tier == MOBILE).all()
 
 
@@ -166,14 +172,15 @@ def test_costs_by_hand_for_every_method():
     lam_m, lam_e, o_e, o_c, fee = CM.lambda_m, CM.lambda_e, CM.o_e, CM.o_c, CM.cloud_fee
     tier_cost = {MOBILE: lam_m * m, EDGE: o_e + lam_e * n, CLOUD: o_c + fee}
     layers = {0: m, 1: n, 2: l}
-    for name in METHODS:
+    for name in (m for m in METHODS if m not in OURS):  # our policies' plan prices: tests/test_plans.py
         r = build_router(name, CalibrationConfig(), seed=0).fit(out, CM, carto)
         d = r.route(out, CM)
         if name == "deebert":  # cloud from layer 1 to the exit used
             expected = [o_c + fee * layers[k] / l for k in d.exit_index]
         elif name in ("adaee", "isplitee"):  # mobile up to the split, the cloud continues to l
-            split = [m] * len(out) if name == "adaee" else [layers[a] for a in r.arms_]
-            expected = [lam_m * s if t == MOBILE else lam_m * s + o_c + fee * (l - s) / l
+            split = [m] * len(out) if name == "adaee" else [layers[a] for a in r.play(out, CM)[0]]
+            hop = CM.hidden_state_factor * o_c  # the mobile's hidden state to the cloud
+            expected = [lam_m * s if t == MOBILE else lam_m * s + hop + fee * (l - s) / l
                         for s, t in zip(split, d.tier, strict=True)]
         else:
             expected = [tier_cost[t] for t in d.tier]
@@ -185,7 +192,7 @@ def test_evaluate_over_seeds_mean_and_std():
     out, carto = random_case(n=200)
 
     def factory(seed):
-        return make_router("random", seed=seed)
+        return make_router("random", seed=seed).fit(out, CM)
 
     mean, std = evaluate_over_seeds(factory, out, CM, "mcc", seeds=(0, 1, 2))
     runs = [evaluate_router(factory(s), out, CM, "mcc") for s in (0, 1, 2)]

@@ -234,7 +234,7 @@ def write_csv(path: Path, header: list[str], rows: list[list]) -> Path:
 def test_csv_with_string_labels_and_quotes(tmp_path):
     rows = [[f'said "hi", {i}', ["pos", "neg", "meh"][i % 3]] for i in range(30)]
     data = load_task(cfg(task="file", path=str(write_csv(tmp_path / "t.csv", ["text", "label"], rows))))
-    assert data.name == "file" and data.label_names == ["meh", "neg", "pos"] and data.metric == "accuracy"
+    assert data.name == "t" and data.label_names == ["meh", "neg", "pos"] and data.metric == "accuracy"
     assert Example('said "hi", 0', None, 2) in all_rows(data)
 
 

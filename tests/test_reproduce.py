@@ -16,7 +16,7 @@ from dimec.costs import CostModel
 from dimec.experiments import plots
 from dimec.experiments.ablations import CSV_FIELDS as ABLATION_FIELDS
 from dimec.experiments.ablations import FACTORS, cost_settings, run_ablations, write_ablations
-from dimec.experiments.compare import METHODS, compare_methods, threshold_sweeps
+from dimec.experiments.compare import METHODS, SWEPT, compare_methods, threshold_sweeps
 from dimec.experiments.reproduce import _same_training, reproduce, with_train_cap
 from dimec.experiments.tables import CSV_FIELDS, PAPER_HEADLINE, task_rows, write_table
 
@@ -88,7 +88,10 @@ def test_plots_are_written(synthetic, tmp_path):
              plots.plot_pools_tsne(val.embeddings, np.arange(len(val)) % 3, tmp_path / "tsne.png", "t", 60)]
     compared = compare_methods(val, test, CM, carto, "accuracy", CalibrationConfig(), ("cloud-only", "oracle"))
     sweeps = threshold_sweeps(val, test, CM, carto, "accuracy", CalibrationConfig())
-    assert set(sweeps) == {"deebert", "adaee", "dimec-fixed"}
+    assert set(sweeps) == {"deebert", "adaee", "dimec-fixed", *SWEPT}
+    for name in SWEPT:  # each family's test Pareto front: cost and accuracy rise together
+        costs, accs = [r["mean_cost"] for r in sweeps[name]], [r["accuracy"] for r in sweeps[name]]
+        assert costs == sorted(costs) and accs == sorted(accs) and len(costs) >= 1
     assert len(sweeps["dimec-fixed"]) == len(CalibrationConfig().alpha_grid)
     files.append(plots.plot_pareto({r["method"]: r["mean"] for r in compared}, sweeps, tmp_path / "p.png", "t"))
     rows = run_ablations("t", val, test, carto, "accuracy", CostConfig(), CalibrationConfig(),
@@ -114,18 +117,18 @@ def test_a_run_is_reused_only_with_the_same_training_settings(tiny_encoder, tiny
 def test_reproduce_end_to_end_on_the_tiny_model(tiny_run, tiny_encoder, tiny_task_csv, tmp_path):
     cfg = tiny_run_config(tiny_encoder, tiny_task_csv)
     out = tmp_path / "repro"
-    shutil.copytree(tiny_run, out / "runs" / "file")  # trained with the same settings: reused, not retrained
+    shutil.copytree(tiny_run, out / "runs" / "sentiment")  # trained with the same settings: reused, not retrained
     result = reproduce(["file"], cfg, out, seeds=(0, 1), multipliers=(0.5, 2), tsne_points=60)
     for name in ("index.md", "table_I.md", "table_I.csv", "table_I.json", "ablations.md", "ablations.csv",
-                 "plots/pool_proportions.png", "plots/device_accuracy.png", "plots/file_tsne_pools.png",
-                 "plots/file_data_map.png", "plots/file_pareto.png", "plots/file_pareto.json",
-                 "plots/file_ablations.png", "runs/file/outputs/test.safetensors"):
+                 "plots/pool_proportions.png", "plots/device_accuracy.png", "plots/sentiment_tsne_pools.png",
+                 "plots/sentiment_data_map.png", "plots/sentiment_pareto.png", "plots/sentiment_pareto.json",
+                 "plots/sentiment_ablations.png", "runs/sentiment/outputs/test.safetensors"):
         assert (out / name).is_file(), name
-    table = result["tables"]["file"]
+    table = result["tables"]["sentiment"]
     assert [r["method"] for r in table["rows"]] == list(METHODS) and table["reused_run"]
     assert len(result["ablations"]) == len(FACTORS) * 2 * 2
     index = (out / "index.md").read_text()
-    assert "table_I.md" in index and "plots/file_pareto.png" in index and PAPER_HEADLINE in index
+    assert "table_I.md" in index and "plots/sentiment_pareto.png" in index and PAPER_HEADLINE in index
 
     # the CLI on the same output directory reuses the trained run
     config = tmp_path / "cfg.json"
@@ -133,7 +136,7 @@ def test_reproduce_end_to_end_on_the_tiny_model(tiny_run, tiny_encoder, tiny_tas
     assert main(["reproduce", "--tasks", "file", "--out", str(out), "--config", str(config), "--seeds", "0",
                  "--methods", "dimec-fixed,adaee", "--multipliers", "1"]) == 0
     doc = json.loads((out / "table_I.json").read_text())
-    rows = doc["tasks"]["file"]["rows"]
-    assert doc["tasks"]["file"]["reused_run"] and [r["method"] for r in rows] == ["cloud-only", "dimec-fixed",
+    rows = doc["tasks"]["sentiment"]["rows"]
+    assert doc["tasks"]["sentiment"]["reused_run"] and [r["method"] for r in rows] == ["cloud-only", "dimec-fixed",
                                                                                    "adaee", "oracle"]
     assert main(["reproduce", "--tasks", "file", "--out", str(out), "--methods", "nope"]) == 2

@@ -4,12 +4,15 @@ reader sees the old file or the new one, never half of one (rename is atomic on 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 
 def _tmp_sibling(path: Path) -> Path:
@@ -37,7 +40,8 @@ def write_text(path: str | Path, text: str) -> None:
 
 
 def write_json(path: str | Path, obj: Any) -> None:
-    write_text(path, json.dumps(obj, indent=2, allow_nan=False) + "\n")
+    """Strict JSON (NaN and infinities become null, tuples lists, paths strings), written atomically."""
+    write_text(path, json.dumps(strict_json(obj), indent=2, allow_nan=False) + "\n")
 
 
 def write_with(path: str | Path, writer: Callable[[Path], Any]) -> None:
@@ -64,3 +68,21 @@ def atomic_dir(path: str | Path):
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(old, ignore_errors=True)
+
+
+def strict_json(obj: Any) -> Any:
+    """NaN/inf (e.g. an undefined oracle share) -> null, tuples and arrays -> lists, numpy scalars -> Python
+    numbers, paths -> strings."""
+    if isinstance(obj, np.ndarray):
+        return strict_json(obj.tolist())
+    if isinstance(obj, np.generic):
+        return strict_json(obj.item())
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [strict_json(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj

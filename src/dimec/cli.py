@@ -31,12 +31,40 @@ def _run_config(args: argparse.Namespace):
 
 
 def _stage_config(args: argparse.Namespace):
-    """A stage on an existing run: its saved config, with any --set overrides applied."""
+    """A stage on an existing run: its saved config, with the target options and --set overrides applied."""
     from dimec.config import RunConfig, apply_overrides
     from dimec.pipeline import load_run_config
 
     cfg = load_run_config(Path(args.run_dir))
-    return RunConfig.from_dict(apply_overrides(cfg.to_dict(), args.overrides)) if args.overrides else cfg
+    overrides = _target_overrides(args) + list(args.overrides)
+    return RunConfig.from_dict(apply_overrides(cfg.to_dict(), overrides)) if overrides else cfg
+
+
+def _target_overrides(args: argparse.Namespace) -> list[str]:
+    """--max-loss / --delta / --budget / --policy / --loss as calibration.* settings. A new target replaces
+    the saved one whole: --budget clears a saved max-loss and delta, --max-loss a saved budget."""
+    out = []
+    if getattr(args, "policy", None):
+        out.append(f"calibration.policy={args.policy}")
+    if getattr(args, "loss", None):
+        out.append(f"calibration.loss={args.loss}")
+    if getattr(args, "budget", None) is not None:
+        text = args.budget.strip()
+        cut = text.endswith("%")
+        try:
+            value = float(text.rstrip("%"))
+        except ValueError:
+            from dimec.errors import ConfigError
+
+            raise ConfigError(f"--budget must be a mean cost or a cut like 45%, got {args.budget!r}") from None
+        out += ["calibration.max_loss=null", "calibration.delta=null",
+                f"calibration.budget={'null' if cut else value}", f"calibration.budget_cut={value if cut else 'null'}"]
+    if getattr(args, "max_loss", None) is not None:
+        out += [f"calibration.max_loss={args.max_loss}", "calibration.budget=null", "calibration.budget_cut=null",
+                f"calibration.delta={'null' if args.delta is None else args.delta}"]
+    elif getattr(args, "delta", None) is not None:
+        out.append(f"calibration.delta={args.delta}")
+    return out
 
 
 def cmd_run(args: argparse.Namespace) -> None:
@@ -59,14 +87,18 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
     from dimec.pipeline import calibrate_stage
 
     s = calibrate_stage(Path(args.run_dir), _stage_config(args))
-    print(f"alpha={s['alpha']} beta={s['beta']} expected reward={s['expected_reward']:.4f} "
-          f"pools={s['pool_counts']}; router in {args.run_dir}/router.json")
+    v = s["validation"]
+    winner = f" (auto chose {s['winner']})" if "winner" in s else ""
+    print(f"policy {s['policy']}{winner}: {s['describe']}\n"
+          f"target: {s['target']}; {s.get('how', '')}\n"
+          f"on validation ({v['samples']} samples): {v['accuracy_change_pt']['estimate']:+.2f} pt, "
+          f"cost {v['cost_change_pct']:+.1f}% against cloud-only; router in {args.run_dir}/router.json")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from dimec.pipeline import evaluate_stage, format_table
 
-    print(format_table(evaluate_stage(Path(args.run_dir), _stage_config(args))))
+    print(format_table(evaluate_stage(Path(args.run_dir), _stage_config(args), other_costs=args.other_costs)))
 
 
 def texts_from_args(texts: list[str], file: str | None) -> list[str]:
@@ -104,18 +136,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", required=True)
     p.set_defaults(func=cmd_train)
 
-    for name, func, text in (("calibrate", cmd_calibrate, "choose thresholds, build pools and the router"),
-                             ("evaluate", cmd_evaluate, "cloud-only, DIMEC Fixed and Dynamic on the test split")):
-        p = sub.add_parser(name, help=text)
-        p.add_argument("run_dir")
-        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
-        p.set_defaults(func=func)
+    p = sub.add_parser("calibrate", help="fit the served policy on validation to meet a stated loss or budget")
+    p.add_argument("run_dir")
+    p.add_argument("--max-loss", type=float, metavar="POINTS",
+                   help="accuracy points below cloud-only the policy may lose (default 0.5)")
+    p.add_argument("--delta", type=float, help="with --max-loss: the bound holds with probability >= 1 - delta")
+    p.add_argument("--budget", metavar="COST|PCT%", help="instead: mean cost at most COST, or a cut of PCT%%")
+    p.add_argument("--policy", help="the policy to fit: auto (default: the cheapest that meets the target), "
+                                    "cascade, edge-cascade, cloud-early-exit, hybrid-centroid, hybrid-learned, ...")
+    p.add_argument("--loss", choices=("accuracy", "disagreement"),
+                   help="accuracy (needs labels) or disagreement with the cloud exit (label-free)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    p.set_defaults(func=cmd_calibrate)
 
-    p = sub.add_parser("route", help="route texts (arguments or --file) and answer each on its tier")
+    p = sub.add_parser("evaluate", help="the served policy, DIMEC Fixed and Dynamic against cloud-only on test")
+    p.add_argument("run_dir")
+    p.add_argument("--other-costs", action="store_true",
+                   help="evaluate a policy calibrated under other costs than the run's current ones")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("route", help="route texts (arguments or --file) and answer each as deployed")
     p.add_argument("run_dir")
     p.add_argument("texts", nargs="*")
     p.add_argument("--file", help="a text file, one text per line")
-    p.add_argument("--mode", default="fixed", choices=("fixed", "dynamic"))
+    p.add_argument("--mode", default="policy", choices=("policy", "dimec-fixed", "dimec-dynamic"),
+                   help="policy: the calibrated router.json (default); or the paper's routers")
     p.set_defaults(func=cmd_route)
 
     _attach_optional(sub)

@@ -24,6 +24,7 @@ DEFAULT_MODEL = "default"  # resolves to the embedded all-MiniLM-L6-v2 (PyPI gt-
 @dataclass
 class DataConfig:
     task: str = "rotten_tomatoes"  # rotten_tomatoes, sst2, cola, mrpc, qnli, rte, mnli, qqp, or "file"
+    name: str | None = None  # task="file": the data's name in reports (default: the file's or folder's name)
     path: str | None = None  # a task folder or file; GLUE tasks default to <glue_dir>/<TASK>
     glue_dir: str = "../shared/glue"
     source: str = "local"  # "local" files or the Hugging Face "hub" (needs internet)
@@ -90,6 +91,18 @@ class CalibrationConfig:
     medium_rule: str = "text"  # "text": conf >= a and var > b (paper's text); "algorithm1": conf < a and var > b
     cartography_exit: str = "mobile"  # which exit's training dynamics define the pools
     seed: int = 42
+    # ---- the served policy and what it must meet (docs/routing.md) ----
+    policy: str = "auto"  # auto (cheapest that meets the target), or one policy: cascade, hybrid-learned, ...
+    max_loss: float | None = 0.5  # points of accuracy (or disagreement) below cloud-only
+    delta: float | None = None  # the loss bound holds with probability >= 1 - delta (None: point estimate)
+    point_margin: float = 0.0  # point estimate: validation loss + this many standard errors <= max_loss
+    budget: float | None = None  # instead of max_loss: mean cost at most this (reward units) ...
+    budget_cut: float | None = None  # ... or a cost cut of at least this many % against cloud-only
+    loss: str = "accuracy"  # "accuracy" (needs labels) or "disagreement" with the cloud exit (label-free)
+    guarantee_test: str = "binomial"  # p-value for --delta: "binomial" (exact) or "betting"
+    order_share: float = 0.5  # --delta: share of validation that orders the candidates, the rest tests them
+    threshold_grid: int = 20  # confidence thresholds tried per exit (quantiles of validation confidences)
+    prerouter_adequate: float = 0.5  # learned pre-router: an exit is adequate if right in this share of epochs
 
 
 @dataclass

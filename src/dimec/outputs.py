@@ -15,14 +15,24 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import load_file, save_file
 
-from dimec.errors import ArtifactError
+from dimec.errors import ArtifactError, ConfigError
 
 FORMAT_VERSION = 2  # 1: probabilities only (no logits, no lengths); read as stale and recomputed
+CONFIDENCES = ("max_prob", "entropy")
 
 
 def softmax(logits: np.ndarray, axis: int = -1) -> np.ndarray:
     z = np.exp(logits - logits.max(axis, keepdims=True))
     return z / z.sum(axis, keepdims=True)
+
+
+def confidence(probs: np.ndarray, kind: str = "max_prob") -> np.ndarray:
+    """(..., C) -> (...): max-probability, or minus the entropy (so that higher is always more confident)."""
+    if kind == "max_prob":
+        return probs.max(-1)
+    if kind == "entropy":
+        return (probs * np.log(np.clip(probs, 1e-12, 1.0))).sum(-1)
+    raise ConfigError(f"unknown confidence {kind!r}", f"use one of {', '.join(CONFIDENCES)}")
 
 
 @dataclass(eq=False)
@@ -69,7 +79,7 @@ class ExitOutputs:
     def num_classes(self) -> int:
         return self.logits.shape[2]
 
-    @property
+    @cached_property
     def predictions(self) -> np.ndarray:  # (N, 3); a temperature never changes an argmax
         return self.logits.argmax(-1)
 
@@ -77,12 +87,39 @@ class ExitOutputs:
     def max_probs(self) -> np.ndarray:  # (N, 3) confidence of each exit in its own prediction
         return self.probs.max(-1)
 
-    @property
+    @cached_property
     def correct(self) -> np.ndarray:  # (N, 3) bool
         return self.predictions == self.labels[:, None]
 
+    def losses_against_last_exit(self, loss: str = "accuracy") -> np.ndarray:
+        """(N, 3) int8: what answering at exit k loses against the last exit (cloud-only), per sample:
+        "accuracy" 1[last right] - 1[k right] in {-1, 0, 1}; "disagreement" 1[k's answer != last's]."""
+        cache = self.__dict__.setdefault("_losses", {})
+        if loss not in cache:
+            if loss == "accuracy":
+                cache[loss] = self.correct[:, -1:].astype(np.int8) - self.correct.astype(np.int8)
+            elif loss == "disagreement":
+                cache[loss] = (self.predictions != self.predictions[:, -1:]).astype(np.int8)
+            else:
+                raise ConfigError(f"unknown loss {loss!r}", "use accuracy or disagreement")
+        return cache[loss]
+
+    def confidences(self, kind: str = "max_prob") -> np.ndarray:
+        """(N, 3) each exit's confidence in its own prediction (computed once per kind)."""
+        cache = self.__dict__.setdefault("_confidences", {})
+        if kind not in cache:
+            cache[kind] = confidence(self.probs, kind)
+        return cache[kind]
+
     def with_temperatures(self, temperatures) -> ExitOutputs:
         return ExitOutputs(self.logits, self.labels, self.embeddings, self.lengths, temperatures)
+
+    @classmethod
+    def concat(cls, parts: list[ExitOutputs]) -> ExitOutputs:
+        """The samples of several outputs (of one model: same temperatures) in order."""
+        lengths = None if any(p.lengths is None for p in parts) else np.concatenate([p.lengths for p in parts])
+        return cls(np.concatenate([p.logits for p in parts]), np.concatenate([p.labels for p in parts]),
+                   np.concatenate([p.embeddings for p in parts]), lengths, parts[0].temperatures)
 
     def subset(self, index: np.ndarray) -> ExitOutputs:
         lengths = None if self.lengths is None else self.lengths[index]

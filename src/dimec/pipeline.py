@@ -14,18 +14,24 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from dimec.atomic import write_json
 from dimec.config import CalibrationConfig, CostConfig, RunConfig
 from dimec.costs import CostModel
 from dimec.data import Example, TaskData, load_task
 from dimec.errors import ArtifactError, ConfigError, DataError
-from dimec.evaluation import MethodResult, evaluate_router
+from dimec.evaluation import MethodResult, evaluate_methods
 from dimec.modeling.multi_exit import MODEL_CONFIG, MultiExitModel
-from dimec.outputs import ExitOutputs
-from dimec.routing import make_router
-from dimec.routing.base import load_router, save_router
+from dimec.outputs import ExitOutputs, confidence, softmax
+from dimec.routing import ROUTERS, make_router
+from dimec.routing.auto import AutoRouter
+from dimec.routing.base import TrainingSignal, load_router, save_router
+from dimec.routing.cascade import target_of
 from dimec.routing.dimec import DimecDynamicRouter, DimecFixedRouter
+from dimec.routing.plan import PlanRouter, plan_text
+from dimec.routing.targets import Target
 from dimec.rundir import CONFIG, MODEL_DIR, SPLITS, RunDir
 from dimec.tiers import POOLS, TIERS
 from dimec.training.batching import encode
@@ -123,63 +129,152 @@ def load_cost_model(run_dir: Path, cost_cfg: CostConfig | None = None) -> CostMo
     return CostModel.from_config(cost_cfg or cfg.cost, tuple(model_cfg["exit_layers"]))
 
 
-def calibrate_stage(run_dir: Path, cfg: RunConfig | None = None) -> dict:
-    """Cartography -> thresholds by reward search -> pools -> centroids, saved as router.json."""
+def training_signal(run_dir: Path, cfg: RunConfig) -> TrainingSignal | None:
+    """The training rows whose dynamics were recorded (train.train_dynamics_samples): their routing
+    features (cached as outputs/train.safetensors) and cartography. None when training recorded none."""
     run_dir = Path(run_dir)
+    if not RunDir(run_dir).dynamics_dir("train").is_dir():
+        return None
+    from dimec.training.cartography import dynamics_rows
+
+    probs, correct = read_dynamics(run_dir, "train")
+    rows = dynamics_rows(run_dir, "train")
+    cache = RunDir(run_dir).outputs("train")
+    outputs = None
+    if cache.is_file():
+        try:
+            outputs = ExitOutputs.load(cache)
+        except ArtifactError:
+            outputs = None
+    if outputs is None or len(outputs) != len(rows):
+        model = load_model(run_dir)
+        examples = [task_data(cfg).train[i] for i in rows]
+        outputs = predict_exit_outputs(model, encode(model.tokenizer, examples, cfg.data.max_length),
+                                       cfg.train.eval_batch_size, progress=cfg.train.progress)
+        outputs.save(cache)
+    carto = Cartography.from_dynamics(probs, correct, cfg.calibration.variability)
+    return TrainingSignal(outputs.embeddings, outputs.lengths, carto)
+
+
+def servable_policy(name: str) -> type[PlanRouter]:
+    """The registered policy calibrate fits and the tiers serve; one clear error for anything else."""
+    import dimec.routing  # noqa: F401  (registers every router)
+
+    servable = sorted(n for n, cls in ROUTERS.items() if issubclass(cls, PlanRouter))
+    if name not in servable:
+        raise ConfigError(f"calibration.policy {name!r} is not a servable policy",
+                          f"use one of: {', '.join(servable)} (auto: the cheapest that meets the target)")
+    return ROUTERS[name]
+
+
+def check_calibration(cfg: CalibrationConfig) -> Target:
+    """Every calibration setting a policy reads, checked before calibrate touches the run directory."""
+    servable_policy(cfg.policy)
+    return Target(**target_of(cfg)).check()
+
+
+def calibrate_stage(run_dir: Path, cfg: RunConfig | None = None) -> dict:
+    """Fit the served policy (calibration.policy, default auto) on validation to meet the target; fit the
+    paper's DIMEC-DC pools beside it. Writes router.json, calibration.json and data_map.png, and only then
+    config.json: a calibrate that fails leaves the run directory as it was (caches aside)."""
+    run_dir = Path(run_dir)
+    rd = RunDir(run_dir)
     cfg = cfg or load_run_config(run_dir)
-    cfg.save(RunDir(run_dir).config)  # calibration and cost settings may be changed between stages
-    carto = load_cartography(run_dir, cfg.calibration)
+    c = cfg.calibration
+    target = check_calibration(c)
+    cost_model = load_cost_model(run_dir, cfg.cost)
+    carto = load_cartography(run_dir, c)
     val = split_outputs(run_dir, "validation")
     if len(carto.confidence) != len(val):
         raise ArtifactError(f"dynamics cover {len(carto.confidence)} samples but validation has {len(val)}",
                             "the run directory mixes two runs: train again in a fresh --run-dir")
-    cost_model = load_cost_model(run_dir, cfg.cost)
-    c = cfg.calibration
-    router = DimecFixedRouter(c.alpha_grid, c.beta_grid, c.medium_rule, c.cartography_exit)
-    router.fit(val, cost_model, carto)
-    save_router(router, RunDir(run_dir).router, cost_model)
+    train = training_signal(run_dir, cfg)
+    if target.budgeted and target.cost_cap(cost_model.cloud_only) < cost_model.tier_costs.min() - 1e-12:
+        raise ConfigError(f"a mean cost of {target.cost_cap(cost_model.cloud_only):.4g} is below mobile-only's "
+                          f"{cost_model.tier_costs.min():.4g}: no policy is that cheap",
+                          "raise --budget (mobile-only is the cheapest policy)")
+    policy = servable_policy(c.policy).from_config(c).fit(val, cost_model, carto, train)
+    paper = DimecFixedRouter.from_config(c).fit(val, cost_model, carto)
+    val_scores = evaluate_methods({"cloud-only": make_router("cloud-only"), c.policy: policy}, val, cost_model,
+                                  "accuracy", resamples=500)[1]
+    report = {"policy": c.policy, "describe": policy.describe(), "target": target.describe(),
+              "validation": {"samples": len(val), "accuracy_change_pt": val_scores.accuracy_change_pt.to_dict(),
+                             "cost_change_pct": val_scores.cost_change_pct,
+                             "tier_shares": list(val_scores.tier_shares)},
+              "training_signal": None if train is None else len(train.lengths)}
+    if isinstance(policy, AutoRouter):
+        report |= {"winner": policy.winner_, "how": policy.how_, "families": policy.summary_}
+    elif hasattr(policy, "selection_"):
+        report["how"] = policy.selection_.how
     summary = {
-        "alpha": router.alpha_, "beta": router.beta_, "expected_reward": router.expected_reward_,
-        "pool_counts": dict(zip(POOLS, router.counts_.tolist(), strict=True)),
+        **report,
+        "dimec": {"alpha": paper.alpha_, "beta": paper.beta_, "expected_reward": paper.expected_reward_,
+                  "pool_counts": dict(zip(POOLS, paper.counts_.tolist(), strict=True)),
+                  "reward_grid": {"alpha": list(c.alpha_grid), "beta": list(c.beta_grid),
+                                  "reward": paper.reward_grid_.tolist()},
+                  "variability": c.variability, "medium_rule": c.medium_rule},
         "cost_model": cost_model.to_dict(), "tier_costs": cost_model.tier_costs.tolist(),
-        "reward_grid": {"alpha": list(c.alpha_grid), "beta": list(c.beta_grid), "reward": router.reward_grid_.tolist()},
-        "variability": c.variability, "medium_rule": c.medium_rule,
     }
-    RunDir(run_dir).calibration.write_text(json.dumps(summary, indent=2) + "\n")
-    plot_data_map(carto, RunDir(run_dir).data_map, c.cartography_exit)
+    save_router(policy, rd.router, cost_model, report=report)
+    write_json(rd.calibration, summary)
+    plot_data_map(carto, rd.data_map, c.cartography_exit)
+    cfg.save(rd.config)  # last: calibration and cost settings may change between stages, once they work
     return summary
 
 
-def evaluate_stage(run_dir: Path, cfg: RunConfig | None = None) -> dict:
-    """Cloud-only, DIMEC Fixed and Dynamic on the test split, under one cost model."""
+def evaluate_stage(run_dir: Path, cfg: RunConfig | None = None, other_costs: bool = False) -> dict:
+    """The served policy, DIMEC-DC Fixed and Dynamic, against cloud-only on the test split, under one cost
+    model, with 95% paired bootstrap intervals and the oracle's saving as the bound."""
     run_dir = Path(run_dir)
+    rd = RunDir(run_dir)
     cfg = cfg or load_run_config(run_dir)
-    fixed, _ = load_router(RunDir(run_dir).router)
-    dynamic = DimecDynamicRouter.from_fixed(fixed)
-    test = split_outputs(run_dir, "test")
+    policy, raw = load_router(rd.router)
     cost_model = load_cost_model(run_dir, cfg.cost)
-    metric = json.loads(RunDir(run_dir).data.read_text())["metric"]
-    results: list[MethodResult] = [
-        evaluate_router(make_router("cloud-only"), test, cost_model, metric),  # the reference
-        evaluate_router(fixed, test, cost_model, metric, name="dimec-fixed"),
-        evaluate_router(dynamic, test, cost_model, metric, name="dimec-dynamic"),
-    ]
-    report = {"task": cfg.data.task, "metric": metric, "test_size": len(test),
-              "cost_model": cost_model.to_dict(), "results": [r.to_dict() for r in results]}
-    RunDir(run_dir).metrics.write_text(json.dumps(report, indent=2) + "\n")
+    fitted_under = CostModel.from_dict(raw["cost_model"])
+    mismatch = fitted_under != cost_model
+    if mismatch and not other_costs:
+        raise ConfigError("router.json was calibrated under other costs than these",
+                          "run `dimec calibrate RUN_DIR` with the same --set cost.* settings, or pass "
+                          "--other-costs to evaluate the calibrated policy under the new costs knowingly")
+    test = split_outputs(run_dir, "test")
+    val = split_outputs(run_dir, "validation")
+    carto = load_cartography(run_dir, cfg.calibration)
+    paper = DimecFixedRouter.from_config(cfg.calibration).fit(val, cost_model, carto)
+    metric = json.loads(rd.data.read_text())["metric"]
+    routers = {"cloud-only": make_router("cloud-only"), raw["router"]: policy, "dimec-fixed": paper,
+               "dimec-dynamic": DimecDynamicRouter.from_fixed(paper), "oracle": make_router("oracle")}
+    results: list[MethodResult] = evaluate_methods(routers, test, cost_model, metric)
+    calibrated = raw.get("report", {})  # what calibrate found on validation: the target, the winner and why
+    report = {"task": cfg.data.task, "metric": metric, "test_size": len(test), "policy": raw["router"],
+              "policy_describe": policy.describe(), "target": calibrated.get("target"),
+              "winner": calibrated.get("winner"), "why": calibrated.get("how"),
+              "families_on_validation": calibrated.get("families"),
+              "cost_model": cost_model.to_dict(), "calibrated_under_other_costs": mismatch,
+              "results": [r.to_dict() for r in results]}
+    write_json(rd.metrics, report)
     return report
 
 
 def format_table(report: dict) -> str:
+    """The test-split results as a fixed-width table: accuracy, cost, the changes against cloud-only with
+    their 95% intervals, the oracle's share and where samples were answered."""
     metric = report["metric"]
-    head = f"{'method':<16}{'accuracy':>10}" + (f"{metric:>8}" if metric != "accuracy" else "") + \
-        f"{'cost':>9}{'vs cloud':>10}{'mobile':>8}{'edge':>8}{'cloud':>8}"
-    lines = [f"task {report['task']}, {report['test_size']} test samples", head, "-" * len(head)]
+    head = (f"{'method':<16}{'accuracy':>9}" + (f"{metric:>8}" if metric != "accuracy" else "")
+            + f"{'d acc (pt) [95% CI]':>24}{'cost vs cloud [95% CI]':>26}{'oracle':>8}   mobile/edge/cloud")
+    winner = f" (it chose {report['winner']})" if report.get("winner") else ""
+    lines = [f"task {report['task']}, {report['test_size']} test samples; served policy {report['policy']}{winner}: "
+             f"{report['policy_describe']}", f"target: {report['target']}; {report.get('why') or ''}",
+             head, "-" * len(head)]
     for r in report["results"]:
         extra = f"{r['metrics'][metric]:>8.4f}" if metric != "accuracy" else ""
-        s = r["tier_shares"]
-        lines.append(f"{r['method']:<16}{r['accuracy']:>10.4f}{extra}{r['mean_cost']:>9.4f}"
-                     f"{r['cost_change_pct']:>9.1f}%{s[0]:>8.1%}{s[1]:>8.1%}{s[2]:>8.1%}")
+        a, c = r["accuracy_change_pt"], r["cost_change"]
+        share = "-" if r["oracle_share"] is None else f"{r['oracle_share']:.2f}"
+        lines.append(f"{r['method']:<16}{r['accuracy']:>9.4f}{extra}"
+                     f"{a['estimate']:>+9.2f} [{a['low']:+.2f}, {a['high']:+.2f}]"
+                     f"{c['estimate']:>+10.1f}% [{c['low']:+.1f}, {c['high']:+.1f}]{share:>8}   "
+                     + "/".join(f"{100 * x:.0f}" for x in r["tier_shares"]))
+    if report.get("calibrated_under_other_costs"):
+        lines.append("note: the policy was calibrated under other costs than these (evaluated with --other-costs)")
     return "\n".join(lines)
 
 
@@ -190,30 +285,54 @@ def run_all(cfg: RunConfig, run_dir: Path) -> dict:
 
 
 # ---- routing new texts ---------------------------------------------------------------------------------
+ROUTE_MODES = ("policy", "dimec-fixed", "dimec-dynamic")
+
+
 @torch.no_grad()
-def route_texts(run_dir: Path, texts: list[str], pairs: list[str] | None = None, mode: str = "fixed") -> list[dict]:
-    """Embed, route, and run only the chosen tier's layers for each text."""
-    if mode not in ("fixed", "dynamic"):
-        raise ConfigError(f"routing mode must be 'fixed' or 'dynamic', got {mode!r}")
+def route_texts(run_dir: Path, texts: list[str], pairs: list[str] | None = None, mode: str = "policy") -> list[dict]:
+    """Answer each text as the deployment would: the pre-router picks a plan from the embedding layer's
+    output, then the plan's stages run until one is confident (all tiers in this process). mode "policy" is
+    the calibrated router.json; "dimec-fixed"/"dimec-dynamic" the paper's routers, fitted on validation."""
+    if mode not in ROUTE_MODES:
+        raise ConfigError(f"routing mode must be one of {', '.join(ROUTE_MODES)}, got {mode!r}")
     if not texts:
         raise DataError("no texts to route", "give texts on the command line or --file FILE (one per line)")
     if pairs is not None and len(pairs) != len(texts):
         raise DataError(f"{len(texts)} texts but {len(pairs)} text pairs", "give one pair per text")
-    model = load_model(run_dir)
-    router, _ = load_router(RunDir(run_dir).router)
-    if mode == "dynamic":
-        router = DimecDynamicRouter.from_fixed(router)
-    answers = []
     for i, text in enumerate(texts):
         if not text.strip():
             raise DataError(f"text {i + 1} is empty", "give non-empty texts")
+    run_dir = Path(run_dir)
+    if mode == "policy":
+        router, _ = load_router(RunDir(run_dir).router)
+    else:
+        cfg = load_run_config(run_dir)
+        cost_model = load_cost_model(run_dir, cfg.cost)
+        router = DimecFixedRouter.from_config(cfg.calibration).fit(
+            split_outputs(run_dir, "validation"), cost_model, load_cartography(run_dir, cfg.calibration))
+        if mode == "dimec-dynamic":
+            router = DimecDynamicRouter.from_fixed(router)
+    model = load_model(run_dir)
+    temperatures = np.asarray(getattr(model.config, "temperatures", None) or (1.0, 1.0, 1.0))
+    answers = []
+    for i, text in enumerate(texts):
         pair = pairs[i] if pairs else None
         enc = model.tokenizer(text, pair, truncation=True, max_length=model.config.max_length, return_tensors="pt")
         inputs = {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
         emb = model.embed(**inputs).numpy()  # (1, H)
-        tier = router.update(emb[0]) if mode == "dynamic" else int(router.predict_tiers(emb)[0])
-        probs = model(**inputs, upto=tier)[-1].softmax(-1)[0]  # only layers 1..exit_layers[tier]
+        length = np.array([int(inputs["attention_mask"].sum())])
+        if isinstance(router, DimecDynamicRouter):
+            choice = router.update(emb[0])
+        else:
+            choice = int(router.choose_plans(emb, length)[0])
+        plan = router.plans_[choice]
+        logits = model(**inputs, upto=plan[-1].exit)  # only layers 1..exit_layers[last exit of the plan]
+        for stage in plan:
+            probs = softmax(logits[stage.exit][0].numpy().astype(np.float64) / temperatures[stage.exit])
+            if stage.threshold is None or confidence(probs, router.confidence_) >= stage.threshold:
+                break
         label = int(probs.argmax())
-        answers.append({"text": text, "tier": TIERS[tier],
-                        "label": model.config.label_names[label], "confidence": round(float(probs[label]), 4)})
+        answers.append({"text": text, "tier": TIERS[stage.tier], "exit_layer": model.config.exit_layers[stage.exit],
+                        "plan": plan_text(plan), "label": model.config.label_names[label],
+                        "confidence": round(float(probs[label]), 4)})
     return answers

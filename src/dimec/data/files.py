@@ -129,7 +129,8 @@ def load_file_task(cfg: DataConfig) -> RawTask:
                             f"{table.path}:{line}") for line, row in table.rows]
         for part, table in tables.items()
     }
-    return RawTask("file", label_names, "accuracy", parts, where={p: str(f) for p, f in files.items()})
+    name = cfg.name or Path(cfg.path).expanduser().stem  # reports say "reviews", not "file"
+    return RawTask(name, label_names, "accuracy", parts, where={p: str(f) for p, f in files.items()})
 
 
 def infer_label_names(values: Any) -> list[str]:

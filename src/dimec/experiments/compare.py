@@ -3,8 +3,6 @@ seed are scored over several seeds (mean and standard deviation)."""
 
 from __future__ import annotations
 
-import functools
-import inspect
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -12,37 +10,28 @@ import numpy as np
 
 from dimec.config import CalibrationConfig
 from dimec.costs import CostModel
-from dimec.evaluation import MethodResult, evaluate_router, score_decisions
-from dimec.experiments import DISPLAY, METHODS  # noqa: F401  (re-exported)
+from dimec.errors import DimecError
+from dimec.evaluation import MethodResult, evaluate_methods, evaluate_router, score_decisions
+from dimec.experiments import DISPLAY, METHODS, SWEPT  # noqa: F401  (re-exported)
 from dimec.outputs import ExitOutputs
 from dimec.routing import ROUTERS, make_router
-from dimec.routing.base import Router
+from dimec.routing.base import Router, TrainingSignal
+from dimec.routing.plan import PlanRouter
 from dimec.training.cartography import Cartography
 
 
-@functools.cache
-def router_params(name: str) -> frozenset[str]:
-    """The keyword parameters a registered router's `__init__` accepts (PoolRouter's included)."""
-    cls = ROUTERS[name]
-    params: set[str] = set()
-    for klass in cls.__mro__:
-        if "__init__" in vars(klass):
-            params |= {p for p in inspect.signature(klass.__init__).parameters if p != "self"}
-    return frozenset(params - {"pool_params"})
-
-
 def is_seeded(name: str) -> bool:
-    return "seed" in router_params(name)
+    """Whether a registered router takes a seed (its results are then averaged over several)."""
+    return "seed" in ROUTERS[name].from_config(CalibrationConfig()).get_params()
 
 
 def build_router(name: str, calibration: CalibrationConfig, seed: int | None = None, **overrides: Any) -> Router:
-    """A router by name with the run's calibration settings (for the pool routers) and a seed."""
-    accepted = router_params(name)
-    params = {k: getattr(calibration, k) for k in ("alpha_grid", "beta_grid", "medium_rule", "cartography_exit")
-              if k in accepted}
-    if seed is not None and "seed" in accepted:
-        params["seed"] = seed
-    return make_router(name, **(params | overrides))
+    """A router by name with the run's calibration settings (each router's `from_config`), a seed where it
+    takes one, and any parameter overridden."""
+    if name not in ROUTERS:
+        make_router(name)  # the registry's one clear error for an unknown name
+    router = ROUTERS[name].from_config(calibration, seed)
+    return type(router)(**(router.get_params() | overrides)) if overrides else router
 
 
 def evaluate_over_seeds(router_factory: Callable[[int], Router], outputs: ExitOutputs, cost_model: CostModel,
@@ -73,24 +62,40 @@ def aggregate(results: Sequence[MethodResult]) -> tuple[dict, dict]:
 
 def compare_methods(val: ExitOutputs, test: ExitOutputs, cost_model: CostModel, carto: Cartography | None,
                     metric: str, calibration: CalibrationConfig, methods: Sequence[str] = METHODS,
-                    seeds: Sequence[int] = (0,)) -> list[dict]:
+                    seeds: Sequence[int] = (0,), train: TrainingSignal | None = None) -> list[dict]:
     """Fit each method on validation, score on test. One row per method: mean, std (zeros when the
-    method has no seed) and whether it ran over seeds."""
+    method has no seed), whether it ran over seeds, and the 95% paired bootstrap intervals of its accuracy
+    and cost change against cloud-only (of the first seed's run). A method that cannot be fitted on this
+    task (e.g. the learned pre-router without training dynamics) gets a row with the reason instead."""
     rows = []
     for name in methods:
         def factory(seed: int, name: str = name) -> Router:
-            return build_router(name, calibration, seed).fit(val, cost_model, carto)
+            return build_router(name, calibration, seed).fit(val, cost_model, carto, train)
 
-        mean, std = evaluate_over_seeds(factory, test, cost_model, metric, seeds if is_seeded(name) else seeds[:1])
-        rows.append({"method": name, "mean": mean, "std": std, "seeded": is_seeded(name)})
+        try:
+            first = factory(seeds[0])
+        except DimecError as exc:
+            rows.append({"method": name, "skipped": exc.message})
+            continue
+        routers = {name: first}
+        mean, std = evaluate_over_seeds(lambda s, first=first, f=factory: first if s == seeds[0] else f(s), test,
+                                        cost_model, metric, seeds if is_seeded(name) else seeds[:1])
+        ci = evaluate_methods(routers, test, cost_model, metric)[0]
+        rows.append({"method": name, "mean": mean, "std": std, "seeded": is_seeded(name),
+                     "ci": {"accuracy_change_pt": ci.accuracy_change_pt.to_dict(),
+                            "cost_change_pct": ci.cost_change.to_dict()},
+                     "describe": first.describe() if isinstance(first, PlanRouter) else None,
+                     "winner": getattr(first, "winner_", None)})
     return rows
 
 
 def threshold_sweeps(val: ExitOutputs, test: ExitOutputs, cost_model: CostModel, carto: Cartography | None,
-                     metric: str, calibration: CalibrationConfig) -> dict[str, list[dict]]:
+                     metric: str, calibration: CalibrationConfig, train: TrainingSignal | None = None
+                     ) -> dict[str, list[dict]]:
     """Accuracy/cost on test for every threshold of the methods that have one (the Pareto curves):
-    DeeBERT's entropy threshold, AdaEE's mobile confidence threshold held fixed (no bandit) and
-    DIMEC-DC's alpha (beta re-chosen by the reward search for each alpha)."""
+    DeeBERT's entropy threshold, AdaEE's mobile confidence threshold held fixed (no bandit),
+    DIMEC-DC's alpha (beta re-chosen by the reward search for each alpha), and the test Pareto front of
+    every threshold configuration of our plan families (thresholds from validation quantiles)."""
     from dimec.routing.baselines import DEFAULT_ARMS, deebert_decisions, entropy_grid, split_decisions
     from dimec.tiers import MOBILE
 
@@ -107,4 +112,23 @@ def threshold_sweeps(val: ExitOutputs, test: ExitOutputs, cost_model: CostModel,
                             test, cost_model, metric).to_dict() | {"threshold": float(a)}
             for a in calibration.alpha_grid
         ]
+    for name in SWEPT:  # the threshold grids of our policies: every configuration, its test Pareto front kept
+        family = build_router(name, calibration)
+        try:
+            family.prepare(val, cost_model, carto, train)
+        except DimecError:
+            continue
+        scored_grid = [evaluate_router(c, test, cost_model, metric).to_dict() | {"threshold": c.describe()}
+                       for c in family.candidates(val, cost_model, carto, train)]
+        sweeps[name] = pareto_rows(scored_grid)
     return sweeps
+
+
+def pareto_rows(rows: list[dict]) -> list[dict]:
+    """The rows no other row beats on both accuracy and cost, by cost."""
+    front, best = [], -np.inf
+    for r in sorted(rows, key=lambda r: (r["mean_cost"], -r["accuracy"])):
+        if r["accuracy"] > best + 1e-12:
+            front.append(r)
+            best = r["accuracy"]
+    return front

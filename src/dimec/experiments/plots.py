@@ -90,9 +90,11 @@ def plot_pools_tsne(embeddings: np.ndarray, pools: np.ndarray, path: Path, title
     return _save(fig, path)
 
 
-def plot_pareto(points: dict[str, dict], sweeps: dict[str, list[dict]], path: Path, title: str) -> Path:
+def plot_pareto(points: dict[str, dict], sweeps: dict[str, list[dict]], path: Path, title: str,
+                highlight: str | None = None) -> Path:
     """points: {method: result dict (Table I mean)}; sweeps: {method: [result dict per threshold]}.
-    Accuracy against cost as a % of cloud-only cost; threshold sweeps drawn as lines."""
+    Accuracy against cost as a % of cloud-only cost; threshold sweeps drawn as lines; the `highlight`
+    method's operating point (auto's) drawn large."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7.5, 5))
     cmap = plt.get_cmap("tab10")
@@ -102,8 +104,10 @@ def plot_pareto(points: dict[str, dict], sweeps: dict[str, list[dict]], path: Pa
                 color=cmap(i), alpha=0.6, marker=".", label=f"{DISPLAY.get(name, name)} (threshold sweep)")
     markers = "o^sDvP*XhH<>"
     for i, (name, r) in enumerate(points.items()):
-        ax.scatter(100 + r["cost_change_pct"], 100 * r["accuracy"], marker=markers[i % len(markers)], s=60,
-                   edgecolor="black", zorder=3, label=DISPLAY.get(name, name))
+        big = name == highlight
+        ax.scatter(100 + r["cost_change_pct"], 100 * r["accuracy"], marker="*" if big else markers[i % len(markers)],
+                   s=260 if big else 60, edgecolor="black", zorder=4 if big else 3,
+                   label=DISPLAY.get(name, name) + (" - operating point" if big else ""))
     ax.set_xlabel("mean cost per sample (% of cloud-only cost)")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(title)

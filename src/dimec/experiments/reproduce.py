@@ -25,6 +25,7 @@ if TYPE_CHECKING:  # the heavy modules (torch, scikit-learn) load only when repr
 
     from dimec.costs import CostModel
     from dimec.outputs import ExitOutputs
+    from dimec.routing.base import TrainingSignal
     from dimec.training.cartography import Cartography
 
 
@@ -42,6 +43,7 @@ class TaskRun:
     carto: Cartography
     cost_model: CostModel
     reused: bool
+    train: TrainingSignal | None  # the training split's routing features and cartography, when recorded
 
 
 def task_config(base_cfg: RunConfig, task: str) -> RunConfig:
@@ -56,11 +58,26 @@ def _same_training(old: RunConfig, new: RunConfig) -> bool:
     return json.dumps(key(old), default=list) == json.dumps(key(new), default=list)
 
 
+def run_name(cfg: RunConfig) -> str:
+    """A run's folder name: the task, or for custom data data.name, else the data file's (or folder's) name."""
+    if cfg.data.task != "file":
+        return cfg.data.task
+    return cfg.data.name or Path(cfg.data.path or "file").stem
+
+
 def prepare_task(task: str, base_cfg: RunConfig, out_dir: Path) -> TaskRun:
-    from dimec.pipeline import load_cartography, load_cost_model, load_run_config, split_outputs, train_stage
+    from dimec.pipeline import (
+        load_cartography,
+        load_cost_model,
+        load_run_config,
+        split_outputs,
+        train_stage,
+        training_signal,
+    )
     from dimec.rundir import RunDir
 
     cfg = task_config(base_cfg, task)
+    task = run_name(cfg)
     run_dir = Path(out_dir) / "runs" / task
     reused = RunDir(run_dir).train_result.is_file() and _same_training(load_run_config(run_dir), cfg)
     if not reused:
@@ -72,7 +89,7 @@ def prepare_task(task: str, base_cfg: RunConfig, out_dir: Path) -> TaskRun:
                             "delete that run directory and run reproduce again")
     info = json.loads(RunDir(run_dir).data.read_text())
     return TaskRun(task, run_dir, cfg, info["metric"], info["sizes"], val, test, carto,
-                   load_cost_model(run_dir, cfg.cost), reused)
+                   load_cost_model(run_dir, cfg.cost), reused, training_signal(run_dir, cfg))
 
 
 def reproduce(tasks: Sequence[str], base_cfg: RunConfig, out_dir: str | Path, seeds: Sequence[int] = (0, 1, 2),
@@ -96,10 +113,10 @@ def reproduce(tasks: Sequence[str], base_cfg: RunConfig, out_dir: str | Path, se
     plot_dir = out_dir / "plots"
     plot_dir.mkdir(parents=True, exist_ok=True)
     tables, ablation_rows, task_files, pool_shares, device_acc = {}, [], {}, {}, {}
-    for task in tasks:
-        tr = prepare_task(task, base_cfg, out_dir)
-        cal, cm = tr.cfg.calibration, tr.cost_model
-        compared = compare_methods(tr.val, tr.test, cm, tr.carto, tr.metric, cal, methods, tuple(seeds))
+    for task_arg in tasks:
+        tr = prepare_task(task_arg, base_cfg, out_dir)
+        task, cal, cm = tr.task, tr.cfg.calibration, tr.cost_model
+        compared = compare_methods(tr.val, tr.test, cm, tr.carto, tr.metric, cal, methods, tuple(seeds), tr.train)
         tables[task] = {"metric": tr.metric, "test_size": len(tr.test), "sizes": tr.sizes,
                         "run_dir": str(tr.run_dir), "reused_run": tr.reused, "cost_model": cm.to_dict(),
                         "rows": task_rows(task, tr.metric, compared, cm.cloud_only)}
@@ -138,9 +155,9 @@ def task_plots(tr: TaskRun, pools: np.ndarray, compared: list[dict], ablations: 
                   title=f"{t}: data map at the {cal.cartography_exit} exit ({len(tr.val)} validation samples)")
     plots.plot_pools_tsne(tr.val.embeddings, pools, files["t-SNE of the pools"],
                           f"{t}: t-SNE of validation embeddings by DIMEC pool (Fig. 4b/c)", tsne_points)
-    sweeps = threshold_sweeps(tr.val, tr.test, tr.cost_model, tr.carto, tr.metric, cal)
-    plots.plot_pareto({r["method"]: r["mean"] for r in compared}, sweeps, files["accuracy vs cost"],
-                      f"{t}: accuracy vs cost, every method ({len(tr.test)} test samples)")
+    sweeps = threshold_sweeps(tr.val, tr.test, tr.cost_model, tr.carto, tr.metric, cal, tr.train)
+    plots.plot_pareto({r["method"]: r["mean"] for r in compared if "mean" in r}, sweeps, files["accuracy vs cost"],
+                      f"{t}: accuracy vs cost, every method ({len(tr.test)} test samples)", highlight="auto")
     files["sweep data"] = plot_dir / f"{t}_pareto.json"
     files["sweep data"].write_text(json.dumps(strict_json(sweeps), indent=2, allow_nan=False) + "\n")
     return files

@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from dimec.atomic import strict_json  # noqa: F401  (re-exported for the experiment modules)
 from dimec.experiments import DISPLAY
 
 # We could not find the paper's per-task Table I numbers in a source we can cite, so only the abstract's
@@ -16,7 +17,8 @@ PAPER_HEADLINE = ("paper (Bajpai & Hanawal, arXiv 2412.16616, abstract): DIMEC-D
                   ">43% at <0.5 pt accuracy loss vs cloud-only, on GLUE tasks")
 CSV_FIELDS = ("task", "method", "runs", "accuracy", "accuracy_std", "accuracy_change_pt", "metric_name", "metric",
               "metric_std", "mean_cost", "cost_change_pct", "cost_change_pct_std", "oracle_saving_share",
-              "mobile_share", "edge_share", "cloud_share")
+              "mobile_share", "edge_share", "cloud_share", "accuracy_change_low", "accuracy_change_high",
+              "cost_change_low", "cost_change_high", "describe")
 
 
 def task_rows(task: str, metric: str, compared: list[dict], cloud_only_cost: float) -> list[dict]:
@@ -28,7 +30,10 @@ def task_rows(task: str, metric: str, compared: list[dict], cloud_only_cost: flo
     room = cloud_only_cost - oracle_cost
     rows = []
     for r in compared:
-        mean, std = r["mean"], r["std"]
+        if "skipped" in r:
+            rows.append({"task": task, "method": r["method"], "skipped": r["skipped"]})
+            continue
+        mean, std, ci = r["mean"], r["std"], r["ci"]
         rows.append({
             "task": task, "method": r["method"], "runs": mean["runs"],
             "accuracy": mean["accuracy"], "accuracy_std": std["accuracy"],
@@ -40,6 +45,9 @@ def task_rows(task: str, metric: str, compared: list[dict], cloud_only_cost: flo
             "oracle_saving_share": (cloud_only_cost - mean["mean_cost"]) / room if room > 1e-12 else math.nan,
             "mobile_share": mean["tier_shares"][0], "edge_share": mean["tier_shares"][1],
             "cloud_share": mean["tier_shares"][2],
+            "accuracy_change_low": ci["accuracy_change_pt"]["low"], "accuracy_change_high": ci["accuracy_change_pt"]["high"],
+            "cost_change_low": ci["cost_change_pct"]["low"], "cost_change_high": ci["cost_change_pct"]["high"],
+            "describe": r.get("describe") or "", "winner": r.get("winner"),
         })
     return rows
 
@@ -54,8 +62,10 @@ def markdown_table(tasks: dict[str, dict[str, Any]], meta: dict[str, Any]) -> st
     lines = ["# Table I: accuracy and cost of every method", "", f"> {PAPER_HEADLINE}.", ""]
     lines += [f"- {k}: {v}" for k, v in meta.items()]
     lines += ["", "Accuracy and the task metric in %, cost change vs cloud-only in % (negative = cheaper); "
-              "'± std' over seeds for seeded (online/random) methods. Oracle share: the fraction of the oracle's "
-              "cost saving a method achieves (the oracle uses labels; it is a bound, not a method).", ""]
+              "'± std' over seeds for seeded (online/random) methods; [low, high]: 95% paired bootstrap interval "
+              "of the change against cloud-only on the same test samples (first seed). Oracle share: the "
+              "fraction of the oracle's cost saving a method achieves (the oracle uses labels; it is a bound, "
+              "not a method).", ""]
     for task, t in tasks.items():
         metric = t["metric"]
         extra = f" | {metric.upper()} (%)" if metric != "accuracy" else ""
@@ -64,12 +74,17 @@ def markdown_table(tasks: dict[str, dict[str, Any]], meta: dict[str, Any]) -> st
                   "mobile / edge / cloud (%) |",
                   "|---|---:|---:|" + ("---:|" if extra else "") + "---:|---:|---|"]
         for r in t["rows"]:
-            cells = [DISPLAY.get(r["method"], r["method"]), _pm(r["accuracy"], r["accuracy_std"], r["runs"]),
-                     f"{r['accuracy_change_pt']:+.2f}"]
+            if "skipped" in r:
+                lines.append(f"| {DISPLAY.get(r['method'], r['method'])} | not run: {r['skipped']} |")
+                continue
+            name = DISPLAY.get(r["method"], r["method"]) + (f" -> {r['winner']}" if r.get("winner") else "")
+            cells = [name, _pm(r["accuracy"], r["accuracy_std"], r["runs"]),
+                     f"{r['accuracy_change_pt']:+.2f} [{r['accuracy_change_low']:+.2f}, {r['accuracy_change_high']:+.2f}]"]
             if extra:
                 cells.append(_pm(r["metric"], r["metric_std"], r["runs"]))
             share = r["oracle_saving_share"]
-            cells += [_pm(r["cost_change_pct"], r["cost_change_pct_std"], r["runs"], scale=1.0, sign="+"),
+            cells += [_pm(r["cost_change_pct"], r["cost_change_pct_std"], r["runs"], scale=1.0, sign="+")
+                      + f" [{r['cost_change_low']:+.1f}, {r['cost_change_high']:+.1f}]",
                       "-" if math.isnan(share) else f"{round(share, 2) + 0.0:.2f}",
                       " / ".join(f"{100 * r[k]:.0f}" for k in ("mobile_share", "edge_share", "cloud_share"))]
             lines.append("| " + " | ".join(cells) + " |")
@@ -87,7 +102,8 @@ def summary_matrix(tasks: dict[str, dict[str, Any]]) -> list[str]:
         cells = []
         for t in tasks.values():
             r = next((r for r in t["rows"] if r["method"] == name), None)
-            cells.append("-" if r is None else f"{100 * r['accuracy']:.1f} / {round(r['cost_change_pct'], 1) + 0.0:+.1f}")
+            cells.append("-" if r is None or "skipped" in r
+                         else f"{100 * r['accuracy']:.1f} / {round(r['cost_change_pct'], 1) + 0.0:+.1f}")
         lines.append(f"| {DISPLAY.get(name, name)} | " + " | ".join(cells) + " |")
     return lines + [""]
 
@@ -100,20 +116,7 @@ def write_table(tasks: dict[str, dict[str, Any]], meta: dict[str, Any], out_dir:
         w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
         w.writeheader()
         for t in tasks.values():
-            w.writerows({k: r[k] for k in CSV_FIELDS} for r in t["rows"])
+            w.writerows({k: r.get(k, "") for k in CSV_FIELDS} for r in t["rows"])
     doc = {"paper": PAPER_HEADLINE, "meta": meta, "tasks": tasks}
     paths["json"].write_text(json.dumps(strict_json(doc), indent=2, allow_nan=False) + "\n")
     return paths
-
-
-def strict_json(obj: Any) -> Any:
-    """NaN/inf (e.g. an undefined oracle share) -> null, tuples -> lists, paths -> strings."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {str(k): strict_json(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [strict_json(v) for v in obj]
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj

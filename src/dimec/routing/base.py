@@ -38,6 +38,16 @@ class Decisions:
         return cls(exit_index=tiers, tier=tiers, cost=cost_model.tier_costs[tiers])
 
 
+@dataclass
+class TrainingSignal:
+    """What a learned pre-router may learn from: routing features of (a sample of) the training split and
+    that split's cartography. Validation stays for calibration only."""
+
+    embeddings: np.ndarray  # (M, H) embedding-layer output pooled over real tokens
+    lengths: np.ndarray  # (M,) real tokens per sample
+    cartography: Cartography  # (M, 3) per-exit confidence, variability and correctness over epochs
+
+
 class Router(ABC):
     """`__init__` only stores parameters; `fit` learns state ending in `_`; `route` decides."""
 
@@ -45,15 +55,23 @@ class Router(ABC):
     online: ClassVar[bool] = False  # online routers see the test stream once, in order, with a seed
 
     def fit(
-        self, val: ExitOutputs, cost_model: CostModel, cartography: Cartography | None = None
+        self, val: ExitOutputs, cost_model: CostModel, cartography: Cartography | None = None,
+        train: TrainingSignal | None = None,
     ) -> Self:
-        """Learn from validation outputs. Routers with nothing to learn keep this default."""
+        """Learn from validation outputs (and its cartography; a pre-router also from `train`). Routers
+        with nothing to learn keep this default."""
         self.fitted_ = True
         return self
 
     @abstractmethod
     def route(self, outputs: ExitOutputs, cost_model: CostModel) -> Decisions:
         """Decide, for each sample in order, which exit answers and at what cost."""
+
+    @classmethod
+    def from_config(cls, calibration: Any, seed: int | None = None) -> Self:
+        """The router with the run's calibration settings (`CalibrationConfig`) where it has any, and a
+        seed where it takes one. Routers override this; the default takes no parameters."""
+        return cls()
 
     def get_params(self) -> dict[str, Any]:
         return {k: v for k, v in vars(self).items() if not k.endswith("_")}

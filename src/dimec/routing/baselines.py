@@ -14,7 +14,8 @@ import numpy as np
 from dimec.costs import CostModel
 from dimec.errors import ConfigError
 from dimec.outputs import ExitOutputs
-from dimec.routing.base import Decisions, Router, register
+from dimec.routing.base import Decisions, Router, TrainingSignal, register
+from dimec.routing.plan import Plan, PlanRouter, Stage
 from dimec.routing.pools import PoolRouter
 from dimec.tiers import CLOUD, EDGE, MOBILE
 
@@ -25,8 +26,22 @@ DEFAULT_ARMS = (0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 1.0)
 
 
 # ---- fixed tiers -----------------------------------------------------------------------------------------
-class _ConstantTier(Router):
+class _ConstantTier(PlanRouter):
+    """Every sample answered on one tier at its exit: one plan of one stage, nothing to learn."""
+
     tier: int
+    confidence_ = "max_prob"
+    prerouter_ = None
+
+    @property
+    def plans_(self) -> list[Plan]:
+        return [(Stage(self.tier, self.tier),)]
+
+    def check_fitted(self) -> None:
+        """Nothing to learn: always ready."""
+
+    def load_state(self, state: dict) -> None:
+        """Nothing to restore."""
 
     def route(self, outputs: ExitOutputs, cost_model: CostModel) -> Decisions:
         return Decisions.from_tiers(np.full(len(outputs), self.tier), cost_model)
@@ -57,12 +72,22 @@ class RandomRouter(Router):
         self.probs = tuple(probs)
         self.seed = seed
 
-    def route(self, outputs: ExitOutputs, cost_model: CostModel) -> Decisions:
+    @classmethod
+    def from_config(cls, calibration, seed: int | None = None) -> RandomRouter:
+        return cls(seed=0 if seed is None else seed)
+
+    def fit(self, val: ExitOutputs, cost_model: CostModel, cartography: Cartography | None = None,
+            train: TrainingSignal | None = None) -> Self:
         p = np.asarray(self.probs, dtype=np.float64)
         if p.shape != (3,) or (p < 0).any() or not np.isclose(p.sum(), 1.0):
             raise ConfigError(f"random router probs must be 3 non-negative shares summing to 1, got {self.probs}")
+        self.shares_ = p
+        return self
+
+    def route(self, outputs: ExitOutputs, cost_model: CostModel) -> Decisions:
+        self.check_fitted()
         rng = np.random.default_rng(self.seed)
-        return Decisions.from_tiers(rng.choice(3, size=len(outputs), p=p), cost_model)
+        return Decisions.from_tiers(rng.choice(3, size=len(outputs), p=self.shares_), cost_model)
 
 
 @register("oracle")
@@ -112,7 +137,8 @@ class DeeBertRouter(Router):
         self.threshold = threshold
         self.grid_size = grid_size
 
-    def fit(self, val: ExitOutputs, cost_model: CostModel, cartography: Cartography | None = None) -> Self:
+    def fit(self, val: ExitOutputs, cost_model: CostModel, cartography: Cartography | None = None,
+            train: TrainingSignal | None = None) -> Self:
         if self.threshold is not None:
             self.threshold_ = float(self.threshold)
             return self
@@ -135,11 +161,12 @@ class DeeBertRouter(Router):
 def split_decisions(outputs: ExitOutputs, cost_model: CostModel, split_exit: int, threshold: float) -> Decisions:
     """The mobile runs layers 1..layer(split_exit) and answers there if that exit's max-prob >= threshold;
     otherwise the hidden state goes to the cloud, which continues from that layer to l.
-    Cost: mobile(split) [+ o_c + cloud_fee * (l - split) / l when offloaded]."""
+    Cost: mobile(split) [+ hop(mobile, cloud) + cloud_fee * (l - split) / l when offloaded]."""
     split = cost_model.exit_layers[split_exit]
     l = cost_model.num_layers
     stay = outputs.max_probs[:, split_exit] >= threshold  # (N,)
-    offload_cost = cost_model.mobile(split) + cost_model.cloud(l - split)
+    offload_cost = (cost_model.mobile(split) + cost_model.hop(MOBILE, CLOUD)
+                    + cost_model.layer_rate(CLOUD) * (l - split))
     return Decisions(
         exit_index=np.where(stay, split_exit, CLOUD),
         tier=np.where(stay, MOBILE, CLOUD),
@@ -178,15 +205,22 @@ class _BanditRouter(Router):
 
     online = True
 
+    @classmethod
+    def from_config(cls, calibration, seed: int | None = None):
+        return cls(seed=0 if seed is None else seed)
+
     def arm_decisions(self, outputs: ExitOutputs, cost_model: CostModel) -> list[Decisions]:
         raise NotImplementedError
 
-    def route(self, outputs: ExitOutputs, cost_model: CostModel) -> Decisions:
+    def play(self, outputs: ExitOutputs, cost_model: CostModel) -> tuple[np.ndarray, list[Decisions]]:
+        """The arm UCB plays on each sample of the stream (N,), and every arm's decisions. Nothing learnt
+        on one stream is kept: routing the same stream again plays the same arms."""
         per_arm = self.arm_decisions(outputs, cost_model)
         rewards = np.stack([unsupervised_reward(outputs, d) for d in per_arm], 1)  # (N, A)
-        arms = ucb_choices(rewards, self.exploration, np.random.default_rng(self.seed))
-        self.pulls_ = np.bincount(arms, minlength=len(per_arm))  # (A,)
-        self.arms_ = arms
+        return ucb_choices(rewards, self.exploration, np.random.default_rng(self.seed)), per_arm
+
+    def route(self, outputs: ExitOutputs, cost_model: CostModel) -> Decisions:
+        arms, per_arm = self.play(outputs, cost_model)
         rows = np.arange(len(arms))
 
         def pick(field: str) -> np.ndarray:  # (N,) the chosen arm's value per sample

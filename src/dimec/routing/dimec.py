@@ -9,9 +9,10 @@ import numpy as np
 
 from dimec.costs import CostModel
 from dimec.outputs import ExitOutputs
-from dimec.routing.base import register
+from dimec.routing.base import TrainingSignal, register
 from dimec.routing.plan import PlanRouter, Stage
-from dimec.routing.pools import PoolRouter, nearest_centroid
+from dimec.routing.pools import PoolRouter
+from dimec.routing.prerouters import CentroidPreRouter
 from dimec.tiers import TIERS
 from dimec.training.cartography import Cartography
 
@@ -22,31 +23,28 @@ TIER_PLANS = [(Stage(k, k),) for k in range(len(TIERS))]  # plan k: answer on ti
 class DimecFixedRouter(PoolRouter, PlanRouter):
     """Ours-F: each test sample goes to the tier of its nearest pool mean; the means never move."""
 
-    def fit(self, val: ExitOutputs, cost_model: CostModel, cartography: Cartography | None = None) -> Self:
-        super().fit(val, cost_model, cartography)
+    def fit(self, val: ExitOutputs, cost_model: CostModel, cartography: Cartography | None = None,
+            train: TrainingSignal | None = None) -> Self:
+        super().fit(val, cost_model, cartography, train)
         self.plans_, self.confidence_ = list(TIER_PLANS), "max_prob"
+        self.prerouter_ = CentroidPreRouter(self.centroids_, self.counts_, online=self.online)
         return self
 
     def predict_tiers(self, embeddings: np.ndarray) -> np.ndarray:
+        """(N, H) -> (N,) the tier of each sample (pool k -> tier k)."""
         self.check_fitted()
-        return nearest_centroid(np.asarray(embeddings, dtype=np.float64), self.centroids_)
-
-    def choose_plans(self, embeddings: np.ndarray, lengths: np.ndarray | None) -> np.ndarray:
-        return self.predict_tiers(embeddings)
+        return self.prerouter_.pools(embeddings)
 
     # ---- persistence (router.json, through dimec.routing.base.save_router / load_router) -------------
     def state(self) -> dict:
         return {**super().state(), "alpha": self.alpha_, "beta": self.beta_,
-                "expected_reward": self.expected_reward_, "counts": self.counts_.tolist(),
-                "centroids": [None if np.isnan(c).any() else c.tolist() for c in self.centroids_]}
+                "expected_reward": self.expected_reward_}
 
     def load_state(self, state: dict) -> None:
         super().load_state(state)
         self.alpha_, self.beta_ = float(state["alpha"]), float(state["beta"])
         self.expected_reward_ = float(state["expected_reward"])
-        self.counts_ = np.asarray(state["counts"], dtype=np.int64)
-        hidden = next(len(c) for c in state["centroids"] if c is not None)
-        self.centroids_ = np.array([c if c is not None else [np.nan] * hidden for c in state["centroids"]])
+        self.centroids_, self.counts_ = self.prerouter_.centroids, self.prerouter_.counts
 
 
 @register("dimec-dynamic")
@@ -61,26 +59,11 @@ class DimecDynamicRouter(DimecFixedRouter):
     def from_fixed(cls, fixed: DimecFixedRouter) -> DimecDynamicRouter:
         """A Dynamic router starting from a fitted Fixed router's pools (same parameters, copied state)."""
         dynamic = cls(**fixed.get_params())
-        dynamic.load_state(fixed.state())
+        state = fixed.state()
+        dynamic.load_state({**state, "prerouter": {**state["prerouter"], "online": True}})
         return dynamic
-
-    def predict_tiers(self, embeddings: np.ndarray) -> np.ndarray:
-        self.check_fitted()
-        centroids, counts = self.centroids_.copy(), self.counts_.copy()
-        tiers = np.empty(len(embeddings), dtype=np.int64)
-        for i, e in enumerate(np.asarray(embeddings, dtype=np.float64)):
-            tiers[i] = _assign_and_move(e, centroids, counts)
-        return tiers
 
     def update(self, embedding: np.ndarray) -> int:
         """Serving path: route one sample and keep the moved mean (state persists across calls)."""
         self.check_fitted()
-        return _assign_and_move(np.asarray(embedding, dtype=np.float64), self.centroids_, self.counts_)
-
-
-def _assign_and_move(e: np.ndarray, centroids: np.ndarray, counts: np.ndarray) -> int:
-    """Nearest mean k for one embedding (H,); moves centroids[k] towards it and counts it (in place)."""
-    k = int(nearest_centroid(e[None], centroids)[0])
-    centroids[k] = (counts[k] * centroids[k] + e) / (counts[k] + 1)
-    counts[k] += 1
-    return k
+        return self.prerouter_.update(embedding)

@@ -26,11 +26,9 @@ import numpy as np
 
 from dimec.costs import CostModel
 from dimec.errors import ConfigError
-from dimec.outputs import ExitOutputs
+from dimec.outputs import CONFIDENCES, ExitOutputs, confidence  # noqa: F401  (re-exported)
 from dimec.routing.base import Decisions, Router
 from dimec.tiers import CLOUD, TIERS
-
-CONFIDENCES = ("max_prob", "entropy")
 
 
 @dataclass(frozen=True)
@@ -88,22 +86,15 @@ def stage_costs(plan: Plan, cost_model: CostModel) -> np.ndarray:
     return np.asarray(costs, dtype=np.float64)
 
 
-def confidence(probs: np.ndarray, kind: str = "max_prob") -> np.ndarray:
-    """(..., C) -> (...): max-probability, or minus the entropy (so that higher is always more confident)."""
-    if kind == "max_prob":
-        return probs.max(-1)
-    if kind == "entropy":
-        return (probs * np.log(np.clip(probs, 1e-12, 1.0))).sum(-1)
-    raise ConfigError(f"unknown confidence {kind!r}", f"use one of {', '.join(CONFIDENCES)}")
-
-
-def stop_stages(outputs: ExitOutputs, plan: Plan, kind: str = "max_prob") -> np.ndarray:
-    """(N,) index of the stage at which each sample stops."""
-    n = len(outputs)
-    stop = np.full(n, len(plan) - 1, dtype=np.int64)
-    open_ = np.ones(n, dtype=bool)
+def stop_stages(conf: np.ndarray, plan: Plan, rows: np.ndarray | None = None) -> np.ndarray:
+    """(N,) index of the stage at which each sample stops. conf: (N, 3) every exit's confidence; rows: (N,)
+    bool, the samples that take this plan (others get -1)."""
+    n = len(conf)
+    rows = np.ones(n, dtype=bool) if rows is None else rows
+    stop = np.where(rows, len(plan) - 1, -1)
+    open_ = rows.copy()
     for i, s in enumerate(plan[:-1]):
-        ok = open_ & (confidence(outputs.probs[:, s.exit], kind) >= s.threshold)
+        ok = open_ & (conf[:, s.exit] >= s.threshold)
         stop[ok] = i
         open_ &= ~ok
     return stop
@@ -122,13 +113,14 @@ class PlanDecisions:
 def run_plans(outputs: ExitOutputs, plans: list[Plan], choice: np.ndarray, cost_model: CostModel,
               kind: str = "max_prob") -> PlanDecisions:
     """Run plan `choice[i]` on sample i. choice: (N,) indices into `plans`."""
+    conf = outputs.confidences(kind)  # (N, 3)
     n = len(outputs)
     out = PlanDecisions(np.zeros(n, np.int64), np.zeros(n, np.int64), np.zeros(n), np.zeros(n, np.int64))
     for p, plan in enumerate(plans):
-        rows = np.flatnonzero(choice == p)
-        if not len(rows):
+        rows = choice == p
+        if not rows.any():
             continue
-        stop = stop_stages(outputs.subset(rows), plan, kind)
+        stop = stop_stages(conf, plan, rows)[rows]
         out.exit_index[rows] = np.array([s.exit for s in plan])[stop]
         out.tier[rows] = np.array([s.tier for s in plan])[stop]
         out.cost[rows] = stage_costs(plan, cost_model)[stop]
@@ -140,14 +132,15 @@ class PlanRouter(Router):
     """A router that can be served: before any layer runs it picks one of its plans for each sample
     (`choose_plans`, from the routing embedding and the token count), and the plan does the rest.
 
-    Fitted state: `plans_` (list of plans) and `confidence_` ("max_prob" or "entropy", what thresholds read).
-    Subclasses with a pre-router override `choose_plans`; everything else (routing cached outputs,
-    serving, JSON state) is shared."""
+    Fitted state: `plans_` (list of plans), `confidence_` ("max_prob" or "entropy", what thresholds read) and
+    `prerouter_` (None: plan 0 for every sample; else a pre-router from routing/prerouters.py). Routing
+    cached outputs, serving and the JSON state are shared by every subclass."""
 
     def choose_plans(self, embeddings: np.ndarray, lengths: np.ndarray | None) -> np.ndarray:
-        """(N, H), (N,) -> (N,) index into `plans_`. Without a pre-router: plan 0 for every sample."""
+        """(N, H), (N,) -> (N,) index into `plans_`."""
         self.check_fitted()
-        return np.zeros(len(embeddings), dtype=np.int64)
+        pre = getattr(self, "prerouter_", None)
+        return np.zeros(len(embeddings), dtype=np.int64) if pre is None else pre.choose(embeddings, lengths)
 
     def route(self, outputs: ExitOutputs, cost_model: CostModel) -> Decisions:
         self.check_fitted()
@@ -155,13 +148,24 @@ class PlanRouter(Router):
         d = run_plans(outputs, self.plans_, choice, cost_model, self.confidence_)
         return Decisions(exit_index=d.exit_index, tier=d.tier, cost=d.cost)
 
+    def adopt(self, other: PlanRouter) -> None:
+        """Take another fitted plan router's plans, confidence and pre-router (a tuned or auto choice)."""
+        self.plans_, self.confidence_ = list(other.plans_), other.confidence_
+        self.prerouter_ = getattr(other, "prerouter_", None)
+
     def describe(self) -> str:
-        return "; ".join(plan_text(p) for p in self.plans_)
+        pre = getattr(self, "prerouter_", None)
+        plans = " | ".join(plan_text(p) for p in self.plans_)
+        return plans if pre is None else f"{pre.describe()}: {plans}"
 
     def state(self) -> dict:
-        return {"plans": [[s.to_list() for s in p] for p in self.plans_], "confidence": self.confidence_}
+        pre = getattr(self, "prerouter_", None)
+        return {"plans": [[s.to_list() for s in p] for p in self.plans_], "confidence": self.confidence_,
+                "prerouter": None if pre is None else pre.to_dict()}
 
     def load_state(self, state: dict) -> None:
+        from dimec.routing.prerouters import prerouter_from_dict
+
         self.plans_ = [check_plan(tuple(Stage.from_list(s) for s in p)) for p in state["plans"]]
         self.confidence_ = str(state["confidence"])
-
+        self.prerouter_ = prerouter_from_dict(state.get("prerouter"))

@@ -26,7 +26,8 @@ from dimec.config import CalibrationConfig
 from dimec.costs import CostModel
 from dimec.errors import ConfigError
 from dimec.outputs import ExitOutputs
-from dimec.routing.base import Router
+from dimec.routing.base import Router, TrainingSignal
+from dimec.routing.prerouters import nearest_centroid  # noqa: F401  (re-exported)
 from dimec.tiers import EASY, HARD, MEDIUM
 from dimec.training.cartography import Cartography
 
@@ -87,6 +88,12 @@ def search_thresholds(
 _DEFAULT = CalibrationConfig()
 
 
+def pool_params_of(calibration: CalibrationConfig) -> dict:
+    """The settings every pool router takes from a run's calibration section."""
+    return {"alpha_grid": tuple(calibration.alpha_grid), "beta_grid": tuple(calibration.beta_grid),
+            "medium_rule": calibration.medium_rule, "cartography_exit": calibration.cartography_exit}
+
+
 class PoolRouter(Router):
     """Shared calibration: thresholds by reward search, pools of validation embeddings, their centroids."""
 
@@ -102,7 +109,12 @@ class PoolRouter(Router):
         self.medium_rule = medium_rule
         self.cartography_exit = cartography_exit
 
-    def fit(self, val: ExitOutputs, cost_model: CostModel, cartography: Cartography | None = None) -> Self:
+    @classmethod
+    def from_config(cls, calibration: CalibrationConfig, seed: int | None = None, **params) -> Self:
+        return cls(**(pool_params_of(calibration) | params))
+
+    def fit(self, val: ExitOutputs, cost_model: CostModel, cartography: Cartography | None = None,
+            train: TrainingSignal | None = None) -> Self:
         if cartography is None:
             raise ConfigError(f"router {self.name!r} needs the validation cartography to fit")
         confidence, variability = cartography.exit(self.cartography_exit)
@@ -124,9 +136,3 @@ class PoolRouter(Router):
     @property
     def pool_shares_(self) -> np.ndarray:
         return self.counts_ / max(1, self.counts_.sum())
-
-
-def nearest_centroid(embeddings: np.ndarray, centroids: np.ndarray) -> np.ndarray:
-    """(N, H), (3, H) -> (N,) index of the nearest non-empty centroid (Euclidean)."""
-    d = ((embeddings[:, None, :] - centroids[None]) ** 2).sum(-1)  # (N, 3)
-    return np.where(np.isnan(d), np.inf, d).argmin(1)
