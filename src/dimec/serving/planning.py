@@ -16,10 +16,11 @@ For every candidate policy, on the cached exit outputs of a split (validation by
 A policy's path is re-priced exactly when it is a plan router (every stage priced through the cost model)
 or a bandit over fixed arms (the arms it chose, re-priced); other routers are re-routed under the new prices
 and kept when their decisions do not change, else priced as "answered on tier t at exit e" (marked
-approximate). Candidates: the policies the run's calibration wrote (`policies.json`, router.json entries),
-else every registered router fitted on validation, plus threshold sweeps of three model-distributed plans
-(cascade mobile -> edge -> cloud, split mobile -> cloud, edge -> cloud) with thresholds at validation
-quantiles. The Pareto front is over (accuracy up, latency, money, exposure down). The pick is made on
+approximate). Candidates: a `policies.json` in the run (router.json entries with a name) or `--policies FILE`; else what
+calibration chooses from, fitted on validation: every configuration of every family `auto` considers
+(cascades at each grid threshold, hybrids, DIMEC-DC, single tiers) plus the paper's other baselines; an
+older dimec without `auto` gets every registered router and threshold sweeps of three model-distributed plans
+(cascade mobile -> edge -> cloud, split mobile -> cloud, edge -> cloud) at validation quantiles. The Pareto front is over (accuracy up, latency, money, exposure down). The pick is made on
 validation figures, always: the most accurate (or cheapest, fastest, ...: `--objective`) policy that meets
 every constraint.
 """
@@ -126,8 +127,8 @@ def router_candidate(name: str, router: Router, reward: CostModel) -> Candidate:
             base = router.route(out, reward)
             if cm is reward:
                 return base, True
-            rows, arms = np.arange(len(out)), router.arms_
-            per_arm = router.arm_decisions(out, cm)
+            arms = router.play(out, reward)[0] if hasattr(router, "play") else router.arms_  # (N,) as routed
+            rows, per_arm = np.arange(len(out)), router.arm_decisions(out, cm)
             cost = np.stack([d.cost for d in per_arm], 1)[rows, arms]
             return Decisions(base.exit_index, base.tier, cost), True
     else:
@@ -166,22 +167,45 @@ def plan_sweeps(val: ExitOutputs, grid: int = 5) -> list[Candidate]:
     return out
 
 
+PAPER_BASELINES = ("random", "deebert", "adaee", "isplitee", "knn")  # not among calibration's families
+
+
 def registered_candidates(run_dir: Path, val: ExitOutputs, reward: CostModel, cfg) -> list[Candidate]:
-    """Every registered router (but the oracle, which reads labels) fitted on validation."""
-    from dimec.experiments import METHODS
+    """What calibration chooses from: every configuration of every family `auto` fits on validation
+    (cascades at every grid threshold, hybrids, DIMEC-DC, single tiers), plus the paper's other baselines.
+    Without `auto` (an older dimec): every registered router but the oracle, plus plan sweeps."""
+    from collections import Counter
+
     from dimec.experiments.compare import build_router
     from dimec.pipeline import load_cartography
+    from dimec.routing.base import ROUTERS
 
     try:
         carto = load_cartography(run_dir, cfg.calibration)
     except (ArtifactError, OSError, ValueError):
         carto = None
-    out = []
-    for name in METHODS:
-        if name == "oracle" or (carto is None and name in ("dimec-fixed", "dimec-dynamic", "knn")):
-            continue
-        out.append(router_candidate(name, build_router(name, cfg.calibration).fit(val, reward, carto), reward))
-    return out
+    needs_carto = ("dimec-fixed", "dimec-dynamic", "knn", "hybrid-centroid")
+    out: list[Candidate] = []
+    if "auto" in ROUTERS:
+        from dimec.pipeline import training_signal
+
+        pairs, _skipped = ROUTERS["auto"].from_config(cfg.calibration).candidates(
+            val, reward, carto, training_signal(run_dir, cfg))
+        count: Counter[str] = Counter(family for family, _ in pairs)
+        seen: Counter[str] = Counter()
+        for family, router in pairs:
+            seen[family] += 1
+            name = family if count[family] == 1 else f"{family}#{seen[family]}"
+            out.append(router_candidate(name, router, reward))
+        names = PAPER_BASELINES
+    else:
+        from dimec.experiments import METHODS
+
+        names = tuple(m for m in METHODS if m != "oracle")
+    for name in names:
+        if name in ROUTERS and not (carto is None and name in needs_carto):
+            out.append(router_candidate(name, build_router(name, cfg.calibration).fit(val, reward, carto), reward))
+    return out if "auto" in ROUTERS else out + plan_sweeps(val)
 
 
 def file_candidates(path: Path, reward: CostModel) -> list[Candidate]:
@@ -221,12 +245,14 @@ def evaluate(c: Candidate, out: ExitOutputs, reward: CostModel, latency: CostMod
 
 def pareto_front(points: list[dict[str, Any]]) -> list[int]:
     """Indices of the points no other point beats on every objective (accuracy up; latency, money, exposure
-    down) while being strictly better on one."""
+    down) while being strictly better on one; of several points with the same four figures, the first."""
     keys = np.array([[-p["accuracy"], p["latency_ms"], p["money"], p["exposure"]] for p in points])
     front = []
     for i, k in enumerate(keys):
-        dominated = ((keys <= k + 1e-12).all(1) & (keys < k - 1e-12).any(1)).any()
-        if not dominated:
+        no_worse = (keys <= k + 1e-12).all(1)
+        dominated = (no_worse & (keys < k - 1e-12).any(1)).any()
+        duplicate = (no_worse[:i] & (keys[:i] >= k - 1e-12).all(1)).any()
+        if not dominated and not duplicate:
             front.append(i)
     return front
 
@@ -270,7 +296,6 @@ def plan_run(run_dir: Path, profile: str | None, constraints: PlanConstraints, o
         raise ArtifactError(f"policies file not found: {source}")
     else:
         candidates = registered_candidates(run.root, val, reward, cfg)
-    candidates += plan_sweeps(val)
 
     def measure(outputs: ExitOutputs) -> list[dict[str, Any]]:
         return [evaluate(c, outputs, reward, latency, money, metric, trusted) for c in candidates]
@@ -306,13 +331,13 @@ def plan_run(run_dir: Path, profile: str | None, constraints: PlanConstraints, o
 
 def format_plan(result: dict[str, Any], front: list[int]) -> str:
     pts = result["policies"]
-    head = f"{'policy':<30}{'acc':>8}{'cost':>8}{'lat ms':>9}{'p95':>9}{'money':>9}{'expo':>7}  front"
-    lines = [f"{len(pts)} policies on {result['split']} (money per 1,000 texts; exposure: share to untrusted "
-             f"tiers; latency unloaded, from {result['profile']})", head, "-" * len(head)]
+    head = f"{'policy':<22}{'acc':>8}{'cost':>8}{'lat ms':>9}{'p95':>9}{'money':>9}{'expo':>7}  path"
+    lines = [f"{len(pts)} policies on {result['split']}; the Pareto front (money per 1,000 texts; exposure: share "
+             f"to untrusted tiers; latency unloaded, from {result['profile']}):", head, "-" * len(head)]
     for i in sorted(front, key=lambda i: pts[i]["latency_ms"]):
         p = pts[i]
-        lines.append(f"{p['name'][:29]:<30}{p['accuracy']:>8.4f}{p['cost_change_pct']:>7.1f}%{p['latency_ms']:>9.2f}"
-                     f"{p['latency_p95_ms']:>9.2f}{p['money']:>9.4f}{p['exposure']:>7.3f}  *"
+        lines.append(f"{p['name'][:21]:<22}{p['accuracy']:>8.4f}{p['cost_change_pct']:>7.1f}%{p['latency_ms']:>9.2f}"
+                     f"{p['latency_p95_ms']:>9.2f}{p['money']:>9.4f}{p['exposure']:>7.3f}  {p['description'][:60]}"
                      + ("" if p["priced"] == "exact" else " (approx)"))
     lines.append(f"({len(pts) - len(front)} dominated policies in plan.json)")
     if result["pick"]:
