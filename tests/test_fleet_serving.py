@@ -272,6 +272,16 @@ def test_deadline_picks_the_cheapest_tier_that_fits_else_the_fastest(models):
         assert edge.sent[-1][1] is not None and 0 < edge.sent[-1][1] <= 250  # the edge is told the time left
 
 
+    class Plain(FakeRemote):  # a remote that takes no deadline (a Ray handle, a test double) still works
+        def classify(self, texts, pairs, ids) -> RemoteResult:
+            return super().classify(texts, pairs, ids)
+
+    plain = Plain("edge", models["mobile"])
+    with MobileClient(models["mobile"], routing="edge-only", remotes={"edge": plain}) as client:
+        assert client.classify(["good"], constraints=Constraints(max_latency_ms=250))[0].tier == "edge"
+        assert plain.sent[-1][1] is None
+
+
 def test_edge_refuses_what_it_cannot_answer_in_time_and_the_cloud_answers(models, servers):
     fleet = servers["edge"].app.state.fleet
     fleet.scheduler.allocator.served(1, 0.2)  # the edge has measured 200 ms per text

@@ -272,7 +272,7 @@ class MobileClient:
                 continue
             start = time.perf_counter()
             try:
-                result = remote.classify(sub_texts, sub_pairs, sub_ids, **self.fleet.remote_options(call, target))
+                result = remote.classify(sub_texts, sub_pairs, sub_ids, **self.fleet.remote_options(call, target, remote))
                 self._check_same_model(target, result)
             except TierUnavailableError as exc:
                 self.fleet.after_send(call, rows, target, reserved, 0.0, error=exc)

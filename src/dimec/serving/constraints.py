@@ -29,6 +29,7 @@ Rules (docs/fleet.md):
 
 from __future__ import annotations
 
+import inspect
 import threading
 import time
 from collections import Counter, deque
@@ -287,11 +288,13 @@ class FleetPolicy:
             if advice.get("expected_wait_ms") is not None:
                 self.latency.announce_queue("edge", float(advice["expected_wait_ms"]), valid)
 
-    def remote_options(self, call, target: str) -> dict:
+    def remote_options(self, call, target: str, remote=None) -> dict:
         """Extra arguments for the exchange: the time left before the deadline (the edge refuses at once if
-        its queue cannot meet it)."""
+        its queue cannot meet it), for remotes that take one."""
         deadline = call.constraints.max_latency_ms
         if deadline is None or target != "edge":
+            return {}
+        if remote is not None and "deadline_ms" not in inspect.signature(remote.classify).parameters:
             return {}
         return {"deadline_ms": max(0.0, deadline - (time.monotonic() - call.started) * 1e3)}
 
