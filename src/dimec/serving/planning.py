@@ -176,9 +176,10 @@ def registered_candidates(run_dir: Path, val: ExitOutputs, reward: CostModel, cf
     Without `auto` (an older dimec): every registered router but the oracle, plus plan sweeps."""
     from collections import Counter
 
-    from dimec.experiments.compare import build_router
     from dimec.pipeline import load_cartography
-    from dimec.routing.base import ROUTERS
+    from dimec.routing.base import ROUTERS, make_router
+
+    make_router("cloud-only")  # registers every router
 
     try:
         carto = load_cartography(run_dir, cfg.calibration)
@@ -199,12 +200,11 @@ def registered_candidates(run_dir: Path, val: ExitOutputs, reward: CostModel, cf
             out.append(router_candidate(name, router, reward))
         names = PAPER_BASELINES
     else:
-        from dimec.experiments import METHODS
-
-        names = tuple(m for m in METHODS if m != "oracle")
+        names = tuple(sorted(n for n in ROUTERS if n != "oracle"))
     for name in names:
         if name in ROUTERS and not (carto is None and name in needs_carto):
-            out.append(router_candidate(name, build_router(name, cfg.calibration).fit(val, reward, carto), reward))
+            router = ROUTERS[name].from_config(cfg.calibration, None)  # the run's settings, as calibrate does
+            out.append(router_candidate(name, router.fit(val, reward, carto), reward))
     return out if "auto" in ROUTERS else out + plan_sweeps(val)
 
 
