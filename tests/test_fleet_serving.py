@@ -339,3 +339,15 @@ def test_bad_constraints_are_clear_errors(models, tmp_path, capsys):
                           (["--latency-profile", str(tmp_path / "none.json")], "latency profile")):
         code = main(["client", package, "good", "--edge-url", "http://127.0.0.1:9", "--backend", "torch", *args])
         assert code == 2 and message in capsys.readouterr().err, args
+
+
+def test_cascade_mobile_threshold_under_advice():
+    policy = FleetPolicy(min_mobile_confidence=0.7)
+    conf = np.linspace(0.5, 1.0, 101)
+    assert policy.mobile_threshold(0.95, conf) == 0.95  # no advice: unchanged
+    policy._advice = (0.5, time.monotonic() + 30)  # the edge asks to keep half
+    assert policy.mobile_threshold(0.95, conf) == pytest.approx(0.75, abs=0.01)  # the median of the history
+    policy._advice = (0.9, time.monotonic() + 30)
+    assert policy.mobile_threshold(0.95, conf) == 0.7  # never below the floor
+    assert policy.mobile_threshold(0.65, conf) == 0.65  # never above the policy's own threshold
+

@@ -244,6 +244,19 @@ class FleetPolicy:
                 call.answers[i] = client._answer(call.ids[i], probs[j], "mobile", "edge", client.mobile.exit_layer)
                 tiers[i] = ANSWERED
 
+    def mobile_threshold(self, threshold: float, confidences: np.ndarray) -> float:
+        """For a cascade: its mobile stage's threshold under the edge's advice. `confidences` (R,): the mobile
+        exit's confidences of the texts now at that stage (recorded as the recent history). Without advice
+        the threshold is unchanged; with keep fraction f it drops to the (1 - f)-quantile of the recent
+        confidences, never below `min_mobile_confidence` nor above the threshold itself."""
+        with self._lock:
+            self._confidences.extend(float(x) for x in np.asarray(confidences).ravel())
+            history = np.asarray(self._confidences)
+        keep = self.keep_fraction()
+        if keep <= 0 or not len(history):
+            return threshold
+        return min(threshold, max(self.min_mobile_confidence, float(np.quantile(history, 1 - keep))))
+
     def keep_fraction(self) -> float:
         keep, until = self._advice
         return keep if time.monotonic() < until else 0.0
