@@ -429,6 +429,12 @@ def _build(cls: type, raw: Any, where: str, problems: list[str]) -> Any:
 
 
 def _coerce(tp: Any, value: Any, where: str) -> Any:
+    if dataclasses.is_dataclass(tp):  # e.g. an item of a tuple of nested sections
+        problems: list[str] = []
+        built = _build(tp, value, where + ".", problems)
+        if problems:
+            raise ConfigError("; ".join(problems))
+        return built
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
@@ -482,3 +488,12 @@ def type_name(tp: Any) -> str:
             return f"list of {type_name(args[0])}"
         return f"list of {len(args)} {type_name(args[0])}"
     return getattr(tp, "__name__", str(tp))
+
+
+def build_config(cls: type, raw: Any, where: str = "") -> Any:
+    """Any typed config dataclass from a raw mapping, with the same checks and coercions as RunConfig
+    (unknown keys, types, tuples of nested dataclasses); `where` prefixes the names in error messages."""
+    problems: list[str] = []
+    built = _build(cls, raw, where, problems)
+    raise_problems(problems)
+    return built

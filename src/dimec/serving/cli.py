@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from dimec.errors import ConfigError
+from dimec.serving.fleet_cli import add_fleet_client_args, attach_fleet_commands, fleet_policy_from_args
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 DEFAULT_PORTS = {"edge": 8101, "cloud": 8102}
@@ -55,6 +56,8 @@ def attach_serving_commands(sub) -> None:
     _server_args(p)
     p.add_argument("--port", type=PORT, help="default: 8101 for edge, 8102 for cloud")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
+    p.add_argument("--sources", help="YAML/JSON file: tokens -> sources and priority classes, scheduling and "
+                                     "allocation settings (docs/fleet.md); replaces --token")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("serve-all", help="local three-tier demo: edge and cloud servers + the mobile client")
@@ -83,6 +86,8 @@ def attach_serving_commands(sub) -> None:
     p.add_argument("--out", help="profile path (default RUN_DIR/profile.json)")
     p.set_defaults(func=cmd_profile)
 
+    attach_fleet_commands(sub)  # plan, monitor (fleet_cli.py)
+
 
 def _server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--token", help="bearer token clients must send (default: env DIMEC_TOKEN)")
@@ -105,6 +110,7 @@ def _client_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=SECONDS, default=10.0, help="read timeout, seconds")
     p.add_argument("--retries", type=_bounded(int, 0, 10, "--retries"), default=2,
                    help="extra attempts per tier (0..10)")
+    add_fleet_client_args(p)
 
 
 def _token(args) -> str | None:
@@ -136,10 +142,13 @@ def cmd_export(args) -> None:
 def cmd_serve(args) -> None:
     from dimec.serving.package import resolve_package
     from dimec.serving.server import Limits, create_app
+    from dimec.serving.sources import SourceTable
 
     token = _token(args)
-    if not token:
-        raise ConfigError("no bearer token", "pass --token T or set DIMEC_TOKEN (the same value on every tier)")
+    sources = SourceTable.load(args.sources) if getattr(args, "sources", None) else None
+    if not token and sources is None:
+        raise ConfigError("no bearer token", "pass --token T or set DIMEC_TOKEN (the same value on every tier), "
+                                             "or --sources FILE")
     if args.threads:
         import torch
 
@@ -151,7 +160,7 @@ def cmd_serve(args) -> None:
     port = args.port or DEFAULT_PORTS[args.tier]
     sock = bind_port(args.host, port)  # before the model loads: a taken port fails fast, and no other
     try:                               # server can take it between this check and serving
-        app = create_app(resolve_package(args.path, args.tier), args.tier, token, limits)
+        app = create_app(resolve_package(args.path, args.tier), args.tier, token, limits, sources=sources)
         print(f"dimec {args.tier} tier on http://{_url_host(args.host)}:{port} "
               f"(exit layer {app.state.service.model.exit_layer})", flush=True)
         run_server(app, sock, args.log_level)
@@ -199,9 +208,10 @@ def _client(args, mobile_path, edge_url, cloud_url, token):
     from dimec.serving.client import MobileClient, Timeouts
     from dimec.serving.package import resolve_package
 
+    fleet = fleet_policy_from_args(args)  # constraints, budget, advice: checked first
     package = resolve_package(mobile_path, "mobile", onnx=args.backend.startswith("onnx"))
     return MobileClient(package, edge_url, cloud_url, token, Timeouts(args.connect_timeout, args.timeout),
-                        args.retries, _links(args), args.backend, args.routing)
+                        args.retries, _links(args), args.backend, args.routing, fleet=fleet)
 
 
 def _run_client(client, texts: list[str] | None) -> None:

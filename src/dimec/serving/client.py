@@ -24,7 +24,15 @@ from typing import Any, Protocol
 import httpx
 import numpy as np
 
-from dimec.errors import ConfigError, DataError, DimecError, TierAuthError, TierUnavailableError
+from dimec.errors import (
+    ConfigError,
+    DataError,
+    DimecError,
+    TierAuthError,
+    TierBusyError,
+    TierUnavailableError,
+)
+from dimec.serving.constraints import Constraints, FleetPolicy
 from dimec.serving.links import LinkProfile, LinkTransport
 from dimec.serving.package import ROUTER_FILE
 from dimec.serving.tier import TierModel, softmax
@@ -50,6 +58,7 @@ class Answer:
     exit_layer: int
     degraded: bool = False  # both remote tiers failed: answered from the mobile exit instead
     errors: list[str] = field(default_factory=list)
+    flags: list[str] = field(default_factory=list)  # why the path changed: private, budget, deadline, advice, shed
 
     @property
     def fallback(self) -> bool:
@@ -65,6 +74,7 @@ class RemoteResult:
     exit_layer: int
     label_names: list[str]
     attempts: int
+    meta: dict[str, Any] = field(default_factory=dict)  # the server's queue_ms, compute_ms, advice
 
 
 class Remote(Protocol):
@@ -92,7 +102,7 @@ def check_url(name: str, url: str) -> str:
 class HttpRemote:
     """One remote tier over HTTP(S) with timeouts, bounded retries, link emulation and a cooldown."""
 
-    RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
+    RETRY_STATUS = frozenset({500, 502, 503, 504})  # 429 is not retried: the text goes elsewhere at once
 
     def __init__(self, name: str, url: str, token: str | None, timeouts: Timeouts = Timeouts(), retries: int = 2,
                  link: LinkProfile | None = None, cooldown_s: float = 1.0, backoff_s: float = 0.05,
@@ -106,7 +116,7 @@ class HttpRemote:
             transport = LinkTransport(link, transport, seed=seed)
         self.http = httpx.Client(transport=transport, timeout=httpx.Timeout(timeouts.read_s, connect=timeouts.connect_s),
                                  headers={"Authorization": f"Bearer {token}"} if token else {})
-        self._down_until = 0.0
+        self._down_until, self._busy = 0.0, False  # busy: down because of a 429, not a failure
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
         self.retry_count = 0  # exchanges repeated after a failure
@@ -114,19 +124,25 @@ class HttpRemote:
     def available(self) -> bool:
         return time.monotonic() >= self._down_until
 
-    def classify(self, texts: list[str], pairs: list[str] | None, ids: list[str]) -> RemoteResult:
+    def classify(self, texts: list[str], pairs: list[str] | None, ids: list[str],
+                 deadline_ms: float | None = None) -> RemoteResult:
         if not self.available():
+            if self._busy:  # it answered 429: honour its Retry-After
+                raise TierBusyError(f"{self.name} skipped: busy (429), Retry-After not over", 0.0)
             raise TierUnavailableError(f"{self.name} skipped: it failed less than {self.cooldown_s:g} s ago")
-        probs, exit_layer, labels, attempts = [], 0, [], 0
+        probs, exit_layer, labels, attempts, meta = [], 0, [], 0, {}
         for start in range(0, len(texts), self.max_batch):
             part = slice(start, start + self.max_batch)
             body: dict[str, Any] = {"texts": texts[part], "ids": ids[part]}
             if pairs is not None:
                 body["text_pairs"] = pairs[part]
+            if deadline_ms is not None:
+                body["deadline_ms"] = round(deadline_ms, 3)
             payload, tries = self._post(body)
             probs.append(np.asarray(payload["probs"], dtype=np.float32))
             exit_layer, labels, attempts = int(payload["exit_layer"]), payload["label_names"], attempts + tries
-        return RemoteResult(np.concatenate(probs), exit_layer, labels, attempts)
+            meta = {k: payload.get(k) for k in ("queue_ms", "compute_ms", "advice", "source", "priority")}
+        return RemoteResult(np.concatenate(probs), exit_layer, labels, attempts, meta)
 
     def _post(self, body: dict[str, Any]) -> tuple[dict[str, Any], int]:
         error = "no attempt"
@@ -152,11 +168,15 @@ class HttpRemote:
             if response.status_code in (401, 403):  # a wrong token: no tier will accept it, say so loudly
                 raise TierAuthError(f"{self.name} at {self.url} refused this client's token ({error})",
                                     "give the client and every tier the same token (--token or DIMEC_TOKEN)")
+            if response.status_code == 429:  # busy for this source's class: skip it for its Retry-After
+                retry_after = _retry_after(response)
+                self._down_until, self._busy = time.monotonic() + retry_after, True
+                raise TierBusyError(f"{self.name} at {self.url} is busy: {error}", retry_after)
             if response.status_code in (413, 422):  # this request's fault, not the tier's: no retry, no cooldown
                 raise TierUnavailableError(f"{self.name} at {self.url} refused the request: {error}")
             if response.status_code not in self.RETRY_STATUS:
                 break  # 404 and the like: a retry will not help
-        self._down_until = time.monotonic() + self.cooldown_s
+        self._down_until, self._busy = time.monotonic() + self.cooldown_s, False
         raise TierUnavailableError(f"{self.name} at {self.url} failed after {attempt + 1} attempt(s): {error}")
 
     @staticmethod
@@ -174,6 +194,13 @@ class HttpRemote:
         self.http.close()
 
 
+def _retry_after(response: httpx.Response, default: float = 1.0) -> float:
+    try:
+        return min(60.0, max(0.0, float(response.headers.get("retry-after", default))))
+    except ValueError:
+        return default
+
+
 def _error_text(response: httpx.Response) -> str:
     try:
         return str(response.json().get("error", response.text[:200]))
@@ -188,7 +215,7 @@ class MobileClient:
                  cloud_url: str | None = None, token: str | None = None, timeouts: Timeouts = Timeouts(),
                  retries: int = 2, links: dict[str, LinkProfile] | None = None, backend: str = "onnx-int8",
                  routing: str = "fixed", cooldown_s: float = 1.0, remotes: dict[str, Remote] | None = None,
-                 seed: int = 0) -> None:
+                 seed: int = 0, fleet: FleetPolicy | None = None) -> None:
         if routing not in ROUTINGS:
             raise ConfigError(f"unknown routing {routing!r}", f"use one of {', '.join(ROUTINGS)}")
         self.mobile = mobile_package if isinstance(mobile_package, TierModel) else TierModel(mobile_package, backend)
@@ -204,6 +231,7 @@ class MobileClient:
                                                 seed=seed + offset)
         self._lock = threading.Lock()
         self.counts: Counter[str] = Counter()
+        self.fleet = fleet or FleetPolicy()  # constraints, budget, the edge's advice (constraints.py)
 
     def _load_router(self, routing: str):
         if routing not in ("fixed", "dynamic"):
@@ -217,9 +245,11 @@ class MobileClient:
         return router
 
     # ---- the one entry point --------------------------------------------------------------------------
-    def classify(self, texts: list[str], pairs: list[str] | None = None, ids: list[str] | None = None) -> list[Answer]:
+    def classify(self, texts: list[str], pairs: list[str] | None = None, ids: list[str] | None = None,
+                 constraints: Constraints | None = None) -> list[Answer]:
         call = _Call(*_check_inputs(texts, pairs, ids))
         tiers = self._route(call)
+        tiers = self.fleet.adjust(self, call, tiers, constraints)  # privacy, budget, deadline, advice
         local = np.flatnonzero(tiers == MOBILE)
         if len(local):
             self._answer_locally(call, local, routed="mobile", degraded=False, errors=[])
@@ -231,6 +261,7 @@ class MobileClient:
         missing = [call.ids[i] for i, a in enumerate(answers) if a is None]
         if missing or len({a.id for a in answers}) != len(call.ids):  # a bug, never expected: say so loudly
             raise DimecError(f"internal error: request ids {missing[:5]} got no answer or were answered twice")
+        self.fleet.finish(call, answers)
         with self._lock:
             self.counts["answers"] += len(answers)
             for a in answers:
@@ -255,20 +286,26 @@ class MobileClient:
         sub_pairs = None if call.pairs is None else [call.pairs[i] for i in rows]
         sub_ids = [call.ids[i] for i in rows]
         errors: list[str] = []
-        other = CLOUD if routed == EDGE else EDGE
-        for target in (TIERS[routed], TIERS[other]):
+        for target in self.fleet.targets(call, routed):  # the routed tier, then the other, if allowed
             remote = self.remotes.get(target)
             if remote is None:
                 errors.append(f"no {target} tier configured")
                 continue
+            refused, reserved = self.fleet.before_send(call, rows, target)
+            if refused:
+                errors.append(refused)
+                continue
+            start = time.perf_counter()
             try:
-                result = remote.classify(sub_texts, sub_pairs, sub_ids)
+                result = remote.classify(sub_texts, sub_pairs, sub_ids, **self.fleet.remote_options(call, target, remote))
                 self._check_same_model(target, result)
             except TierUnavailableError as exc:
+                self.fleet.after_send(call, rows, target, reserved, 0.0, error=exc)
                 errors.append(exc.message)
                 with self._lock:
-                    self.counts[f"failed_{target}"] += 1
+                    self.counts[f"{'shed' if isinstance(exc, TierBusyError) else 'failed'}_{target}"] += 1
                 continue
+            self.fleet.after_send(call, rows, target, reserved, (time.perf_counter() - start) * 1e3, result)
             for j, i in enumerate(rows):
                 call.answers[i] = self._answer(call.ids[i], result.probs[j], target, TIERS[routed],
                                                result.exit_layer, errors=list(errors))
@@ -283,9 +320,16 @@ class MobileClient:
                 f"{target} serves another model (labels {result.label_names}, exit layer {result.exit_layer}; "
                 f"expected {self.mobile.label_names}, exit layer {expected}): deploy packages of one export")
 
+    def mobile_probs(self, call: _Call, rows: np.ndarray) -> np.ndarray:
+        """(R, C) the mobile exit's probabilities for the chosen rows of a call."""
+        start = time.perf_counter()
+        probs = softmax(self.mobile.logits(call.batch(self.mobile).rows(rows)))
+        self.fleet.observe_mobile((time.perf_counter() - start) * 1e3)
+        return probs
+
     def _answer_locally(self, call: _Call, rows: np.ndarray, routed: str, degraded: bool,
                         errors: list[str]) -> None:
-        probs = softmax(self.mobile.logits(call.batch(self.mobile).rows(rows)))
+        probs = self.mobile_probs(call, rows)
         for j, i in enumerate(rows):
             call.answers[i] = self._answer(call.ids[i], probs[j], "mobile", routed, self.mobile.exit_layer,
                                            degraded, list(errors))
@@ -300,7 +344,7 @@ class MobileClient:
         with self._lock:
             out = dict(self.counts)
         out["retries"] = sum(getattr(r, "retry_count", 0) for r in self.remotes.values())
-        return out
+        return {**out, **self.fleet.stats()}
 
     def close(self) -> None:
         for remote in self.remotes.values():
@@ -321,6 +365,8 @@ class _Call:
     def __init__(self, texts: list[str], pairs: list[str] | None, ids: list[str]) -> None:
         self.texts, self.pairs, self.ids = texts, pairs, ids
         self.answers: list[Answer | None] = [None] * len(texts)
+        self.flags: list[list[str]] = [[] for _ in texts]  # set by the FleetPolicy (constraints.py)
+        self.constraints, self.started = Constraints(), time.monotonic()
         self._batch = None
 
     def batch(self, mobile: TierModel):

@@ -109,6 +109,7 @@ def export_packages(
     from transformers.utils import logging as hf_logging
 
     from dimec.modeling.multi_exit import MultiExitModel
+    from dimec.serving.monitor import write_reference
 
     hf_logging.disable_progress_bar()
     run_dir = Path(run_dir)
@@ -132,6 +133,7 @@ def export_packages(
                 "label_names": list(cfg.label_names), "max_length": cfg.max_length, "task": cfg.task,
                 "source_run": str(run_dir.resolve()), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             }
+            write_reference(run_dir, directory, manifest)  # what the drift monitor compares with (monitor.py)
             if tier == "mobile":
                 shutil.copy2(run_dir / ROUTER_FILE, directory / ROUTER_FILE)
                 write_manifest(directory, manifest)  # the check below loads the package

@@ -3,19 +3,21 @@
     POST /v1/classify   one text (or pair) or a batch -> labels, probs, tier, exit layer   (bearer token)
     POST /v1/ping       echo the body size: lets `dimec profile` measure a link's throughput (bearer token)
     GET  /healthz       liveness and what this tier serves
-    GET  /metrics       Prometheus text: requests by path and status, latency histogram, samples per tier
+    GET  /metrics       Prometheus text: requests by path and status, latency histogram, samples per tier,
+                        per source and class (fleet.py), drift histograms (monitor.py)
+    GET  /v1/drift/reference  the validation distributions the drift monitor compares with
     GET  /openapi.json  the schema
 
 Bad input never gets a 5xx: bodies over the size limit get 413; bodies that are not UTF-8 JSON, have wrong
 fields or types, hold text that is not valid Unicode (a lone surrogate) or go over a limit get 422, whose
-JSON says what is wrong and where; a missing or wrong token 401. The OpenAPI schema lists these statuses and
+JSON says what is wrong and where; a missing or wrong token (or one no source maps to) 401; a request the edge's
+queue cannot take 429 with Retry-After (sources mode, docs/fleet.md). The OpenAPI schema lists these statuses and
 the bearer scheme. `TierService` holds the request logic so the Ray Serve deployments (ray_app.py) answer
 exactly like this app.
 """
 
 from __future__ import annotations
 
-import hmac
 import json
 import logging
 import time
@@ -32,6 +34,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from starlette.exceptions import HTTPException
 
 from dimec.errors import ConfigError, TierAuthError
+from dimec.serving.fleet import Fleet, attach_gateway_drift
+from dimec.serving.sources import Source, SourceTable
 from dimec.serving.tier import TierModel
 from dimec.textinput import text_problem
 
@@ -65,6 +69,7 @@ class ClassifyRequest(BaseModel):
     texts: list[str] | None = None
     text_pairs: list[str] | None = None
     ids: list[str] | None = Field(None, description="request ids, one per text, echoed in the answer")
+    deadline_ms: float | None = Field(None, ge=0, description="answer within this many ms or refuse at once (429)")
 
     @model_validator(mode="after")
     def _one_form(self) -> ClassifyRequest:
@@ -105,6 +110,10 @@ class ClassifyResponse(BaseModel):
     label_ids: list[int]
     probs: list[list[float]]
     compute_ms: float = Field(description="model time on the server, so clients can separate link time")
+    queue_ms: float | None = Field(None, description="time waiting for the model (sources mode)")
+    source: str | None = Field(None, description="the source the token maps to")
+    priority: str | None = Field(None, description="the source's priority class")
+    advice: dict[str, Any] | None = Field(None, description="PA-MDI allocation advice (docs/fleet.md)")
 
 
 class ErrorBody(BaseModel):
@@ -125,20 +134,21 @@ class RequestError(Exception):
 class TierService:
     """Auth, limits and classification for one tier; shared by the FastAPI app and Ray Serve."""
 
-    def __init__(self, model: TierModel, token: str | None, limits: Limits = Limits()) -> None:
-        if not token:
-            raise ConfigError("a bearer token is required between tiers",
-                              "pass --token T or set DIMEC_TOKEN (the same on every tier)")
+    def __init__(self, model: TierModel, token: str | None, limits: Limits = Limits(),
+                 sources: SourceTable | None = None) -> None:
         self.model, self.limits = model, limits
-        self._token = token.encode()
+        self.sources = sources or SourceTable.single(token)  # one token, one source "default"
 
-    def authorize(self, authorization: str | None) -> None:
-        """`authorization`: the raw Authorization header. Constant-time compare against the token."""
+    def authorize(self, authorization: str | None) -> Source:
+        """`authorization`: the raw Authorization header -> the source its token maps to (constant time)."""
         scheme, _, given = (authorization or "").partition(" ")
         if scheme.lower() != "bearer" or not given:
             raise RequestError(401, "missing bearer token (Authorization: Bearer TOKEN)")
-        if not hmac.compare_digest(given.strip().encode(), self._token):
-            raise RequestError(401, "invalid bearer token")
+        source = self.sources.lookup(given.strip())
+        if source is None:
+            raise RequestError(401, "invalid bearer token" if not self.sources.scheduled else
+                               "invalid bearer token: it maps to no source in this tier's sources file")
+        return source
 
     def check(self, request: ClassifyRequest) -> tuple[list[str], list[str] | None]:
         texts, pairs = request.batch()
@@ -174,21 +184,24 @@ class TierService:
 
 
 def create_app(package_dir: str | Path | None, tier: str, token: str | None, limits: Limits | None = None,
-               model: TierModel | None = None) -> FastAPI:
-    """The FastAPI app of the edge or cloud tier. `model` may be given to share a loaded TierModel."""
+               model: TierModel | None = None, sources: SourceTable | None = None) -> FastAPI:
+    """The FastAPI app of the edge or cloud tier. `model` may be given to share a loaded TierModel;
+    `sources` (a SourceTable from a sources file) replaces the single token with sources and priorities."""
     model = model or TierModel(package_dir)
     if model.tier != tier:
         raise ConfigError(f"the package at {model.directory} is the {model.tier} tier, not {tier}",
                           f"serve it as `dimec serve {model.tier}` or give the {tier} package")
     if tier == "mobile":
         raise ConfigError("the mobile tier runs in the client, not as a server", "serve edge or cloud")
-    service = TierService(model, token, limits or Limits())
+    service = TierService(model, token, limits or Limits(), sources)
     app, metrics = _base_app(f"dimec {tier} tier", service)
+    fleet = app.state.fleet = Fleet(service, app.state.registry, service.sources)  # sources, queue, metrics
+    fleet.attach(app)
 
     @app.post("/v1/classify", response_model=ClassifyResponse, dependencies=[Depends(_authorized)],
-              responses=_errors(401, 413, 422, 500))
-    def classify(body: ClassifyRequest) -> ClassifyResponse:
-        answer = service.classify(body)
+              responses=_errors(401, 413, 422, 429, 500))
+    async def classify(body: ClassifyRequest, request: Request) -> ClassifyResponse:
+        answer = await fleet.classify(service, request.state.source, body)
         metrics["samples"].labels(tier).inc(len(answer.labels))
         return answer
 
@@ -204,6 +217,7 @@ def create_gateway_app(client, token: str | None, limits: Limits | None = None) 
     easy ones itself and offloads the rest; same auth, limits and metrics as the tier servers."""
     service = TierService(client.mobile, token, limits or Limits())
     app, metrics = _base_app("dimec mobile gateway", service)
+    attach_gateway_drift(app, client)  # routing distances, routed tiers, mobile confidences (monitor.py)
 
     @app.post("/v1/classify", response_model=GatewayAnswer, dependencies=[Depends(_authorized)],
               responses=_errors(401, 413, 422, 500, 502))
@@ -228,6 +242,7 @@ _ERROR_MEANING = {
     422: "invalid request: body not UTF-8 JSON, unknown field, wrong type, text that is not valid Unicode, "
          "empty text, or over a limit",
     500: "internal error: a bug in the server, never caused by the request's content",
+    429: "the edge's queue is full for this source's class, or the deadline cannot be met; see Retry-After",
     502: "a tier behind the gateway refuses the gateway's token (a deployment error)",
 }
 
@@ -242,7 +257,7 @@ BEARER = HTTPBearer(auto_error=False, description="the tiers' shared token: `Aut
 
 def _authorized(request: Request, _: Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)]) -> None:
     """The scheme is declared through BEARER (so OpenAPI lists it); the check is TierService.authorize's."""
-    request.app.state.service.authorize(request.headers.get("authorization"))
+    request.state.source = request.app.state.service.authorize(request.headers.get("authorization"))
 
 
 def _printable(text: Any) -> str:
@@ -273,7 +288,7 @@ def _base_app(title: str, service: TierService) -> tuple[FastAPI, dict[str, Any]
         "samples": Counter("dimec_samples", "Samples answered, by tier", ["tier"], registry=registry),
     }
     app = FastAPI(title=title, version="1", description=__doc__, responses=_errors(413))
-    app.state.service = service
+    app.state.service, app.state.registry = service, registry
     app.add_middleware(_Guard, limits=service.limits, metrics=metrics)
 
     @app.exception_handler(RequestError)
