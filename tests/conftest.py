@@ -15,7 +15,7 @@ FILLER = ["the", "movie", "film", "was", "very", "plot", "acting", "quite", "a",
 VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *POSITIVE, *NEGATIVE, *FILLER]
 
 
-def make_tiny_encoder(directory: Path, layers: int = 2) -> Path:
+def make_tiny_encoder(directory: Path, layers: int = 2, hidden: int = 32, intermediate: int = 37) -> Path:
     import torch
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import BertConfig, BertModel, BertTokenizerFast
@@ -29,8 +29,8 @@ def make_tiny_encoder(directory: Path, layers: int = 2) -> Path:
     tokenizer = BertTokenizerFast(tokenizer_object=core, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
                                   sep_token="[SEP]", mask_token="[MASK]")
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=len(VOCAB), hidden_size=32, num_hidden_layers=layers, num_attention_heads=2,
-                        intermediate_size=37, max_position_embeddings=64)
+    config = BertConfig(vocab_size=len(VOCAB), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
+                        intermediate_size=intermediate, max_position_embeddings=64)
     BertModel(config).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory

@@ -379,17 +379,18 @@ def test_client_imports_no_training_stack(packages):
 
 
 def test_cli_serve_edge_forwards_to_the_cloud(packages, monkeypatch, capsys):
-    import uvicorn
-
+    import dimec.serving.cli as serving_cli
     from dimec.cli import main
+    from dimec.serving.local import free_port
 
     seen = {}
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.update(app=app, **kw))
+    monkeypatch.setattr(serving_cli, "run_server", lambda app, sock, log_level: seen.update(app=app))
     assert main(["serve", "edge", str(packages["edge"]), "--token", TOKEN, "--cloud-url", "http://127.0.0.1:9",
-                 "--max-hidden-bytes", "1000"]) == 0
+                 "--max-hidden-bytes", "2000", "--port", str(free_port())]) == 0
     runner = seen["app"].state.service.plans
     assert runner.forward is not None and runner.forward.url == "http://127.0.0.1:9"
-    r = TestClient(seen["app"]).post("/v1/continue", content=b"x" * 2000, headers=HIDDEN)
-    assert r.status_code == 413
-    assert main(["serve", "cloud", str(packages["cloud"]), "--token", TOKEN, "--cloud-url", "http://x"]) == 2
+    r = TestClient(seen["app"]).post("/v1/continue", content=b"x" * 3000, headers=HIDDEN)
+    assert r.status_code == 413 and "2000 bytes" in r.json()["error"]
+    assert main(["serve", "cloud", str(packages["cloud"]), "--token", TOKEN, "--cloud-url", "http://x",
+                 "--port", str(free_port())]) == 2
     assert "for the edge" in capsys.readouterr().err

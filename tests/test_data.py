@@ -218,7 +218,7 @@ def test_unknown_task_lists_known_tasks():
 
 
 def test_unknown_source_is_a_config_error(tmp_path):
-    with pytest.raises(ConfigError, match="unknown data.source 'web'"):
+    with pytest.raises(ConfigError, match="data.source must be one of 'local', 'hub'; got 'web'"):
         load_task(cfg(task="sst2", source="web"))
 
 
@@ -390,13 +390,13 @@ def test_too_small_to_stratify(tmp_path):
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [
-    ({"split": "random"}, "unknown data.split 'random'"),
+    ({"split": "random"}, "data.split must be one of 'pooled', 'own'; got 'random'"),
     ({"split_ratios": (0.8, 0.1, 0.2)}, "summing to 1"),
     ({"split_ratios": (1.0, 0.0, 0.0)}, "three positive shares"),
     ({"split_ratios": (0.9, -0.1, 0.2)}, "three positive shares"),
-    ({"max_samples": 0}, "max_samples must be a positive"),
-    ({"max_train_samples": 0}, "max_train_samples must be a positive"),
-    ({"max_eval_samples": -3}, "max_eval_samples must be a positive"),
+    ({"max_samples": 0}, "max_samples must be at least 1, got 0"),
+    ({"max_train_samples": 0}, "max_train_samples must be at least 1"),
+    ({"max_eval_samples": -3}, "max_eval_samples must be at least 1, got -3"),
 ])
 def test_bad_split_config_is_a_config_error(kwargs, message):
     with pytest.raises(ConfigError, match=message):

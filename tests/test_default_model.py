@@ -21,7 +21,8 @@ def test_default_model_and_data_end_to_end(tmp_path):
     assert json.loads((tmp_path / "model" / "dimec_model.json").read_text())["exit_layers"] == [2, 3, 6]
     test = split_outputs(tmp_path, "test")
     assert len(test) == 120 and test.embeddings.shape[1] == 384
-    cloud, fixed, dynamic = report["results"]
+    cloud, auto, fixed, dynamic, oracle = report["results"]
     assert cloud["accuracy"] >= 0.65  # a pretrained MiniLM learns sentiment from 960 snippets (chance: 0.5)
     for r in (fixed, dynamic):
         assert r["mean_cost"] <= cloud["mean_cost"] + 1e-12  # cloud-only is the most expensive tier
+    assert auto["method"] == "auto" and report["winner"] and oracle["oracle_share"] == 1.0

@@ -16,11 +16,11 @@ pytest.importorskip("onnxruntime")
 
 from fastapi.testclient import TestClient  # noqa: E402
 
-from dimec.errors import ArtifactError, ConfigError, DataError  # noqa: E402
+from dimec.errors import ArtifactError, ConfigError, DataError, TierAuthError  # noqa: E402
 from dimec.serving.client import Answer, MobileClient, RemoteResult, Timeouts  # noqa: E402
 from dimec.serving.export import export_packages  # noqa: E402
 from dimec.serving.links import LinkProfile, LinkTransport  # noqa: E402
-from dimec.serving.local import ThreadServer  # noqa: E402
+from dimec.serving.local import ThreadServer, free_port  # noqa: E402
 from dimec.serving.package import MANIFEST, read_manifest, resolve_package  # noqa: E402
 from dimec.serving.server import Limits, create_app  # noqa: E402
 from dimec.serving.tier import TierModel  # noqa: E402
@@ -299,7 +299,7 @@ def test_fuzzed_bodies_never_get_5xx(http):
             assert "error" in r.json()
     deep = b"[" * 3000 + b"]" * 3000  # under the byte limit, deeper than the JSON parser's recursion
     assert http.post("/v1/classify", content=deep, headers={**AUTH, "content-type": "application/json"}).status_code < 500
-    assert statuses <= {200, 400, 413, 422}
+    assert statuses <= {200, 413, 422}  # 400 is no more: an unparsable body is a 422 too
 
 
 # ---- links -----------------------------------------------------------------------------------------------------
@@ -480,11 +480,12 @@ def test_lossy_link_retries_and_never_loses(models, servers):
     assert stats["fallbacks"] == sum(a.fallback for a in answers)
 
 
-def test_client_reports_wrong_token_as_fallback_with_reason(models, servers):
-    client = MobileClient(models["mobile"], servers["edge"].url, None, "wrong", routing="edge-only")
-    with client:
-        answer = client.classify(["good"])[0]
-    assert answer.degraded and "401" in answer.errors[0] and "no cloud tier" in answer.errors[1]
+def test_client_refuses_to_hide_a_wrong_token(models, servers):
+    """A 401 is a misconfiguration, not an outage: an error, never a silent degraded answer."""
+    client = MobileClient(models["mobile"], servers["edge"].url, servers["cloud"].url, "wrong", routing="edge-only")
+    with client, pytest.raises(TierAuthError, match="refused this client's token.*401"):
+        client.classify(["good"])
+    assert client.stats().get("degraded", 0) == 0
 
 
 def test_request_refused_by_the_servers_is_answered_on_the_mobile(models, servers):
@@ -553,14 +554,20 @@ def test_cli_export_and_client(tiny_run, servers, tmp_path, capsys, monkeypatch)
 
 
 def test_cli_serve_builds_the_app_on_loopback(packages, monkeypatch, capsys):
-    import uvicorn
-
+    import dimec.serving.cli as serving_cli
     from dimec.cli import main
 
     seen = {}
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.update(app=app, **kw))
-    assert main(["serve", "cloud", str(packages["cloud"]), "--token", TOKEN, "--max-batch", "3"]) == 0
-    assert seen["host"] == "127.0.0.1" and seen["port"] == 8102
+    monkeypatch.setattr(serving_cli, "run_server",
+                        lambda app, sock, log_level: seen.update(app=app, address=sock.getsockname()))
+    with pytest.raises(SystemExit) as stop:  # argparse: one line, exit 2
+        main(["serve", "cloud", str(packages["cloud"]), "--token", TOKEN, "--port", "0"])
+    assert stop.value.code == 2 and "out of range" in capsys.readouterr().err  # port 0 would bind a random port, not the one printed
+    port = free_port()
+    assert main(["serve", "cloud", str(packages["cloud"]), "--token", TOKEN, "--max-batch", "3",
+                 "--port", str(port)]) == 0
+    assert seen["address"] == ("127.0.0.1", port)
+    assert f"http://127.0.0.1:{port}" in capsys.readouterr().out
     r = TestClient(seen["app"]).post("/v1/classify", json={"texts": ["a"] * 4}, headers=AUTH)
     assert r.status_code == 422 and "limit of 3" in r.json()["error"]
     assert main(["serve", "edge", str(packages["cloud"]), "--token", TOKEN]) == 2  # wrong package for the tier

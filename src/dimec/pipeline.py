@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dimec.atomic import write_json
+from dimec.atomic import read_json, write_json
 from dimec.config import CalibrationConfig, CostConfig, RunConfig
 from dimec.costs import CostModel
 from dimec.data import Example, TaskData, load_task
@@ -71,30 +71,43 @@ def task_data(cfg: RunConfig) -> TaskData:
 # ---- stages --------------------------------------------------------------------------------------------
 def train_stage(cfg: RunConfig, run_dir: Path) -> TrainResult:
     run_dir = Path(run_dir)
-    data = task_data(cfg)  # data and model are checked before anything is written to run_dir
+    cfg.validate()  # settings, data and model are checked before anything is written to run_dir
+    data = task_data(cfg)
     seed_everything(cfg.train.seed)  # before the exit heads are initialised: same config, same run
     model = MultiExitModel.from_encoder(
         cfg.model.name_or_path, data.label_names, cfg.model.exit_layers, cfg.model.exit_pooling,
         cfg.model.classifier_dropout, task=data.name, metric=data.metric, max_length=cfg.data.max_length,
     )
+    positions = getattr(model.encoder.config, "max_position_embeddings", None)
+    if positions is not None and cfg.data.max_length > positions:
+        raise ConfigError(f"data.max_length={cfg.data.max_length} is over the encoder's {positions} positions",
+                          f"use data.max_length <= {positions}")
     prepare_run_dir(cfg, run_dir)
-    RunDir(run_dir).data.write_text(json.dumps({
+    write_json(RunDir(run_dir).data, {
         "task": data.name, "label_names": data.label_names, "metric": data.metric,
         "sizes": {s: len(getattr(data, s)) for s in SPLITS},
-    }, indent=2) + "\n")
+    })
     if cfg.train.freeze_word_embeddings:
         model.encoder.embeddings.word_embeddings.weight.requires_grad_(False)
     train_enc = encode(model.tokenizer, data.train, cfg.data.max_length)
     val_enc = encode(model.tokenizer, data.validation, cfg.data.max_length)
     result = train(model, train_enc, val_enc, cfg.train, run_dir)
-    RunDir(run_dir).train_result.write_text(json.dumps(asdict(result), indent=2) + "\n")
+    write_json(RunDir(run_dir).train_result, asdict(result))
     return result
 
 
 def load_model(run_dir: Path) -> MultiExitModel:
-    if not RunDir(run_dir).model.is_dir():
+    folder = RunDir(run_dir).model
+    if not folder.is_dir():
         raise ArtifactError(f"{run_dir} has no trained model ({MODEL_DIR}/)", "run `dimec train` on it first")
-    return MultiExitModel.from_pretrained(RunDir(run_dir).model)
+    try:
+        return MultiExitModel.from_pretrained(folder)
+    except ArtifactError:
+        raise
+    except Exception as exc:  # noqa: BLE001  (safetensors, transformers and torch each raise their own)
+        raise ArtifactError(f"the model in {folder} is damaged ({type(exc).__name__}: "
+                            f"{str(exc).splitlines()[0][:200] if str(exc) else ''})",
+                            "train again into a fresh --run-dir (or restore the model folder)") from None
 
 
 def split_outputs(run_dir: Path, split: str) -> ExitOutputs:
@@ -179,7 +192,7 @@ def calibrate_stage(run_dir: Path, cfg: RunConfig | None = None) -> dict:
     config.json: a calibrate that fails leaves the run directory as it was (caches aside)."""
     run_dir = Path(run_dir)
     rd = RunDir(run_dir)
-    cfg = cfg or load_run_config(run_dir)
+    cfg = (cfg or load_run_config(run_dir)).validate()  # every setting checked before any work
     c = cfg.calibration
     target = check_calibration(c)
     cost_model = load_cost_model(run_dir, cfg.cost)
@@ -240,12 +253,15 @@ def evaluate_stage(run_dir: Path, cfg: RunConfig | None = None, other_costs: boo
     val = split_outputs(run_dir, "validation")
     carto = load_cartography(run_dir, cfg.calibration)
     paper = DimecFixedRouter.from_config(cfg.calibration).fit(val, cost_model, carto)
-    metric = json.loads(rd.data.read_text())["metric"]
+    metric = read_json(rd.data, "train the run again: data.json is written by `dimec train`")["metric"]
     routers = {"cloud-only": make_router("cloud-only"), raw["router"]: policy, "dimec-fixed": paper,
                "dimec-dynamic": DimecDynamicRouter.from_fixed(paper), "oracle": make_router("oracle")}
     results: list[MethodResult] = evaluate_methods(routers, test, cost_model, metric)
+    calibrated = raw.get("report", {})  # what calibrate found on validation: the target, the winner and why
     report = {"task": cfg.data.task, "metric": metric, "test_size": len(test), "policy": raw["router"],
-              "policy_describe": policy.describe(), "target": raw.get("report", {}).get("target"),
+              "policy_describe": policy.describe(), "target": calibrated.get("target"),
+              "winner": calibrated.get("winner"), "why": calibrated.get("how"),
+              "families_on_validation": calibrated.get("families"),
               "cost_model": cost_model.to_dict(), "calibrated_under_other_costs": mismatch,
               "results": [r.to_dict() for r in results]}
     write_json(rd.metrics, report)
@@ -258,8 +274,10 @@ def format_table(report: dict) -> str:
     metric = report["metric"]
     head = (f"{'method':<16}{'accuracy':>9}" + (f"{metric:>8}" if metric != "accuracy" else "")
             + f"{'d acc (pt) [95% CI]':>24}{'cost vs cloud [95% CI]':>26}{'oracle':>8}   mobile/edge/cloud")
-    lines = [f"task {report['task']}, {report['test_size']} test samples; served policy {report['policy']}: "
-             f"{report['policy_describe']}", head, "-" * len(head)]
+    winner = f" (it chose {report['winner']})" if report.get("winner") else ""
+    lines = [f"task {report['task']}, {report['test_size']} test samples; served policy {report['policy']}{winner}: "
+             f"{report['policy_describe']}", f"target: {report['target']}; {report.get('why') or ''}",
+             head, "-" * len(head)]
     for r in report["results"]:
         extra = f"{r['metrics'][metric]:>8.4f}" if metric != "accuracy" else ""
         a, c = r["accuracy_change_pt"], r["cost_change"]

@@ -11,6 +11,10 @@
     metrics.json                   test-split results (evaluate)
     packages/{tier}/               per-tier deployables (export)
     profile.json                   measured costs in milliseconds (profile)
+    policies.json                  candidate policies, router.json entries (calibrate; read by `dimec plan`)
+    plan/plan.json, plan/plan.png  accuracy, latency, money, exposure of every policy; the pick (plan)
+    drift_reference.json           validation distributions the drift monitor compares with (export; also
+                                   copied into every package)
 """
 
 from __future__ import annotations
@@ -33,6 +37,9 @@ DATA_MAP = "data_map.png"
 METRICS = "metrics.json"
 PACKAGES_DIR = "packages"
 PROFILE = "profile.json"
+DRIFT_REFERENCE = "drift_reference.json"
+POLICIES = "policies.json"
+PLAN_DIR = "plan"
 SPLITS = ("train", "validation", "test")
 
 
@@ -102,3 +109,15 @@ class RunDir:
     @property
     def profile(self) -> Path:
         return self.root / PROFILE
+
+    @property
+    def drift_reference(self) -> Path:
+        return self.root / DRIFT_REFERENCE
+
+    @property
+    def policies(self) -> Path:
+        return self.root / POLICIES
+
+    @property
+    def plan(self) -> Path:
+        return self.root / PLAN_DIR

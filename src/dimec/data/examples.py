@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -67,11 +67,15 @@ def label_distribution(examples: Iterable[Example]) -> dict[int, int]:
 
 
 def make_example(row: Mapping[str, Any], text: str, pair: str | None, label: str,
-                 label_ids: Mapping[str, int], where: str) -> Example:
-    """One checked Example from a parsed row; `where` ("file:line") goes into every error message."""
+                 label_ids: Mapping[str, int], where: str, missing: Collection[str] = ()) -> Example:
+    """One checked Example from a parsed row; `where` ("file:line") goes into every error message.
+    A label in `missing` (data.missing_labels, e.g. "NaN") is refused like a blank one."""
     first = _text(row, text, where)
     second = _text(row, pair, where) if pair is not None else None
     key = label_key(row.get(label))
+    if key in missing:
+        raise DataError(f"{where}: label {key!r} in column {label!r} marks a missing value (data.missing_labels)",
+                        f"fix or remove that row; if {key!r} is a real class, set data.missing_labels=[]")
     if key not in label_ids:
         allowed = ", ".join(label_ids)
         shown = "an empty value" if key == "" else repr(key)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -118,7 +118,7 @@ def load_file_task(cfg: DataConfig) -> RawTask:
         if not table.rows:
             raise DataError(f"{table.path} has no data rows", "give a file with labelled rows")
     label_names = infer_label_names(
-        label_key(row.get(cfg.label_column)) for t in tables.values() for _, row in t.rows
+        (label_key(row.get(cfg.label_column)) for t in tables.values() for _, row in t.rows), cfg.missing_labels
     )
     if len(label_names) < 2:
         raise DataError(f"column {cfg.label_column!r} of {cfg.path} holds only the label(s) {label_names}",
@@ -126,16 +126,17 @@ def load_file_task(cfg: DataConfig) -> RawTask:
     label_ids = {name: i for i, name in enumerate(label_names)}
     parts = {
         part: [make_example(row, cfg.text_column, cfg.text_pair_column, cfg.label_column, label_ids,
-                            f"{table.path}:{line}") for line, row in table.rows]
+                            f"{table.path}:{line}", cfg.missing_labels) for line, row in table.rows]
         for part, table in tables.items()
     }
     name = cfg.name or Path(cfg.path).expanduser().stem  # reports say "reviews", not "file"
     return RawTask(name, label_names, "accuracy", parts, where={p: str(f) for p, f in files.items()})
 
 
-def infer_label_names(values: Any) -> list[str]:
-    """Sorted distinct label values: numerically when all are integers (so "10" follows "9"), else as text."""
-    names = {v for v in values if v != ""}
+def infer_label_names(values: Any, missing: Collection[str] = ()) -> list[str]:
+    """Sorted distinct label values, blanks and `missing` markers ("NaN", ...) left out: numerically when all
+    are integers (so "10" follows "9"), else as text."""
+    names = {v for v in values if v != "" and v not in missing}
     if all(_is_int(v) for v in names):
         return sorted(names, key=lambda v: (int(v), v))
     return sorted(names)

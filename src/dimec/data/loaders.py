@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dimec.config import DataConfig
+from dimec.config import DATA_SOURCES, DataConfig
 from dimec.data.examples import RawTask, TaskData
 from dimec.data.files import load_file_task
 from dimec.data.glue import GLUE_TASKS, load_glue_local
@@ -10,7 +10,6 @@ from dimec.data.rotten_tomatoes import load_rotten_tomatoes
 from dimec.data.splits import check_split_config, split_task
 from dimec.errors import ConfigError, DataError
 
-SOURCES = ("local", "hub")
 _ALIASES = {"sst-2": "sst2", "rotten-tomatoes": "rotten_tomatoes"}
 
 
@@ -36,7 +35,7 @@ def load_task(cfg: DataConfig) -> TaskData:
 
 def read_raw_task(cfg: DataConfig) -> RawTask:
     task = canonical_task(cfg.task)
-    if cfg.source not in SOURCES:
+    if cfg.source not in DATA_SOURCES:
         raise ConfigError(f"unknown data.source {cfg.source!r}",
                           "use data.source=local (files) or data.source=hub (Hugging Face, needs internet)")
     if cfg.source == "hub":

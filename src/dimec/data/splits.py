@@ -2,33 +2,19 @@
 
 from __future__ import annotations
 
-import math
-
 from sklearn.model_selection import train_test_split
 
-from dimec.config import DataConfig
+from dimec.config import DataConfig, raise_problems, section_problems
 from dimec.data.examples import SPLIT_NAMES, Example, RawTask, TaskData, label_distribution
-from dimec.errors import ConfigError, DataError
+from dimec.errors import DataError
 
-SPLIT_MODES = ("pooled", "own")
 _STRATIFY_HINT = ("a stratified split needs at least 2 rows of each label, and splits no smaller than the number "
                   "of labels: raise data.max_samples or give the split a larger share in data.split_ratios")
 
 
 def check_split_config(cfg: DataConfig) -> None:
-    if cfg.split not in SPLIT_MODES:
-        raise ConfigError(f"unknown data.split {cfg.split!r}",
-                          "use data.split=pooled (pool all labelled rows, then split by data.split_ratios) "
-                          "or data.split=own (the task's own train file; its dev file halved into validation/test)")
-    ratios = tuple(cfg.split_ratios)
-    if len(ratios) != 3 or not all(r > 0 for r in ratios) or not math.isclose(sum(ratios), 1.0, abs_tol=1e-6):
-        raise ConfigError(f"data.split_ratios must be three positive shares summing to 1, got {list(ratios)}",
-                          "e.g. data.split_ratios=[0.8,0.1,0.1] (train, validation, test)")
-    for name in ("max_samples", "max_train_samples", "max_eval_samples"):
-        value = getattr(cfg, name)
-        if value is not None and value < 1:
-            raise ConfigError(f"data.{name} must be a positive number of rows, got {value}",
-                              f"or data.{name}=null for all rows")
+    """Every data setting, checked before any file is read (the checks live beside the settings)."""
+    raise_problems(section_problems(cfg, "data."))
 
 
 def split_task(raw: RawTask, cfg: DataConfig) -> TaskData:

@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from dimec.atomic import atomic_dir
 from dimec.errors import ArtifactError, ConfigError, ModelError
 from dimec.modeling import hf_adapter
 
@@ -203,14 +204,15 @@ class MultiExitModel(nn.Module):
 
     # ---- persistence --------------------------------------------------------------------------------
     def save_pretrained(self, directory: str | Path) -> None:
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        self.encoder.config.save_pretrained(directory)
-        if self.tokenizer is not None:
-            self.tokenizer.save_pretrained(directory)
-        (directory / MODEL_CONFIG).write_text(self.config.to_json() + "\n")
-        state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
-        save_file(state, str(directory / WEIGHTS), metadata={"format": "pt"})
+        """Written into a temporary folder that then replaces `directory` in one swap: a crash never
+        leaves new weights beside an old config."""
+        with atomic_dir(directory) as tmp:
+            self.encoder.config.save_pretrained(tmp)
+            if self.tokenizer is not None:
+                self.tokenizer.save_pretrained(tmp)
+            (tmp / MODEL_CONFIG).write_text(self.config.to_json() + "\n")
+            state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+            save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
 
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> MultiExitModel:

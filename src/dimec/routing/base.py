@@ -7,7 +7,6 @@ once per split; routers only decide which exit answers and what that costs.
 
 from __future__ import annotations
 
-import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,14 +126,12 @@ def save_router(router: Router, path: str | Path, cost_model: CostModel, **extra
 def load_router(path: str | Path) -> tuple[Router, dict[str, Any]]:
     """(router, the whole file) from router.json; an older or damaged file is one clear error."""
     import dimec.routing  # noqa: F401  (registers the built-in routers)
+    from dimec.atomic import read_json
 
     path = Path(path)
     if not path.is_file():
         raise ArtifactError(f"router file not found: {path}", "run `dimec calibrate RUN_DIR` first")
-    try:
-        raw = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ArtifactError(f"{path} is not valid JSON ({exc})", "run `dimec calibrate RUN_DIR` again") from None
+    raw = read_json(path, "run `dimec calibrate RUN_DIR` again (no retraining needed)")
     if not isinstance(raw, dict) or raw.get("format_version") != ROUTER_FORMAT:
         raise ArtifactError(f"{path} was written by an older dimec (router format "
                             f"{raw.get('format_version', 1) if isinstance(raw, dict) else '?'}, "

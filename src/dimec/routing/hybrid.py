@@ -27,7 +27,7 @@ from dimec.routing.base import TrainingSignal, register
 from dimec.routing.cascade import TunedPlanRouter, target_of, threshold_grid
 from dimec.routing.plan import Stage, check_plan
 from dimec.routing.pools import PoolRouter, pool_params_of
-from dimec.routing.prerouters import CentroidPreRouter, LearnedPreRouter
+from dimec.routing.prerouters import CachedChoice, CentroidPreRouter, LearnedPreRouter
 from dimec.tiers import CLOUD, EDGE, MOBILE
 from dimec.training.cartography import Cartography
 
@@ -46,8 +46,9 @@ class _Hybrid(TunedPlanRouter):
         raise NotImplementedError
 
     def prerouter_grid(self, prerouter, val: ExitOutputs) -> list[tuple[tuple[float, ...], Any]]:
-        """(pre-router thresholds, pre-router with them) pairs to try. Default: the pre-router as it is."""
-        return [((), prerouter)]
+        """(pre-router thresholds, pre-router with them) pairs to try. Default: the pre-router as it is
+        (its choice on validation computed once for all the cascade thresholds)."""
+        return [((), CachedChoice(prerouter, val.embeddings, val.lengths))]
 
     def set_thresholds(self, thresholds: tuple[float, ...], confidence: str, prerouter=None) -> None:
         self.plans_ = hybrid_plans(float(thresholds[0]), float(thresholds[1]))
@@ -160,26 +161,13 @@ class HybridLearnedRouter(_Hybrid):
         out = []
         for t_c in g_c:
             for t_e in g_e:
-                pre = _CachedPlans(prerouter.with_thresholds(t_c, t_e), val, p)
+                pre = _ChosenOnce(prerouter.with_thresholds(t_c, t_e), val, p)
                 out.append(((float(t_c), float(t_e)), pre))
         return out
 
 
-class _CachedPlans:
-    """A learned pre-router whose probabilities on the validation outputs are computed once (fitting scores
-    thousands of candidates on the same samples); any other input is scored afresh."""
+class _ChosenOnce(CachedChoice):
+    """A learned pre-router with thresholds, its validation probabilities computed once for every pair."""
 
     def __init__(self, prerouter: LearnedPreRouter, val: ExitOutputs, probs: np.ndarray) -> None:
-        self.prerouter, self.val_embeddings, self.plans = prerouter, val.embeddings, prerouter.plans_from(probs)
-
-    def choose(self, embeddings, lengths):
-        if embeddings is self.val_embeddings:
-            return self.plans
-        return self.prerouter.choose(embeddings, lengths)
-
-    def describe(self) -> str:
-        return self.prerouter.describe()
-
-    def to_dict(self) -> dict:
-        return self.prerouter.to_dict()
-
+        self.prerouter, self.embeddings, self.plans = prerouter, val.embeddings, prerouter.plans_from(probs)

@@ -22,7 +22,7 @@ from typing import Self
 
 import numpy as np
 
-from dimec.config import CalibrationConfig
+from dimec.config import MEDIUM_RULES, CalibrationConfig
 from dimec.costs import CostModel
 from dimec.errors import ConfigError
 from dimec.outputs import ExitOutputs
@@ -30,8 +30,6 @@ from dimec.routing.base import Router, TrainingSignal
 from dimec.routing.prerouters import nearest_centroid  # noqa: F401  (re-exported)
 from dimec.tiers import EASY, HARD, MEDIUM
 from dimec.training.cartography import Cartography
-
-MEDIUM_RULES = ("text", "algorithm1")
 
 
 def assign_pools(

@@ -23,8 +23,11 @@ from dimec.tiers import CLOUD, EDGE, TIERS
 
 def nearest_centroid(embeddings: np.ndarray, centroids: np.ndarray) -> np.ndarray:
     """(N, H), (K, H) -> (N,) index of the nearest non-empty (non-NaN) centroid (Euclidean)."""
-    d = ((np.asarray(embeddings, dtype=np.float64)[:, None, :] - centroids[None]) ** 2).sum(-1)  # (N, K)
-    return np.where(np.isnan(d), np.inf, d).argmin(1)
+    x = np.asarray(embeddings, dtype=np.float64)
+    empty = np.isnan(centroids).any(1)  # (K,)
+    c = np.where(empty[:, None], 0.0, centroids)
+    d = (c * c).sum(1)[None] - 2.0 * x @ c.T  # (N, K): squared distance minus ||x||^2, the same for every k
+    return np.where(empty[None], np.inf, d).argmin(1)
 
 
 class CentroidPreRouter:
@@ -160,6 +163,25 @@ class LearnedPreRouter:
         intercept = [-np.inf if b is None else b for b in raw["intercept"]]  # None: a class never seen
         t_cloud, t_edge = (np.inf if t is None else t for t in (raw["t_cloud"], raw["t_edge"]))
         return cls(raw["mean"], raw["scale"], raw["coef"], intercept, t_cloud, t_edge)
+
+
+class CachedChoice:
+    """A pre-router whose plans for one set of outputs (validation, while thousands of candidates sharing the
+    pre-router are scored on it) are computed once; anything else is chosen afresh. Serialises as the
+    pre-router itself."""
+
+    def __init__(self, prerouter, embeddings: np.ndarray, lengths: np.ndarray | None) -> None:
+        self.prerouter, self.embeddings = prerouter, embeddings
+        self.plans = prerouter.choose(embeddings, lengths)
+
+    def choose(self, embeddings: np.ndarray, lengths: np.ndarray | None) -> np.ndarray:
+        return self.plans if embeddings is self.embeddings else self.prerouter.choose(embeddings, lengths)
+
+    def describe(self) -> str:
+        return self.prerouter.describe()
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.prerouter.to_dict()
 
 
 PREROUTERS = {CentroidPreRouter.kind: CentroidPreRouter, LearnedPreRouter.kind: LearnedPreRouter}

@@ -33,10 +33,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from dimec.config import GUARANTEE_TESTS as TESTS
+from dimec.config import LOSSES
 from dimec.errors import ConfigError
-
-LOSSES = ("accuracy", "disagreement")
-TESTS = ("binomial", "betting")
 
 
 @dataclass(frozen=True)

@@ -3,18 +3,44 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import secrets
+import socket
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from dimec.cli_helpers import texts_from_args
-from dimec.errors import ConfigError, DataError
+from dimec.errors import ConfigError
 from dimec.serving.client import ROUTINGS
+from dimec.serving.fleet_cli import add_fleet_client_args, attach_fleet_commands, fleet_policy_from_args
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 DEFAULT_PORTS = {"edge": 8101, "cloud": 8102}
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
+
+
+# ---- argument types: a bad number is an argparse error (one line, exit 2) before anything starts ----------
+def _bounded(kind: type, low: float, high: float | None = None, what: str = "") -> Callable[[str], Any]:
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a{'n integer' if kind is int else ' number'}") from None
+        if value != value or value < low or (high is not None and value > high):  # value != value: NaN
+            bounds = f"in {low}..{high}" if high is not None else f"at least {low}"
+            raise argparse.ArgumentTypeError(f"{text} is out of range: {what or 'it'} must be {bounds}")
+        return value
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+PORT = _bounded(int, 1, 65535, "a TCP port")
+POSITIVE_INT = _bounded(int, 1)
+SECONDS = _bounded(float, 0.001, 3600, "a time in seconds")
 
 
 def attach_serving_commands(sub) -> None:
@@ -25,15 +51,17 @@ def attach_serving_commands(sub) -> None:
                    help="also ship the mobile tier's fp32 ONNX graph and PyTorch weights (for comparisons)")
     p.add_argument("--no-onnx", action="store_true", help="mobile package with PyTorch weights, no ONNX graph")
     p.add_argument("--texts-file", help="texts (one per line) for the ONNX check (default: validation split)")
-    p.add_argument("--check-limit", type=int, default=500, help="at most this many texts for the ONNX check")
+    p.add_argument("--check-limit", type=POSITIVE_INT, default=500, help="at most this many texts for the ONNX check")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("serve", help="serve the edge or cloud tier over HTTP (bearer token required)")
     p.add_argument("tier", choices=("edge", "cloud"))
     p.add_argument("path", help="the tier's package, or a run directory (its package is exported if missing)")
     _server_args(p)
-    p.add_argument("--port", type=int, help="default: 8101 for edge, 8102 for cloud")
+    p.add_argument("--port", type=PORT, help="default: 8101 for edge, 8102 for cloud")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
+    p.add_argument("--sources", help="YAML/JSON file: tokens -> sources and priority classes, scheduling and "
+                                     "allocation settings (docs/fleet.md); replaces --token")
     p.add_argument("--cloud-url", help="edge only: the cloud tier that plans going on to the cloud are forwarded to")
     p.add_argument("--cloud-token", help="bearer token for --cloud-url (default: this server's token)")
     p.add_argument("--link-cloud", help="edge only: emulated edge->cloud link, e.g. 'wan' or 'latency=30'")
@@ -42,7 +70,7 @@ def attach_serving_commands(sub) -> None:
     p = sub.add_parser("serve-all", help="local three-tier demo: edge and cloud servers + the mobile client")
     p.add_argument("run_dir")
     _client_args(p)
-    p.add_argument("--threads", type=int, default=1, help="torch threads per server process")
+    p.add_argument("--threads", type=POSITIVE_INT, default=1, help="torch threads per server process")
     p.set_defaults(func=cmd_serve_all)
 
     p = sub.add_parser("client", help="the mobile client: route texts, answer locally or offload")
@@ -59,21 +87,23 @@ def attach_serving_commands(sub) -> None:
     p.add_argument("--cloud-url", help="default: start a local cloud server")
     p.add_argument("--token", help="bearer token for given servers (default: env DIMEC_TOKEN)")
     p.add_argument("--backend", default="onnx-int8", choices=("onnx-int8", "onnx", "torch"))
-    p.add_argument("--samples", type=int, default=50)
+    p.add_argument("--samples", type=POSITIVE_INT, default=50)
     p.add_argument("--link-edge", help="emulated link, e.g. 'wifi' or 'latency=20,jitter=5,bandwidth=50,loss=0'")
     p.add_argument("--link-cloud", help="emulated link, e.g. '4g' or 'latency=80,bandwidth=20'")
     p.add_argument("--out", help="profile path (default RUN_DIR/profile.json)")
     p.set_defaults(func=cmd_profile)
 
+    attach_fleet_commands(sub)  # plan, monitor (fleet_cli.py)
+
 
 def _server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--token", help="bearer token clients must send (default: env DIMEC_TOKEN)")
-    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
-    p.add_argument("--max-body-bytes", type=int, default=1_000_000)
-    p.add_argument("--max-text-chars", type=int, default=20_000)
-    p.add_argument("--max-batch", type=int, default=64)
-    p.add_argument("--max-hidden-bytes", type=int, default=8_000_000, help="body limit of /v1/continue")
-    p.add_argument("--log-level", default="warning")
+    p.add_argument("--threads", type=POSITIVE_INT, help="torch intra-op threads (default: torch's choice)")
+    p.add_argument("--max-body-bytes", type=POSITIVE_INT, default=1_000_000)
+    p.add_argument("--max-text-chars", type=POSITIVE_INT, default=20_000)
+    p.add_argument("--max-batch", type=POSITIVE_INT, default=64)
+    p.add_argument("--max-hidden-bytes", type=POSITIVE_INT, default=8_000_000, help="body limit of /v1/continue")
+    p.add_argument("--log-level", default="warning", choices=LOG_LEVELS)
 
 
 def _client_args(p: argparse.ArgumentParser) -> None:
@@ -83,12 +113,14 @@ def _client_args(p: argparse.ArgumentParser) -> None:
                    help="how the mobile tier runs")
     p.add_argument("--routing", default="router", choices=ROUTINGS,
                    help="router: the package's calibrated router.json (any servable policy; 'fixed' is its older "
-                        "name); dynamic: DIMEC-DC Dynamic; or one tier for every text")
+                        "name); dynamic: the same with moving pool means (DIMEC-DC Dynamic); or one tier for all")
     p.add_argument("--link-edge", help="emulated mobile->edge link, e.g. 'wifi' or 'latency=20,jitter=5,bandwidth=50'")
     p.add_argument("--link-cloud", help="emulated mobile->cloud link, e.g. '4g' or 'latency=80,loss=0.01'")
-    p.add_argument("--connect-timeout", type=float, default=1.0, help="seconds")
-    p.add_argument("--timeout", type=float, default=10.0, help="read timeout, seconds")
-    p.add_argument("--retries", type=int, default=2, help="extra attempts per tier (bounded)")
+    p.add_argument("--connect-timeout", type=SECONDS, default=1.0, help="seconds")
+    p.add_argument("--timeout", type=SECONDS, default=10.0, help="read timeout, seconds")
+    p.add_argument("--retries", type=_bounded(int, 0, 10, "--retries"), default=2,
+                   help="extra attempts per tier (0..10)")
+    add_fleet_client_args(p)
 
 
 def _token(args) -> str | None:
@@ -112,26 +144,23 @@ def _say(message: str) -> None:
 # ---- commands -----------------------------------------------------------------------------------------------
 def cmd_export(args) -> None:
     from dimec.serving.export import export_packages
+    from dimec.textinput import read_lines
 
-    texts = None
-    if args.texts_file:
-        path = Path(args.texts_file)
-        if not path.is_file():
-            raise DataError(f"file not found: {path}")
-        texts = [line for line in path.read_text().splitlines() if line.strip()]
+    texts = read_lines(args.texts_file) if args.texts_file else None
     export_packages(args.run_dir, args.out, onnx=not args.no_onnx, full=args.full, check_texts=texts,
                     check_limit=args.check_limit, log=print)
 
 
 def cmd_serve(args) -> None:
-    import uvicorn
-
     from dimec.serving.export import ensure_package
     from dimec.serving.server import Limits, create_app
+    from dimec.serving.sources import SourceTable
 
     token = _token(args)
-    if not token:
-        raise ConfigError("no bearer token", "pass --token T or set DIMEC_TOKEN (the same value on every tier)")
+    sources = SourceTable.load(args.sources) if getattr(args, "sources", None) else None
+    if not token and sources is None:
+        raise ConfigError("no bearer token", "pass --token T or set DIMEC_TOKEN (the same value on every tier), "
+                                             "or --sources FILE")
     if args.threads:
         import torch
 
@@ -148,20 +177,62 @@ def cmd_serve(args) -> None:
         from dimec.serving.links import LinkProfile
 
         forward = HttpRemote("cloud", args.cloud_url, args.cloud_token or token, link=LinkProfile.parse(args.link_cloud))
-    app = create_app(ensure_package(args.path, args.tier, log=_say), args.tier, token, limits, forward=forward)
     port = args.port or DEFAULT_PORTS[args.tier]
-    print(f"dimec {args.tier} tier on http://{args.host}:{port} (exit layer {app.state.service.model.exit_layer})",
-          flush=True)
-    uvicorn.run(app, host=args.host, port=port, log_level=args.log_level, timeout_graceful_shutdown=5)
+    sock = bind_port(args.host, port)  # before the model loads: a taken port fails fast, and no other
+    try:                               # server can take it between this check and serving
+        app = create_app(ensure_package(args.path, args.tier, log=_say), args.tier, token, limits, sources=sources,
+                         forward=forward)
+        print(f"dimec {args.tier} tier on http://{_url_host(args.host)}:{port} "
+              f"(exit layer {app.state.service.model.exit_layer})", flush=True)
+        run_server(app, sock, args.log_level)
+    finally:
+        sock.close()
+
+
+def bind_port(host: str, port: int) -> socket.socket:
+    """A listening socket on host:port, or a ConfigError saying why not (in use, not an address here...)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise ConfigError(f"cannot bind {host!r}: {exc.strerror}", "give --host an IP address or host name "
+                                                                   "of this machine") from None
+    family, _, _, _, address = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a port in TIME_WAIT is free; one in use is not
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise ConfigError(f"port {port} on {host} is already in use",
+                              "stop the other server or pick another --port") from None
+        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror}",
+                          "ports below 1024 need privileges; --host must be an address of this machine") from None
+    sock.setblocking(False)
+    return sock
+
+
+def run_server(app, sock: socket.socket, log_level: str) -> None:
+    """uvicorn on an already bound socket (tests replace this function)."""
+    import uvicorn
+
+    config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5)
+    uvicorn.Server(config).run(sockets=[sock])
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
 
 
 def _client(args, mobile_path, edge_url, cloud_url, token):
     from dimec.serving.client import MobileClient, Timeouts
     from dimec.serving.export import ensure_package
 
+    fleet = fleet_policy_from_args(args)  # constraints, budget, advice: checked first
     package = ensure_package(mobile_path, "mobile", args.backend, log=_say)
     return MobileClient(package, edge_url, cloud_url, token, Timeouts(args.connect_timeout, args.timeout),
-                        args.retries, _links(args), args.backend, args.routing)
+                        args.retries, _links(args), args.backend, args.routing, fleet=fleet)
 
 
 def _run_client(client, texts: list[str] | None) -> None:
@@ -173,10 +244,11 @@ def _run_client(client, texts: list[str] | None) -> None:
         interactive = sys.stdin.isatty()
         if interactive:
             print("type a text and press enter (Ctrl-D to quit)", file=sys.stderr)
-        for line in sys.stdin:
-            if line.strip():
-                answer = client.classify([line.strip()])[0]
-                print(json.dumps({"text": line.strip(), **answer.to_dict()}), flush=True)
+        from dimec.textinput import iter_lines
+
+        for line in iter_lines(sys.stdin.buffer, "stdin"):  # checked as UTF-8, line by line
+            answer = client.classify([line.strip()])[0]
+            print(json.dumps({"text": line.strip(), **answer.to_dict()}), flush=True)
     print(f"stats: {json.dumps(client.stats())}", file=sys.stderr)
 
 

@@ -12,6 +12,13 @@ for the cloud goes to the edge (which answers at its own exit n); if both fail t
 the mobile exit and marked `degraded`. Every sample gets exactly one answer (checked before returning, by
 request id); a tier that failed is skipped for `cooldown_s` so a dead tier costs one failed exchange, not one
 per request; each fallback is counted.
+
+The client's `FleetPolicy` (constraints.py) sits on top: privacy (a private text, and its hidden state, goes
+only to trusted tiers), the cloud budget, deadlines, the edge's advice (a cascade's mobile threshold drops
+while the edge asks sources to keep work on the device) and 429s (the text goes to the other tier at once).
+
+A misconfiguration is not an outage: a URL that is not http(s) is a ConfigError when the client is made,
+and a tier that refuses the token (401/403) raises TierAuthError from `classify` instead of falling back.
 """
 
 from __future__ import annotations
@@ -29,9 +36,17 @@ from typing import Any, Protocol
 import httpx
 import numpy as np
 
-from dimec.errors import ConfigError, DataError, DimecError, TierUnavailableError
+from dimec.errors import (
+    ConfigError,
+    DataError,
+    DimecError,
+    TierAuthError,
+    TierBusyError,
+    TierUnavailableError,
+)
 from dimec.routing.plan import Plan, Stage, check_plan, confidence, plan_text
 from dimec.serving import wire
+from dimec.serving.constraints import ANSWERED, Constraints, FleetPolicy
 from dimec.serving.links import LinkProfile, LinkTransport
 from dimec.serving.package import ROUTER_FILE
 from dimec.serving.tier import TierModel
@@ -64,6 +79,7 @@ class Answer:
     errors: list[str] = field(default_factory=list)
     fallback: bool = False  # a tier failed and another one (or the mobile) took over its stages
     plan: str = ""  # the plan the router chose, e.g. "mobile@m>=0.9 -> edge@n>=0.8 -> cloud@l"
+    flags: list[str] = field(default_factory=list)  # why the path changed: private, budget, deadline, advice, shed
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -75,6 +91,7 @@ class RemoteResult:
     exit_layer: int  # the exit layer of the answering tier (answers without a plan)
     label_names: list[str]
     attempts: int
+    meta: dict[str, Any] = field(default_factory=dict)  # the server's queue_ms, compute_ms, advice
     # answers to a plan (continuations, or raw text with a plan): per sample, which exit of which tier answered
     tiers: list[str] | None = None
     exits: list[int] | None = None
@@ -95,24 +112,36 @@ class Remote(Protocol):
     # optional: `classify(..., plan=, confidence=)` and `continue_hidden(...)` for model-distributed plans
 
 
+def check_url(name: str, url: str) -> str:
+    """`url` without a trailing slash, or a ConfigError when it is not an http(s) URL with a host."""
+    try:
+        parsed = httpx.URL(url)
+    except (httpx.InvalidURL, TypeError) as exc:
+        raise ConfigError(f"the {name} URL {url!r} is not a URL ({exc})", "e.g. http://127.0.0.1:8101") from None
+    if parsed.scheme not in ("http", "https") or not parsed.host:
+        raise ConfigError(f"the {name} URL {url!r} is not an http:// or https:// URL with a host",
+                          "e.g. http://127.0.0.1:8101 (the tiers speak HTTP)")
+    return url.rstrip("/")
+
+
 class HttpRemote:
     """One remote tier over HTTP(S) with timeouts, bounded retries, link emulation and a cooldown."""
 
-    RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
+    RETRY_STATUS = frozenset({500, 502, 503, 504})  # 429 is not retried: the text goes elsewhere at once
 
     def __init__(self, name: str, url: str, token: str | None, timeouts: Timeouts = Timeouts(), retries: int = 2,
                  link: LinkProfile | None = None, cooldown_s: float = 1.0, backoff_s: float = 0.05,
                  max_batch: int = 32, seed: int = 0) -> None:
         if retries < 0 or retries > 10:
             raise ConfigError(f"retries must be in 0..10, got {retries}")
-        self.name, self.url = name, url.rstrip("/")
+        self.name, self.url = name, check_url(name, url)
         self.retries, self.cooldown_s, self.backoff_s, self.max_batch = retries, cooldown_s, backoff_s, max_batch
         transport = httpx.HTTPTransport()
         if link is not None and not link.is_ideal:
             transport = LinkTransport(link, transport, seed=seed)
         self.http = httpx.Client(transport=transport, timeout=httpx.Timeout(timeouts.read_s, connect=timeouts.connect_s),
                                  headers={"Authorization": f"Bearer {token}"} if token else {})
-        self._down_until = 0.0
+        self._down_until, self._busy = 0.0, False  # busy: down because of a 429, not a failure
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
         self.retry_count = 0  # exchanges repeated after a failure
@@ -123,7 +152,7 @@ class HttpRemote:
         return time.monotonic() >= self._down_until
 
     def classify(self, texts: list[str], pairs: list[str] | None, ids: list[str], plan: Plan | None = None,
-                 confidence: str = "max_prob") -> RemoteResult:
+                 confidence: str = "max_prob", deadline_ms: float | None = None) -> RemoteResult:
         """Raw texts to this tier; with `plan`, the rest of a plan that starts here."""
         self._check_available()
         parts = []
@@ -134,6 +163,8 @@ class HttpRemote:
                 body["text_pairs"] = pairs[part]
             if plan is not None:
                 body["plan"], body["confidence"] = wire.plan_to_json(plan), confidence
+            if deadline_ms is not None:
+                body["deadline_ms"] = round(deadline_ms, 3)
             content = json.dumps(body).encode()
             parts.append(self._post("/v1/classify", body["ids"], content, "application/json", "raw"))
         return _merge(parts)
@@ -157,6 +188,8 @@ class HttpRemote:
 
     def _check_available(self) -> None:
         if not self.available():
+            if self._busy:  # it answered 429: honour its Retry-After
+                raise TierBusyError(f"{self.name} skipped: busy (429), Retry-After not over", 0.0)
             raise TierUnavailableError(f"{self.name} skipped: it failed less than {self.cooldown_s:g} s ago")
 
     def _post(self, path: str, ids: list[str], content: bytes, content_type: str,
@@ -184,11 +217,18 @@ class HttpRemote:
                 error = "malformed answer"
                 continue
             error = f"HTTP {response.status_code}: {_error_text(response)}"
+            if response.status_code in (401, 403):  # a wrong token: no tier will accept it, say so loudly
+                raise TierAuthError(f"{self.name} at {self.url} refused this client's token ({error})",
+                                    "give the client and every tier the same token (--token or DIMEC_TOKEN)")
+            if response.status_code == 429:  # busy for this source's class: skip it for its Retry-After
+                retry_after = _retry_after(response)
+                self._down_until, self._busy = time.monotonic() + retry_after, True
+                raise TierBusyError(f"{self.name} at {self.url} is busy: {error}", retry_after)
             if response.status_code in (409, 413, 415, 422):  # this request's fault, not the tier's: no retry or cooldown
                 raise TierUnavailableError(f"{self.name} at {self.url} refused the request: {error}")
             if response.status_code not in self.RETRY_STATUS:
-                break  # 401/403/404: a retry will not help
-        self._down_until = time.monotonic() + self.cooldown_s
+                break  # 404 and the like: a retry will not help
+        self._down_until, self._busy = time.monotonic() + self.cooldown_s, False
         raise TierUnavailableError(f"{self.name} at {self.url} failed after {attempt + 1} attempt(s): {error}")
 
     @staticmethod
@@ -220,10 +260,18 @@ def _merge(parts: list[tuple[dict[str, Any], int]]) -> RemoteResult:
         return [x for p in payloads for x in p[key]] if plan else None
 
     errors = sorted({e for p in payloads for e in p.get("errors", [])})
+    meta = {k: payloads[-1].get(k) for k in ("queue_ms", "compute_ms", "advice", "source", "priority")}
     return RemoteResult(np.concatenate([np.asarray(p["probs"], dtype=np.float32) for p in payloads]),
                         int(payloads[0].get("exit_layer", 0)), payloads[0]["label_names"],
-                        sum(tries for _, tries in parts), cat("tiers"), cat("exits"), cat("exit_layers"),
-                        cat("fallback"), errors)
+                        sum(tries for _, tries in parts), meta, tiers=cat("tiers"), exits=cat("exits"),
+                        exit_layers=cat("exit_layers"), fallback=cat("fallback"), errors=errors)
+
+
+def _retry_after(response: httpx.Response, default: float = 1.0) -> float:
+    try:
+        return min(60.0, max(0.0, float(response.headers.get("retry-after", default))))
+    except ValueError:
+        return default
 
 
 def _error_text(response: httpx.Response) -> str:
@@ -240,7 +288,7 @@ class MobileClient:
                  cloud_url: str | None = None, token: str | None = None, timeouts: Timeouts = Timeouts(),
                  retries: int = 2, links: dict[str, LinkProfile] | None = None, backend: str = "onnx-int8",
                  routing: str = "router", cooldown_s: float = 1.0, remotes: dict[str, Remote] | None = None,
-                 seed: int = 0, hidden_dtype: str = "float16") -> None:
+                 seed: int = 0, hidden_dtype: str = "float16", fleet: FleetPolicy | None = None) -> None:
         if routing not in ROUTINGS:
             raise ConfigError(f"unknown routing {routing!r}", f"use one of {', '.join(ROUTINGS)}")
         self.mobile = mobile_package if isinstance(mobile_package, TierModel) else TierModel(mobile_package, backend)
@@ -263,6 +311,7 @@ class MobileClient:
                                                 seed=seed + offset)
         self._lock = threading.Lock()
         self.counts: Counter[str] = Counter()
+        self.fleet = fleet or FleetPolicy()  # constraints, budget, the edge's advice (constraints.py)
 
     def _load_router(self, routing: str) -> tuple[Any, list[Plan], str]:
         if routing in SINGLE_TIER:
@@ -290,11 +339,16 @@ class MobileClient:
         return pre if getattr(pre, "online", False) else None
 
     # ---- the one entry point --------------------------------------------------------------------------
-    def classify(self, texts: list[str], pairs: list[str] | None = None, ids: list[str] | None = None) -> list[Answer]:
+    def classify(self, texts: list[str], pairs: list[str] | None = None, ids: list[str] | None = None,
+                 constraints: Constraints | None = None) -> list[Answer]:
         call = _Call(*_check_inputs(texts, pairs, ids))
         choice = self._route(call)
-        for p, plan in enumerate(self.plans):
-            rows = np.flatnonzero(choice == p)
+        routed = np.array([self.plans[c][0].tier for c in choice], dtype=np.int64)
+        tiers = self.fleet.adjust(self, call, routed, constraints)  # privacy, budget, deadline, advice
+        plans = list(self.plans) + [(Stage(t, t),) for t in range(len(TIERS))]  # + one-tier plans for moved texts
+        effective = np.where(tiers == routed, choice, len(self.plans) + np.maximum(tiers, 0))
+        for p, plan in enumerate(plans):
+            rows = np.flatnonzero((effective == p) & (tiers != ANSWERED))  # ANSWERED: kept on the device by advice
             if not len(rows):
                 continue
             if plan[0].tier == MOBILE:
@@ -305,6 +359,7 @@ class MobileClient:
         missing = [call.ids[i] for i, a in enumerate(answers) if a is None]
         if missing or len({a.id for a in answers}) != len(call.ids):  # a bug, never expected: say so loudly
             raise DimecError(f"internal error: request ids {missing[:5]} got no answer or were answered twice")
+        self.fleet.finish(call, answers)
         with self._lock:
             self.counts["answers"] += len(answers)
             for a in answers:
@@ -334,11 +389,16 @@ class MobileClient:
     # ---- running a plan ----------------------------------------------------------------------------------
     def _run_mobile_stage(self, call: _Call, rows: np.ndarray, plan: Plan) -> None:
         """Layers 1..m and exit m here; answer the confident samples, ship the others' hidden states on."""
+        start = time.perf_counter()
         logits, hidden = self.mobile.mobile_stage(call.batch(self.mobile).rows(rows))
+        self.fleet.observe_mobile((time.perf_counter() - start) * 1e3)
         probs = self.mobile.exit_probs(logits, MOBILE)  # (R, C)
         first = plan[0]
-        stop = np.ones(len(rows), bool) if first.threshold is None else \
-            confidence(probs, self.confidence) >= first.threshold
+        if first.threshold is None:
+            stop = np.ones(len(rows), bool)
+        else:
+            conf = confidence(probs, self.confidence)
+            stop = conf >= self.fleet.mobile_threshold(first.threshold, conf)  # lower under the edge's advice
         text = plan_text(plan)
         for j in np.flatnonzero(stop):
             call.answers[rows[j]] = self._answer(call.ids[rows[j]], probs[j], "mobile", "mobile",
@@ -354,22 +414,21 @@ class MobileClient:
         """Send hidden states after layer m to the next stage's tier (or its substitute); else answer here."""
         ids = [call.ids[i] for i in rows]
         errors: list[str] = []
-        for tier, substitute in _attempts(stages):
-            remote = self.remotes.get(TIERS[tier])
-            if remote is None:
-                errors.append(f"no {TIERS[tier]} tier configured")
-                continue
-            try:
-                result = remote.continue_hidden(hidden, self.mobile.exit_layer, self.mobile.model_id, ids,
-                                                substitute, self.confidence, self.hidden_dtype)
-                self._check_same_model(TIERS[tier], result, len(rows))
-            except TierUnavailableError as exc:
-                errors.append(exc.message)
-                with self._lock:
-                    self.counts[f"failed_{TIERS[tier]}"] += 1
-                continue
-            self._fill(call, rows, result, TIERS[tier], "mobile", tier != stages[0].tier, errors, plan)
+        attempts = self._allowed(call, stages)
+        if not attempts:  # private: the hidden state may not leave the device either
+            for i in rows:
+                call.flags[i].append("private")
+            for j, i in enumerate(rows):
+                call.answers[i] = self._answer(call.ids[i], mobile_probs[j], "mobile", "mobile",
+                                               self.mobile.exit_layer, plan=plan_text(plan))
             return
+        for tier, substitute in attempts:
+            target = TIERS[tier]
+            result = self._exchange(call, rows, target, errors, lambda remote, s=substitute: remote.continue_hidden(
+                hidden, self.mobile.exit_layer, self.mobile.model_id, ids, s, self.confidence, self.hidden_dtype))
+            if result is not None:
+                self._fill(call, rows, result, target, "mobile", tier != stages[0].tier, errors, plan)
+                return
         self._answer_degraded(call, rows, mobile_probs, "mobile", errors, plan)
 
     def _offload(self, call: _Call, rows: np.ndarray, stages: Plan, plan: Plan) -> None:
@@ -379,27 +438,49 @@ class MobileClient:
         sub_ids = [call.ids[i] for i in rows]
         errors: list[str] = []
         routed = TIERS[stages[0].tier]
-        for tier, substitute in _attempts(stages):
-            remote = self.remotes.get(TIERS[tier])
-            if remote is None:
-                errors.append(f"no {TIERS[tier]} tier configured")
-                continue
-            try:
-                if substitute == (Stage(tier, tier),):  # the tier's own exit: the plain request any server takes
-                    result = remote.classify(sub_texts, sub_pairs, sub_ids)
-                else:
-                    result = remote.classify(sub_texts, sub_pairs, sub_ids, plan=substitute,
-                                             confidence=self.confidence)
-                self._check_same_model(TIERS[tier], result, len(rows))
-            except TierUnavailableError as exc:
-                errors.append(exc.message)
-                with self._lock:
-                    self.counts[f"failed_{TIERS[tier]}"] += 1
-                continue
-            self._fill(call, rows, result, TIERS[tier], routed, tier != stages[0].tier, errors, plan)
-            return
-        probs = self.mobile.exit_probs(self.mobile.logits(call.batch(self.mobile).rows(rows)), MOBILE)
-        self._answer_degraded(call, rows, probs, routed, errors, plan)
+        for tier, substitute in self._allowed(call, stages):
+            target = TIERS[tier]
+
+            def send(remote, s=substitute, tier=tier, target=target):
+                options = self.fleet.remote_options(call, target, remote)  # the deadline, for remotes taking one
+                if s == (Stage(tier, tier),):  # the tier's own exit: the plain request any server takes
+                    return remote.classify(sub_texts, sub_pairs, sub_ids, **options)
+                return remote.classify(sub_texts, sub_pairs, sub_ids, plan=s, confidence=self.confidence, **options)
+
+            result = self._exchange(call, rows, target, errors, send)
+            if result is not None:
+                self._fill(call, rows, result, target, routed, tier != stages[0].tier, errors, plan)
+                return
+        self._answer_degraded(call, rows, self.mobile_probs(call, rows), routed, errors, plan)
+
+    def _allowed(self, call: _Call, stages: Plan) -> list[tuple[int, Plan]]:
+        """Where the rest of a plan may run, in order, among the tiers the fleet policy allows (privacy)."""
+        allowed = set(self.fleet.targets(call, stages[0].tier))
+        return [(t, s) for t, s in _attempts(stages) if TIERS[t] in allowed]
+
+    def _exchange(self, call: _Call, rows: np.ndarray, target: str, errors: list[str], send) -> RemoteResult | None:
+        """One exchange with `target` under the fleet policy (budget, latency, advice, 429s); None if it failed
+        (the reason appended to `errors`)."""
+        remote = self.remotes.get(target)
+        if remote is None:
+            errors.append(f"no {target} tier configured")
+            return None
+        refused, reserved = self.fleet.before_send(call, rows, target)
+        if refused:
+            errors.append(refused)
+            return None
+        start = time.perf_counter()
+        try:
+            result = send(remote)
+            self._check_same_model(target, result, len(rows))
+        except TierUnavailableError as exc:
+            self.fleet.after_send(call, rows, target, reserved, 0.0, error=exc)
+            errors.append(exc.message)
+            with self._lock:
+                self.counts[f"{'shed' if isinstance(exc, TierBusyError) else 'failed'}_{target}"] += 1
+            return None
+        self.fleet.after_send(call, rows, target, reserved, (time.perf_counter() - start) * 1e3, result)
+        return result
 
     def _fill(self, call: _Call, rows: np.ndarray, result: RemoteResult, target: str, routed: str,
               substituted: bool, errors: list[str], plan: Plan) -> None:
@@ -418,6 +499,13 @@ class MobileClient:
         for j, i in enumerate(rows):
             call.answers[i] = self._answer(call.ids[i], probs[j], "mobile", routed, self.mobile.exit_layer,
                                            degraded=True, errors=list(errors), fallback=True, plan=plan_text(plan))
+
+    def mobile_probs(self, call: _Call, rows: np.ndarray) -> np.ndarray:
+        """(R, C) the mobile exit's probabilities (at its temperature) for the chosen rows of a call."""
+        start = time.perf_counter()
+        probs = self.mobile.exit_probs(self.mobile.logits(call.batch(self.mobile).rows(rows)), MOBILE)
+        self.fleet.observe_mobile((time.perf_counter() - start) * 1e3)
+        return probs
 
     def _check_same_model(self, target: str, result: RemoteResult, n: int) -> None:
         """A tier serving another model (other labels or exit layers) must not answer for this one."""
@@ -448,7 +536,7 @@ class MobileClient:
             out[f"bytes_sent_{kind}"] = sum(getattr(r, "bytes_sent", {}).get(kind, 0) for r in self.remotes.values())
             out[f"requests_sent_{kind}"] = sum(getattr(r, "requests_sent", {}).get(kind, 0)
                                                for r in self.remotes.values())
-        return out
+        return {**out, **self.fleet.stats()}
 
     def close(self) -> None:
         for remote in self.remotes.values():
@@ -492,6 +580,8 @@ class _Call:
     def __init__(self, texts: list[str], pairs: list[str] | None, ids: list[str]) -> None:
         self.texts, self.pairs, self.ids = texts, pairs, ids
         self.answers: list[Answer | None] = [None] * len(texts)
+        self.flags: list[list[str]] = [[] for _ in texts]  # set by the FleetPolicy (constraints.py)
+        self.constraints, self.started = Constraints(), time.monotonic()
         self._batch = None
 
     def batch(self, mobile: TierModel):

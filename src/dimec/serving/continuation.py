@@ -52,6 +52,10 @@ class PlanAnswer(BaseModel):
     errors: list[str] = Field(description="why a fallback happened (empty when none did)")
     compute_ms: float = Field(description="model time on this server")
     forward_ms: float = Field(0.0, description="time spent forwarding hidden states to the next tier")
+    queue_ms: float | None = Field(None, description="time waiting for the model (sources mode)")
+    source: str | None = Field(None, description="the source the token maps to")
+    priority: str | None = Field(None, description="the source's priority class")
+    advice: dict[str, Any] | None = Field(None, description="PA-MDI allocation advice (docs/fleet.md)")
 
 
 class PlanRunner:

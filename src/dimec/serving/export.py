@@ -47,6 +47,7 @@ def export_packages(
     from transformers.utils import logging as hf_logging
 
     from dimec.modeling.multi_exit import MultiExitModel
+    from dimec.serving.monitor import write_reference
 
     hf_logging.disable_progress_bar()
     run_dir = Path(run_dir)
@@ -70,6 +71,7 @@ def export_packages(
         }
         with atomic_dir(out / tier) as directory:  # never leaves files of an older export beside the manifest
             sliced.save_pretrained(directory / MODEL_SUBDIR)
+            write_reference(run_dir, directory, manifest)  # what the drift monitor compares with (monitor.py)
             if tier == "mobile":
                 shutil.copy2(RunDir(run_dir).router, directory / ROUTER_FILE)
                 if onnx:

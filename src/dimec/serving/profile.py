@@ -25,11 +25,12 @@ from typing import Any
 
 import httpx
 
-from dimec.atomic import write_json
-from dimec.errors import DimecError
+from dimec.atomic import write_json, write_text
+from dimec.errors import DimecError, TierUnavailableError
 from dimec.routing.plan import Stage
 from dimec.rundir import RunDir
 from dimec.serving import wire
+from dimec.serving.client import check_url
 from dimec.serving.export import check_texts_for, ensure_package
 from dimec.serving.links import LinkProfile, LinkTransport
 from dimec.serving.local import ProcessServer
@@ -68,12 +69,17 @@ def profile_remote(url: str, token: str, texts: list[str], link: LinkProfile | N
     plus the link's idle round trip (GET /healthz) and throughput (POST of PING_BYTES to /v1/ping). With
     `mobile`, the same for the mobile's hidden state after layer m (a continuation request), and the bytes
     each kind of request sends."""
+    url = check_url("tier", url)
     transport: httpx.BaseTransport = httpx.HTTPTransport()
     if link is not None and not link.is_ideal:
         transport = LinkTransport(link, transport)
     headers = {"Authorization": f"Bearer {token}"}
     with httpx.Client(transport=transport, timeout=timeout_s, headers=headers) as http:
-        health = _ok(http.get(f"{url}/healthz")).json()
+        try:
+            health = _ok(http.get(f"{url}/healthz")).json()
+        except httpx.TransportError as exc:
+            raise TierUnavailableError(f"cannot reach {url} ({type(exc).__name__}: {exc})",
+                                       "start the tier (`dimec serve`) or leave the URL out to start one here") from None
         for text in texts[:3]:  # warm-up: connection, allocator, lazy init
             _ok(http.post(f"{url}/v1/classify", json={"text": text}))
         compute, offload, raw_bytes = [], [], []
@@ -168,6 +174,6 @@ def profile_run(run_dir: str | Path, edge_url: str | None = None, cloud_url: str
         "hidden_state_factor": (details["edge"]["hidden_state_factor"] + details["cloud"]["hidden_state_factor"]) / 2,
     }
     profile = {k: round(max(v, 1e-4), 4) for k, v in profile.items()}  # the cost model divides by lambda_e
-    write_json(out, profile)
-    write_json(out.with_name(out.stem + "_details.json"), details)
+    write_text(out.with_name(out.stem + "_details.json"), json.dumps(details, indent=2) + "\n")
+    write_json(out, profile)  # last: a profile on disk always has its details beside it
     return profile

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from dimec.errors import DimecError
 from dimec.serving.export import ensure_package
 from dimec.serving.server import Limits
 from dimec.tiers import TIERS
@@ -120,12 +121,16 @@ def main(argv: list[str] | None = None) -> None:
     token = os.environ.get("DIMEC_TOKEN")
     if not token:
         parser.error("set DIMEC_TOKEN (the bearer token of every tier)")
+    if not 1 <= args.port <= 65535 or not args.num_cpus > 0:
+        parser.error("--port must be in 1..65535 and --num-cpus above 0")
     start_ray(http_port=args.port)
     try:
         for tier, url in deploy_three_tiers(args.path, token, args.port, num_cpus=args.num_cpus).items():
             print(f"{tier:<6} {url}/v1/classify", flush=True)
         while True:
             time.sleep(3600)
+    except DimecError as exc:  # one line, as the dimec command line does
+        parser.exit(2, f"{parser.prog}: error: {exc.message}\n" + (f"  hint: {exc.hint}\n" if exc.hint else ""))
     except KeyboardInterrupt:
         pass
     finally:

@@ -5,36 +5,43 @@
     POST /v1/continue   a hidden state after layer k (safetensors body, wire.py): run the plan on from there
     POST /v1/ping       echo the body size: lets `dimec profile` measure a link's throughput (bearer token)
     GET  /healthz       liveness and what this tier serves
-    GET  /metrics       Prometheus text: requests by path and status, latency histogram, samples per tier
+    GET  /metrics       Prometheus text: requests by path and status, latency histogram, samples per tier,
+                        per source and class (fleet.py), drift histograms (monitor.py)
+    GET  /v1/drift/reference  the validation distributions the drift monitor compares with
     GET  /openapi.json  the schema
 
-Bad input never gets a 5xx: bodies over the size limit get 413, malformed or over-limit requests a 422 whose
-JSON says what is wrong, a missing or wrong token 401. `TierService` holds the request logic so the Ray
-Serve deployments (ray_app.py) answer exactly like this app.
+Bad input never gets a 5xx: bodies over the size limit get 413; bodies that are not UTF-8 JSON, have wrong
+fields or types, hold text that is not valid Unicode (a lone surrogate) or go over a limit get 422, whose
+JSON says what is wrong and where; a missing or wrong token (or one no source maps to) 401; a request the edge's
+queue cannot take 429 with Retry-After (sources mode, docs/fleet.md). The OpenAPI schema lists these statuses and
+the bearer scheme. `TierService` holds the request logic so the Ray Serve deployments (ray_app.py) answer
+exactly like this app.
 """
 
 from __future__ import annotations
 
-import hmac
 import json
 import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
-from pydantic import BaseModel, ConfigDict, Field, model_validator
-from starlette.concurrency import run_in_threadpool
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from starlette.exceptions import HTTPException
 
-from dimec.errors import ConfigError
+from dimec.errors import ConfigError, TierAuthError
 from dimec.serving import wire
 from dimec.serving.continuation import PlanAnswer, PlanRunner, PlanStage, request_plan
+from dimec.serving.fleet import Fleet, attach_gateway_drift
+from dimec.serving.sources import Source, SourceTable
 from dimec.serving.tier import TierModel
+from dimec.textinput import text_problem
 
 log = logging.getLogger("dimec.serving")
 KNOWN_PATHS = ("/v1/classify", "/v1/continue", "/v1/ping", "/healthz", "/metrics", "/openapi.json", "/docs")
@@ -48,8 +55,18 @@ class Limits:
     max_batch: int = 64  # texts (or hidden states) per request
     max_hidden_bytes: int = 8_000_000  # body of a continuation request (POST /v1/continue)
 
+    MIN_BODY_BYTES = 1024  # below this no real request fits: a limit that refuses everything is a mistake
+
     def body_limit(self, path: str) -> int:
         return self.max_hidden_bytes if path == "/v1/continue" else self.max_body_bytes
+
+    def __post_init__(self) -> None:
+        for name, low in (("max_body_bytes", self.MIN_BODY_BYTES), ("max_text_chars", 1), ("max_batch", 1),
+                          ("max_hidden_bytes", self.MIN_BODY_BYTES)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ConfigError(f"limit {name} must be an integer >= {low}, got {value!r}",
+                                  f"e.g. --{name.replace('_', '-')} {getattr(Limits, name)}")
 
 
 class ClassifyRequest(BaseModel):
@@ -61,6 +78,7 @@ class ClassifyRequest(BaseModel):
     texts: list[str] | None = None
     text_pairs: list[str] | None = None
     ids: list[str] | None = Field(None, description="request ids, one per text, echoed in the answer")
+    deadline_ms: float | None = Field(None, ge=0, description="answer within this many ms or refuse at once (429)")
     plan: list[PlanStage] | None = Field(None, description="the rest of a routing plan, starting on this tier; "
                                          "the answer is then a PlanAnswer (per sample: the tier and exit)")
     confidence: Literal["max_prob", "entropy"] = Field("max_prob", description="what the plan's thresholds read")
@@ -79,6 +97,16 @@ class ClassifyRequest(BaseModel):
                 raise ValueError(f"'{name}' must have one entry per text ({n}), got {len(getattr(self, name))}")
         return self
 
+    @field_validator("text", "text_pair", "texts", "text_pairs", "ids")
+    @classmethod
+    def _valid_unicode(cls, value: str | list[str] | None) -> str | list[str] | None:
+        """JSON can carry a lone surrogate ("\\ud800") that no tokenizer or JSON answer can encode."""
+        for i, text in enumerate([value] if isinstance(value, str) else value or []):
+            problem = text_problem(text)
+            if problem:
+                raise ValueError(problem if isinstance(value, str) else f"item {i} {problem}")
+        return value
+
     def batch(self) -> tuple[list[str], list[str] | None]:
         if self.text is not None:
             return [self.text], None if self.text_pair is None else [self.text_pair]
@@ -94,6 +122,17 @@ class ClassifyResponse(BaseModel):
     label_ids: list[int]
     probs: list[list[float]]
     compute_ms: float = Field(description="model time on the server, so clients can separate link time")
+    queue_ms: float | None = Field(None, description="time waiting for the model (sources mode)")
+    source: str | None = Field(None, description="the source the token maps to")
+    priority: str | None = Field(None, description="the source's priority class")
+    advice: dict[str, Any] | None = Field(None, description="PA-MDI allocation advice (docs/fleet.md)")
+
+
+class ErrorBody(BaseModel):
+    """Every refusal: what is wrong, and for an invalid body each problem's location and message."""
+
+    error: str
+    detail: list[dict[str, Any]] | None = None
 
 
 class RequestError(Exception):
@@ -107,21 +146,22 @@ class RequestError(Exception):
 class TierService:
     """Auth, limits and classification for one tier; shared by the FastAPI app and Ray Serve."""
 
-    def __init__(self, model: TierModel, token: str | None, limits: Limits = Limits()) -> None:
-        if not token:
-            raise ConfigError("a bearer token is required between tiers",
-                              "pass --token T or set DIMEC_TOKEN (the same on every tier)")
+    def __init__(self, model: TierModel, token: str | None, limits: Limits = Limits(),
+                 sources: SourceTable | None = None) -> None:
         self.model, self.limits = model, limits
-        self._token = token.encode()
+        self.sources = sources or SourceTable.single(token)  # one token, one source "default"
         self.plans: PlanRunner | None = None  # set by create_app on the edge and cloud
 
-    def authorize(self, authorization: str | None) -> None:
-        """`authorization`: the raw Authorization header. Constant-time compare against the token."""
+    def authorize(self, authorization: str | None) -> Source:
+        """`authorization`: the raw Authorization header -> the source its token maps to (constant time)."""
         scheme, _, given = (authorization or "").partition(" ")
         if scheme.lower() != "bearer" or not given:
             raise RequestError(401, "missing bearer token (Authorization: Bearer TOKEN)")
-        if not hmac.compare_digest(given.strip().encode(), self._token):
-            raise RequestError(401, "invalid bearer token")
+        source = self.sources.lookup(given.strip())
+        if source is None:
+            raise RequestError(401, "invalid bearer token" if not self.sources.scheduled else
+                               "invalid bearer token: it maps to no source in this tier's sources file")
+        return source
 
     def check(self, request: ClassifyRequest) -> tuple[list[str], list[str] | None]:
         texts, pairs = request.batch()
@@ -140,8 +180,13 @@ class TierService:
             raise RequestError(422, "'texts' is empty")
         return texts, pairs
 
-    def classify(self, request: ClassifyRequest) -> ClassifyResponse:
+    def classify(self, request: ClassifyRequest) -> ClassifyResponse | PlanAnswer:
         texts, pairs = self.check(request)
+        if request.plan is not None and self.plans is not None:  # model-distributed: the rest of a plan
+            try:
+                return self.plans.classify(texts, pairs, request.ids, request_plan(request.plan), request.confidence)
+            except wire.WireError as exc:
+                raise RequestError(exc.status, exc.message) from None
         start = time.perf_counter()
         pred = self.model.classify(texts, pairs)
         return ClassifyResponse(
@@ -157,37 +202,32 @@ class TierService:
 
 
 def create_app(package_dir: str | Path | None, tier: str, token: str | None, limits: Limits | None = None,
-               model: TierModel | None = None, forward=None) -> FastAPI:
-    """The FastAPI app of the edge or cloud tier. `model` may be given to share a loaded TierModel; `forward`
-    (the edge's cloud, a client.HttpRemote) receives the hidden states of plans that go on to the cloud."""
+               model: TierModel | None = None, sources: SourceTable | None = None, forward=None) -> FastAPI:
+    """The FastAPI app of the edge or cloud tier. `model` may be given to share a loaded TierModel;
+    `sources` (a SourceTable from a sources file) replaces the single token with sources and priorities;
+    `forward` (the edge's cloud, a client.HttpRemote) receives the hidden states of plans that go on to the
+    cloud."""
     model = model or TierModel(package_dir)
     if model.tier != tier:
         raise ConfigError(f"the package at {model.directory} is the {model.tier} tier, not {tier}",
                           f"serve it as `dimec serve {model.tier}` or give the {tier} package")
     if tier == "mobile":
         raise ConfigError("the mobile tier runs in the client, not as a server", "serve edge or cloud")
-    service = TierService(model, token, limits or Limits())
+    service = TierService(model, token, limits or Limits(), sources)
     service.plans = PlanRunner(model, service.limits.max_batch, forward)
     app, metrics = _base_app(f"dimec {tier} tier", service)
+    fleet = app.state.fleet = Fleet(service, app.state.registry, service.sources)  # sources, queue, metrics
+    fleet.attach(app)
 
     @app.post("/v1/classify", response_model=ClassifyResponse | PlanAnswer, dependencies=[Depends(_authorized)],
-              responses=_ERRORS)
-    def classify(body: ClassifyRequest) -> ClassifyResponse | PlanAnswer:
-        if body.plan is not None:  # model-distributed: the rest of a plan that starts here
-            texts, pairs = service.check(body)
-            try:
-                answer = service.plans.classify(texts, pairs, body.ids, request_plan(body.plan), body.confidence)
-            except wire.WireError as exc:
-                raise RequestError(exc.status, exc.message) from None
-            _count_plan(metrics, answer)
-            return answer
-        answer = service.classify(body)
-        metrics["samples"].labels(tier).inc(len(answer.labels))
+              responses=_errors(401, 413, 422, 429, 500))
+    async def classify(body: ClassifyRequest, request: Request) -> ClassifyResponse | PlanAnswer:
+        answer = await fleet.classify(service, request.state.source, body)
+        _count(metrics, tier, answer)
         return answer
 
     @app.post("/v1/continue", response_model=PlanAnswer, dependencies=[Depends(_authorized)],
-              responses={**_ERRORS, 409: {"description": "the hidden state comes from another model"},
-                         415: {"description": f"the body is not {wire.CONTENT_TYPE}"}},
+              responses=_errors(401, 409, 413, 415, 422, 429, 500),
               openapi_extra={"requestBody": {"required": True, "content": {wire.CONTENT_TYPE: {
                   "schema": {"type": "string", "format": "binary"}}}}})
     async def continue_(request: Request) -> PlanAnswer:
@@ -196,20 +236,21 @@ def create_app(package_dir: str | Path | None, tier: str, token: str | None, lim
         kind = request.headers.get("content-type", "").split(";")[0].strip()
         if kind not in (wire.CONTENT_TYPE, "application/octet-stream"):
             raise RequestError(415, f"send the hidden state as {wire.CONTENT_TYPE} (got {kind or 'no type'})")
-        body = await request.body()
         try:
-            state = wire.decode(body)
-            answer = await run_in_threadpool(service.plans.continue_state, state)
+            state = wire.decode(await request.body())
+            service.plans.check_state(state)  # 409/422 before queueing
         except wire.WireError as exc:
             raise RequestError(exc.status, exc.message) from None
-        _count_plan(metrics, answer)
+        answer = await fleet.serve(request.state.source, len(state), lambda: service.plans.continue_state(state))
+        _count(metrics, tier, answer)
         return answer
 
     return app
 
 
-def _count_plan(metrics: dict[str, Any], answer: PlanAnswer) -> None:
-    for t in answer.tiers:
+def _count(metrics: dict[str, Any], tier: str, answer: ClassifyResponse | PlanAnswer) -> None:
+    """Samples answered, by the tier whose exit answered (a plan's samples may be answered further up)."""
+    for t in getattr(answer, "tiers", None) or [tier] * len(answer.labels):
         metrics["samples"].labels(t).inc()
 
 
@@ -222,12 +263,18 @@ def create_gateway_app(client, token: str | None, limits: Limits | None = None) 
     easy ones itself and offloads the rest; same auth, limits and metrics as the tier servers."""
     service = TierService(client.mobile, token, limits or Limits())
     app, metrics = _base_app("dimec mobile gateway", service)
+    attach_gateway_drift(app, client)  # routing distances, routed tiers, mobile confidences (monitor.py)
 
     @app.post("/v1/classify", response_model=GatewayAnswer, dependencies=[Depends(_authorized)],
-              responses=_ERRORS)
+              responses=_errors(401, 413, 422, 500, 502))
     def classify(body: ClassifyRequest) -> GatewayAnswer:
         texts, pairs = service.check(body)
-        answers = client.classify(texts, pairs, body.ids)
+        try:
+            answers = client.classify(texts, pairs, body.ids)
+        except TierAuthError as exc:  # the gateway's own deployment is wrong, not the request
+            log.error("gateway misconfigured: %s", exc.message)
+            raise RequestError(502, "the gateway's token is refused by a tier behind it (a deployment error)") \
+                from None
         for a in answers:
             metrics["samples"].labels(a.tier).inc()
         return GatewayAnswer(answers=[a.to_dict() for a in answers])
@@ -235,13 +282,47 @@ def create_gateway_app(client, token: str | None, limits: Limits | None = None) 
     return app
 
 
-_ERRORS: dict[int | str, dict[str, Any]] = {401: {"description": "missing or bad token"},
-                                            413: {"description": "body too large"},
-                                            422: {"description": "invalid request or over a limit"}}
+_ERROR_MEANING = {
+    401: "missing or wrong bearer token",
+    413: "request body over the size limit",
+    422: "invalid request: body not UTF-8 JSON, unknown field, wrong type, text that is not valid Unicode, "
+         "empty text, or over a limit",
+    500: "internal error: a bug in the server, never caused by the request's content",
+    429: "the edge's queue is full for this source's class, or the deadline cannot be met; see Retry-After",
+    409: "the hidden state comes from another model than this tier serves (deploy packages of one export)",
+    415: f"the body of a continuation request is not {wire.CONTENT_TYPE}",
+    502: "a tier behind the gateway refuses the gateway's token (a deployment error)",
+}
 
 
-def _authorized(request: Request) -> None:
-    request.app.state.service.authorize(request.headers.get("authorization"))
+def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` for the refusals a route can answer, all with the ErrorBody schema."""
+    return {s: {"model": ErrorBody, "description": _ERROR_MEANING[s]} for s in statuses}
+
+
+BEARER = HTTPBearer(auto_error=False, description="the tiers' shared token: `Authorization: Bearer TOKEN`")
+
+
+def _authorized(request: Request, _: Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)]) -> None:
+    """The scheme is declared through BEARER (so OpenAPI lists it); the check is TierService.authorize's."""
+    request.state.source = request.app.state.service.authorize(request.headers.get("authorization"))
+
+
+def _printable(text: Any) -> str:
+    """Text safe to put in a JSON answer: a lone surrogate from the request is shown escaped."""
+    return str(text).encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _body_error(exc: HTTPException) -> str:
+    """Why FastAPI could not parse a body (it answers a bare 400 and keeps the reason as __cause__)."""
+    cause = exc.__cause__
+    if isinstance(cause, UnicodeDecodeError):
+        return f"request body is not valid UTF-8 (byte 0x{cause.object[cause.start]:02x} at offset {cause.start})"
+    if isinstance(cause, RecursionError):
+        return "request body is nested too deeply to parse"
+    if cause is not None:
+        return f"request body is not valid JSON ({_printable(cause).split(';')[0][:200]})"
+    return f"request body could not be parsed ({_printable(exc.detail)})"
 
 
 def _base_app(title: str, service: TierService) -> tuple[FastAPI, dict[str, Any]]:
@@ -254,8 +335,8 @@ def _base_app(title: str, service: TierService) -> tuple[FastAPI, dict[str, Any]
                              buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10)),
         "samples": Counter("dimec_samples", "Samples answered, by tier", ["tier"], registry=registry),
     }
-    app = FastAPI(title=title, version="1", description=__doc__)
-    app.state.service = service
+    app = FastAPI(title=title, version="1", description=__doc__, responses=_errors(413))
+    app.state.service, app.state.registry = service, registry
     app.add_middleware(_Guard, limits=service.limits, metrics=metrics)
 
     @app.exception_handler(RequestError)
@@ -265,19 +346,24 @@ def _base_app(title: str, service: TierService) -> tuple[FastAPI, dict[str, Any]
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_request: Request, exc: RequestValidationError):
-        detail = [{"loc": [str(x) for x in e.get("loc", ())], "msg": str(e.get("msg", ""))} for e in exc.errors()]
-        return JSONResponse({"error": "invalid request body", "detail": detail[:20]}, 422)
+        detail = [{"loc": [_printable(x) for x in e.get("loc", ())], "msg": _printable(e.get("msg", ""))}
+                  for e in exc.errors()]
+        first = f": {'.'.join(detail[0]['loc'])}: {detail[0]['msg']}" if detail else ""
+        return JSONResponse({"error": f"invalid request body{first}", "detail": detail[:20]}, 422)
 
     @app.exception_handler(HTTPException)
     async def _http_error(_request: Request, exc: HTTPException):
-        return JSONResponse({"error": str(exc.detail)}, exc.status_code, headers=getattr(exc, "headers", None))
+        if exc.status_code == 400:  # an unparsable body is unprocessable content, as the docs promise
+            return JSONResponse({"error": _body_error(exc)}, 422)
+        return JSONResponse({"error": _printable(exc.detail)}, exc.status_code,
+                            headers=getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
     async def _crash(_request: Request, exc: Exception):  # a bug, never bad input: log it, say little
         log.exception("internal error")
         return JSONResponse({"error": "internal error"}, 500)
 
-    @app.post("/v1/ping", dependencies=[Depends(_authorized)])
+    @app.post("/v1/ping", dependencies=[Depends(_authorized)], responses=_errors(401, 500))
     async def ping(request: Request) -> dict[str, int]:
         return {"bytes": len(await request.body())}
 

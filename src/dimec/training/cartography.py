@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dimec.atomic import write_with
 from dimec.errors import ArtifactError, ConfigError
 from dimec.rundir import RunDir
 from dimec.tiers import TIERS
@@ -35,11 +36,19 @@ def read_dynamics(run_dir: Path, split: str = "validation") -> tuple[np.ndarray,
         raise ArtifactError(f"no training dynamics in {folder}", "run `dimec train RUN_DIR` first")
     probs, correct = [], []
     for f in files:
-        rows = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
-        rows.sort(key=lambda r: r["index"])
-        probs.append([r["true_label_prob"] for r in rows])
-        correct.append([r["correct"] for r in rows])
-    return np.asarray(probs, dtype=np.float64), np.asarray(correct, dtype=bool)
+        try:
+            rows = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+            rows.sort(key=lambda r: r["index"])
+            probs.append([r["true_label_prob"] for r in rows])
+            correct.append([r["correct"] for r in rows])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ArtifactError(f"{f} is damaged ({type(exc).__name__}: {exc})",
+                                "train again into a fresh --run-dir") from None
+    try:
+        return np.asarray(probs, dtype=np.float64), np.asarray(correct, dtype=bool)  # (E, N, 3) each
+    except ValueError:  # ragged: epochs over different samples
+        raise ArtifactError(f"the epochs in {folder} cover different samples",
+                            "the run directory mixes two runs: train again in a fresh --run-dir") from None
 
 
 @dataclass
@@ -80,5 +89,5 @@ def plot_data_map(carto: Cartography, path: Path, exit_name: str = "mobile", tit
     ax.set_title(title or f"Data map at the {exit_name} exit ({len(conf)} validation samples)")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    write_with(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)

@@ -1,0 +1,97 @@
+"""Command-line pieces for many sources (attached by serving/cli.py): the client's constraint options,
+`dimec plan` and `dimec monitor`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from dimec.errors import ConfigError
+
+
+# ---- `dimec client` / `serve-all`: constraints, budget, advice ----------------------------------------------------
+def add_fleet_client_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("constraints (docs/fleet.md)")
+    g.add_argument("--private", action="store_true", help="texts may not leave the device (except to --trusted)")
+    g.add_argument("--trusted", default="", help="tiers a private text may go to: 'edge', 'cloud' or 'edge,cloud'")
+    g.add_argument("--max-latency-ms", type=float, help="deadline per call: the cheapest tier whose measured "
+                                                         "latency fits (else the fastest, flagged)")
+    g.add_argument("--latency-profile", help="profile.json from `dimec profile`: first latency estimates")
+    g.add_argument("--cloud-budget", type=float, help="money units the cloud may bill per --budget-window")
+    g.add_argument("--budget-window", type=float, default=3600.0, help="seconds (default 3600)")
+    g.add_argument("--cloud-price", type=float, default=0.001, help="money units per text on the cloud")
+    g.add_argument("--min-mobile-confidence", type=float, default=0.6,
+                   help="the edge's advice never keeps a text on the device below this confidence")
+    g.add_argument("--ignore-advice", action="store_true", help="do not honour the edge's PA-MDI advice")
+
+
+def fleet_policy_from_args(args):
+    """The client's FleetPolicy from the options, checked before any package is touched."""
+    from dimec.serving.constraints import CloudBudget, Constraints, FleetPolicy, LatencyTracker
+
+    trusted = tuple(t.strip() for t in (getattr(args, "trusted", "") or "").split(",") if t.strip())
+    budget = None
+    if getattr(args, "cloud_budget", None) is not None:
+        budget = CloudBudget(args.cloud_budget, args.budget_window, args.cloud_price)
+    elif args.budget_window <= 0 or args.cloud_price < 0:
+        raise ConfigError("--budget-window must be > 0 and --cloud-price >= 0")
+    latency = LatencyTracker.from_profile(args.latency_profile) if args.latency_profile else None
+    return FleetPolicy(Constraints(args.private, args.max_latency_ms), trusted, budget, latency,
+                       args.min_mobile_confidence, not args.ignore_advice)
+
+
+# ---- `dimec plan` and `dimec monitor` ------------------------------------------------------------------------------
+def attach_fleet_commands(sub) -> None:
+    p = sub.add_parser("plan", help="accuracy, latency, money and exposure of every policy; Pareto front; the "
+                                    "policy a set of constraints picks")
+    p.add_argument("run_dir")
+    p.add_argument("--profile", help="cost profile in ms (`dimec profile`; default RUN_DIR/profile.json, else "
+                                     "the cost model's units)")
+    p.add_argument("--split", default="validation", choices=("validation", "test"),
+                   help="where the figures are measured (choices are made on validation)")
+    p.add_argument("--policies", help="JSON file of candidate policies (router.json entries); default: the "
+                                      "run's calibration candidates if written, else every registered router")
+    p.add_argument("--cloud-price", type=float, default=1.0, help="money per 1,000 texts through the whole cloud model")
+    p.add_argument("--edge-price", type=float, default=0.0, help="money per 1,000 texts through the edge's layers")
+    p.add_argument("--trusted", default="", help="tiers that do not count as exposure: 'edge' and/or 'cloud'")
+    p.add_argument("--max-loss", type=float, help="points of accuracy below cloud-only, at most")
+    p.add_argument("--max-latency-ms", type=float, help="mean latency per text, at most")
+    p.add_argument("--max-money", type=float, help="money per 1,000 texts, at most")
+    p.add_argument("--max-exposure", type=float, help="share of texts leaving the device (untrusted tiers), at most")
+    p.add_argument("--private", action="store_true", help="shorthand for --max-exposure 0")
+    p.add_argument("--objective", default="cost", choices=("cost", "accuracy", "latency", "money", "exposure"),
+                   help="what the pick optimises among the policies that meet the constraints")
+    p.add_argument("--out", help="folder for plan.json and plan.png (default RUN_DIR/plan)")
+    p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("monitor", help="compare live traffic (Prometheus /metrics) with the calibration data; "
+                                       "exit 1 on drift")
+    p.add_argument("urls", nargs="+", help="edge, cloud or gateway base URLs")
+    p.add_argument("--reference", help="run directory, package or drift_reference.json (default: fetched from "
+                                       "the servers)")
+    p.add_argument("--threshold", type=float, default=0.25, help="PSI above which a distribution has drifted")
+    p.add_argument("--min-samples", type=int, default=100, help="live samples needed for a verdict")
+    p.add_argument("--interval", type=float, help="seconds: compare only the traffic of this interval")
+    p.set_defaults(func=cmd_monitor)
+
+
+def cmd_monitor(args) -> None:
+    from dimec.serving.monitor import monitor, read_reference
+
+    reference = read_reference(args.reference) if args.reference else None
+    status = monitor(args.urls, reference, args.threshold, args.min_samples, args.interval)
+    if status:
+        sys.exit(status)
+
+
+def cmd_plan(args) -> None:
+    from dimec.rundir import RunDir
+    from dimec.serving.planning import PlanConstraints, plan_run
+
+    trusted = tuple(t.strip() for t in args.trusted.split(",") if t.strip())
+    constraints = PlanConstraints(max_loss=args.max_loss, max_latency_ms=args.max_latency_ms,
+                                  max_money=args.max_money, max_exposure=0.0 if args.private else args.max_exposure)
+    out = Path(args.out) if args.out else RunDir(args.run_dir).plan
+    plan_run(Path(args.run_dir), args.profile, constraints, args.objective, args.split, args.policies,
+             args.cloud_price, args.edge_price, trusted, out, log=print)

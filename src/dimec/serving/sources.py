@@ -1,0 +1,205 @@
+"""Who may call a tier, and how much they matter: the server's table of sources and priority classes.
+
+`dimec serve edge RUN --sources fleet.yaml` reads a file like this (YAML or JSON; docs/fleet.md):
+
+    classes:                      # highest priority first; weights are the shares of weighted fair queuing
+      - {name: high, weight: 6}
+      - {name: medium, weight: 3}
+      - {name: low, weight: 1, max_queue: 8}
+    sources:                      # each bearer token is one source in one class
+      - {name: ambulance-1, token_env: AMBULANCE_1_TOKEN, priority: high}
+      - {name: phone-17, token_sha256: 9f86d0..., priority: low}
+    scheduling: {policy: strict, queue_capacity: 32, workers: 1, retry_after_s: 1.0}
+    allocation: {enabled: true, target_utilization: 0.9, horizon_s: 5.0}
+
+A request's source, and so its class, comes only from its token: nothing in the body can raise it. Without
+a file the tier runs in single-token mode: one token (--token / DIMEC_TOKEN), one source "default" in one
+class "default", and no queue in front of the model (exactly the behaviour before sources existed).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dimec.config import build_config, read_config_file
+from dimec.errors import ConfigError
+
+POLICIES = ("strict", "wfq", "fifo")
+DEFAULT = "default"
+
+
+@dataclass(frozen=True)
+class ClassConfig:
+    name: str
+    weight: float = 1.0  # share of the edge under weighted fair queuing
+    max_queue: int | None = None  # waiting requests of this class at most (None: the whole queue)
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    name: str
+    priority: str  # a class name
+    token: str | None = None  # the bearer token itself, or
+    token_env: str | None = None  # the environment variable that holds it, or
+    token_sha256: str | None = None  # its sha256 in hex (the file then holds no secret)
+
+
+@dataclass(frozen=True)
+class SchedulingConfig:
+    policy: str = "strict"  # "strict" priority, "wfq" (self-clocked weighted fair queuing) or "fifo" (one queue)
+    queue_capacity: int = 32  # requests waiting for the model, all classes together
+    workers: int = 1  # requests the model runs at once (threads); 1 suits a CPU with intra-op threads
+    reserved_workers: int = 0  # of those, how many only the highest class may use (strict and wfq)
+    retry_after_s: float = 1.0  # the Retry-After of a 429
+
+
+@dataclass(frozen=True)
+class AllocationConfig:
+    """PA-MDI's allocation (docs/fleet.md): the edge's capacity goes to the classes in priority order, and
+    a class that does not fit is told which share of its edge-bound work to keep on the device."""
+
+    enabled: bool = True
+    target_utilization: float = 0.9  # plan for this share of the measured capacity
+    horizon_s: float = 5.0  # time constant of the rate estimates (exponential decay)
+    smoothing: float = 0.3  # each update moves the advice this far towards its new target
+    valid_s: float = 2.0  # a client applies an advice for this long after it got it
+
+
+@dataclass(frozen=True)
+class FleetConfig:
+    classes: tuple[ClassConfig, ...] = (ClassConfig(DEFAULT),)
+    sources: tuple[SourceConfig, ...] = ()
+    scheduling: SchedulingConfig = field(default_factory=SchedulingConfig)
+    allocation: AllocationConfig = field(default_factory=AllocationConfig)
+
+
+@dataclass(frozen=True)
+class Source:
+    """Who sent a request: its name, its class and the class's rank (0 = the highest priority)."""
+
+    name: str
+    priority: str
+    rank: int
+
+
+class SourceTable:
+    """Bearer token -> Source. Tokens are kept as sha256 digests and compared in constant time against
+    every entry, so neither the file nor the timing tells a caller how close a guess was."""
+
+    def __init__(self, config: FleetConfig, digests: dict[bytes, Source], scheduled: bool) -> None:
+        self.config = config
+        self._digests = digests
+        self.scheduled = scheduled  # False: single-token mode, no queue
+        self.classes = {c.name: c for c in config.classes}
+        self.ranks = {c.name: i for i, c in enumerate(config.classes)}
+        self.sources = sorted({s for s in digests.values()}, key=lambda s: (s.rank, s.name))
+
+    @classmethod
+    def single(cls, token: str | None) -> SourceTable:
+        if not token:
+            raise ConfigError("a bearer token is required between tiers",
+                              "pass --token T or set DIMEC_TOKEN (the same on every tier), or --sources FILE")
+        return cls(FleetConfig(), {_digest(token): Source(DEFAULT, DEFAULT, 0)}, scheduled=False)
+
+    @classmethod
+    def from_config(cls, config: FleetConfig, where: str = "sources") -> SourceTable:
+        check_fleet_config(config, where)
+        ranks = {c.name: i for i, c in enumerate(config.classes)}
+        digests: dict[bytes, Source] = {}
+        for s in config.sources:
+            digest = _source_digest(s, where)
+            if digest in digests:
+                raise ConfigError(f"{where}: sources {digests[digest].name!r} and {s.name!r} share a token",
+                                  "give every source its own token: the token is what identifies it")
+            digests[digest] = Source(s.name, s.priority, ranks[s.priority])
+        return cls(config, digests, scheduled=True)
+
+    @classmethod
+    def load(cls, path: str | Path) -> SourceTable:
+        raw = read_config_file(path)
+        return cls.from_config(build_config(FleetConfig, raw, ""), str(path))
+
+    def lookup(self, token: str) -> Source | None:
+        given = _digest(token)
+        found = None
+        for digest, source in self._digests.items():  # no early exit: the same work for every token
+            if hmac.compare_digest(given, digest):
+                found = source
+        return found
+
+
+def _digest(token: str) -> bytes:
+    return hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
+
+
+def _source_digest(s: SourceConfig, where: str) -> bytes:
+    given = [k for k in ("token", "token_env", "token_sha256") if getattr(s, k)]
+    if len(given) != 1:
+        raise ConfigError(f"{where}: source {s.name!r} needs exactly one of token, token_env, token_sha256",
+                          "token_env (an environment variable) keeps the secret out of the file")
+    if s.token_env:
+        value = os.environ.get(s.token_env)
+        if not value:
+            raise ConfigError(f"{where}: source {s.name!r}: environment variable {s.token_env} is not set")
+        return _digest(value)
+    if s.token_sha256:
+        try:
+            digest = bytes.fromhex(s.token_sha256)
+        except ValueError:
+            digest = b""
+        if len(digest) != 32:
+            raise ConfigError(f"{where}: source {s.name!r}: token_sha256 must be 64 hex digits",
+                              "python -c \"import hashlib; print(hashlib.sha256(b'TOKEN').hexdigest())\"")
+        return digest
+    return _digest(s.token or "")
+
+
+def check_fleet_config(config: FleetConfig, where: str = "sources") -> None:
+    """Every value checked before a server starts; one message per problem, all of them at once."""
+    problems: list[str] = []
+    names = [c.name for c in config.classes]
+    if not names:
+        problems.append("'classes' is empty: give at least one priority class")
+    if len(set(names)) != len(names):
+        problems.append(f"class names repeat: {names}")
+    for c in config.classes:
+        if not c.name.strip():
+            problems.append("a class has an empty name")
+        if not c.weight > 0:
+            problems.append(f"class {c.name!r}: weight must be > 0, got {c.weight}")
+        if c.max_queue is not None and c.max_queue < 1:
+            problems.append(f"class {c.name!r}: max_queue must be >= 1, got {c.max_queue}")
+    if not config.sources:
+        problems.append("'sources' is empty: map at least one token to a source")
+    seen: set[str] = set()
+    for s in config.sources:
+        if not s.name.strip() or s.name in seen:
+            problems.append(f"source names must be non-empty and unique, got {s.name!r} twice or empty")
+        seen.add(s.name)
+        if s.priority not in names:
+            problems.append(f"source {s.name!r}: unknown class {s.priority!r} (classes: {', '.join(names)})")
+        if s.token is not None and len(s.token) < 8:
+            problems.append(f"source {s.name!r}: a token needs at least 8 characters")
+    sc, al = config.scheduling, config.allocation
+    if sc.policy not in POLICIES:
+        problems.append(f"scheduling.policy must be one of {', '.join(POLICIES)}, got {sc.policy!r}")
+    if sc.queue_capacity < 1:
+        problems.append(f"scheduling.queue_capacity must be >= 1, got {sc.queue_capacity}")
+    if not 1 <= sc.workers <= 64:
+        problems.append(f"scheduling.workers must be in 1..64, got {sc.workers}")
+    if not 0 <= sc.reserved_workers < max(1, sc.workers):
+        problems.append(f"scheduling.reserved_workers must be in 0..workers-1, got {sc.reserved_workers}")
+    if not sc.retry_after_s > 0:
+        problems.append(f"scheduling.retry_after_s must be > 0, got {sc.retry_after_s}")
+    if not 0 < al.target_utilization <= 1:
+        problems.append(f"allocation.target_utilization must be in (0, 1], got {al.target_utilization}")
+    if not al.horizon_s > 0 or not al.valid_s > 0:
+        problems.append("allocation.horizon_s and allocation.valid_s must be > 0")
+    if not 0 < al.smoothing <= 1:
+        problems.append(f"allocation.smoothing must be in (0, 1], got {al.smoothing}")
+    if problems:
+        raise ConfigError(f"{where}: " + "; ".join(problems), "see docs/fleet.md for the sources file")
