@@ -394,3 +394,26 @@ def test_cli_serve_edge_forwards_to_the_cloud(packages, monkeypatch, capsys):
     assert main(["serve", "cloud", str(packages["cloud"]), "--token", TOKEN, "--cloud-url", "http://x",
                  "--port", str(free_port())]) == 2
     assert "for the edge" in capsys.readouterr().err
+
+
+def test_private_texts_hidden_states_stay_on_the_device(packages, servers, tmp_path, router_name):
+    """Privacy covers hidden states: a private text whose cascade escalates is answered by the mobile exit,
+    flagged, and nothing leaves the device; with the edge trusted, its hidden state goes to the edge only."""
+    from dimec.serving.constraints import Constraints, FleetPolicy
+
+    plan = check_plan((Stage(MOBILE, 0, 2.0), Stage(EDGE, 1, 2.0), Stage(CLOUD, 2)))  # everyone escalates
+    mobile = mobile_with(packages, tmp_path, router_name, [plan])
+    with _client(mobile, servers, fleet=FleetPolicy(Constraints(private=True))) as client:
+        answers = client.classify(TEXTS[:3])
+        stats = client.stats()
+    assert all(a.tier == "mobile" and "private" in a.flags and not a.degraded for a in answers)
+    assert stats["bytes_sent_hidden"] == 0 and stats["bytes_sent_raw"] == 0
+    with _client(mobile, servers, fleet=FleetPolicy(Constraints(private=True), trusted=("edge",))) as client:
+        trusted = client.classify(TEXTS[:2])  # the plan is cut at the edge: it does not forward to the cloud
+        assert all(a.tier == "edge" and not a.fallback and not a.errors for a in trusted)
+        servers["edge"].stop()
+        try:  # the edge is down: its stages may not move to the untrusted cloud
+            down = client.classify(TEXTS[:2])
+        finally:
+            servers["edge"].start()
+    assert all(a.tier == "mobile" and a.degraded for a in down)

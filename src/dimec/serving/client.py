@@ -454,9 +454,15 @@ class MobileClient:
         self._answer_degraded(call, rows, self.mobile_probs(call, rows), routed, errors, plan)
 
     def _allowed(self, call: _Call, stages: Plan) -> list[tuple[int, Plan]]:
-        """Where the rest of a plan may run, in order, among the tiers the fleet policy allows (privacy)."""
+        """Where the rest of a plan may run, in order, among the tiers the fleet policy allows (privacy): a
+        plan is cut before any stage on a tier it may not reach (the edge would forward it there)."""
         allowed = set(self.fleet.targets(call, stages[0].tier))
-        return [(t, s) for t, s in _attempts(stages) if TIERS[t] in allowed]
+        out = []
+        for tier, plan in _attempts(stages):
+            kept = [s for s in plan if TIERS[s.tier] in allowed]
+            if TIERS[tier] in allowed and kept:
+                out.append((tier, (*kept[:-1], Stage(kept[-1].tier, kept[-1].exit, None))))
+        return out
 
     def _exchange(self, call: _Call, rows: np.ndarray, target: str, errors: list[str], send) -> RemoteResult | None:
         """One exchange with `target` under the fleet policy (budget, latency, advice, 429s); None if it failed
