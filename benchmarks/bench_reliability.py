@@ -224,6 +224,7 @@ def cli_cases(paths: dict[str, Path], work: Path, packages: dict[str, Path], edg
     results = []
     for name, args, stdin, expected, must_not_exist in cases:
         got = outcome(dimec(*args, stdin=stdin, timeout=300))
+        got["message"] = got["message"].replace(str(work), "WORK")  # the scratch folder, named once
         got.update(case=name, expected_exit=expected,
                    run_dir_untouched=None if must_not_exist is None else not must_not_exist.exists())
         if name.startswith("calibrate with bad"):
@@ -501,7 +502,8 @@ def render(result: dict) -> str:
         f"same connection: {good_after}.",
         f"- **{len(cli)} bad command-line inputs** as real `dimec` processes: "
         f"{sum(c['ok'] for c in cli)}/{len(cli)} gave the expected exit status with one message and no "
-        f"traceback, and left the run directory as it was where that applies:",
+        f"traceback, and left the run directory as it was where that applies (WORK: the script's scratch "
+        f"folder):",
         "",
         "| input | exit (expected) | traceback | run dir untouched | message |",
         "| --- | ---: | --- | --- | --- |",

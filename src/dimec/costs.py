@@ -114,11 +114,16 @@ class CostModel:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"cost profile not found: {path}", "run `dimec profile RUN_DIR` first")
-        raw = json.loads(path.read_text())
         try:
+            raw = json.loads(path.read_bytes().decode("utf-8"))
             ms = {k: float(raw[k]) for k in ("lambda_m_ms", "lambda_e_ms", "o_e_ms", "o_c_ms", "cloud_layer_ms")}
         except KeyError as exc:
-            raise ConfigError(f"cost profile {path} lacks {exc.args[0]}") from None
+            raise ConfigError(f"cost profile {path} lacks {exc.args[0]}", "run `dimec profile RUN_DIR` again") from None
+        except (UnicodeDecodeError, ValueError, TypeError, AttributeError) as exc:
+            raise ConfigError(f"cost profile {path} is damaged ({type(exc).__name__}: {str(exc)[:200]})",
+                              "run `dimec profile RUN_DIR` again") from None
+        if not all(v >= 0 and v == v for v in ms.values()) or ms["lambda_e_ms"] <= 0:
+            raise ConfigError(f"cost profile {path} holds negative or zero times: {ms}", "run `dimec profile` again")
         l = exit_layers[2]
         scale = full_model_reward / (l * ms["lambda_e_ms"])  # reward units per millisecond
         return cls(

@@ -4,18 +4,17 @@ validation) under each setting and scored on test. No retraining: the exit outpu
 
 from __future__ import annotations
 
-import csv
-import json
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
+from dimec.atomic import write_json, write_text
 from dimec.config import CalibrationConfig, CostConfig
 from dimec.costs import CostModel
 from dimec.evaluation import evaluate_router
 from dimec.experiments import MULTIPLIERS
 from dimec.experiments.compare import build_router
-from dimec.experiments.tables import strict_json
+from dimec.experiments.tables import csv_text
 from dimec.outputs import ExitOutputs
 from dimec.training.cartography import Cartography
 
@@ -83,10 +82,7 @@ def ablation_markdown(rows: list[dict]) -> str:
 def write_ablations(rows: list[dict], out_dir: Path) -> dict[str, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {ext: out_dir / f"ablations.{ext}" for ext in ("md", "csv", "json")}
-    paths["md"].write_text(ablation_markdown(rows))
-    with paths["csv"].open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
-        w.writeheader()
-        w.writerows({k: r[k] for k in CSV_FIELDS} for r in rows)
-    paths["json"].write_text(json.dumps(strict_json(rows), indent=2, allow_nan=False) + "\n")
+    write_text(paths["md"], ablation_markdown(rows))
+    write_text(paths["csv"], csv_text(CSV_FIELDS, rows))
+    write_json(paths["json"], rows)
     return paths

@@ -141,9 +141,9 @@ def reproduce(tasks: Sequence[str], base_cfg: RunConfig, out_dir: str | Path, se
 def task_plots(tr: TaskRun, pools: np.ndarray, compared: list[dict], ablations: list[dict], plot_dir: Path,
                tsne_points: int) -> dict[str, Path]:
     """Per-task figures: data map, t-SNE of the pools, Pareto plot (with its sweep data as JSON), ablation."""
+    from dimec.atomic import write_json
     from dimec.experiments import plots
     from dimec.experiments.compare import threshold_sweeps
-    from dimec.experiments.tables import strict_json
     from dimec.training.cartography import plot_data_map
 
     t = tr.task
@@ -159,12 +159,13 @@ def task_plots(tr: TaskRun, pools: np.ndarray, compared: list[dict], ablations: 
     plots.plot_pareto({r["method"]: r["mean"] for r in compared if "mean" in r}, sweeps, files["accuracy vs cost"],
                       f"{t}: accuracy vs cost, every method ({len(tr.test)} test samples)", highlight="auto")
     files["sweep data"] = plot_dir / f"{t}_pareto.json"
-    files["sweep data"].write_text(json.dumps(strict_json(sweeps), indent=2, allow_nan=False) + "\n")
+    write_json(files["sweep data"], sweeps)
     return files
 
 
 def write_index(out_dir: Path, meta: dict, tables: dict, table_paths: dict, ablation_paths: dict,
                 task_files: dict[str, dict[str, Path]]) -> Path:
+    from dimec.atomic import write_text
     from dimec.experiments.tables import PAPER_HEADLINE
 
     def rel(p: Path) -> str:
@@ -187,7 +188,7 @@ def write_index(out_dir: Path, meta: dict, tables: dict, table_paths: dict, abla
         lines += [f"- [{name}]({rel(p)})" for name, p in files.items()] + [""]
         lines += [f"![{name}]({rel(p)})" for name, p in files.items() if p.suffix == ".png"] + [""]
     path = out_dir / "index.md"
-    path.write_text("\n".join(lines))
+    write_text(path, "\n".join(lines))
     return path
 
 

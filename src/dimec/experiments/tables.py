@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import csv
-import json
+import io
 import math
 from pathlib import Path
 from typing import Any
 
-from dimec.atomic import strict_json  # noqa: F401  (re-exported for the experiment modules)
+from dimec.atomic import strict_json, write_json, write_text  # noqa: F401  (strict_json re-exported)
 from dimec.experiments import DISPLAY
 
 # We could not find the paper's per-task Table I numbers in a source we can cite, so only the abstract's
@@ -111,12 +111,16 @@ def summary_matrix(tasks: dict[str, dict[str, Any]]) -> list[str]:
 def write_table(tasks: dict[str, dict[str, Any]], meta: dict[str, Any], out_dir: Path) -> dict[str, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {ext: out_dir / f"table_I.{ext}" for ext in ("md", "csv", "json")}
-    paths["md"].write_text(markdown_table(tasks, meta))
-    with paths["csv"].open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
-        w.writeheader()
-        for t in tasks.values():
-            w.writerows({k: r.get(k, "") for k in CSV_FIELDS} for r in t["rows"])
-    doc = {"paper": PAPER_HEADLINE, "meta": meta, "tasks": tasks}
-    paths["json"].write_text(json.dumps(strict_json(doc), indent=2, allow_nan=False) + "\n")
+    write_text(paths["md"], markdown_table(tasks, meta))
+    write_text(paths["csv"], csv_text(CSV_FIELDS, [r for t in tasks.values() for r in t["rows"]]))
+    write_json(paths["json"], {"paper": PAPER_HEADLINE, "meta": meta, "tasks": tasks})
     return paths
+
+
+def csv_text(columns: tuple[str, ...], rows: list[dict[str, Any]]) -> str:
+    """CSV of the rows' `columns` (a missing value is empty), as one string for an atomic write."""
+    out = io.StringIO()
+    w = csv.DictWriter(out, fieldnames=columns)
+    w.writeheader()
+    w.writerows({k: r.get(k, "") for k in columns} for r in rows)
+    return out.getvalue()
