@@ -388,7 +388,7 @@ def main() -> int:
         print(f"{run_dir} is not a trained and calibrated run (make one with `make run`)", file=sys.stderr)
         return 2
     from dimec.pipeline import load_run_config, task_data
-    from dimec.serving.package import export_packages
+    from dimec.serving.export import export_packages
 
     data = task_data(load_run_config(run_dir))
     val_texts, val_labels = [e.text for e in data.validation], [e.label for e in data.validation]

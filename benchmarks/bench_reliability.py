@@ -579,8 +579,8 @@ def main() -> int:
     rng = random.Random(args.seed)
     sys.path.insert(0, str(ROOT / "src"))
     from dimec.pipeline import load_run_config, task_data
+    from dimec.serving.export import export_packages
     from dimec.serving.local import ProcessServer
-    from dimec.serving.package import export_packages
 
     paths = build(work)
     packages = export_packages(paths["reference"], work / "packages", onnx=False)

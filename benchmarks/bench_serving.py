@@ -1,33 +1,42 @@
-"""Serving figures (issue 4) on a trained run, everything on this machine over loopback:
+"""Serving figures (issue 10, model-distributed paths) on a trained and calibrated run, over loopback:
 
-1. mobile tier: onnxruntime int8 vs PyTorch fp32, per-sample latency and accuracy on the test split;
-2. three-tier system vs cloud-only serving of the same model: throughput and p50/p99 latency under the
-   same offered load (C concurrent clients sending back-to-back single-text requests from the test split),
-   rounds alternated side by side, medians reported, with each system's accuracy;
-3. a bounded load test with the edge server killed (SIGKILL) and restarted mid-run: requests lost,
-   answered twice, fallbacks counted.
+1. the phone's deployable: size on disk of the default mobile package (one int8 ONNX graph), its accuracy
+   change, label, routing and decision agreement against PyTorch fp32 on the test split, and its latency;
+2. the routing decision on the client's own path (`MobileClient.route`: the int8 graph's routing embedding,
+   then the router), per sample, against the mobile stage it precedes (int8: layers 1..m, exit m, hidden);
+3. three-tier serving with the run's router.json (whatever policy it holds; reported) against cloud-only
+   serving of the same model: throughput, p50/p99 latency and accuracy under the same offered load
+   (C concurrent closed-loop clients, single-text requests from the test split), rounds alternated;
+4. hidden-state continuation against raw-text offload to the edge, one request at a time on emulated wifi and
+   4G links (latency, jitter and bandwidth of the presets, no loss): bytes per request and end-to-end latency;
+5. the edge killed (SIGKILL) and restarted under load: requests lost, answered twice, fallbacks counted.
+
+Writes benchmarks/results/serving.json in report.py's format ({"title", "command", "script", "measured",
+"data"}); `render(data)` is the BENCHMARKS.md section body (`python benchmarks/report.py` renders it).
 
     python benchmarks/bench_serving.py [RUN_DIR (default runs/default)] [--requests 600] [--rounds 5]
-                                       [--concurrency 4] [--fault-requests 400] [--no-write]
+        [--concurrency 4] [--mobile-samples 300] [--link-samples 100] [--fault-requests 5000] [--out PATH]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import platform
 import secrets
 import statistics
 import sys
 import tempfile
 import threading
 import time
+from datetime import date
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from report import update_section  # noqa: E402
-
 ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results" / "serving.json"
 COMMAND = "python benchmarks/bench_serving.py runs/default"
+TITLE = "Serving (issue 10): model-distributed paths, the phone's deployable, three tiers vs cloud-only"
+LINKS = {"wifi": "wifi,loss=0", "4g": "4g,loss=0"}  # presets of dimec.serving.links, without loss
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -35,37 +44,76 @@ def percentile(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, max(0, round(q / 100 * (len(values) - 1))))]
 
 
-# ---- 1. mobile tier: int8 vs fp32 ------------------------------------------------------------------------------
-def bench_mobile(mobile_dir: Path, texts: list[str], labels: list[int], repeats: int = 3) -> dict:
+def best_ms(fn, repeats: int = 3) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best * 1e3
+
+
+# ---- 1./2. the phone's deployable and the routing decision ---------------------------------------------------
+def bench_mobile(run_dir: Path, lean: Path, full: Path, texts, pairs, labels, limit: int) -> dict:
+    """Size, agreement and accuracy of the int8 graph the phone downloads; per-sample latency of the mobile
+    stage (int8 vs PyTorch fp32) and of the routing decision on the client's path. Tokenisation excluded;
+    min of 3 per sample, medians over samples; one thread each, as on a phone."""
     import numpy as np
     import torch
 
+    from dimec.modeling.multi_exit import MultiExitModel
+    from dimec.serving.client import MobileClient
+    from dimec.serving.onnx_export import check_agreement
+    from dimec.serving.package import package_bytes, read_manifest
     from dimec.serving.tier import TierModel
 
-    torch.set_num_threads(1)  # a phone-like single stream; onnxruntime gets one thread too
-    fp32, int8 = TierModel(mobile_dir, "torch", verify=False), TierModel(mobile_dir, "onnx-int8", onnx_threads=1)
-    batches = [fp32.encode([t]) for t in texts]
-    fp32.logits(batches[0]), int8.logits(batches[0])  # warm-up
-    times: dict[str, list[float]] = {"torch": [], "int8": []}
-    preds: dict[str, list[int]] = {"torch": [], "int8": []}
-    for batch in batches:  # interleaved, so drift in machine load hits both alike
-        for name, model in (("torch", fp32), ("int8", int8)):
-            best = float("inf")
-            for _ in range(repeats):
-                start = time.perf_counter()
-                logits = model.logits(batch)
-                best = min(best, time.perf_counter() - start)
-            times[name].append(best * 1e3)
-            preds[name].append(int(logits.argmax(-1)[0]))
-    y = np.asarray(labels)
-    out = {name: {"median_ms": statistics.median(times[name]), "p99_ms": percentile(times[name], 99),
-                  "accuracy": float((np.asarray(preds[name]) == y).mean())} for name in times}
-    out["agreement"] = float((np.asarray(preds["torch"]) == np.asarray(preds["int8"])).mean())
-    out["ratio"] = out["int8"]["median_ms"] / out["torch"]["median_ms"]
-    return out
+    torch.set_num_threads(1)
+    sliced = MultiExitModel.from_pretrained(run_dir / "model").slice(0)
+    check = check_agreement(sliced, lean, texts, pairs, labels, "test split")
+    manifest = read_manifest(lean)
+    size = {"package_bytes": package_bytes(manifest), "int8_graph_bytes": manifest["files"]["model.int8.onnx"]["bytes"],
+            "files": sorted(manifest["files"]), "full_package_bytes": package_bytes(read_manifest(full))}
+    int8, fp32 = TierModel(lean, "onnx-int8"), TierModel(full, "torch")
+    client = MobileClient(int8)  # no remotes: only its routing decision is timed here
+    batches = [int8.encode([t], None if pairs is None else [pairs[i]]) for i, t in enumerate(texts[:limit])]
+
+    def preroute(b):  # what any pre-router needs: the routing embedding, then the router's choice
+        return client.router.choose_plans(int8.embed(b), b.attention_mask.sum(1))
+
+    for fn in (lambda b: int8.mobile_stage(b), lambda b: fp32.mobile_stage(b), client.route, preroute):
+        fn(batches[0])  # warm-up
+    times: dict[str, list[float]] = {"int8": [], "torch": [], "route": [], "preroute": []}
+    for b in batches:  # interleaved, so drift in machine load hits each path alike
+        times["int8"].append(best_ms(lambda b=b: int8.mobile_stage(b)))
+        times["torch"].append(best_ms(lambda b=b: fp32.mobile_stage(b)))
+        times["route"].append(best_ms(lambda b=b: client.route(b)))
+        times["preroute"].append(best_ms(lambda b=b: preroute(b)))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    ratios = [r / m for r, m in zip(times["route"], times["int8"], strict=True)]
+    pre_ratios = [r / m for r, m in zip(times["preroute"], times["int8"], strict=True)]
+    # the same per sample when the client classifies 32 texts in one call (fixed per-call costs amortised)
+    chunks = [int8.encode(texts[i : i + 32], None if pairs is None else pairs[i : i + 32])
+              for i in range(0, min(len(texts), limit), 32)]
+    batched = {"int8": statistics.median(best_ms(lambda b=b: int8.mobile_stage(b)) / len(b) for b in chunks),
+               "preroute": statistics.median(best_ms(lambda b=b: preroute(b)) / len(b) for b in chunks)}
+    return {
+        "size": size, "check": check,
+        "latency_ms": {k: {"median": med[k], "p99": percentile(v, 99)} for k, v in times.items()},
+        "int8_vs_torch_time": med["int8"] / med["torch"],
+        "routing": {"router": client.router.name, "plans": len(client.plans),
+                    "path": "one plan: nothing to decide" if len(client.plans) == 1 and client.online is None else
+                            f"the int8 graph's routing embedding (pruned session), then {client.router.name}"
+                            ".choose_plans",
+                    "median_us": med["route"] * 1e3, "share_of_mobile_stage_pct": 100 * statistics.median(ratios),
+                    "preroute_median_us": med["preroute"] * 1e3,
+                    "preroute_share_pct": 100 * statistics.median(pre_ratios), "samples": len(batches),
+                    "batched_32_preroute_us_per_sample": batched["preroute"] * 1e3,
+                    "batched_32_preroute_share_pct": 100 * batched["preroute"] / batched["int8"]},
+        "accuracy_change": check["onnx_int8"].get("accuracy", np.nan) - check.get("torch_accuracy", np.nan),
+    }
 
 
-# ---- 2./3. load generator ---------------------------------------------------------------------------------------
+# ---- 3./5. load generator ---------------------------------------------------------------------------------------
 def run_load(client, texts: list[str], labels: list[int], total: int, concurrency: int, tag: str,
              during=None, stop: threading.Event | None = None, max_seconds: float = 300) -> dict:
     """`concurrency` workers share up to `total` single-text requests (bounded in count and time; `stop`
@@ -128,7 +176,7 @@ def bench_systems(mobile_dir: Path, urls: dict, token: str, texts, labels, reque
     from dimec.serving.client import MobileClient
 
     clients = {name: MobileClient(mobile_dir, urls["edge"], urls["cloud"], token, backend="onnx-int8",
-                                  routing=routing) for name, routing in (("three-tier", "fixed"),
+                                  routing=routing) for name, routing in (("three-tier", "router"),
                                                                           ("cloud-only", "cloud-only"))}
     for client in clients.values():  # warm-up: connections, lazy init on both servers
         run_load(client, texts, labels, 2 * concurrency, concurrency, "warm")
@@ -138,16 +186,20 @@ def bench_systems(mobile_dir: Path, urls: dict, token: str, texts, labels, reque
             runs[name].append(run_load(client, texts, labels, requests, concurrency, f"{name}-{r}"))
             print(f"  round {r + 1} {name:<10} {runs[name][-1]['throughput']:7.1f} req/s  "
                   f"p50 {runs[name][-1]['p50_ms']:6.1f} ms  p99 {runs[name][-1]['p99_ms']:6.1f} ms", flush=True)
+    stats = clients["three-tier"].stats()
     for client in clients.values():
         client.close()
-    summary = {}
+    summary: dict = {}
     for name, rs in runs.items():
         summary[name] = {k: statistics.median(r[k] for r in rs) for k in ("throughput", "p50_ms", "p99_ms", "accuracy")}
         summary[name]["tiers"] = rs[-1]["tiers"]
         summary[name]["lost"] = sum(r["lost"] for r in rs)
         summary[name]["errors"] = sum(len(r["errors"]) for r in rs)
+        summary[name]["fallbacks"] = sum(r["fallbacks"] for r in rs)
+    summary["three-tier"]["client_stats"] = stats
     ratios = [a["throughput"] / b["throughput"] for a, b in zip(runs["three-tier"], runs["cloud-only"], strict=True)]
     summary["ratio"], summary["ratio_range"] = statistics.median(ratios), (min(ratios), max(ratios))
+    summary["settings"] = {"requests": requests, "concurrency": concurrency, "rounds": rounds}
     return summary
 
 
@@ -158,7 +210,7 @@ def bench_edge_failure(mobile_dir: Path, urls: dict, token: str, edge_server, te
     from dimec.serving.client import MobileClient
 
     timeline: dict[str, float] = {}
-    client = MobileClient(mobile_dir, urls["edge"], urls["cloud"], token, backend="onnx-int8", routing="fixed",
+    client = MobileClient(mobile_dir, urls["edge"], urls["cloud"], token, backend="onnx-int8", routing="router",
                           cooldown_s=0.5, retries=1)
     stop = threading.Event()
     t0 = time.perf_counter()
@@ -168,7 +220,7 @@ def bench_edge_failure(mobile_dir: Path, urls: dict, token: str, edge_server, te
             time.sleep(1.0)
             edge_server.kill()
             timeline["killed_s"] = time.perf_counter() - t0
-            edge_server.start().wait(120)
+            edge_server.start().wait(180)
             timeline["back_s"] = time.perf_counter() - t0
             time.sleep(3.0)
         finally:
@@ -178,73 +230,162 @@ def bench_edge_failure(mobile_dir: Path, urls: dict, token: str, edge_server, te
     result["client_stats"] = client.stats()
     result.update(timeline)
     back = timeline.get("back_s", float("inf"))
-    result["edge_after_restart"] = sum(tier == "edge" and t > back for t, tier in result["finished"])
+    result["edge_after_restart"] = sum(tier == "edge" and t > back for t, tier in result.pop("finished"))
+    result["answered_twice"] = sum("twice" in e for e in result["errors"])
+    result["errors"] = result["errors"][:10]
     client.close()
     return result
 
 
+# ---- 4. hidden-state continuation vs raw offload ------------------------------------------------------------------
+def bench_links(mobile: Path, edge_url: str, token: str, texts: list[str], samples: int) -> dict:
+    """One request at a time to the edge (exit n) over an emulated link: raw text (the edge runs layers 1..n)
+    against the mobile's hidden state after layer m (the mobile runs 1..m in int8, the edge m+1..n). End to
+    end: from the text on the phone to the answer on the phone, tokenisation and mobile compute included.
+    Transfer: the round trip minus the server's model time (what `dimec profile` calls the offload time)."""
+    import httpx
+
+    from dimec.routing.plan import Stage
+    from dimec.serving import wire
+    from dimec.serving.links import LinkProfile, LinkTransport
+    from dimec.serving.tier import TierModel
+    from dimec.tiers import EDGE
+
+    int8 = TierModel(mobile, "onnx-int8")
+    plan = (Stage(EDGE, EDGE),)
+    out: dict = {}
+    for name, spec in LINKS.items():
+        link = LinkProfile.parse(spec)
+        http = httpx.Client(transport=LinkTransport(link, seed=7), timeout=30,
+                            headers={"Authorization": f"Bearer {token}"})
+        rows: dict[str, dict[str, list[float]]] = {k: {"bytes": [], "e2e_ms": [], "transfer_ms": [], "answer_bytes": []}
+                                                   for k in ("raw", "hidden")}
+        for i, text in enumerate(texts[: samples + 3]):
+            start = time.perf_counter()
+            body = json.dumps({"texts": [text], "ids": [f"r{i}"]}).encode()
+            r = http.post(f"{edge_url}/v1/classify", content=body, headers={"Content-Type": "application/json"})
+            raw_ms = (time.perf_counter() - start) * 1e3
+            raw = (len(body), raw_ms, raw_ms - r.json()["compute_ms"], len(r.content))
+            start = time.perf_counter()
+            _, hidden = int8.mobile_stage(int8.encode([text]))
+            content = wire.encode(hidden, int8.exit_layer, int8.model_id, [f"h{i}"], plan)
+            sent = time.perf_counter()
+            r = http.post(f"{edge_url}/v1/continue", content=content, headers={"Content-Type": wire.CONTENT_TYPE})
+            done = time.perf_counter()
+            hid = (len(content), (done - start) * 1e3, (done - sent) * 1e3 - r.json()["compute_ms"], len(r.content))
+            if i < 3:
+                continue  # warm-up
+            for kind, values in (("raw", raw), ("hidden", hid)):
+                for key, v in zip(("bytes", "e2e_ms", "transfer_ms", "answer_bytes"), values, strict=True):
+                    rows[kind][key].append(v)
+        http.close()
+        out[name] = {"link": link.to_dict(), **{kind: {k: statistics.median(v) for k, v in r.items()}
+                                                for kind, r in rows.items()}}
+        out[name]["hidden_state_factor"] = out[name]["hidden"]["transfer_ms"] / out[name]["raw"]["transfer_ms"]
+        print(f"  {name}: raw {out[name]['raw']['bytes']:.0f} B, {out[name]['raw']['e2e_ms']:.1f} ms; hidden "
+              f"{out[name]['hidden']['bytes']:.0f} B, {out[name]['hidden']['e2e_ms']:.1f} ms", flush=True)
+    out["samples"] = samples
+    return out
+
+
 # ---- report ---------------------------------------------------------------------------------------------------
-def render(mobile: dict, systems: dict, fault: dict, check: dict, args, run_metrics: dict) -> str:
-    three, cloud = systems["three-tier"], systems["cloud-only"]
+def render(r: dict) -> str:
+    """The BENCHMARKS.md section body, from the results JSON alone."""
+    m, s, links, fault = r["mobile"], r["systems"], r["links"], r["fault"]
+    three, cloud = s["three-tier"], s["cloud-only"]
     shares = ", ".join(f"{k} {v / max(1, sum(three['tiers'].values())):.0%}" for k, v in three["tiers"].items())
-    fixed = next((r for r in run_metrics.get("results", []) if r["method"] == "dimec-fixed"), None)
+    int8, fp32 = m["check"]["onnx_int8"], m["check"].get("onnx_fp32")
     lines = [
-        f"Run `{args.run_dir}` (made by `make run`); test split, {args.requests} requests per round, {args.concurrency} concurrent "
-        f"clients (closed loop, one text per request), {args.rounds} rounds per system alternated; edge and cloud "
-        "are `dimec serve` subprocesses (PyTorch fp32, 1 thread each), the mobile tier runs in the client "
-        "process (onnxruntime int8, 1 thread). All on this one 2-core machine, so the mobile work competes "
-        "with the servers for the same cores.",
+        f"Run `{r['run_dir']}`, served policy `{r['router']['name']}` from its router.json: "
+        f"{r['router']['describe']}. Everything on this one machine, over loopback.",
+        "",
+        "**What a phone downloads** (`dimec export`, default): "
+        f"{m['size']['package_bytes'] / 1e6:.1f} MB on disk ({m['size']['int8_graph_bytes'] / 1e6:.1f} MB int8 "
+        f"graph: routing embedding, exit m and the hidden state after layer m from one int8 embedding table; "
+        f"router and tokenizer; target <= 20 MB: {'reached' if m['size']['package_bytes'] <= 20e6 else 'NOT reached'})"
+        f". `--full` adds the fp32 graph and PyTorch weights: {m['size']['full_package_bytes'] / 1e6:.1f} MB.",
+        "",
+        f"Against PyTorch fp32 on the test split ({m['check']['samples']} texts):",
+        "",
+        "| mobile graph | accuracy (exit m) | label agreement | routing agreement | decision agreement | "
+        "max abs logit diff |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+        f"| PyTorch fp32 | {m['check'].get('torch_accuracy', float('nan')):.4f} | 1 | 1 | 1 | 0 |",
+        f"| int8 ONNX (shipped) | {int8.get('accuracy', float('nan')):.4f} | {int8['agreement']:.4f} | "
+        f"{int8['route_agreement']:.4f} | {int8['decision_agreement']:.4f} | {int8['max_logit_diff']:.3f} |",
+    ]
+    if fp32:
+        lines.append(f"| fp32 ONNX (`--full`) | {fp32.get('accuracy', float('nan')):.4f} | {fp32['agreement']:.4f} | "
+                     f"{fp32['route_agreement']:.4f} | {fp32['decision_agreement']:.4f} | "
+                     f"{fp32['max_logit_diff']:.1e} |")
+    lat = m["latency_ms"]
+    lines += [
+        "",
+        f"Accuracy change int8 - PyTorch: {100 * m['accuracy_change']:+.2f} pt. Routing agreement: the plan the "
+        "router picks from the int8 routing embedding vs from PyTorch's; decision agreement: the plan and whether "
+        "its mobile stage answers or passes the sample on.",
+        "",
+        "| per sample, one thread, tokenisation excluded (median / p99) | ms |",
+        "| --- | ---: |",
+        f"| mobile stage, int8 ONNX (layers 1..m, exit m, hidden state) | {lat['int8']['median']:.3f} / "
+        f"{lat['int8']['p99']:.3f} |",
+        f"| mobile stage, PyTorch fp32 | {lat['torch']['median']:.3f} / {lat['torch']['p99']:.3f} |",
+        f"| routing decision as served (`MobileClient.route`) | {lat['route']['median']:.3f} / "
+        f"{lat['route']['p99']:.3f} |",
+        f"| routing embedding + `choose_plans` (what a pre-router costs) | {lat['preroute']['median']:.3f} / "
+        f"{lat['preroute']['p99']:.3f} |",
+        "",
+        f"- int8 / fp32 mobile time: {m['int8_vs_torch_time']:.2f}. The routing decision the client serves is the "
+        f"one timed (`MobileClient.route`; FastRouter's tables are not on the served path). For `{r['router']['name']}` "
+        f"({m['routing']['plans']} plan(s)): {m['routing']['path']}: **{m['routing']['share_of_mobile_stage_pct']:.1f}%** "
+        f"of the int8 mobile stage (median of per-sample ratios; target < 1%: "
+        f"{'reached' if m['routing']['share_of_mobile_stage_pct'] < 1 else 'not reached'}). A policy with a pre-router "
+        f"(hybrid, DIMEC-DC) pays the routing embedding and the router's choice: "
+        f"{m['routing']['preroute_share_pct']:.1f}% one sample per call (mostly fixed cost: one onnxruntime run and "
+        f"the router's call), {m['routing']['batched_32_preroute_share_pct']:.1f}% per sample when the client "
+        "classifies 32 texts in one call.",
+        "",
+        f"**Three-tier vs cloud-only**, same offered load: {s['settings']['requests']} single-text requests per round "
+        f"from the test split, {s['settings']['concurrency']} concurrent closed-loop clients, "
+        f"{s['settings']['rounds']} rounds per system alternated; edge and cloud are `dimec serve` subprocesses "
+        "(PyTorch fp32, 1 thread each; the edge forwards plans that go on to the cloud), the mobile stage runs in "
+        "the client process (int8, 1 thread) on the same cores.",
         "",
         "| system | throughput (req/s) | p50 (ms) | p99 (ms) | accuracy | answered on mobile/edge/cloud |",
         "| --- | ---: | ---: | ---: | ---: | --- |",
-        f"| three-tier (DIMEC fixed) | {three['throughput']:.1f} | {three['p50_ms']:.1f} | {three['p99_ms']:.1f} | "
-        f"{three['accuracy']:.4f} | {shares} |",
+        f"| three-tier (`{r['router']['name']}`) | {three['throughput']:.1f} | {three['p50_ms']:.1f} | "
+        f"{three['p99_ms']:.1f} | {three['accuracy']:.4f} | {shares} |",
         f"| cloud-only | {cloud['throughput']:.1f} | {cloud['p50_ms']:.1f} | {cloud['p99_ms']:.1f} | "
         f"{cloud['accuracy']:.4f} | cloud 100% |",
         "",
-        f"- Throughput ratio three-tier / cloud-only, median of the per-round ratios: **{systems['ratio']:.2f}x** "
-        f"(rounds {systems['ratio_range'][0]:.2f}-{systems['ratio_range'][1]:.2f}x; target >= 2x: "
-        f"{'reached' if systems['ratio'] >= 2 else 'not reached'}). Lost requests: {three['lost'] + cloud['lost']}, "
-        f"errors: {three['errors'] + cloud['errors']}. Table figures are medians over rounds.",
+        f"- Throughput ratio, median of per-round ratios: **{s['ratio']:.2f}x** (rounds {s['ratio_range'][0]:.2f}-"
+        f"{s['ratio_range'][1]:.2f}x; target >= 2x: {'reached' if s['ratio'] >= 2 else 'not reached'}) at "
+        f"{100 * (three['accuracy'] - cloud['accuracy']):+.2f} pt accuracy. Lost: {three['lost'] + cloud['lost']}, "
+        f"errors: {three['errors'] + cloud['errors']}, fallbacks: {three['fallbacks']}.",
+        "",
+        "**Hidden-state continuation vs raw offload** to the edge (exit n), one request at a time, "
+        f"{links['samples']} test texts per link (emulated in the client's transport, no loss):",
+        "",
+        "| link | path | bytes up | bytes down | transfer (ms) | end to end (ms) |",
+        "| --- | --- | ---: | ---: | ---: | ---: |",
     ]
-    if fixed:
-        _, n, l = json.loads((Path(args.run_dir) / "model" / "dimec_model.json").read_text())["exit_layers"]
-        server_share = (fixed["tier_shares"][1] * n + fixed["tier_shares"][2] * l) / l  # layers run on servers
-        lines.append(f"- The router sends {fixed['tier_shares'][0]:.0%}/{fixed['tier_shares'][1]:.0%}/"
-                     f"{fixed['tier_shares'][2]:.0%} of the test split to mobile/edge/cloud (metrics.json), so "
-                     f"the servers run {server_share:.0%} of cloud-only's layers per request (edge exit {n}, "
-                     f"cloud {l}): even with the mobile work free the gain is bounded by about "
-                     f"{1 / server_share:.2f}x, and here the mobile work shares the same two cores.")
+    for name in LINKS:
+        x = links[name]
+        lat_ms, bw = x["link"]["latency_ms"], x["link"]["bandwidth_mbit"]
+        for kind, label in (("raw", "raw text, edge runs 1..n"), ("hidden", "hidden state (fp16), mobile 1..m, edge m+1..n")):
+            lines.append(f"| {name} ({lat_ms:g} ms, {bw:g} Mbit/s) | {label} | {x[kind]['bytes']:.0f} | "
+                         f"{x[kind]['answer_bytes']:.0f} | {x[kind]['transfer_ms']:.1f} | {x[kind]['e2e_ms']:.1f} |")
     lines += [
         "",
-        "Mobile tier, one sample at a time (exit m only, tokenisation excluded; min of 3 per sample, median over "
-        "samples):",
+        "- Transfer: round trip minus the server's model time; its ratio hidden/raw is what `dimec profile` writes as "
+        "`hidden_state_factor` (here " + ", ".join(f"{n} {links[n]['hidden_state_factor']:.2f}" for n in LINKS) + ").",
         "",
-        "| mobile backend | median (ms) | p99 (ms) | accuracy (exit m) |",
-        "| --- | ---: | ---: | ---: |",
-        f"| PyTorch fp32 | {mobile['torch']['median_ms']:.2f} | {mobile['torch']['p99_ms']:.2f} | "
-        f"{mobile['torch']['accuracy']:.4f} |",
-        f"| onnxruntime int8 | {mobile['int8']['median_ms']:.2f} | {mobile['int8']['p99_ms']:.2f} | "
-        f"{mobile['int8']['accuracy']:.4f} |",
-        "",
-        f"- int8 / fp32 time: **{mobile['ratio']:.2f}** (target <= 0.5: "
-        f"{'reached' if mobile['ratio'] <= 0.5 else 'not reached'}); accuracy change "
-        f"{mobile['int8']['accuracy'] - mobile['torch']['accuracy']:+.4f}, label agreement {mobile['agreement']:.4f}.",
-        f"- Export check ({check['samples']} texts, {check['source']}): int8 agreement "
-        f"{check['onnx_int8']['agreement']:.4f}, max |logit diff| {check['onnx_int8']['max_logit_diff']:.3f}; "
-        f"fp32 ONNX max |logit diff| {check['onnx_fp32']['max_logit_diff']:.1e}; routing agreement "
-        f"{check['onnx_int8']['route_agreement']:.4f}.",
-        "",
-        f"Edge killed (SIGKILL) {fault.get('killed_s', 0):.1f} s into a run of {fault['sent']} requests "
-        f"({args.concurrency} concurrent clients, three-tier routing) and restarted at once (healthy again at "
-        f"{fault.get('back_s', 0):.1f} s; the run goes on 3 s more):",
-        "",
-        f"- sent {fault['sent']}, answered {fault['answered']}, lost **{fault['lost']}**, answered twice "
-        f"**{sum('twice' in e for e in fault['errors'])}**, explicit errors {len(fault['errors'])};",
-        f"- fallbacks counted by the client: {fault['client_stats'].get('fallbacks', 0)} (answers whose tier differs "
-        f"from the routed one: {fault['fallbacks']}), degraded (mobile exit): {fault['degraded']}, retries "
-        f"{fault['client_stats'].get('retries', 0)}; answered on mobile/edge/cloud: "
-        f"{fault['tiers']['mobile']}/{fault['tiers']['edge']}/{fault['tiers']['cloud']}, of which "
+        f"**Edge killed** (SIGKILL) {fault.get('killed_s', 0):.1f} s into a run of {fault['sent']} requests "
+        f"(router `{r['router']['name']}`) and restarted at once (healthy again at {fault.get('back_s', 0):.1f} s): "
+        f"sent {fault['sent']}, answered {fault['answered']}, lost **{fault['lost']}**, answered twice "
+        f"**{fault['answered_twice']}**; fallbacks {fault['client_stats'].get('fallbacks', 0)}, degraded "
+        f"{fault['degraded']}, retries {fault['client_stats'].get('retries', 0)}; answered on mobile/edge/cloud "
+        f"{fault['tiers']['mobile']}/{fault['tiers']['edge']}/{fault['tiers']['cloud']}, "
         f"{fault['edge_after_restart']} by the restarted edge.",
     ]
     return "\n".join(lines)
@@ -253,63 +394,74 @@ def render(mobile: dict, systems: dict, fault: dict, check: dict, args, run_metr
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir", nargs="?", default="runs/default")
-    parser.add_argument("--requests", type=int, default=600, help="requests per system and round (600: the "
-                        "whole test split of the default run)")
+    parser.add_argument("--requests", type=int, default=600, help="requests per system and round")
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--mobile-samples", type=int, default=300, help="texts timed one by one on the mobile")
+    parser.add_argument("--link-samples", type=int, default=100)
     parser.add_argument("--fault-requests", type=int, default=5000, help="cap on the fault run's requests")
-    parser.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
+    parser.add_argument("--out", default=str(RESULTS), help="results file (default benchmarks/results/serving.json)")
     args = parser.parse_args()
 
     run_dir = Path(args.run_dir)
     if not (run_dir / "model").is_dir() or not (run_dir / "router.json").is_file():
-        print(f"{run_dir} is not a trained and calibrated run. Make it with `make run` (the embedded "
-              "all-MiniLM-L6-v2 on Rotten Tomatoes, about 8 minutes on 2 cores), or give another RUN_DIR.",
+        print(f"{run_dir} is not a trained and calibrated run. Make it with `make run`, or give another RUN_DIR.",
               file=sys.stderr)
         return 2
 
+    from dimec.atomic import write_json
     from dimec.pipeline import load_run_config, task_data
+    from dimec.routing.base import load_router
+    from dimec.routing.plan import plan_text
+    from dimec.serving.export import export_packages
     from dimec.serving.local import ProcessServer
-    from dimec.serving.package import export_packages, read_manifest
 
     test = task_data(load_run_config(run_dir)).test
     texts, labels = [e.text for e in test], [e.label for e in test]
+    pairs = [e.text_pair for e in test] if test and test[0].text_pair is not None else None
+    router, _ = load_router(run_dir / "router.json")
     root = Path(tempfile.mkdtemp(prefix="dimec-bench-serving-"))
     print(f"exporting packages to {root}", flush=True)
-    packages = export_packages(run_dir, root, log=print)
-    check = read_manifest(packages["mobile"])["onnx"]["check"]
+    packages = export_packages(run_dir, root / "full", full=True, check_texts=texts[:200], log=print)
+    lean = export_packages(run_dir, root / "lean", tiers=("mobile",), check_texts=texts[:200], log=print)["mobile"]
 
-    print("mobile tier: int8 vs fp32", flush=True)
-    mobile = bench_mobile(packages["mobile"], texts, labels)
-    print(json.dumps(mobile, indent=1))
+    print("mobile deployable and routing decision", flush=True)
+    mobile = bench_mobile(run_dir, lean, packages["mobile"], texts, pairs, labels, args.mobile_samples)
+    print(json.dumps({k: v for k, v in mobile.items() if k != "check"}, indent=1, default=str))
 
     token = secrets.token_urlsafe(24)
-    servers = {tier: ProcessServer(tier, packages[tier], token, threads=1).start() for tier in ("edge", "cloud")}
+    cloud = ProcessServer("cloud", packages["cloud"], token, threads=1)
+    edge = ProcessServer("edge", packages["edge"], token, threads=1, extra_args=["--cloud-url", cloud.url])
     try:
-        for server in servers.values():
-            server.wait(180)
-        urls = {tier: s.url for tier, s in servers.items()}
+        for server in (cloud, edge):
+            server.start()
+        for server in (cloud, edge):
+            server.wait(300)
+        urls = {"edge": edge.url, "cloud": cloud.url}
+        print("hidden state vs raw text on emulated links", flush=True)
+        links = bench_links(lean, edge.url, token, texts, args.link_samples)
         print("three-tier vs cloud-only", flush=True)
-        systems = bench_systems(packages["mobile"], urls, token, texts, labels, args.requests, args.concurrency,
-                                args.rounds)
-        print(json.dumps(systems, indent=1, default=str))
+        systems = bench_systems(lean, urls, token, texts, labels, args.requests, args.concurrency, args.rounds)
         print("edge killed and restarted under load", flush=True)
-        fault = bench_edge_failure(packages["mobile"], urls, token, servers["edge"], texts, labels,
-                                   args.fault_requests, args.concurrency)
-        print(json.dumps({k: v for k, v in fault.items() if k not in ("errors", "finished")}, indent=1))
+        fault = bench_edge_failure(lean, urls, token, edge, texts, labels, args.fault_requests, args.concurrency)
     finally:
-        for server in servers.values():
+        for server in (edge, cloud):
             server.stop()
 
-    metrics_path = run_dir / "metrics.json"
-    run_metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
-    body = render(mobile, systems, fault, check, args, run_metrics)
-    print("\n" + body)
-    if not args.no_write:
-        update_section("Serving (issue 4)", body, COMMAND)
-        print("\nupdated BENCHMARKS.md")
-    ok = fault["lost"] == 0 and not any("twice" in e for e in fault["errors"])
-    return 0 if ok else 1
+    import os
+
+    data = {
+        "run_dir": str(args.run_dir),
+        "router": {"name": router.name, "describe": router.describe(), "confidence": router.confidence_,
+                   "plans": [plan_text(p) for p in router.plans_]},
+        "mobile": mobile, "systems": systems, "links": links, "fault": fault,
+    }
+    data = json.loads(json.dumps(data, default=float))
+    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+    write_json(args.out, {"title": TITLE, "command": COMMAND, "script": "bench_serving.py",
+                          "measured": {"date": date.today().isoformat(), "machine": machine}, "data": data})
+    print("\n" + render(data) + f"\n\nwrote {args.out} (render BENCHMARKS.md with `python benchmarks/report.py`)")
+    return 0 if fault["lost"] == 0 and fault["answered_twice"] == 0 else 1
 
 
 if __name__ == "__main__":

@@ -139,7 +139,7 @@ def drift_run(tmp_path_factory, tiny_encoder):
 
 @pytest.fixture(scope="module")
 def drift_packages(drift_run, tmp_path_factory):
-    from dimec.serving.package import export_packages
+    from dimec.serving.export import export_packages
 
     return export_packages(drift_run, tmp_path_factory.mktemp("drift_packages"), onnx=False)
 

@@ -20,8 +20,8 @@ from dimec.config import build_config  # noqa: E402
 from dimec.errors import ConfigError  # noqa: E402
 from dimec.serving.client import MobileClient, RemoteResult, Timeouts  # noqa: E402
 from dimec.serving.constraints import CloudBudget, Constraints, FleetPolicy, LatencyTracker  # noqa: E402
+from dimec.serving.export import export_packages  # noqa: E402
 from dimec.serving.local import ThreadServer  # noqa: E402
-from dimec.serving.package import export_packages  # noqa: E402
 from dimec.serving.server import create_app  # noqa: E402
 from dimec.serving.sources import FleetConfig, SourceTable  # noqa: E402
 from dimec.serving.tier import TierModel  # noqa: E402

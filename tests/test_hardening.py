@@ -32,8 +32,8 @@ pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
 
 from dimec.serving.client import MobileClient  # noqa: E402
+from dimec.serving.export import export_packages  # noqa: E402
 from dimec.serving.local import ThreadServer  # noqa: E402
-from dimec.serving.package import export_packages  # noqa: E402
 from dimec.serving.server import Limits, create_app  # noqa: E402
 from dimec.serving.tier import TierModel  # noqa: E402
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from dimec.errors import ArtifactError, ConfigError, ModelError
-from dimec.modeling.multi_exit import MultiExitModel, check_exit_layers, default_exit_layers
+from dimec.modeling.multi_exit import MultiExitModel, check_exit_layers, default_exit_layers, masked_mean
 
 
 @pytest.fixture()
@@ -119,3 +119,27 @@ def test_fast_router_decides_like_nearest_centroid_of_embed(model):
             assert router(s["input_ids"], s["token_type_ids"]) == nearest_centroid(e[None], centroids)[0]
     with pytest.raises(ValueError, match="max_tokens"):
         FastRouter(fast, centroids, max_tokens=3)(samples[1]["input_ids"])
+
+
+def test_continuing_from_a_hidden_state_equals_the_full_forward(model):
+    """Model-distributed paths: layers 1..m on one tier, m+1..n on the next, n+1..l on the last."""
+    inputs = _inputs(model)
+    mask = inputs["attention_mask"]
+    with torch.no_grad():
+        full = model(**inputs)
+        hidden = model.embedding_output(**inputs)  # after layer 0
+        torch.testing.assert_close(model.embed(**inputs), masked_mean(hidden, mask))
+        layer = 0
+        for index in range(3):  # exit layers (1, 2, 2): the last step runs no layer, only the exit
+            logits, hidden = model.continue_from(hidden, mask, layer, index)
+            layer = model.config.exit_layers[index]
+            torch.testing.assert_close(logits, full[index])
+        edge = model.slice(1)  # a tier holding layers 1..n continues from the mobile's hidden state
+        after_m = model.run_layers(model.embedding_output(**inputs), mask, 0, 1)
+        torch.testing.assert_close(edge.continue_from(after_m, mask, 1, 1)[0], full[1])
+    with pytest.raises(ValueError, match="below"):
+        model.continue_from(hidden, mask, 2, 0)
+    with pytest.raises(ValueError, match="holding"):
+        edge.run_layers(hidden, mask, 0, 3)
+    with pytest.raises(ValueError, match="not held"):
+        edge.continue_from(hidden, mask, 0, 2)

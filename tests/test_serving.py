@@ -18,9 +18,10 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 from dimec.errors import ArtifactError, ConfigError, DataError, TierAuthError  # noqa: E402
 from dimec.serving.client import Answer, MobileClient, RemoteResult, Timeouts  # noqa: E402
+from dimec.serving.export import export_packages  # noqa: E402
 from dimec.serving.links import LinkProfile, LinkTransport  # noqa: E402
 from dimec.serving.local import ThreadServer, free_port  # noqa: E402
-from dimec.serving.package import MANIFEST, export_packages, read_manifest, resolve_package  # noqa: E402
+from dimec.serving.package import MANIFEST, read_manifest, resolve_package  # noqa: E402
 from dimec.serving.server import Limits, create_app  # noqa: E402
 from dimec.serving.tier import TierModel  # noqa: E402
 
@@ -33,7 +34,7 @@ TEXTS = ["good movie", "the film was very boring", "a lovely plot and acting", "
 # ---- fixtures -----------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def packages(tiny_run, tmp_path_factory):
-    return export_packages(tiny_run, tmp_path_factory.mktemp("packages"), check_texts=TEXTS * 5)
+    return export_packages(tiny_run, tmp_path_factory.mktemp("packages"), full=True, check_texts=TEXTS * 5)
 
 
 @pytest.fixture(scope="module")
@@ -79,8 +80,11 @@ def test_packages_hold_only_their_tiers_layers(packages, tiny_run):
         assert config["num_hidden_layers"] == layers[index]
         assert all(len(f["sha256"]) == 64 for f in manifest["files"].values())
     mobile = read_manifest(packages["mobile"])["files"]
-    assert {"router.json", "model.onnx", "model.int8.onnx", "embed.onnx", "model/tokenizer.json"} <= set(mobile)
+    assert {"router.json", "model.onnx", "model.int8.onnx", "model/model.safetensors", "model/tokenizer.json"} <= \
+        set(mobile)  # exported with full=True
     assert "router.json" not in read_manifest(packages["edge"])["files"]
+    ids = {read_manifest(packages[t])["model_id"] for t in ("mobile", "edge", "cloud")}
+    assert len(ids) == 1 and len(ids.pop()) == 64  # one identity for every package of one export
 
 
 def test_tampered_package_is_refused(packages, tmp_path):
@@ -99,17 +103,64 @@ def test_tampered_package_is_refused(packages, tmp_path):
 
 def test_onnx_int8_agrees_with_pytorch(packages, models):
     check = read_manifest(packages["mobile"])["onnx"]["check"]
-    assert check["samples"] == len(TEXTS) * 5
-    assert check["onnx_fp32"]["agreement"] == 1.0 and check["onnx_fp32"]["max_logit_diff"] < 1e-4
-    assert check["onnx_fp32"]["route_agreement"] == 1.0
-    assert check["onnx_int8"]["agreement"] >= 0.9 and check["onnx_int8"]["max_logit_diff"] < 0.5
-    assert check["onnx_int8"]["route_agreement"] == 1.0  # routing embedding is not quantised
-    # dynamic axes: other batch sizes and lengths than the traced example
+    assert check["samples"] == len(TEXTS) * 5 and check["router"] == "auto"  # the run's calibrated policy
+    fp32, int8 = check["onnx_fp32"], check["onnx_int8"]
+    assert fp32["agreement"] == 1.0 and fp32["max_logit_diff"] < 1e-4 and fp32["max_hidden_diff"] < 1e-4
+    assert fp32["route_agreement"] == fp32["decision_agreement"] == 1.0
+    assert int8["agreement"] >= 0.9 and int8["max_logit_diff"] < 0.5
+    assert int8["route_agreement"] >= 0.9 and int8["max_hidden_diff"] < 0.1 * int8["hidden_scale"]
+    # dynamic axes: other batch sizes and lengths than the traced example; one graph gives all three outputs
+    fp32_model = TierModel(packages["mobile"], "onnx")
     for texts in (["good"], TEXTS, [" ".join(TEXTS)]):
         batch = models["mobile"].encode(texts)
         ref = models["mobile_torch"].logits(batch)
         assert np.abs(models["mobile"].logits(batch) - ref).max() < 0.5
-        assert np.allclose(models["mobile"].embed(batch), models["mobile_torch"].embed(batch), atol=1e-5)
+        assert np.allclose(fp32_model.embed(batch), models["mobile_torch"].embed(batch), atol=1e-5)
+        assert np.abs(models["mobile"].embed(batch) - models["mobile_torch"].embed(batch)).max() < 0.05
+        logits, hidden = models["mobile"].mobile_stage(batch)
+        ref_logits, ref_hidden = models["mobile_torch"].mobile_stage(batch)
+        assert np.allclose(logits, models["mobile"].logits(batch), atol=1e-5) and np.abs(logits - ref_logits).max() < 0.5
+        lengths = batch.attention_mask.sum(1)
+        assert [len(h) for h in hidden] == [len(h) for h in ref_hidden] == lengths.tolist()  # real tokens only
+        assert max(np.abs(a - b).max() for a, b in zip(hidden, ref_hidden, strict=True)) < 0.5
+
+
+def test_the_phone_downloads_one_int8_graph(tiny_run, tmp_path):
+    """Default export: the mobile package holds one int8 ONNX graph (int8 embedding table included), the
+    router and the tokenizer; no fp32 graph, no PyTorch weights. The int8 graph's word table is int8."""
+    import onnx
+
+    mobile = export_packages(tiny_run, tmp_path, tiers=("mobile",), check_texts=TEXTS)["mobile"]
+    files = set(read_manifest(mobile)["files"])
+    assert {"model.int8.onnx", "router.json", "model/dimec_model.json", "model/tokenizer.json"} <= files
+    assert not {"model.onnx", "embed.onnx", "model/model.safetensors"} & files
+    graph = onnx.load(str(mobile / "model.int8.onnx")).graph
+    assert [o.name for o in graph.output] == ["logits", "embedding", "hidden"]
+    tables = [i for i in graph.initializer if list(i.dims) == [27, 32]]  # (V, H): one copy of the word table
+    assert len(tables) == 1 and tables[0].data_type == onnx.TensorProto.INT8
+    matmuls = [i for i in graph.initializer if list(i.dims) in ([32, 32], [32, 37], [37, 32])]
+    assert matmuls and all(i.data_type == onnx.TensorProto.INT8 for i in matmuls)  # every MatMul weight
+    with pytest.raises(ArtifactError, match="--full"):
+        TierModel(mobile, "torch")
+    with pytest.raises(ArtifactError, match="--full"):
+        resolve_package(tmp_path, "mobile", "onnx")
+    assert resolve_package(tmp_path, "mobile", "onnx-int8") == mobile
+
+
+def test_resolve_package_never_exports(tiny_run, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("packages"))
+    with pytest.raises(ArtifactError, match="dimec export"):
+        resolve_package(run, "edge")
+    assert not (run / "packages").exists()
+    from dimec.serving.export import ensure_package
+
+    said = []
+    edge = ensure_package(run, "edge", log=said.append)  # exports on request, and says so
+    assert edge == run / "packages" / "edge" and "exporting it now" in said[0]
+    assert ensure_package(run, "edge", log=said.append) == edge and len(said) == 2  # found: nothing said
 
 
 def test_tier_models_match_the_multi_exit_model(models, tiny_run):
@@ -294,7 +345,7 @@ def test_three_tiers_end_to_end_match_the_pipeline(models, servers, tiny_run):
     assert all(a.exit_layer == layers[("mobile", "edge", "cloud").index(a.tier)] for a in answers)
 
 
-@pytest.mark.parametrize("routing", ["edge-only", "cloud-only", "dynamic", "fixed"])
+@pytest.mark.parametrize("routing", ["edge-only", "cloud-only", "fixed", "router"])
 def test_every_routing_answers_each_request_once(models, servers, routing):
     with client_for(models, servers, routing=routing) as client:
         answers = client.classify(TEXTS * 2)
@@ -303,6 +354,40 @@ def test_every_routing_answers_each_request_once(models, servers, routing):
     assert stats["answers"] == len(answers) and stats.get("fallbacks", 0) == 0
     if routing in ("edge-only", "cloud-only"):
         assert {a.tier for a in answers} == {routing.split("-")[0]}
+
+
+def test_dynamic_routing_moves_the_pool_means(models, servers, packages, tiny_run, tmp_path):
+    """DIMEC-DC Dynamic on the client: a DIMEC router.json served with --routing dynamic; each sample moves
+    its pool's mean (shared by the client's threads); the package's own means stay."""
+    import shutil
+
+    from dimec.pipeline import load_cartography, load_cost_model, load_run_config, split_outputs
+    from dimec.routing.base import save_router
+    from dimec.routing.dimec import DimecFixedRouter
+    from dimec.serving.package import write_manifest
+
+    cfg = load_run_config(tiny_run)
+    fixed = DimecFixedRouter.from_config(cfg.calibration).fit(
+        split_outputs(tiny_run, "validation"), load_cost_model(tiny_run), load_cartography(tiny_run, cfg.calibration))
+    mobile = tmp_path / "mobile"
+    shutil.copytree(packages["mobile"], mobile)
+    save_router(fixed, mobile / "router.json", load_cost_model(tiny_run))
+    manifest = read_manifest(mobile, verify=False)
+    manifest.pop("files")
+    write_manifest(mobile, manifest)
+    with MobileClient(mobile, servers["edge"].url, servers["cloud"].url, TOKEN, routing="dynamic") as client:
+        before = client.online.counts.copy()
+        answers = client.classify(TEXTS * 2)
+        assert client.online.counts.sum() == before.sum() + len(answers)
+        assert not client.router.prerouter_.online and client.router.prerouter_.counts.sum() == before.sum()
+    assert len({a.id for a in answers}) == 2 * len(TEXTS) and not any(a.fallback for a in answers)
+    from dimec.routing import make_router
+
+    save_router(make_router("cloud-only").fit(split_outputs(tiny_run, "validation"), load_cost_model(tiny_run)),
+                mobile / "router.json", load_cost_model(tiny_run))  # no pool means to move
+    write_manifest(mobile, manifest)
+    with pytest.raises(ConfigError, match="pool means"):
+        MobileClient(mobile, routing="dynamic")
 
 
 def test_client_rejects_bad_input(models, servers):
@@ -441,6 +526,13 @@ def test_profile_writes_the_cost_model_file(tiny_run, servers, tmp_path, package
     assert details["edge"]["throughput_mbit"] > 0 and details["mobile"]["backend"] == "onnx-int8"
     cost = CostModel.from_profile(out, (1, 2, 2))
     assert cost.o_e > 0 and cost.cloud_fee > 0
+    # the hidden state after layer m against the raw text, on the same links: bytes and time
+    for tier in ("edge", "cloud"):
+        assert details[tier]["hidden"]["request_bytes"] > details[tier]["request_bytes"]
+        assert details[tier]["hidden_state_factor"] > 0
+    assert profile["hidden_state_factor"] == pytest.approx(
+        (details["edge"]["hidden_state_factor"] + details["cloud"]["hidden_state_factor"]) / 2, abs=1e-3)
+    assert cost.hidden_state_factor == profile["hidden_state_factor"]
 
 
 def test_cli_export_and_client(tiny_run, servers, tmp_path, capsys, monkeypatch):

@@ -13,8 +13,8 @@ pytest.importorskip("fastapi")
 import httpx  # noqa: E402
 
 from dimec.serving.client import MobileClient  # noqa: E402
+from dimec.serving.export import export_packages  # noqa: E402
 from dimec.serving.local import free_port  # noqa: E402
-from dimec.serving.package import export_packages  # noqa: E402
 
 TOKEN = "ray-test-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

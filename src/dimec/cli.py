@@ -8,6 +8,7 @@ import os
 import sys
 from pathlib import Path
 
+from dimec.cli_helpers import texts_from_args
 from dimec.errors import DimecError
 
 
@@ -99,14 +100,6 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from dimec.pipeline import evaluate_stage, format_table
 
     print(format_table(evaluate_stage(Path(args.run_dir), _stage_config(args), other_costs=args.other_costs)))
-
-
-def texts_from_args(texts: list[str], file: str | None) -> list[str]:
-    """Texts given on the command line, then the non-empty lines of `file` (one text per line); both
-    checked to be valid UTF-8 (a DataError naming the text or file:line if not)."""
-    from dimec.textinput import check_args, read_lines
-
-    return check_args(texts) + (read_lines(file) if file else [])
 
 
 def cmd_settings(args: argparse.Namespace) -> None:

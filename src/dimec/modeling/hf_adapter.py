@@ -52,6 +52,15 @@ def drop_pooler(encoder: nn.Module) -> None:
         encoder.pooler = None
 
 
+def replace_word_embeddings(encoder: nn.Module, module: nn.Module) -> None:
+    """Swap the word-embedding lookup for `module` (ids (B, T) -> (B, T, H)), e.g. an int8 table for export.
+    Every BERT-family embeddings module (BERT, RoBERTa, DistilBERT, ELECTRA) calls `word_embeddings(ids)`."""
+    embeddings = getattr(encoder, "embeddings", None)
+    if not isinstance(getattr(embeddings, "word_embeddings", None), nn.Module):
+        raise ModelError(f"{type(encoder).__name__} has no embeddings.word_embeddings", "use a BERT-family encoder")
+    embeddings.word_embeddings = module
+
+
 def num_layers(encoder: nn.Module) -> int:
     return len(encoder_layers(encoder))
 

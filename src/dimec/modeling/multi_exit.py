@@ -160,6 +160,37 @@ class MultiExitModel(nn.Module):
                 logits.append(self.exits[len(logits)](hidden, attention_mask))
         return logits
 
+    # ---- model-distributed paths: run layers k+1..j from the hidden state after layer k ----------------
+    # A tier that continues another tier's work receives the hidden state after layer k (B, T, H) and the
+    # (B, T) padding mask; "after layer 0" is the embedding layer's output. Same arithmetic as `forward`.
+    def embedding_output(self, input_ids, attention_mask, token_type_ids=None) -> torch.Tensor:
+        """The hidden state after layer 0: the embedding layer's output, (B, T, H), not pooled."""
+        return hf_adapter.embed_tokens(self.encoder, input_ids, token_type_ids)
+
+    def run_layers(self, hidden: torch.Tensor, attention_mask: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """Layers start+1..stop on the hidden state after layer `start`: (B, T, H) -> (B, T, H)."""
+        layers = hf_adapter.encoder_layers(self.encoder)
+        if not 0 <= start <= stop <= len(layers):
+            raise ValueError(f"cannot run layers {start + 1}..{stop} on a model holding {len(layers)} layers")
+        if start == stop:
+            return hidden
+        mask = hf_adapter.layer_mask(self.encoder, hidden, attention_mask)
+        for layer in layers[start:stop]:
+            hidden = hf_adapter.run_layer(layer, hidden, mask)
+        return hidden
+
+    def continue_from(self, hidden: torch.Tensor, attention_mask: torch.Tensor, layer: int,
+                      exit_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """From the hidden state after `layer`, run layers layer+1..exit_layers[exit_index] and read that exit:
+        (exit logits (B, C), hidden state after the exit's layer (B, T, H))."""
+        if not 0 <= exit_index < self.config.num_exits:
+            raise ValueError(f"exit {exit_index} is not held by this model ({self.config.num_exits} exits)")
+        stop = self.config.exit_layers[exit_index]
+        if layer > stop:
+            raise ValueError(f"exit {exit_index} (layer {stop}) lies below the hidden state's layer {layer}")
+        hidden = self.run_layers(hidden, attention_mask, layer, stop)
+        return self.exits[exit_index](hidden, attention_mask), hidden
+
     def slice(self, upto: int) -> MultiExitModel:
         """A copy holding only the weights tier `upto` runs: embeddings, layers 1..exit_layers[upto],
         exits 0..upto."""

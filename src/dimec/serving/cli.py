@@ -13,7 +13,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from dimec.cli_helpers import texts_from_args
 from dimec.errors import ConfigError
+from dimec.serving.client import ROUTINGS
 from dimec.serving.fleet_cli import add_fleet_client_args, attach_fleet_commands, fleet_policy_from_args
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
@@ -42,10 +44,12 @@ SECONDS = _bounded(float, 0.001, 3600, "a time in seconds")
 
 
 def attach_serving_commands(sub) -> None:
-    p = sub.add_parser("export", help="write one package per tier (and the mobile one as ONNX fp32/int8)")
+    p = sub.add_parser("export", help="write one package per tier (the mobile one: one int8 ONNX graph)")
     p.add_argument("run_dir")
     p.add_argument("--out", help="output folder (default RUN_DIR/packages)")
-    p.add_argument("--no-onnx", action="store_true", help="skip the ONNX export of the mobile package")
+    p.add_argument("--full", action="store_true",
+                   help="also ship the mobile tier's fp32 ONNX graph and PyTorch weights (for comparisons)")
+    p.add_argument("--no-onnx", action="store_true", help="mobile package with PyTorch weights, no ONNX graph")
     p.add_argument("--texts-file", help="texts (one per line) for the ONNX check (default: validation split)")
     p.add_argument("--check-limit", type=POSITIVE_INT, default=500, help="at most this many texts for the ONNX check")
     p.set_defaults(func=cmd_export)
@@ -58,6 +62,9 @@ def attach_serving_commands(sub) -> None:
     p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
     p.add_argument("--sources", help="YAML/JSON file: tokens -> sources and priority classes, scheduling and "
                                      "allocation settings (docs/fleet.md); replaces --token")
+    p.add_argument("--cloud-url", help="edge only: the cloud tier that plans going on to the cloud are forwarded to")
+    p.add_argument("--cloud-token", help="bearer token for --cloud-url (default: this server's token)")
+    p.add_argument("--link-cloud", help="edge only: emulated edge->cloud link, e.g. 'wan' or 'latency=30'")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("serve-all", help="local three-tier demo: edge and cloud servers + the mobile client")
@@ -95,6 +102,7 @@ def _server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-body-bytes", type=POSITIVE_INT, default=1_000_000)
     p.add_argument("--max-text-chars", type=POSITIVE_INT, default=20_000)
     p.add_argument("--max-batch", type=POSITIVE_INT, default=64)
+    p.add_argument("--max-hidden-bytes", type=POSITIVE_INT, default=8_000_000, help="body limit of /v1/continue")
     p.add_argument("--log-level", default="warning", choices=LOG_LEVELS)
 
 
@@ -103,7 +111,9 @@ def _client_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--file", help="a text file, one text per line")
     p.add_argument("--backend", default="onnx-int8", choices=("onnx-int8", "onnx", "torch"),
                    help="how the mobile tier runs")
-    p.add_argument("--routing", default="fixed", choices=("fixed", "dynamic", "cloud-only", "edge-only", "mobile-only"))
+    p.add_argument("--routing", default="router", choices=ROUTINGS,
+                   help="router: the package's calibrated router.json (any servable policy; 'fixed' is its older "
+                        "name); dynamic: the same with moving pool means (DIMEC-DC Dynamic); or one tier for all")
     p.add_argument("--link-edge", help="emulated mobile->edge link, e.g. 'wifi' or 'latency=20,jitter=5,bandwidth=50'")
     p.add_argument("--link-cloud", help="emulated mobile->cloud link, e.g. '4g' or 'latency=80,loss=0.01'")
     p.add_argument("--connect-timeout", type=SECONDS, default=1.0, help="seconds")
@@ -124,23 +134,25 @@ def _links(args) -> dict:
 
 
 def _texts(args) -> list[str] | None:
-    from dimec.cli import texts_from_args  # at call time: dimec.cli imports this module to attach it
-
     return texts_from_args(args.texts, args.file) or None
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
 
 
 # ---- commands -----------------------------------------------------------------------------------------------
 def cmd_export(args) -> None:
-    from dimec.serving.package import export_packages
+    from dimec.serving.export import export_packages
     from dimec.textinput import read_lines
 
     texts = read_lines(args.texts_file) if args.texts_file else None
-    export_packages(args.run_dir, args.out, onnx=not args.no_onnx, check_texts=texts, check_limit=args.check_limit,
-                    log=print)
+    export_packages(args.run_dir, args.out, onnx=not args.no_onnx, full=args.full, check_texts=texts,
+                    check_limit=args.check_limit, log=print)
 
 
 def cmd_serve(args) -> None:
-    from dimec.serving.package import resolve_package
+    from dimec.serving.export import ensure_package
     from dimec.serving.server import Limits, create_app
     from dimec.serving.sources import SourceTable
 
@@ -156,11 +168,20 @@ def cmd_serve(args) -> None:
     if args.host not in LOOPBACK_HOSTS:
         print(f"dimec: warning: binding {args.host}: plain HTTP, put TLS in front of it beyond a trusted network",
               file=sys.stderr)
-    limits = Limits(args.max_body_bytes, args.max_text_chars, args.max_batch)
+    limits = Limits(args.max_body_bytes, args.max_text_chars, args.max_batch, args.max_hidden_bytes)
+    forward = None
+    if args.cloud_url:
+        if args.tier != "edge":
+            raise ConfigError("--cloud-url is for the edge (it forwards plans that go on to the cloud)")
+        from dimec.serving.client import HttpRemote
+        from dimec.serving.links import LinkProfile
+
+        forward = HttpRemote("cloud", args.cloud_url, args.cloud_token or token, link=LinkProfile.parse(args.link_cloud))
     port = args.port or DEFAULT_PORTS[args.tier]
     sock = bind_port(args.host, port)  # before the model loads: a taken port fails fast, and no other
     try:                               # server can take it between this check and serving
-        app = create_app(resolve_package(args.path, args.tier), args.tier, token, limits, sources=sources)
+        app = create_app(ensure_package(args.path, args.tier, log=_say), args.tier, token, limits, sources=sources,
+                         forward=forward)
         print(f"dimec {args.tier} tier on http://{_url_host(args.host)}:{port} "
               f"(exit layer {app.state.service.model.exit_layer})", flush=True)
         run_server(app, sock, args.log_level)
@@ -206,10 +227,10 @@ def _url_host(host: str) -> str:
 
 def _client(args, mobile_path, edge_url, cloud_url, token):
     from dimec.serving.client import MobileClient, Timeouts
-    from dimec.serving.package import resolve_package
+    from dimec.serving.export import ensure_package
 
     fleet = fleet_policy_from_args(args)  # constraints, budget, advice: checked first
-    package = resolve_package(mobile_path, "mobile", onnx=args.backend.startswith("onnx"))
+    package = ensure_package(mobile_path, "mobile", args.backend, log=_say)
     return MobileClient(package, edge_url, cloud_url, token, Timeouts(args.connect_timeout, args.timeout),
                         args.retries, _links(args), args.backend, args.routing, fleet=fleet)
 
@@ -239,20 +260,22 @@ def cmd_client(args) -> None:
 
 
 def cmd_serve_all(args) -> None:
+    from dimec.serving.export import ensure_package
     from dimec.serving.local import ProcessServer
-    from dimec.serving.package import resolve_package
 
     token = os.environ.get("DIMEC_TOKEN") or secrets.token_urlsafe(24)  # private to this demo
     texts = _texts(args)
-    servers = [ProcessServer(tier, resolve_package(args.run_dir, tier), token, threads=args.threads)
-               for tier in ("edge", "cloud")]
+    cloud = ProcessServer("cloud", ensure_package(args.run_dir, "cloud", log=_say), token, threads=args.threads)
+    edge = ProcessServer("edge", ensure_package(args.run_dir, "edge", log=_say), token, threads=args.threads,
+                         extra_args=["--cloud-url", cloud.url])  # the edge forwards plans going on to the cloud
+    servers = [edge, cloud]
     try:
         for server in servers:
             server.start()
         for server in servers:
             server.wait()
             print(f"{server.tier} tier up on {server.url}", file=sys.stderr)
-        with _client(args, args.run_dir, servers[0].url, servers[1].url, token) as client:
+        with _client(args, args.run_dir, edge.url, cloud.url, token) as client:
             _run_client(client, texts)
     finally:
         for server in servers:

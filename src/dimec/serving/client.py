@@ -1,9 +1,21 @@
-"""The mobile side: embed, route, answer easy samples locally, offload the rest with bounded retries.
+"""The mobile side: route each sample to a plan, run the plan's mobile stage, answer or ship the rest.
 
-Fallback order: a sample routed to the edge goes to the cloud if the edge fails, one routed to the cloud
-goes to the edge; if both fail it is answered from the mobile exit and marked `degraded`. Every sample
-gets exactly one answer (checked before returning, by request id); a tier that failed is skipped for
-`cooldown_s` so a dead tier costs one failed exchange, not one per request.
+The router (any calibrated `PlanRouter` from the package's router.json: DIMEC-DC's Fixed or Dynamic, a
+cascade, a hybrid...) picks a plan per sample from the routing embedding and the token count before any
+transformer layer runs. A plan that starts on the mobile runs layers 1..m here; the sample is answered here
+if the exit's confidence clears the stage's threshold, otherwise its hidden state after layer m goes to the
+next stage's tier (POST /v1/continue, wire.py), which runs on (and the edge may forward to the cloud). A plan
+that starts on the edge or cloud offloads the raw text with the rest of the plan (POST /v1/classify).
+
+Fallback order: work for the edge goes to the cloud if the edge fails (the cloud runs the same exits), work
+for the cloud goes to the edge (which answers at its own exit n); if both fail the sample is answered from
+the mobile exit and marked `degraded`. Every sample gets exactly one answer (checked before returning, by
+request id); a tier that failed is skipped for `cooldown_s` so a dead tier costs one failed exchange, not one
+per request; each fallback is counted.
+
+The client's `FleetPolicy` (constraints.py) sits on top: privacy (a private text, and its hidden state, goes
+only to trusted tiers), the cloud budget, deadlines, the edge's advice (a cascade's mobile threshold drops
+while the edge asks sources to keep work on the device) and 429s (the text goes to the other tier at once).
 
 A misconfiguration is not an outage: a URL that is not http(s) is a ConfigError when the client is made,
 and a tier that refuses the token (401/403) raises TierAuthError from `classify` instead of falling back.
@@ -32,13 +44,20 @@ from dimec.errors import (
     TierBusyError,
     TierUnavailableError,
 )
-from dimec.serving.constraints import Constraints, FleetPolicy
+from dimec.routing.plan import Plan, Stage, check_plan, confidence, plan_text
+from dimec.serving import wire
+from dimec.serving.constraints import ANSWERED, Constraints, FleetPolicy
 from dimec.serving.links import LinkProfile, LinkTransport
 from dimec.serving.package import ROUTER_FILE
-from dimec.serving.tier import TierModel, softmax
+from dimec.serving.tier import TierModel
 from dimec.tiers import CLOUD, EDGE, MOBILE, TIERS
 
-ROUTINGS = ("fixed", "dynamic", "cloud-only", "edge-only", "mobile-only")
+# "router": the package's calibrated router.json, whatever policy it holds ("fixed" is its older name);
+# "dynamic": the same with its pool means moving along the stream (DIMEC-DC's Algorithm 2; needs a centroid
+# pre-router: DIMEC-DC or hybrid-centroid); the rest: one tier for every sample.
+ROUTINGS = ("router", "fixed", "dynamic", "cloud-only", "edge-only", "mobile-only")
+SINGLE_TIER = {"cloud-only": CLOUD, "edge-only": EDGE, "mobile-only": MOBILE}
+MAX_HIDDEN_BYTES = 4_000_000  # per continuation request (the servers accept 8 MB by default)
 
 
 @dataclass(frozen=True)
@@ -58,33 +77,39 @@ class Answer:
     exit_layer: int
     degraded: bool = False  # both remote tiers failed: answered from the mobile exit instead
     errors: list[str] = field(default_factory=list)
+    fallback: bool = False  # a tier failed and another one (or the mobile) took over its stages
+    plan: str = ""  # the plan the router chose, e.g. "mobile@m>=0.9 -> edge@n>=0.8 -> cloud@l"
     flags: list[str] = field(default_factory=list)  # why the path changed: private, budget, deadline, advice, shed
 
-    @property
-    def fallback(self) -> bool:
-        return self.tier != self.routed
-
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "fallback": self.fallback}
+        return asdict(self)
 
 
 @dataclass
 class RemoteResult:
     probs: np.ndarray  # (N, C)
-    exit_layer: int
+    exit_layer: int  # the exit layer of the answering tier (answers without a plan)
     label_names: list[str]
     attempts: int
     meta: dict[str, Any] = field(default_factory=dict)  # the server's queue_ms, compute_ms, advice
+    # answers to a plan (continuations, or raw text with a plan): per sample, which exit of which tier answered
+    tiers: list[str] | None = None
+    exits: list[int] | None = None
+    exit_layers: list[int] | None = None
+    fallback: list[bool] | None = None  # the tier answered for the next one, which failed
+    errors: list[str] = field(default_factory=list)
 
 
 class Remote(Protocol):
-    """An offload target: HTTP here, a Ray Serve handle in ray_app.py."""
+    """An offload target: HTTP here; test doubles in the tests."""
 
     name: str
 
     def available(self) -> bool: ...
 
     def classify(self, texts: list[str], pairs: list[str] | None, ids: list[str]) -> RemoteResult: ...
+
+    # optional: `classify(..., plan=, confidence=)` and `continue_hidden(...)` for model-distributed plans
 
 
 def check_url(name: str, url: str) -> str:
@@ -120,31 +145,55 @@ class HttpRemote:
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
         self.retry_count = 0  # exchanges repeated after a failure
+        self.bytes_sent: Counter[str] = Counter()  # request bodies sent, by kind: "raw" text or "hidden" state
+        self.requests_sent: Counter[str] = Counter()
 
     def available(self) -> bool:
         return time.monotonic() >= self._down_until
 
-    def classify(self, texts: list[str], pairs: list[str] | None, ids: list[str],
-                 deadline_ms: float | None = None) -> RemoteResult:
-        if not self.available():
-            if self._busy:  # it answered 429: honour its Retry-After
-                raise TierBusyError(f"{self.name} skipped: busy (429), Retry-After not over", 0.0)
-            raise TierUnavailableError(f"{self.name} skipped: it failed less than {self.cooldown_s:g} s ago")
-        probs, exit_layer, labels, attempts, meta = [], 0, [], 0, {}
+    def classify(self, texts: list[str], pairs: list[str] | None, ids: list[str], plan: Plan | None = None,
+                 confidence: str = "max_prob", deadline_ms: float | None = None) -> RemoteResult:
+        """Raw texts to this tier; with `plan`, the rest of a plan that starts here."""
+        self._check_available()
+        parts = []
         for start in range(0, len(texts), self.max_batch):
             part = slice(start, start + self.max_batch)
             body: dict[str, Any] = {"texts": texts[part], "ids": ids[part]}
             if pairs is not None:
                 body["text_pairs"] = pairs[part]
+            if plan is not None:
+                body["plan"], body["confidence"] = wire.plan_to_json(plan), confidence
             if deadline_ms is not None:
                 body["deadline_ms"] = round(deadline_ms, 3)
-            payload, tries = self._post(body)
-            probs.append(np.asarray(payload["probs"], dtype=np.float32))
-            exit_layer, labels, attempts = int(payload["exit_layer"]), payload["label_names"], attempts + tries
-            meta = {k: payload.get(k) for k in ("queue_ms", "compute_ms", "advice", "source", "priority")}
-        return RemoteResult(np.concatenate(probs), exit_layer, labels, attempts, meta)
+            content = json.dumps(body).encode()
+            parts.append(self._post("/v1/classify", body["ids"], content, "application/json", "raw"))
+        return _merge(parts)
 
-    def _post(self, body: dict[str, Any]) -> tuple[dict[str, Any], int]:
+    def continue_hidden(self, rows: list[np.ndarray], layer: int, model_id: str, ids: list[str],
+                        plan: Plan | None = None, confidence: str = "max_prob", dtype=np.float16) -> RemoteResult:
+        """Hidden states after `layer` (one (T_i, H) array per sample) to this tier, which runs the plan on."""
+        self._check_available()
+        parts, start, row_bytes = [], 0, rows[0].shape[1] * np.dtype(dtype).itemsize  # per token
+        while start < len(rows):  # split by count and by bytes: each body stays under the servers' limit
+            stop, width = start, 0
+            while stop < len(rows) and stop - start < self.max_batch:
+                width = max(width, len(rows[stop]))
+                if stop > start and (stop + 1 - start) * width * row_bytes > MAX_HIDDEN_BYTES:
+                    break
+                stop += 1
+            content = wire.encode(rows[start:stop], layer, model_id, ids[start:stop], plan, confidence, dtype)
+            parts.append(self._post("/v1/continue", ids[start:stop], content, wire.CONTENT_TYPE, "hidden"))
+            start = stop
+        return _merge(parts)
+
+    def _check_available(self) -> None:
+        if not self.available():
+            if self._busy:  # it answered 429: honour its Retry-After
+                raise TierBusyError(f"{self.name} skipped: busy (429), Retry-After not over", 0.0)
+            raise TierUnavailableError(f"{self.name} skipped: it failed less than {self.cooldown_s:g} s ago")
+
+    def _post(self, path: str, ids: list[str], content: bytes, content_type: str,
+              kind: str) -> tuple[dict[str, Any], int]:
         error = "no attempt"
         for attempt in range(self.retries + 1):
             if attempt:
@@ -152,14 +201,17 @@ class HttpRemote:
                     self.retry_count += 1
                     pause = min(1.0, self.backoff_s * 2 ** (attempt - 1)) * (0.5 + self._rng.random())
                 time.sleep(pause)
+            with self._lock:
+                self.bytes_sent[kind] += len(content)
+                self.requests_sent[kind] += 1
             try:
-                response = self.http.post(f"{self.url}/v1/classify", json=body,
-                                          headers={"X-Request-ID": body["ids"][0]})
+                response = self.http.post(f"{self.url}{path}", content=content,
+                                          headers={"Content-Type": content_type, "X-Request-ID": ids[0]})
             except httpx.TransportError as exc:  # refused, reset, timeout, emulated loss
                 error = f"{type(exc).__name__}: {exc}"
                 continue
             if response.status_code == 200:
-                payload = self._valid(response, body)
+                payload = self._valid(response, ids)
                 if payload is not None:
                     return payload, attempt + 1
                 error = "malformed answer"
@@ -172,7 +224,7 @@ class HttpRemote:
                 retry_after = _retry_after(response)
                 self._down_until, self._busy = time.monotonic() + retry_after, True
                 raise TierBusyError(f"{self.name} at {self.url} is busy: {error}", retry_after)
-            if response.status_code in (413, 422):  # this request's fault, not the tier's: no retry, no cooldown
+            if response.status_code in (409, 413, 415, 422):  # this request's fault, not the tier's: no retry or cooldown
                 raise TierUnavailableError(f"{self.name} at {self.url} refused the request: {error}")
             if response.status_code not in self.RETRY_STATUS:
                 break  # 404 and the like: a retry will not help
@@ -180,18 +232,39 @@ class HttpRemote:
         raise TierUnavailableError(f"{self.name} at {self.url} failed after {attempt + 1} attempt(s): {error}")
 
     @staticmethod
-    def _valid(response: httpx.Response, body: dict[str, Any]) -> dict[str, Any] | None:
-        """The answer must be for exactly the ids we sent, one probability row each."""
+    def _valid(response: httpx.Response, ids: list[str]) -> dict[str, Any] | None:
+        """The answer must be for exactly the ids we sent, one probability row each (and, for a plan, one
+        tier, exit and flag each)."""
         try:
             payload = response.json()
-            ok = payload["ids"] == body["ids"] and len(payload["probs"]) == len(body["ids"]) and \
+            n = len(ids)
+            ok = payload["ids"] == ids and len(payload["probs"]) == n and \
                 all(len(p) == len(payload["label_names"]) for p in payload["probs"])
+            if "tiers" in payload:
+                ok = ok and all(len(payload[k]) == n for k in ("tiers", "exits", "exit_layers", "fallback")) and \
+                    all(t in TIERS for t in payload["tiers"])
         except (ValueError, KeyError, TypeError):
             return None
         return payload if ok else None
 
     def close(self) -> None:
         self.http.close()
+
+
+def _merge(parts: list[tuple[dict[str, Any], int]]) -> RemoteResult:
+    """One RemoteResult from the answers to consecutive parts of one batch."""
+    payloads = [p for p, _ in parts]
+    plan = "tiers" in payloads[0]
+
+    def cat(key):
+        return [x for p in payloads for x in p[key]] if plan else None
+
+    errors = sorted({e for p in payloads for e in p.get("errors", [])})
+    meta = {k: payloads[-1].get(k) for k in ("queue_ms", "compute_ms", "advice", "source", "priority")}
+    return RemoteResult(np.concatenate([np.asarray(p["probs"], dtype=np.float32) for p in payloads]),
+                        int(payloads[0].get("exit_layer", 0)), payloads[0]["label_names"],
+                        sum(tries for _, tries in parts), meta, tiers=cat("tiers"), exits=cat("exits"),
+                        exit_layers=cat("exit_layers"), fallback=cat("fallback"), errors=errors)
 
 
 def _retry_after(response: httpx.Response, default: float = 1.0) -> float:
@@ -209,20 +282,27 @@ def _error_text(response: httpx.Response) -> str:
 
 
 class MobileClient:
-    """The mobile device: its tier package (tokenizer, embeddings, layers 1..m, router) and two remotes."""
+    """The mobile device: its tier package (tokenizer, embedding layer, layers 1..m, router) and two remotes."""
 
     def __init__(self, mobile_package: str | Path | TierModel, edge_url: str | None = None,
                  cloud_url: str | None = None, token: str | None = None, timeouts: Timeouts = Timeouts(),
                  retries: int = 2, links: dict[str, LinkProfile] | None = None, backend: str = "onnx-int8",
-                 routing: str = "fixed", cooldown_s: float = 1.0, remotes: dict[str, Remote] | None = None,
-                 seed: int = 0, fleet: FleetPolicy | None = None) -> None:
+                 routing: str = "router", cooldown_s: float = 1.0, remotes: dict[str, Remote] | None = None,
+                 seed: int = 0, hidden_dtype: str = "float16", fleet: FleetPolicy | None = None) -> None:
         if routing not in ROUTINGS:
             raise ConfigError(f"unknown routing {routing!r}", f"use one of {', '.join(ROUTINGS)}")
         self.mobile = mobile_package if isinstance(mobile_package, TierModel) else TierModel(mobile_package, backend)
         if self.mobile.tier != "mobile":
             raise ConfigError(f"{self.mobile.directory} is the {self.mobile.tier} package, not the mobile one")
+        if hidden_dtype not in ("float16", "float32"):
+            raise ConfigError(f"hidden_dtype must be float16 or float32, got {hidden_dtype!r}")
+        self.hidden_dtype = np.dtype(hidden_dtype)  # of hidden states on the wire: fp16 halves the bytes
         self.routing = routing
-        self.router = self._load_router(routing)
+        self.router, self.plans, self.confidence = self._load_router(routing)
+        self.online = self._online_prerouter(routing)  # serving an online pre-router moves its means
+        if self.mobile.model_id is None and any(p[0].tier == MOBILE and len(p) > 1 for p in self.plans):
+            raise ConfigError(f"the mobile package {self.mobile.directory} has no model identity, which its "
+                              "plans need to ship hidden states", "run `dimec export RUN_DIR` again")
         links = links or {}
         self.remotes: dict[str, Remote] = dict(remotes or {})
         for name, url, offset in (("edge", edge_url, 1), ("cloud", cloud_url, 2)):
@@ -233,30 +313,48 @@ class MobileClient:
         self.counts: Counter[str] = Counter()
         self.fleet = fleet or FleetPolicy()  # constraints, budget, the edge's advice (constraints.py)
 
-    def _load_router(self, routing: str):
-        if routing not in ("fixed", "dynamic"):
-            return None
+    def _load_router(self, routing: str) -> tuple[Any, list[Plan], str]:
+        if routing in SINGLE_TIER:
+            tier = SINGLE_TIER[routing]
+            return None, [(Stage(tier, tier),)], "max_prob"
         from dimec.routing.base import load_router
-        from dimec.routing.dimec import DimecDynamicRouter
+        from dimec.routing.plan import PlanRouter
 
         router, _ = load_router(self.mobile.directory / ROUTER_FILE)
+        if not isinstance(router, PlanRouter):
+            raise ConfigError(f"router {router.name!r} in {self.mobile.directory} cannot be served (it is not a "
+                              "plan router)", "calibrate a servable policy, or use --routing cloud-only")
+        return router, list(router.plans_), router.confidence_
+
+    def _online_prerouter(self, routing: str):
+        """The pre-router whose means move with the stream (DIMEC-DC Dynamic), or None."""
+        from dimec.routing.prerouters import CentroidPreRouter
+
+        pre = getattr(self.router, "prerouter_", None)
         if routing == "dynamic":
-            router = DimecDynamicRouter.from_fixed(router)
-        return router
+            if not isinstance(pre, CentroidPreRouter):
+                raise ConfigError(f"--routing dynamic needs pool means to move (DIMEC-DC or hybrid-centroid); "
+                                  f"{self.mobile.directory} serves {self.router.describe()}", "use --routing router")
+            return CentroidPreRouter(pre.centroids.copy(), pre.counts.copy(), tuple(pre.plan_of_pool), online=True)
+        return pre if getattr(pre, "online", False) else None
 
     # ---- the one entry point --------------------------------------------------------------------------
     def classify(self, texts: list[str], pairs: list[str] | None = None, ids: list[str] | None = None,
                  constraints: Constraints | None = None) -> list[Answer]:
         call = _Call(*_check_inputs(texts, pairs, ids))
-        tiers = self._route(call)
-        tiers = self.fleet.adjust(self, call, tiers, constraints)  # privacy, budget, deadline, advice
-        local = np.flatnonzero(tiers == MOBILE)
-        if len(local):
-            self._answer_locally(call, local, routed="mobile", degraded=False, errors=[])
-        for routed in (EDGE, CLOUD):
-            rows = np.flatnonzero(tiers == routed)
-            if len(rows):
-                self._offload(call, rows, routed)
+        choice = self._route(call)
+        routed = np.array([self.plans[c][0].tier for c in choice], dtype=np.int64)
+        tiers = self.fleet.adjust(self, call, routed, constraints)  # privacy, budget, deadline, advice
+        plans = list(self.plans) + [(Stage(t, t),) for t in range(len(TIERS))]  # + one-tier plans for moved texts
+        effective = np.where(tiers == routed, choice, len(self.plans) + np.maximum(tiers, 0))
+        for p, plan in enumerate(plans):
+            rows = np.flatnonzero((effective == p) & (tiers != ANSWERED))  # ANSWERED: kept on the device by advice
+            if not len(rows):
+                continue
+            if plan[0].tier == MOBILE:
+                self._run_mobile_stage(call, rows, plan)
+            else:
+                self._offload(call, rows, plan, plan)
         answers = call.answers
         missing = [call.ids[i] for i, a in enumerate(answers) if a is None]
         if missing or len({a.id for a in answers}) != len(call.ids):  # a bug, never expected: say so loudly
@@ -271,79 +369,179 @@ class MobileClient:
                 self.counts["degraded"] += a.degraded
         return answers  # type: ignore[return-value]
 
-    def _route(self, call: _Call) -> np.ndarray:
-        if self.router is None:
-            fixed = {"cloud-only": CLOUD, "edge-only": EDGE, "mobile-only": MOBILE}[self.routing]
-            return np.full(len(call.texts), fixed, dtype=np.int64)
-        emb = self.mobile.embed(call.batch(self.mobile))  # (N, H): the embedding layer only
-        if self.routing == "dynamic":
-            with self._lock:  # the moving centroids are shared state
-                return np.array([self.router.update(e) for e in emb], dtype=np.int64)
-        return self.router.predict_tiers(emb).astype(np.int64)
+    def route(self, batch) -> np.ndarray:
+        """(N,) index into `self.plans` for a tokenised batch: the routing decision, before any layer runs
+        (the routing embedding from the package's graph, then the router). What `classify` runs."""
+        if len(self.plans) == 1 and self.online is None:  # one plan (a cascade): nothing to decide, no embedding
+            return np.zeros(len(batch), dtype=np.int64)
+        lengths = batch.attention_mask.sum(1)
+        emb = self.mobile.embed(batch)  # (N, H): the embedding layer only
+        if self.online is not None:
+            with self._lock:  # the moving means are shared state
+                return np.array([self.online.update(e) for e in emb], dtype=np.int64)
+        return np.asarray(self.router.choose_plans(emb, lengths), dtype=np.int64)
 
-    def _offload(self, call: _Call, rows: np.ndarray, routed: int) -> None:
+    def _route(self, call: _Call) -> np.ndarray:
+        if self.router is None:  # one tier for everyone: no tokens needed (a cloud-only client never tokenises)
+            return np.zeros(len(call.texts), dtype=np.int64)
+        return self.route(call.batch(self.mobile))
+
+    # ---- running a plan ----------------------------------------------------------------------------------
+    def _run_mobile_stage(self, call: _Call, rows: np.ndarray, plan: Plan) -> None:
+        """Layers 1..m and exit m here; answer the confident samples, ship the others' hidden states on."""
+        start = time.perf_counter()
+        logits, hidden = self.mobile.mobile_stage(call.batch(self.mobile).rows(rows))
+        self.fleet.observe_mobile((time.perf_counter() - start) * 1e3)
+        probs = self.mobile.exit_probs(logits, MOBILE)  # (R, C)
+        first = plan[0]
+        if first.threshold is None:
+            stop = np.ones(len(rows), bool)
+        else:
+            conf = confidence(probs, self.confidence)
+            stop = conf >= self.fleet.mobile_threshold(first.threshold, conf)  # lower under the edge's advice
+        text = plan_text(plan)
+        for j in np.flatnonzero(stop):
+            call.answers[rows[j]] = self._answer(call.ids[rows[j]], probs[j], "mobile", "mobile",
+                                                 self.mobile.exit_layer, plan=text)
+        ship = np.flatnonzero(~stop)
+        if len(ship):
+            with self._lock:
+                self.counts["escalated"] += len(ship)
+            self._ship(call, rows[ship], [hidden[j] for j in ship], plan[1:], probs[ship], plan)
+
+    def _ship(self, call: _Call, rows: np.ndarray, hidden: list[np.ndarray], stages: Plan, mobile_probs: np.ndarray,
+              plan: Plan) -> None:
+        """Send hidden states after layer m to the next stage's tier (or its substitute); else answer here."""
+        ids = [call.ids[i] for i in rows]
+        errors: list[str] = []
+        attempts = self._allowed(call, stages)
+        if not attempts:  # private: the hidden state may not leave the device either
+            for i in rows:
+                call.flags[i].append("private")
+            for j, i in enumerate(rows):
+                call.answers[i] = self._answer(call.ids[i], mobile_probs[j], "mobile", "mobile",
+                                               self.mobile.exit_layer, plan=plan_text(plan))
+            return
+        for tier, substitute in attempts:
+            target = TIERS[tier]
+            result = self._exchange(call, rows, target, errors, lambda remote, s=substitute: remote.continue_hidden(
+                hidden, self.mobile.exit_layer, self.mobile.model_id, ids, s, self.confidence, self.hidden_dtype))
+            if result is not None:
+                self._fill(call, rows, result, target, "mobile", tier != stages[0].tier, errors, plan)
+                return
+        self._answer_degraded(call, rows, mobile_probs, "mobile", errors, plan)
+
+    def _offload(self, call: _Call, rows: np.ndarray, stages: Plan, plan: Plan) -> None:
+        """Raw text to the plan's first tier (or its substitute), with the rest of the plan when it has one."""
         sub_texts = [call.texts[i] for i in rows]
         sub_pairs = None if call.pairs is None else [call.pairs[i] for i in rows]
         sub_ids = [call.ids[i] for i in rows]
         errors: list[str] = []
-        for target in self.fleet.targets(call, routed):  # the routed tier, then the other, if allowed
-            remote = self.remotes.get(target)
-            if remote is None:
-                errors.append(f"no {target} tier configured")
-                continue
-            refused, reserved = self.fleet.before_send(call, rows, target)
-            if refused:
-                errors.append(refused)
-                continue
-            start = time.perf_counter()
-            try:
-                result = remote.classify(sub_texts, sub_pairs, sub_ids, **self.fleet.remote_options(call, target, remote))
-                self._check_same_model(target, result)
-            except TierUnavailableError as exc:
-                self.fleet.after_send(call, rows, target, reserved, 0.0, error=exc)
-                errors.append(exc.message)
-                with self._lock:
-                    self.counts[f"{'shed' if isinstance(exc, TierBusyError) else 'failed'}_{target}"] += 1
-                continue
-            self.fleet.after_send(call, rows, target, reserved, (time.perf_counter() - start) * 1e3, result)
-            for j, i in enumerate(rows):
-                call.answers[i] = self._answer(call.ids[i], result.probs[j], target, TIERS[routed],
-                                               result.exit_layer, errors=list(errors))
-            return
-        self._answer_locally(call, rows, routed=TIERS[routed], degraded=True, errors=errors)
+        routed = TIERS[stages[0].tier]
+        for tier, substitute in self._allowed(call, stages):
+            target = TIERS[tier]
 
-    def _check_same_model(self, target: str, result: RemoteResult) -> None:
-        """A tier serving another model (other labels or exit layers) must not answer for this one."""
-        expected = self.mobile.exit_layers[TIERS.index(target)]
-        if list(result.label_names) != self.mobile.label_names or result.exit_layer != expected:
-            raise TierUnavailableError(
-                f"{target} serves another model (labels {result.label_names}, exit layer {result.exit_layer}; "
-                f"expected {self.mobile.label_names}, exit layer {expected}): deploy packages of one export")
+            def send(remote, s=substitute, tier=tier, target=target):
+                options = self.fleet.remote_options(call, target, remote)  # the deadline, for remotes taking one
+                if s == (Stage(tier, tier),):  # the tier's own exit: the plain request any server takes
+                    return remote.classify(sub_texts, sub_pairs, sub_ids, **options)
+                return remote.classify(sub_texts, sub_pairs, sub_ids, plan=s, confidence=self.confidence, **options)
+
+            result = self._exchange(call, rows, target, errors, send)
+            if result is not None:
+                self._fill(call, rows, result, target, routed, tier != stages[0].tier, errors, plan)
+                return
+        self._answer_degraded(call, rows, self.mobile_probs(call, rows), routed, errors, plan)
+
+    def _allowed(self, call: _Call, stages: Plan) -> list[tuple[int, Plan]]:
+        """Where the rest of a plan may run, in order, among the tiers the fleet policy allows (privacy): a
+        plan is cut before any stage on a tier it may not reach (the edge would forward it there)."""
+        allowed = set(self.fleet.targets(call, stages[0].tier))
+        out = []
+        for tier, plan in _attempts(stages):
+            kept = [s for s in plan if TIERS[s.tier] in allowed]
+            if TIERS[tier] in allowed and kept:
+                out.append((tier, (*kept[:-1], Stage(kept[-1].tier, kept[-1].exit, None))))
+        return out
+
+    def _exchange(self, call: _Call, rows: np.ndarray, target: str, errors: list[str], send) -> RemoteResult | None:
+        """One exchange with `target` under the fleet policy (budget, latency, advice, 429s); None if it failed
+        (the reason appended to `errors`)."""
+        remote = self.remotes.get(target)
+        if remote is None:
+            errors.append(f"no {target} tier configured")
+            return None
+        refused, reserved = self.fleet.before_send(call, rows, target)
+        if refused:
+            errors.append(refused)
+            return None
+        start = time.perf_counter()
+        try:
+            result = send(remote)
+            self._check_same_model(target, result, len(rows))
+        except TierUnavailableError as exc:
+            self.fleet.after_send(call, rows, target, reserved, 0.0, error=exc)
+            errors.append(exc.message)
+            with self._lock:
+                self.counts[f"{'shed' if isinstance(exc, TierBusyError) else 'failed'}_{target}"] += 1
+            return None
+        self.fleet.after_send(call, rows, target, reserved, (time.perf_counter() - start) * 1e3, result)
+        return result
+
+    def _fill(self, call: _Call, rows: np.ndarray, result: RemoteResult, target: str, routed: str,
+              substituted: bool, errors: list[str], plan: Plan) -> None:
+        n = len(rows)
+        tiers = result.tiers or [target] * n
+        layers = result.exit_layers or [result.exit_layer] * n
+        fallback = result.fallback or [False] * n
+        extra = list(errors) + list(result.errors)
+        for j, i in enumerate(rows):
+            call.answers[i] = self._answer(call.ids[i], result.probs[j], tiers[j], routed, layers[j],
+                                           errors=extra if (substituted or fallback[j]) else list(errors),
+                                           fallback=substituted or fallback[j], plan=plan_text(plan))
+
+    def _answer_degraded(self, call: _Call, rows: np.ndarray, probs: np.ndarray, routed: str, errors: list[str],
+                         plan: Plan) -> None:
+        for j, i in enumerate(rows):
+            call.answers[i] = self._answer(call.ids[i], probs[j], "mobile", routed, self.mobile.exit_layer,
+                                           degraded=True, errors=list(errors), fallback=True, plan=plan_text(plan))
 
     def mobile_probs(self, call: _Call, rows: np.ndarray) -> np.ndarray:
-        """(R, C) the mobile exit's probabilities for the chosen rows of a call."""
+        """(R, C) the mobile exit's probabilities (at its temperature) for the chosen rows of a call."""
         start = time.perf_counter()
-        probs = softmax(self.mobile.logits(call.batch(self.mobile).rows(rows)))
+        probs = self.mobile.exit_probs(self.mobile.logits(call.batch(self.mobile).rows(rows)), MOBILE)
         self.fleet.observe_mobile((time.perf_counter() - start) * 1e3)
         return probs
 
-    def _answer_locally(self, call: _Call, rows: np.ndarray, routed: str, degraded: bool,
-                        errors: list[str]) -> None:
-        probs = self.mobile_probs(call, rows)
-        for j, i in enumerate(rows):
-            call.answers[i] = self._answer(call.ids[i], probs[j], "mobile", routed, self.mobile.exit_layer,
-                                           degraded, list(errors))
+    def _check_same_model(self, target: str, result: RemoteResult, n: int) -> None:
+        """A tier serving another model (other labels or exit layers) must not answer for this one."""
+        layers = self.mobile.exit_layers
+        if result.tiers is None:
+            expected = [layers[TIERS.index(target)]] * n
+            got = [result.exit_layer] * n
+        else:
+            expected, got = [layers[e] for e in result.exits], result.exit_layers
+        if list(result.label_names) != self.mobile.label_names or list(got) != expected:
+            raise TierUnavailableError(
+                f"{target} serves another model (labels {result.label_names}, exit layers {sorted(set(got))}; "
+                f"expected {self.mobile.label_names}, exit layers {sorted(set(expected))}): deploy packages of "
+                "one export")
 
     def _answer(self, rid: str, probs: np.ndarray, tier: str, routed: str, exit_layer: int,
-                degraded: bool = False, errors: list[str] | None = None) -> Answer:
+                degraded: bool = False, errors: list[str] | None = None, fallback: bool = False,
+                plan: str = "") -> Answer:
         label_id = int(np.argmax(probs))
         return Answer(rid, self.mobile.label_names[label_id], label_id, [round(float(p), 6) for p in probs],
-                      tier, routed, exit_layer, degraded, errors or [])
+                      tier, routed, int(exit_layer), degraded, errors or [], fallback, plan)
 
     def stats(self) -> dict[str, int]:
         with self._lock:
             out = dict(self.counts)
         out["retries"] = sum(getattr(r, "retry_count", 0) for r in self.remotes.values())
+        for kind in ("raw", "hidden"):
+            out[f"bytes_sent_{kind}"] = sum(getattr(r, "bytes_sent", {}).get(kind, 0) for r in self.remotes.values())
+            out[f"requests_sent_{kind}"] = sum(getattr(r, "requests_sent", {}).get(kind, 0)
+                                               for r in self.remotes.values())
         return {**out, **self.fleet.stats()}
 
     def close(self) -> None:
@@ -356,6 +554,29 @@ class MobileClient:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _attempts(stages: Plan) -> list[tuple[int, Plan]]:
+    """Where the rest of a plan may run: its own next tier, then the other remote tier running the same stages
+    at the exits it holds (edge down: the cloud runs them; cloud down: the edge answers at exit n at most)."""
+    target = stages[0].tier
+    other = CLOUD if target == EDGE else EDGE
+    return [(target, stages), (other, substitute_tier(stages, other))]
+
+
+def substitute_tier(stages: Plan, tier: int) -> Plan:
+    """The same stages run on `tier`: exits capped at what the tier holds, repeated exits merged (the later
+    stage wins), the last stage always answering."""
+    top = 2 if tier == CLOUD else tier
+    out: list[Stage] = []
+    for s in stages:
+        stage = Stage(tier, min(s.exit, top), s.threshold)
+        if out and out[-1].exit == stage.exit:
+            out[-1] = stage
+        else:
+            out.append(stage)
+    out[-1] = Stage(tier, out[-1].exit, None)
+    return check_plan(tuple(out))
 
 
 class _Call:

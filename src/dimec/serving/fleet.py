@@ -86,19 +86,27 @@ class Fleet:
     async def classify(self, service, source: Source, body):
         """Checks (422) before queueing; the model in a worker (sources) or the request's thread (single token)."""
         texts, _ = service.check(body)
+        return await self.serve(source, len(texts), lambda: service.classify(body), getattr(body, "deadline_ms", None))
+
+    async def serve(self, source: Source, size: int, work, deadline: float | None = None):
+        """Run `work` (the model on `size` texts or hidden states, checked already) for `source`: queued in
+        sources mode, in a thread otherwise; the answer gets the queue time, the source and the advice."""
+        import numpy as np
+
         start = time.perf_counter()
-        deadline = getattr(body, "deadline_ms", None)
         if self.scheduler is None:
-            answer, queue_ms = await run_in_threadpool(service.classify, body), 0.0
+            answer, queue_ms = await run_in_threadpool(work), 0.0
         else:
-            done = await self.scheduler.run(source, len(texts), lambda: service.classify(body), deadline)
+            done = await self.scheduler.run(source, size, work, deadline)
             answer, queue_ms = done.value, done.queue_ms
         elapsed = time.perf_counter() - start
         self.metrics.requests.labels(source.name, source.priority, "answered").inc()
         self.metrics.latency.labels(source.name, source.priority).observe(elapsed)
         self.metrics.wait.labels(source.priority).observe(queue_ms / 1e3)
         if self.drift is not None:
-            self.drift.observe_confidence(self.exit_index, answer.probs)
+            exits = np.asarray(getattr(answer, "exits", None) or [self.exit_index] * len(answer.probs))
+            for k in np.unique(exits):  # a plan's samples may be answered at several exits
+                self.drift.observe_confidence(int(k), np.asarray(answer.probs)[exits == k])
         answer.queue_ms, answer.source, answer.priority = round(queue_ms, 3), source.name, source.priority
         if self.scheduler is not None and self.table.config.allocation.enabled:
             answer.advice = self.scheduler.advice(source.priority)

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from dimec.errors import DimecError
-from dimec.serving.package import resolve_package
+from dimec.serving.export import ensure_package
 from dimec.serving.server import Limits
 from dimec.tiers import TIERS
 
@@ -50,7 +50,7 @@ def start_ray(num_cpus: int | None = None, http_port: int = 8000) -> None:
 def tier_application(tier: str, package: str | Path, token: str, limits: Limits | None = None,
                      autoscaling: dict[str, Any] | None = None, num_cpus: float = 0.5,
                      edge_url: str | None = None, cloud_url: str | None = None, backend: str = "torch",
-                     routing: str = "fixed"):
+                     routing: str = "router"):
     """A bound Serve application for one tier; the app is built on each replica (a closure, not a pickled
     model)."""
     from ray import serve
@@ -65,9 +65,12 @@ def tier_application(tier: str, package: str | Path, token: str, limits: Limits 
             return create_gateway_app(client, token, limits)
     else:
         def build():
+            from dimec.serving.client import HttpRemote
             from dimec.serving.server import create_app
 
-            return create_app(package, tier, token, limits)
+            # the edge forwards plans that go on to the cloud through Serve's proxy
+            forward = HttpRemote("cloud", cloud_url, token) if tier == "edge" and cloud_url else None
+            return create_app(package, tier, token, limits, forward=forward)
 
     deployment = serve.deployment(serve.ingress(build)(), name=f"dimec-{tier}",
                                   autoscaling_config=autoscaling or AUTOSCALING[tier],
@@ -86,7 +89,7 @@ def deploy_three_tiers(path: str | Path, token: str, http_port: int = 8000, limi
     urls = {tier: f"{base}/{tier}" for tier in TIERS}
     apps = {}
     for tier in ("edge", "cloud", "mobile"):
-        package = resolve_package(path, tier, onnx=backend.startswith("onnx") and tier == "mobile")
+        package = ensure_package(path, tier, backend if tier == "mobile" else None, log=print)
         apps[tier] = tier_application(tier, package, token, limits, autoscaling[tier], num_cpus,
                                       urls["edge"], urls["cloud"], backend)
     if hasattr(serve, "run_many"):  # Ray >= 2.4x: the replicas of all tiers start side by side

@@ -1,6 +1,8 @@
 """HTTP service of the edge and cloud tiers (FastAPI; run with uvicorn, bound to 127.0.0.1 by default).
 
     POST /v1/classify   one text (or pair) or a batch -> labels, probs, tier, exit layer   (bearer token)
+                        with "plan": the rest of a routing plan that starts on this tier (continuation.py)
+    POST /v1/continue   a hidden state after layer k (safetensors body, wire.py): run the plan on from there
     POST /v1/ping       echo the body size: lets `dimec profile` measure a link's throughput (bearer token)
     GET  /healthz       liveness and what this tier serves
     GET  /metrics       Prometheus text: requests by path and status, latency histogram, samples per tier,
@@ -23,7 +25,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -34,13 +36,15 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from starlette.exceptions import HTTPException
 
 from dimec.errors import ConfigError, TierAuthError
+from dimec.serving import wire
+from dimec.serving.continuation import PlanAnswer, PlanRunner, PlanStage, request_plan
 from dimec.serving.fleet import Fleet, attach_gateway_drift
 from dimec.serving.sources import Source, SourceTable
 from dimec.serving.tier import TierModel
 from dimec.textinput import text_problem
 
 log = logging.getLogger("dimec.serving")
-KNOWN_PATHS = ("/v1/classify", "/v1/ping", "/healthz", "/metrics", "/openapi.json", "/docs")
+KNOWN_PATHS = ("/v1/classify", "/v1/continue", "/v1/ping", "/healthz", "/metrics", "/openapi.json", "/docs")
 MAX_ID_CHARS = 128
 
 
@@ -48,12 +52,17 @@ MAX_ID_CHARS = 128
 class Limits:
     max_body_bytes: int = 1_000_000
     max_text_chars: int = 20_000  # per text (or pair member)
-    max_batch: int = 64  # texts per request
+    max_batch: int = 64  # texts (or hidden states) per request
+    max_hidden_bytes: int = 8_000_000  # body of a continuation request (POST /v1/continue)
 
     MIN_BODY_BYTES = 1024  # below this no real request fits: a limit that refuses everything is a mistake
 
+    def body_limit(self, path: str) -> int:
+        return self.max_hidden_bytes if path == "/v1/continue" else self.max_body_bytes
+
     def __post_init__(self) -> None:
-        for name, low in (("max_body_bytes", self.MIN_BODY_BYTES), ("max_text_chars", 1), ("max_batch", 1)):
+        for name, low in (("max_body_bytes", self.MIN_BODY_BYTES), ("max_text_chars", 1), ("max_batch", 1),
+                          ("max_hidden_bytes", self.MIN_BODY_BYTES)):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ConfigError(f"limit {name} must be an integer >= {low}, got {value!r}",
@@ -70,6 +79,9 @@ class ClassifyRequest(BaseModel):
     text_pairs: list[str] | None = None
     ids: list[str] | None = Field(None, description="request ids, one per text, echoed in the answer")
     deadline_ms: float | None = Field(None, ge=0, description="answer within this many ms or refuse at once (429)")
+    plan: list[PlanStage] | None = Field(None, description="the rest of a routing plan, starting on this tier; "
+                                         "the answer is then a PlanAnswer (per sample: the tier and exit)")
+    confidence: Literal["max_prob", "entropy"] = Field("max_prob", description="what the plan's thresholds read")
 
     @model_validator(mode="after")
     def _one_form(self) -> ClassifyRequest:
@@ -138,6 +150,7 @@ class TierService:
                  sources: SourceTable | None = None) -> None:
         self.model, self.limits = model, limits
         self.sources = sources or SourceTable.single(token)  # one token, one source "default"
+        self.plans: PlanRunner | None = None  # set by create_app on the edge and cloud
 
     def authorize(self, authorization: str | None) -> Source:
         """`authorization`: the raw Authorization header -> the source its token maps to (constant time)."""
@@ -167,8 +180,13 @@ class TierService:
             raise RequestError(422, "'texts' is empty")
         return texts, pairs
 
-    def classify(self, request: ClassifyRequest) -> ClassifyResponse:
+    def classify(self, request: ClassifyRequest) -> ClassifyResponse | PlanAnswer:
         texts, pairs = self.check(request)
+        if request.plan is not None and self.plans is not None:  # model-distributed: the rest of a plan
+            try:
+                return self.plans.classify(texts, pairs, request.ids, request_plan(request.plan), request.confidence)
+            except wire.WireError as exc:
+                raise RequestError(exc.status, exc.message) from None
         start = time.perf_counter()
         pred = self.model.classify(texts, pairs)
         return ClassifyResponse(
@@ -180,13 +198,15 @@ class TierService:
     def health(self) -> dict[str, Any]:
         m = self.model
         return {"status": "ok", "tier": m.tier, "exit_layer": m.exit_layer, "exit_layers": list(m.exit_layers),
-                "label_names": m.label_names, "backend": m.backend}
+                "label_names": m.label_names, "backend": m.backend, "model_id": m.model_id}
 
 
 def create_app(package_dir: str | Path | None, tier: str, token: str | None, limits: Limits | None = None,
-               model: TierModel | None = None, sources: SourceTable | None = None) -> FastAPI:
+               model: TierModel | None = None, sources: SourceTable | None = None, forward=None) -> FastAPI:
     """The FastAPI app of the edge or cloud tier. `model` may be given to share a loaded TierModel;
-    `sources` (a SourceTable from a sources file) replaces the single token with sources and priorities."""
+    `sources` (a SourceTable from a sources file) replaces the single token with sources and priorities;
+    `forward` (the edge's cloud, a client.HttpRemote) receives the hidden states of plans that go on to the
+    cloud."""
     model = model or TierModel(package_dir)
     if model.tier != tier:
         raise ConfigError(f"the package at {model.directory} is the {model.tier} tier, not {tier}",
@@ -194,18 +214,44 @@ def create_app(package_dir: str | Path | None, tier: str, token: str | None, lim
     if tier == "mobile":
         raise ConfigError("the mobile tier runs in the client, not as a server", "serve edge or cloud")
     service = TierService(model, token, limits or Limits(), sources)
+    service.plans = PlanRunner(model, service.limits.max_batch, forward)
     app, metrics = _base_app(f"dimec {tier} tier", service)
     fleet = app.state.fleet = Fleet(service, app.state.registry, service.sources)  # sources, queue, metrics
     fleet.attach(app)
 
-    @app.post("/v1/classify", response_model=ClassifyResponse, dependencies=[Depends(_authorized)],
+    @app.post("/v1/classify", response_model=ClassifyResponse | PlanAnswer, dependencies=[Depends(_authorized)],
               responses=_errors(401, 413, 422, 429, 500))
-    async def classify(body: ClassifyRequest, request: Request) -> ClassifyResponse:
+    async def classify(body: ClassifyRequest, request: Request) -> ClassifyResponse | PlanAnswer:
         answer = await fleet.classify(service, request.state.source, body)
-        metrics["samples"].labels(tier).inc(len(answer.labels))
+        _count(metrics, tier, answer)
+        return answer
+
+    @app.post("/v1/continue", response_model=PlanAnswer, dependencies=[Depends(_authorized)],
+              responses=_errors(401, 409, 413, 415, 422, 429, 500),
+              openapi_extra={"requestBody": {"required": True, "content": {wire.CONTENT_TYPE: {
+                  "schema": {"type": "string", "format": "binary"}}}}})
+    async def continue_(request: Request) -> PlanAnswer:
+        """Continue from a hidden state: a safetensors body (see dimec.serving.wire) with the hidden state
+        after layer k, its attention mask, k, the model identity, request ids and the rest of the plan."""
+        kind = request.headers.get("content-type", "").split(";")[0].strip()
+        if kind not in (wire.CONTENT_TYPE, "application/octet-stream"):
+            raise RequestError(415, f"send the hidden state as {wire.CONTENT_TYPE} (got {kind or 'no type'})")
+        try:
+            state = wire.decode(await request.body())
+            service.plans.check_state(state)  # 409/422 before queueing
+        except wire.WireError as exc:
+            raise RequestError(exc.status, exc.message) from None
+        answer = await fleet.serve(request.state.source, len(state), lambda: service.plans.continue_state(state))
+        _count(metrics, tier, answer)
         return answer
 
     return app
+
+
+def _count(metrics: dict[str, Any], tier: str, answer: ClassifyResponse | PlanAnswer) -> None:
+    """Samples answered, by the tier whose exit answered (a plan's samples may be answered further up)."""
+    for t in getattr(answer, "tiers", None) or [tier] * len(answer.labels):
+        metrics["samples"].labels(t).inc()
 
 
 class GatewayAnswer(BaseModel):
@@ -243,6 +289,8 @@ _ERROR_MEANING = {
          "empty text, or over a limit",
     500: "internal error: a bug in the server, never caused by the request's content",
     429: "the edge's queue is full for this source's class, or the deadline cannot be met; see Retry-After",
+    409: "the hidden state comes from another model than this tier serves (deploy packages of one export)",
+    415: f"the body of a continuation request is not {wire.CONTENT_TYPE}",
     502: "a tier behind the gateway refuses the gateway's token (a deployment error)",
 }
 
@@ -351,10 +399,10 @@ class _Guard:
             await send(message)
 
         try:
-            body = await self._read_body(scope, receive)
+            limit = self.limits.body_limit(path)
+            body = await self._read_body(scope, receive, limit)
             if body is None:
-                await _send_json(tracked_send, 413, {
-                    "error": f"request body is over the limit of {self.limits.max_body_bytes} bytes"})
+                await _send_json(tracked_send, 413, {"error": f"request body is over the limit of {limit} bytes"})
                 return
             replayed = [False]
 
@@ -369,8 +417,7 @@ class _Guard:
             self.metrics["requests"].labels(path, str(status[0])).inc()
             self.metrics["latency"].labels(path).observe(time.perf_counter() - start)
 
-    async def _read_body(self, scope, receive) -> bytes | None:
-        limit = self.limits.max_body_bytes
+    async def _read_body(self, scope, receive, limit: int) -> bytes | None:
         for name, value in scope.get("headers", ()):
             if name == b"content-length" and value.isdigit() and int(value) > limit:
                 return None

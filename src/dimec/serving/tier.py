@@ -3,6 +3,11 @@ deployments and the mobile client all go through it, so a tier behaves the same 
 
 Backends: "torch" (any tier), "onnx" and "onnx-int8" (the mobile package, run with onnxruntime; one
 intra-op thread by default: a phone answers one user's texts, mostly one at a time).
+
+The mobile ONNX file is one graph with three outputs: the routing embedding, the mobile exit's logits and
+the hidden state after layer m. onnxruntime computes every output of a graph on each run, so the client opens
+two sessions on it, each pruned to what it needs (route: the embedding; mobile stage: logits and hidden
+state), sharing the weights in memory: the router decides before the mobile pays for its layers.
 """
 
 from __future__ import annotations
@@ -14,12 +19,18 @@ from pathlib import Path
 import numpy as np
 
 from dimec.errors import ArtifactError, ConfigError
-from dimec.serving.package import MODEL_SUBDIR, read_manifest
+from dimec.serving.package import (
+    FORMAT_VERSION,
+    MODEL_SUBDIR,
+    ONNX_FILES,
+    backend_file,
+    has_file,
+    read_manifest,
+)
 from dimec.tiers import tier_index
 
 BACKENDS = ("torch", "onnx", "onnx-int8")
-ONNX_FILES = {"onnx": "model.onnx", "onnx-int8": "model.int8.onnx"}
-EMBED_ONNX = "embed.onnx"
+MODEL_CONFIG = "dimec_model.json"  # dimec.modeling.multi_exit.MODEL_CONFIG (read here without importing torch)
 CHUNK = 32  # samples per forward pass: bounds memory and padding for big batches
 
 
@@ -74,8 +85,16 @@ class TierModel:
         self.exit_layer: int = self.exit_layers[self.tier_index]
         self.label_names: list[str] = list(self.manifest["label_names"])
         self.max_length: int = int(self.manifest["max_length"])
+        self.model_id: str | None = self.manifest.get("model_id")  # None: exported by an older dimec
         self.backend = backend
+        self.temperatures = exit_temperatures(self.directory / MODEL_SUBDIR)  # (3,)
         self._lock = threading.Lock()  # tokenizers' fast backend is not safe to share across threads
+        needed = backend_file(backend)
+        if not has_file(self.directory, needed):
+            hint = ("export with `dimec export RUN_DIR --full` for the fp32 and PyTorch copies, or use "
+                    "--backend onnx-int8") if self.tier == "mobile" else "export the package again"
+            raise ArtifactError(f"the {self.tier} package {self.directory} has no {needed} (backend {backend})",
+                                hint)
         if backend == "torch":
             from dimec.modeling.multi_exit import MultiExitModel
 
@@ -87,21 +106,34 @@ class TierModel:
             raise ArtifactError(f"package {self.directory} has no tokenizer", "export the package again")
 
     def _load_onnx(self, backend: str, threads: int) -> None:
+        import onnx
         import onnxruntime as ort
         from transformers import AutoTokenizer
 
-        path = self.directory / ONNX_FILES[backend]
-        if self.tier != "mobile" or not path.is_file():
-            raise ArtifactError(f"{self.directory} has no {path.name} (only the mobile package is exported to ONNX)",
-                                "run `dimec export RUN_DIR` (without --no-onnx), or use --backend torch")
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        # Idle pool threads would spin on cores the phone (or, here, the servers) needs for other work.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        providers = ["CPUExecutionProvider"]
-        self.session = ort.InferenceSession(str(path), options, providers=providers)
-        self.embed_session = ort.InferenceSession(str(self.directory / EMBED_ONNX), options, providers=providers)
+        if self.tier != "mobile":
+            raise ArtifactError(f"{self.directory} is the {self.tier} package; only the mobile one has ONNX graphs",
+                                "use --backend torch")
+        if self.manifest.get("format_version", 1) < FORMAT_VERSION:
+            raise ArtifactError(f"the mobile package {self.directory} was exported by an older dimec "
+                                "(no hidden-state output)", "run `dimec export RUN_DIR` again")
+        graph = onnx.load(str(self.directory / ONNX_FILES[backend]))
+        route, stage = prune(graph, ["embedding"]), prune(graph, ["logits", "hidden"])
+        # Weights both pruned graphs use (the embedding tables) are created once and handed to both sessions.
+        shared = {i.name for i in route.graph.initializer} & {i.name for i in stage.graph.initializer}
+        self._shared = {i.name: ort.OrtValue.ortvalue_from_numpy(onnx.numpy_helper.to_array(i))
+                        for i in graph.graph.initializer if i.name in shared}  # must outlive the sessions
+        sessions = []
+        for proto in (route, stage):
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+            # Idle pool threads would spin on cores the phone (or, here, the servers) needs for other work.
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            for name, value in self._shared.items():
+                options.add_initializer(name, value)
+            sessions.append(ort.InferenceSession(proto.SerializeToString(), options,
+                                                 providers=["CPUExecutionProvider"]))
+        self.embed_session, self.session = sessions
         self.input_names = {i.name for i in self.session.get_inputs()}
         self.embed_input_names = {i.name for i in self.embed_session.get_inputs()}
         self.tokenizer = AutoTokenizer.from_pretrained(self.directory / MODEL_SUBDIR)
@@ -123,12 +155,65 @@ class TierModel:
         """(N, H) routing embedding: the embedding layer's output mean-pooled over real tokens."""
         return self._chunked(batch, self._embed)
 
+    def exit_probs(self, logits: np.ndarray, exit_index: int) -> np.ndarray:
+        """(N, C) confidences of exit `exit_index`: softmax(logits / T) at that exit's fitted temperature."""
+        return softmax(logits / self.temperatures[exit_index])
+
     def classify(self, texts: list[str], pairs: list[str] | None = None) -> Prediction:
-        probs = softmax(self.logits(self.encode(texts, pairs)))
+        probs = self.exit_probs(self.logits(self.encode(texts, pairs)), self.tier_index)
         ids = probs.argmax(-1)
         return Prediction(probs, ids, [self.label_names[i] for i in ids])
 
+    def mobile_stage(self, batch: Batch) -> tuple[np.ndarray, list[np.ndarray]]:
+        """What the mobile runs for a plan that starts on it: exit m's logits (N, C) and each sample's hidden
+        state after layer m, (T_i, H) over its real tokens only (padding is never shipped)."""
+        logits = np.empty((len(batch), len(self.label_names)), dtype=np.float32)
+        hidden: list[np.ndarray] = [np.empty(0)] * len(batch)
+        order = np.argsort(batch.attention_mask.sum(1), kind="stable")
+        for start in range(0, len(order), CHUNK):
+            index = order[start : start + CHUNK]
+            part = batch.rows(index)
+            chunk_logits, chunk_hidden = self._stage(part)
+            logits[index] = chunk_logits
+            for j, i in enumerate(index):
+                hidden[i] = chunk_hidden[j, : int(part.attention_mask[j].sum())]
+        return logits, hidden
+
+    def _stage(self, batch: Batch) -> tuple[np.ndarray, np.ndarray]:
+        if self.backend == "torch":
+            import torch
+
+            with torch.inference_mode():
+                inputs = {k: torch.from_numpy(v) for k, v in batch.arrays().items()}
+                hidden = self.model.embedding_output(**inputs)
+                logits, hidden = self.model.continue_from(hidden, inputs["attention_mask"], 0, 0)
+                return logits.float().numpy(), hidden.float().numpy()
+        feed = {k: v for k, v in batch.arrays().items() if k in self.input_names}
+        logits, hidden = self.session.run(["logits", "hidden"], feed)
+        return logits, hidden
+
+    def continue_from(self, hidden: np.ndarray, mask: np.ndarray, layer: int,
+                      exit_index: int) -> tuple[np.ndarray, np.ndarray]:
+        """(B, T, H) hidden state after `layer` -> exit `exit_index`'s logits (B, C) and the hidden state after
+        its layer (B, T, H). PyTorch backend (the edge and cloud servers)."""
+        import torch
+
+        with torch.inference_mode():
+            logits, out = self.model.continue_from(torch.from_numpy(np.ascontiguousarray(hidden, np.float32)),
+                                                   torch.from_numpy(mask.astype(np.int64)), layer, exit_index)
+        return logits.float().numpy(), out.float().numpy()
+
+    def start(self, batch: Batch) -> np.ndarray:
+        """(N, T, H) the hidden state after layer 0 (the embedding layer's output), PyTorch backend."""
+        import torch
+
+        with torch.inference_mode():
+            inputs = {k: torch.from_numpy(v) for k, v in batch.arrays().items()}
+            return self.model.embedding_output(**inputs).float().numpy()
+
     def _chunked(self, batch: Batch, fn) -> np.ndarray:
+        if len(batch) == 1:  # one sample (a phone's usual call): no sorting or regrouping to pay for
+            return fn(batch)
         order = np.argsort(batch.attention_mask.sum(1), kind="stable")  # similar lengths share a pass
         out = None
         for start in range(0, len(order), CHUNK):
@@ -158,3 +243,43 @@ class TierModel:
                 return self.model.embed(**inputs).float().numpy()
         feed = {k: v for k, v in batch.arrays().items() if k in self.embed_input_names}
         return self.embed_session.run(["embedding"], feed)[0]
+
+
+def exit_temperatures(model_dir: Path) -> np.ndarray:
+    """(3,) each exit's fitted temperature from dimec_model.json ("temperatures", written by training once
+    temperatures are fitted); 1.0 each (the raw softmax) for a model without them."""
+    import json
+
+    try:
+        raw = json.loads((model_dir / MODEL_CONFIG).read_text()).get("temperatures")
+    except (OSError, ValueError) as exc:
+        raise ArtifactError(f"{model_dir / MODEL_CONFIG} is missing or damaged ({exc})",
+                            "export the package again") from None
+    temperatures = np.ones(3) if raw is None else np.asarray(raw, dtype=np.float64).reshape(3)
+    if not (temperatures > 0).all():
+        raise ArtifactError(f"{model_dir / MODEL_CONFIG} has invalid temperatures {raw}", "export the package again")
+    return temperatures
+
+
+def prune(model, outputs: list[str]):
+    """A copy of an ONNX model keeping only the nodes, inputs and weights that `outputs` depend on."""
+    import onnx
+
+    graph = model.graph
+    producer = {out: node for node in graph.node for out in node.output}
+    needed, stack, keep = set(), list(outputs), set()
+    while stack:
+        name = stack.pop()
+        if name in needed:
+            continue
+        needed.add(name)
+        node = producer.get(name)
+        if node is not None and id(node) not in keep:
+            keep.add(id(node))
+            stack.extend(i for i in node.input if i)
+    pruned = onnx.helper.make_graph(
+        [n for n in graph.node if id(n) in keep], graph.name,
+        [i for i in graph.input if i.name in needed], [o for o in graph.output if o.name in outputs],
+        [i for i in graph.initializer if i.name in needed])
+    copy = onnx.helper.make_model(pruned, opset_imports=model.opset_import, ir_version=model.ir_version)
+    return copy

@@ -1,0 +1,207 @@
+"""Model-distributed paths on the edge and cloud: run the rest of a plan from a hidden state (or from raw text).
+
+A tier receives either a hidden state after layer k (POST /v1/continue, wire.py) or raw text with the rest of
+a plan (POST /v1/classify with "plan"). It runs the plan's stages that are on this tier, in order: layers up
+to the stage's exit, then the exit; a sample stops at the first stage whose confidence (softmax at the exit's
+temperature, read as the plan says: max_prob or entropy) clears its threshold, and the last stage always
+answers. If the plan goes on to a higher tier (edge -> cloud), the edge forwards the hidden state of the
+samples still open to the cloud as a continuation request; if the cloud cannot be reached, the edge answers
+them at its own last exit, marked `fallback` with the error (nothing is lost).
+
+Refused with a clear 4xx (the server stays up): another model's state (409), a hidden size, length, batch or
+k this tier cannot continue from, or a plan whose next stage is not on this tier (422).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from dimec.routing.plan import Plan, Stage, confidence, plan_text
+from dimec.serving import wire
+from dimec.serving.tier import TierModel
+from dimec.serving.wire import HiddenState, WireError
+from dimec.tiers import CLOUD, TIERS
+
+
+class PlanStage(BaseModel):
+    """One stage of a plan in the HTTP API: run up to `exit` on `tier`; answer if confidence >= threshold."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    tier: Literal["mobile", "edge", "cloud"]
+    exit: int = Field(ge=0, le=2, description="0: exit after layer m, 1: after n, 2: after l")
+    threshold: float | None = Field(None, description="null on the last stage: it always answers")
+
+
+class PlanAnswer(BaseModel):
+    """The answer to a request that carried a plan: per sample, which tier's exit answered."""
+
+    tier: str = Field(description="the tier that received the request")
+    label_names: list[str]
+    ids: list[str] | None
+    labels: list[str]
+    label_ids: list[int]
+    probs: list[list[float]]
+    tiers: list[str] = Field(description="per sample: the tier whose exit answered")
+    exits: list[int] = Field(description="per sample: the exit that answered (0: m, 1: n, 2: l)")
+    exit_layers: list[int] = Field(description="per sample: the layer of the exit that answered")
+    fallback: list[bool] = Field(description="per sample: answered by this tier because the next one failed")
+    errors: list[str] = Field(description="why a fallback happened (empty when none did)")
+    compute_ms: float = Field(description="model time on this server")
+    forward_ms: float = Field(0.0, description="time spent forwarding hidden states to the next tier")
+    queue_ms: float | None = Field(None, description="time waiting for the model (sources mode)")
+    source: str | None = Field(None, description="the source the token maps to")
+    priority: str | None = Field(None, description="the source's priority class")
+    advice: dict[str, Any] | None = Field(None, description="PA-MDI allocation advice (docs/fleet.md)")
+
+
+class PlanRunner:
+    """Runs plans on one tier (PyTorch backend); `forward` is the next tier's remote (the edge's cloud)."""
+
+    def __init__(self, model: TierModel, max_batch: int = 64, forward=None) -> None:
+        self.model, self.max_batch, self.forward = model, max_batch, forward
+        self.hidden_size: int | None = None  # learned from the first state this tier computes itself
+
+    # ---- checks ------------------------------------------------------------------------------------------
+    def own_plan(self) -> Plan:
+        m = self.model
+        return (Stage(m.tier_index, m.tier_index),)
+
+    def check_plan(self, plan: Plan, layer: int) -> Plan:
+        """The plan's first stage must run here; exits at or above `layer`; this tier holds layers 1..L."""
+        m = self.model
+        if plan[0].tier != m.tier_index:
+            raise WireError(422, f"the plan's next stage runs on the {TIERS[plan[0].tier]}, not on this "
+                                 f"{m.tier}: {plan_text(plan)}")
+        held = m.exit_layers[m.tier_index]
+        if not 0 <= layer <= held:
+            raise WireError(422, f"cannot continue from layer {layer}: the {m.tier} holds layers 1..{held}")
+        first = m.exit_layers[plan[0].exit]
+        if layer > first:
+            raise WireError(422, f"the hidden state is after layer {layer}, above the plan's first exit (layer "
+                                 f"{first}): {plan_text(plan)}")
+        if any(s.tier not in (m.tier_index, CLOUD) for s in plan):
+            raise WireError(422, f"this {m.tier} can run or forward only {m.tier} and cloud stages: "
+                                 f"{plan_text(plan)}")
+        return plan
+
+    def check_state(self, state: HiddenState) -> Plan:
+        m = self.model
+        if m.model_id is None:
+            raise WireError(409, f"this {m.tier} package was exported without a model identity; export it again "
+                                 "to accept hidden states")
+        if state.model_id != m.model_id:
+            raise WireError(409, f"the hidden state is from model {state.model_id[:16]}..., this {m.tier} serves "
+                                 f"{m.model_id[:16]}...: deploy packages of one export")
+        batch, width, size = state.hidden.shape
+        if batch > self.max_batch:
+            raise WireError(422, f"batch of {batch} hidden states is over the limit of {self.max_batch}")
+        if width > m.max_length:
+            raise WireError(422, f"{width} tokens per row is over the model's maximum length {m.max_length}")
+        expected = self._hidden_size()
+        if size != expected:
+            raise WireError(422, f"hidden size {size} does not match the model's {expected}")
+        return self.check_plan(state.plan or self.own_plan(), state.layer)
+
+    def _hidden_size(self) -> int:
+        if self.hidden_size is None:
+            self.hidden_size = int(self.model.start(self.model.encode(["a"])).shape[-1])
+        return self.hidden_size
+
+    # ---- entry points ------------------------------------------------------------------------------------------
+    def continue_state(self, state: HiddenState) -> PlanAnswer:
+        plan = self.check_state(state)
+        hidden = state.hidden.astype(np.float32)
+        return self._run(hidden, state.attention_mask, state.layer, plan, state.confidence, state.ids,
+                         state.hidden.dtype)
+
+    def classify(self, texts: list[str], pairs: list[str] | None, ids: list[str] | None, plan: Plan,
+                 kind: str) -> PlanAnswer:
+        """Raw text with the rest of a plan: embed here, then run the plan from layer 0."""
+        plan = self.check_plan(plan, 0)
+        start = time.perf_counter()
+        batch = self.model.encode(texts, pairs)
+        hidden = self.model.start(batch)
+        spent = (time.perf_counter() - start) * 1e3
+        answer = self._run(hidden, batch.attention_mask, 0, plan, kind, ids)
+        answer.compute_ms += spent
+        return answer
+
+    # ---- the stages ----------------------------------------------------------------------------------------------
+    def _run(self, hidden: np.ndarray, mask: np.ndarray, layer: int, plan: Plan, kind: str,
+             ids: list[str] | None, dtype=np.float16) -> PlanAnswer:
+        """`dtype`: of hidden states forwarded on (the precision the request came in; fp16 for raw text)."""
+        m = self.model
+        n = len(hidden)
+        probs = np.zeros((n, len(m.label_names)))
+        exit_index = np.zeros(n, dtype=np.int64)
+        answered_on = np.full(n, m.tier_index)
+        fallback = np.zeros(n, dtype=bool)
+        errors: list[str] = []
+        open_rows = np.arange(n)
+        here = [s for s in plan if s.tier == m.tier_index]
+        rest = plan[len(here):]
+        start = time.perf_counter()
+        for stage in here:
+            logits, hidden = m.continue_from(hidden, mask[open_rows], layer, stage.exit)
+            layer = m.exit_layers[stage.exit]
+            p = m.exit_probs(logits, stage.exit)  # (open, C)
+            probs[open_rows], exit_index[open_rows] = p, stage.exit  # the answer if the sample stops here
+            if stage.threshold is None:  # the plan's last stage (check_plan): everyone still open answers
+                open_rows = open_rows[:0]
+                break
+            stop = confidence(p, kind) >= stage.threshold
+            hidden, open_rows = hidden[~stop], open_rows[~stop]
+            if not len(open_rows):
+                break
+        compute_ms = (time.perf_counter() - start) * 1e3
+        forward_ms = 0.0
+        if len(open_rows) and rest:
+            start = time.perf_counter()
+            error = self._forward(hidden, mask[open_rows], layer, rest, kind, open_rows, ids, probs, exit_index,
+                                  answered_on, dtype)
+            forward_ms = (time.perf_counter() - start) * 1e3
+            if error:
+                fallback[open_rows] = True  # answered here, at the last exit this tier ran
+                errors.append(error)
+        label_ids = probs.argmax(-1)
+        return PlanAnswer(
+            tier=m.tier, label_names=m.label_names, ids=ids, labels=[m.label_names[i] for i in label_ids],
+            label_ids=label_ids.tolist(), probs=probs.round(6).tolist(), tiers=[TIERS[t] for t in answered_on],
+            exits=exit_index.tolist(), exit_layers=[m.exit_layers[e] for e in exit_index], fallback=fallback.tolist(), errors=errors,
+            compute_ms=compute_ms, forward_ms=forward_ms)
+
+    def _forward(self, hidden, mask, layer, rest: Plan, kind, rows, ids, probs, exit_index, answered_on,
+                 dtype) -> str | None:
+        """Ship the open rows' hidden state to the next tier; fill their answers. Returns an error or None."""
+        from dimec.errors import TierUnavailableError
+
+        if self.forward is None:
+            return f"no {TIERS[rest[0].tier]} tier configured on this {self.model.tier} (dimec serve --cloud-url)"
+        sub_ids = [ids[i] for i in rows] if ids else [f"row-{i}" for i in rows]
+        trimmed = [h[: int(k.sum())] for h, k in zip(hidden, mask, strict=True)]  # real tokens only
+        try:
+            result = self.forward.continue_hidden(trimmed, layer, self.model.model_id, sub_ids, rest, kind, dtype)
+        except TierUnavailableError as exc:
+            return exc.message
+        if list(result.label_names) != self.model.label_names:
+            return f"the {self.forward.name} serves another model (labels {result.label_names})"
+        probs[rows] = result.probs
+        exit_index[rows] = result.exits
+        answered_on[rows] = [TIERS.index(t) for t in result.tiers]
+        return None
+
+
+def request_plan(raw: list[Any] | None) -> Plan | None:
+    """The plan of a /v1/classify body (a list of PlanStage) as stages; a bad plan is a WireError(422)."""
+    from dimec.errors import ConfigError
+
+    if raw is None:
+        return None
+    try:
+        return wire.plan_from_json([s.model_dump() if hasattr(s, "model_dump") else s for s in raw])
+    except ConfigError as exc:
+        raise WireError(422, f"'plan': {exc.message}") from None
