@@ -140,7 +140,7 @@ def load_router(path: str | Path) -> tuple[Router, dict[str, Any]]:
     try:
         router = make_router(raw["router"], **raw["params"])
         router.load_state(raw["state"])
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
         raise ArtifactError(f"{path} is damaged ({type(exc).__name__}: {exc})",
                             "run `dimec calibrate RUN_DIR` again") from None
     return router, raw
