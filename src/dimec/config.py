@@ -56,6 +56,11 @@ class TrainConfig:
     weight_decay: float = 0.01
     warmup_ratio: float = 0.06
     exit_loss_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)  # paper: L_m + L_e + L_c
+    exit_loss_weighting: str = "uniform"  # or "depth": exit_loss_weights scaled by exit layer / l (deeper: more)
+    distill_weight: float = 0.0  # self-distillation share of an earlier exit's loss, in [0, 1]; 0: off (paper)
+    distill_temperature: float = 2.0  # softening temperature of the KL term (> 0)
+    distill_teacher: str = "last"  # "last": the cloud exit teaches every earlier exit; "next": the next deeper one
+    train_dynamics_samples: int | None = None  # training-split dynamics: None all rows, 0 off, N a stratified sample
     freeze_word_embeddings: bool = False  # skip the big (V, H) embedding update: ~2x faster on CPU
     length_bucketing: bool = True
     bucket_size_multiplier: int = 50  # batches per sorted bucket

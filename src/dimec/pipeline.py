@@ -17,20 +17,22 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dimec.atomic import write_json
 from dimec.config import CalibrationConfig, CostConfig, RunConfig
 from dimec.costs import CostModel
 from dimec.data import Example, TaskData, load_task
 from dimec.errors import ArtifactError, ConfigError, DataError
 from dimec.evaluation import MethodResult, evaluate_router
-from dimec.modeling.multi_exit import MODEL_CONFIG, MultiExitModel
+from dimec.modeling.multi_exit import MultiExitConfig, MultiExitModel
 from dimec.outputs import ExitOutputs
 from dimec.routing import make_router
 from dimec.routing.dimec import DimecFixedRouter
 from dimec.rundir import CONFIG, MODEL_DIR, SPLITS, RunDir
 from dimec.tiers import POOLS, TIERS
 from dimec.training.batching import encode
-from dimec.training.cartography import Cartography, plot_data_map, read_dynamics
-from dimec.training.trainer import TrainResult, predict_exit_outputs, seed_everything, train
+from dimec.training.cartography import Cartography, dynamics_sample, plot_data_map, read_dynamics
+from dimec.training.loss import loss_setting_problems
+from dimec.training.trainer import TrainResult, new_model, predict_exit_outputs, train
 
 
 # ---- run directory -------------------------------------------------------------------------------------
@@ -65,23 +67,24 @@ def task_data(cfg: RunConfig) -> TaskData:
 # ---- stages --------------------------------------------------------------------------------------------
 def train_stage(cfg: RunConfig, run_dir: Path) -> TrainResult:
     run_dir = Path(run_dir)
-    data = task_data(cfg)  # data and model are checked before anything is written to run_dir
-    seed_everything(cfg.train.seed)  # before the exit heads are initialised: same config, same run
-    model = MultiExitModel.from_encoder(
-        cfg.model.name_or_path, data.label_names, cfg.model.exit_layers, cfg.model.exit_pooling,
-        cfg.model.classifier_dropout, task=data.name, metric=data.metric, max_length=cfg.data.max_length,
-    )
+    data = task_data(cfg)  # data, settings and model are checked before anything is written to run_dir
+    problems = loss_setting_problems(cfg.train)
+    if problems:
+        raise ConfigError("; ".join(problems), "fix the train settings (docs/method.md, Training)")
+    dynamics_rows = dynamics_sample(np.array([e.label for e in data.train]), cfg.train.train_dynamics_samples,
+                                    cfg.train.seed)
+    config = MultiExitConfig(**asdict(cfg.model), label_names=data.label_names, task=data.name,
+                             metric=data.metric, max_length=cfg.data.max_length)
+    model = new_model(config, cfg.train.seed)
     prepare_run_dir(cfg, run_dir)
-    RunDir(run_dir).data.write_text(json.dumps({
+    write_json(RunDir(run_dir).data, {
         "task": data.name, "label_names": data.label_names, "metric": data.metric,
         "sizes": {s: len(getattr(data, s)) for s in SPLITS},
-    }, indent=2) + "\n")
-    if cfg.train.freeze_word_embeddings:
-        model.encoder.embeddings.word_embeddings.weight.requires_grad_(False)
+    })
     train_enc = encode(model.tokenizer, data.train, cfg.data.max_length)
     val_enc = encode(model.tokenizer, data.validation, cfg.data.max_length)
-    result = train(model, train_enc, val_enc, cfg.train, run_dir)
-    RunDir(run_dir).train_result.write_text(json.dumps(asdict(result), indent=2) + "\n")
+    result = train(model, train_enc, val_enc, cfg.train, run_dir, dynamics_rows)
+    write_json(RunDir(run_dir).train_result, asdict(result))
     return result
 
 
@@ -91,13 +94,21 @@ def load_model(run_dir: Path) -> MultiExitModel:
     return MultiExitModel.from_pretrained(RunDir(run_dir).model)
 
 
+def load_model_config(run_dir: Path) -> MultiExitConfig:
+    """The trained model's configuration (exit layers, labels, temperatures), without its weights."""
+    if not RunDir(run_dir).model.is_dir():
+        raise ArtifactError(f"{run_dir} has no trained model ({MODEL_DIR}/)", "run `dimec train` on it first")
+    return MultiExitConfig.load(RunDir(run_dir).model)
+
+
 def split_outputs(run_dir: Path, split: str) -> ExitOutputs:
     """Each exit's outputs on a split, computed once with the kept model and cached."""
     run_dir = Path(run_dir)
     cache = RunDir(run_dir).outputs(split)
+    temperatures = load_model_config(run_dir).exit_temperatures(str(RunDir(run_dir).model))
     if cache.is_file():
-        try:
-            return ExitOutputs.load(cache)
+        try:  # logits are cached: a cache read at other temperatures only needs the model's
+            return ExitOutputs.load(cache).with_temperatures(temperatures)
         except ArtifactError as exc:  # damaged or outdated: it is only a cache, compute it again
             print(f"dimec: {exc.message}; recomputing it", flush=True)
     cfg = load_run_config(run_dir)
@@ -105,6 +116,7 @@ def split_outputs(run_dir: Path, split: str) -> ExitOutputs:
     examples: list[Example] = getattr(task_data(cfg), split)
     outputs = predict_exit_outputs(model, encode(model.tokenizer, examples, cfg.data.max_length),
                                    cfg.train.eval_batch_size, progress=cfg.train.progress)
+    outputs = outputs.with_temperatures(temperatures)
     outputs.save(cache)
     return outputs
 
@@ -116,11 +128,7 @@ def load_cartography(run_dir: Path, cfg: CalibrationConfig) -> Cartography:
 
 def load_cost_model(run_dir: Path, cost_cfg: CostConfig | None = None) -> CostModel:
     cfg = load_run_config(run_dir)
-    model_dir = RunDir(run_dir).model
-    model_cfg = json.loads((model_dir / MODEL_CONFIG).read_text()) if model_dir.is_dir() else None
-    if model_cfg is None:
-        raise ArtifactError(f"{run_dir} has no trained model", "run `dimec train` on it first")
-    return CostModel.from_config(cost_cfg or cfg.cost, tuple(model_cfg["exit_layers"]))
+    return CostModel.from_config(cost_cfg or cfg.cost, tuple(load_model_config(run_dir).exit_layers))
 
 
 def calibrate_stage(run_dir: Path, cfg: RunConfig | None = None) -> dict:
@@ -212,7 +220,8 @@ def route_texts(run_dir: Path, texts: list[str], pairs: list[str] | None = None,
         inputs = {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
         emb = model.embed(**inputs).numpy()  # (1, H)
         tier = router.update(emb[0]) if mode == "dynamic" else int(router.predict_tiers(emb)[0])
-        probs = model(**inputs, upto=tier)[-1].softmax(-1)[0]  # only layers 1..exit_layers[tier]
+        temperature = float(model.config.exit_temperatures(str(RunDir(run_dir).model))[tier])
+        probs = (model(**inputs, upto=tier)[-1] / temperature).softmax(-1)[0]  # only layers 1..exit_layers[tier]
         label = int(probs.argmax())
         answers.append({"text": text, "tier": TIERS[tier],
                         "label": model.config.label_names[label], "confidence": round(float(probs[label]), 4)})

@@ -24,7 +24,7 @@ import numpy as np
 from dimec.errors import ConfigError, DataError, DimecError, TierUnavailableError
 from dimec.serving.links import LinkProfile, LinkTransport
 from dimec.serving.package import ROUTER_FILE
-from dimec.serving.tier import TierModel, softmax
+from dimec.serving.tier import TierModel
 from dimec.tiers import CLOUD, EDGE, MOBILE, TIERS
 
 ROUTINGS = ("fixed", "dynamic", "cloud-only", "edge-only", "mobile-only")
@@ -268,7 +268,7 @@ class MobileClient:
 
     def _answer_locally(self, call: _Call, rows: np.ndarray, routed: str, degraded: bool,
                         errors: list[str]) -> None:
-        probs = softmax(self.mobile.logits(call.batch(self.mobile).rows(rows)))
+        probs = self.mobile.probs(call.batch(self.mobile).rows(rows))  # at the exit's temperature
         for j, i in enumerate(rows):
             call.answers[i] = self._answer(call.ids[i], probs[j], "mobile", routed, self.mobile.exit_layer,
                                            degraded, list(errors))

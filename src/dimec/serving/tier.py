@@ -51,7 +51,7 @@ class Batch:
 
 @dataclass
 class Prediction:
-    probs: np.ndarray  # (N, C) softmax of this tier's exit
+    probs: np.ndarray  # (N, C) softmax(logits / T) of this tier's exit
     label_ids: np.ndarray  # (N,)
     labels: list[str]
 
@@ -85,6 +85,12 @@ class TierModel:
             self._load_onnx(backend, onnx_threads)
         if self.tokenizer is None:
             raise ArtifactError(f"package {self.directory} has no tokenizer", "export the package again")
+        # Confidences at this exit's fitted temperature (issue 9), read from the package's dimec_model.json
+        # for every backend: the ONNX graphs output raw logits, and TierModel applies it to them.
+        from dimec.modeling.multi_exit import MultiExitConfig
+
+        model_dir = self.directory / MODEL_SUBDIR
+        self.temperature = float(MultiExitConfig.load(model_dir).exit_temperatures(str(model_dir))[self.tier_index])
 
     def _load_onnx(self, backend: str, threads: int) -> None:
         import onnxruntime as ort
@@ -123,8 +129,12 @@ class TierModel:
         """(N, H) routing embedding: the embedding layer's output mean-pooled over real tokens."""
         return self._chunked(batch, self._embed)
 
+    def probs(self, batch: Batch) -> np.ndarray:
+        """(N, C) calibrated confidences: softmax(logits / T) at this tier's exit."""
+        return softmax(self.logits(batch) / self.temperature)
+
     def classify(self, texts: list[str], pairs: list[str] | None = None) -> Prediction:
-        probs = softmax(self.logits(self.encode(texts, pairs)))
+        probs = self.probs(self.encode(texts, pairs))
         ids = probs.argmax(-1)
         return Prediction(probs, ids, [self.label_names[i] for i in ids])
 
