@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from dimec.config import RunConfig
-from dimec.config import load_run_config as config_from_file
 from dimec.errors import ArtifactError, ConfigError
 from dimec.experiments import METHODS, MULTIPLIERS, TASKS
 
@@ -44,8 +43,37 @@ class TaskRun:
     reused: bool
 
 
-def task_config(base_cfg: RunConfig, task: str) -> RunConfig:
-    return replace(base_cfg, data=replace(base_cfg.data, task=task))
+def task_config(base_cfg: RunConfig, task: str, task_settings: dict | None = None) -> RunConfig:
+    """The base settings for `task`, then the task's own settings over them (the `tasks:` section of the
+    config file, e.g. {"train": {"learning_rate": 2e-4}}: docs/method.md says how they were chosen)."""
+    cfg = replace(base_cfg, data=replace(base_cfg.data, task=task))
+    own = (task_settings or {}).get(task)
+    if not own:
+        return cfg
+    raw = cfg.to_dict()
+    for section, values in own.items():
+        if not isinstance(values, dict):
+            raise ConfigError(f"tasks.{task}.{section} must be a mapping of settings, got {values!r}")
+        raw[section] = {**raw.get(section, {}), **values}
+    return RunConfig.from_dict(raw)
+
+
+def load_reproduce_config(path: str | None, overrides: list[str]) -> tuple[RunConfig, dict]:
+    """The base RunConfig (file, then --set overrides) and the per-task settings of the file's `tasks:`
+    section, each task's checked now, before anything trains."""
+    from dimec.config import apply_overrides, read_config_file
+
+    raw = read_config_file(path) if path else {}
+    task_settings = raw.pop("tasks", None) or {}
+    if not isinstance(task_settings, dict):
+        raise ConfigError(f"the tasks section of {path} must map task names to settings")
+    unknown = sorted(set(task_settings) - set(TASKS))
+    if unknown:
+        raise ConfigError(f"settings for unknown task(s) {', '.join(unknown)} in {path}", f"known: {', '.join(TASKS)}")
+    cfg = RunConfig.from_dict(apply_overrides(raw, overrides))
+    for task in task_settings:
+        task_config(cfg, task, task_settings)  # raises on a bad key or value
+    return cfg, task_settings
 
 
 def _same_training(old: RunConfig, new: RunConfig) -> bool:
@@ -56,11 +84,11 @@ def _same_training(old: RunConfig, new: RunConfig) -> bool:
     return json.dumps(key(old), default=list) == json.dumps(key(new), default=list)
 
 
-def prepare_task(task: str, base_cfg: RunConfig, out_dir: Path) -> TaskRun:
+def prepare_task(task: str, base_cfg: RunConfig, out_dir: Path, task_settings: dict | None = None) -> TaskRun:
     from dimec.pipeline import load_cartography, load_cost_model, load_run_config, split_outputs, train_stage
     from dimec.rundir import RunDir
 
-    cfg = task_config(base_cfg, task)
+    cfg = task_config(base_cfg, task, task_settings)
     run_dir = Path(out_dir) / "runs" / task
     reused = RunDir(run_dir).train_result.is_file() and _same_training(load_run_config(run_dir), cfg)
     if not reused:
@@ -77,7 +105,7 @@ def prepare_task(task: str, base_cfg: RunConfig, out_dir: Path) -> TaskRun:
 
 def reproduce(tasks: Sequence[str], base_cfg: RunConfig, out_dir: str | Path, seeds: Sequence[int] = (0, 1, 2),
               methods: Sequence[str] | None = None, multipliers: Sequence[float] = MULTIPLIERS,
-              meta: dict | None = None, tsne_points: int = 1500) -> dict:
+              meta: dict | None = None, tsne_points: int = 1500, task_settings: dict | None = None) -> dict:
     """Table I + ablations + plots for `tasks`; returns {"tables", "ablations", "index"}."""
     from dimec.experiments import plots
     from dimec.experiments.ablations import run_ablations, write_ablations
@@ -97,11 +125,12 @@ def reproduce(tasks: Sequence[str], base_cfg: RunConfig, out_dir: str | Path, se
     plot_dir.mkdir(parents=True, exist_ok=True)
     tables, ablation_rows, task_files, pool_shares, device_acc = {}, [], {}, {}, {}
     for task in tasks:
-        tr = prepare_task(task, base_cfg, out_dir)
+        tr = prepare_task(task, base_cfg, out_dir, task_settings)
         cal, cm = tr.cfg.calibration, tr.cost_model
         compared = compare_methods(tr.val, tr.test, cm, tr.carto, tr.metric, cal, methods, tuple(seeds))
         tables[task] = {"metric": tr.metric, "test_size": len(tr.test), "sizes": tr.sizes,
                         "run_dir": str(tr.run_dir), "reused_run": tr.reused, "cost_model": cm.to_dict(),
+                        "training": training_settings(tr.cfg), "exit_calibration": exit_calibration(tr.test),
                         "rows": task_rows(task, tr.metric, compared, cm.cloud_only)}
         ablations = run_ablations(task, tr.val, tr.test, tr.carto, tr.metric, tr.cfg.cost, cal,
                                   lambda c, run_dir=tr.run_dir: load_cost_model(run_dir, c), multipliers)
@@ -111,7 +140,8 @@ def reproduce(tasks: Sequence[str], base_cfg: RunConfig, out_dir: str | Path, se
         task_files[task] = task_plots(tr, fixed.pools_, compared, ablations, plot_dir, tsne_points)
     meta = {**(meta or {}), "tasks": list(tasks), "seeds": list(seeds), "methods": methods,
             "cost": asdict(base_cfg.cost), "model": base_cfg.model.name_or_path, "epochs": base_cfg.train.epochs,
-            "max_train_samples (training split cap)": base_cfg.data.max_train_samples}
+            "max_train_samples (training split cap)": base_cfg.data.max_train_samples,
+            "per-task settings (over the base; docs/method.md)": task_settings or {}}
     table_paths = write_table(tables, meta, out_dir)
     ablation_paths = write_ablations(ablation_rows, out_dir)
     for path, figure in ((plot_dir / "pool_proportions.png", plots.plot_pool_proportions),
@@ -119,6 +149,23 @@ def reproduce(tasks: Sequence[str], base_cfg: RunConfig, out_dir: str | Path, se
         figure(pool_shares if "pool" in path.name else device_acc, path)
     index = write_index(out_dir, meta, tables, table_paths, ablation_paths, task_files)
     return {"tables": tables, "ablations": ablation_rows, "index": index}
+
+
+def training_settings(cfg: RunConfig) -> dict:
+    """What a task was trained with, where tasks may differ (recorded in table_I.json)."""
+    t = cfg.train
+    return {"learning_rate": t.learning_rate, "epochs": t.epochs, "max_length": cfg.data.max_length,
+            "distill_weight": t.distill_weight, "distill_temperature": t.distill_temperature,
+            "distill_teacher": t.distill_teacher, "exit_loss_weights": list(t.exit_loss_weights),
+            "exit_loss_weighting": t.exit_loss_weighting}
+
+
+def exit_calibration(test: ExitOutputs) -> dict:
+    """Each exit's temperature and its test-split ECE (15 bins) before (T = 1) and after temperature scaling."""
+    from dimec.training.temperature import calibration_report
+
+    report = calibration_report(test, test.temperatures)
+    return {k: report[k] for k in ("temperatures", "ece_before", "ece_after", "samples", "bins")} | {"split": "test"}
 
 
 def task_plots(tr: TaskRun, pools: np.ndarray, compared: list[dict], ablations: list[dict], plot_dir: Path,
@@ -131,8 +178,11 @@ def task_plots(tr: TaskRun, pools: np.ndarray, compared: list[dict], ablations: 
 
     t = tr.task
     files = {"data map": plot_dir / f"{t}_data_map.png", "t-SNE of the pools": plot_dir / f"{t}_tsne_pools.png",
-             "accuracy vs cost": plot_dir / f"{t}_pareto.png", "cost ablations": plot_dir / f"{t}_ablations.png"}
+             "accuracy vs cost": plot_dir / f"{t}_pareto.png", "cost ablations": plot_dir / f"{t}_ablations.png",
+             "reliability": plot_dir / f"{t}_reliability.png"}
     plots.plot_ablation(ablations, files["cost ablations"], f"{t}: DIMEC-DC under scaled costs (Fig. 5)")
+    plots.plot_reliability(tr.test, files["reliability"],
+                           f"{t}: exit reliability on {len(tr.test)} test samples, before / after temperature scaling")
     cal = tr.cfg.calibration
     plot_data_map(tr.carto, files["data map"], cal.cartography_exit,
                   title=f"{t}: data map at the {cal.cartography_exit} exit ({len(tr.val)} validation samples)")
@@ -162,16 +212,31 @@ def write_index(out_dir: Path, meta: dict, tables: dict, table_paths: dict, abla
               f"[JSON]({rel(ablation_paths['json'])}))", "",
               "## Figures", "", "![pool proportions (Fig. 3)](plots/pool_proportions.png)", "",
               "![accuracy of each device alone (Fig. 4a)](plots/device_accuracy.png)", ""]
+    lines += calibration_table(tables)
     for task, files in task_files.items():
         t = tables[task]
         lines += [f"### {task}", "",
                   f"Run `{rel(Path(t['run_dir']))}` ({'reused' if t['reused_run'] else 'trained'}); samples "
-                  + ", ".join(f"{k} {v}" for k, v in t["sizes"].items()) + f"; metric {t['metric']}.", ""]
+                  + ", ".join(f"{k} {v}" for k, v in t["sizes"].items()) + f"; metric {t['metric']}; trained with "
+                  + ", ".join(f"{k} {v}" for k, v in t["training"].items()) + ".", ""]
         lines += [f"- [{name}]({rel(p)})" for name, p in files.items()] + [""]
         lines += [f"![{name}]({rel(p)})" for name, p in files.items() if p.suffix == ".png"] + [""]
     path = out_dir / "index.md"
     path.write_text("\n".join(lines))
     return path
+
+
+def calibration_table(tables: dict) -> list[str]:
+    """Markdown: per task, each exit's temperature and test ECE before -> after temperature scaling."""
+    lines = ["## Exit calibration (test split, ECE with 15 bins)", "",
+             "Temperatures fitted on validation (NLL) at the end of training; ECE before (T = 1) -> after.", "",
+             "| task | T mobile / edge / cloud | ECE mobile | ECE edge | ECE cloud |", "|---|---|---:|---:|---:|"]
+    for task, t in tables.items():
+        c = t["exit_calibration"]
+        lines.append(f"| {task} | " + " / ".join(f"{x:.2f}" for x in c["temperatures"]) + " | "
+                     + " | ".join(f"{b:.3f} -> {a:.3f}" for b, a in zip(c["ece_before"], c["ece_after"], strict=True))
+                     + " |")
+    return lines + [""]
 
 
 # ---- command line -----------------------------------------------------------------------------------------
@@ -185,7 +250,8 @@ def add_reproduce_arguments(parser: argparse.ArgumentParser) -> argparse.Argumen
     parser.add_argument("--methods", default=None, help=f"comma list (default all: {','.join(METHODS)})")
     parser.add_argument("--multipliers", default=",".join(f"{m:g}" for m in MULTIPLIERS),
                         help="cost multipliers for the ablations (comma list)")
-    parser.add_argument("--config", help="YAML/JSON base config (its data.task is replaced per task)")
+    parser.add_argument("--config", help="YAML/JSON base config (its data.task is replaced per task; an optional "
+                        "tasks: section holds per-task settings, which win over the base and over --set/--epochs)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override one setting, e.g. --set cost.offload_cloud=4 (repeatable)")
     return parser
@@ -208,13 +274,13 @@ def with_train_cap(cfg: RunConfig, max_train_samples: int) -> RunConfig:
 
 def main_reproduce(args: argparse.Namespace) -> None:
     overrides = list(args.overrides) + ([f"train.epochs={args.epochs}"] if args.epochs is not None else [])
-    cfg = config_from_file(args.config, overrides)
+    cfg, task_settings = load_reproduce_config(args.config, overrides)
     meta = {}
     if args.max_train_samples is not None:
         cfg = with_train_cap(cfg, args.max_train_samples)
     result = reproduce(_items(args.tasks, str, "tasks"), cfg, Path(args.out), _items(args.seeds, int, "seeds"),
                        _items(args.methods, str, "methods") if args.methods else None,
-                       _items(args.multipliers, float, "multipliers"), meta)
+                       _items(args.multipliers, float, "multipliers"), meta, task_settings=task_settings)
     summary = (Path(args.out) / "table_I.md").read_text().split("## All tasks")[-1]
     print(f"## All tasks{summary}")
     print(f"wrote {result['index']}")

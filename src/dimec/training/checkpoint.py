@@ -65,8 +65,8 @@ def save_checkpoint(directory: Path, model: torch.nn.Module, optimizer: torch.op
     meta = {"state": asdict(state), "files": files, "steps": steps, "param_groups": opt_state["param_groups"],
             "scheduler": {"last_epoch": scheduler.last_epoch}}
     write_json(directory / STATE, meta)  # the commit
-    for stale in directory.glob("*.safetensors"):
-        if stale.name not in files.values():
+    for stale in directory.iterdir():  # older epochs' files, and temporary files a kill left behind
+        if stale.is_file() and stale.name not in (STATE, *files.values()):
             stale.unlink(missing_ok=True)
 
 
