@@ -30,6 +30,7 @@ from report import update_section  # noqa: E402
 from dimec.config import RunConfig, apply_overrides  # noqa: E402
 from dimec.experiments.reproduce import _same_training, load_reproduce_config, task_config, with_train_cap  # noqa: E402
 from dimec.metrics import compute_metrics  # noqa: E402
+from dimec.modeling.multi_exit import MultiExitConfig  # noqa: E402
 from dimec.pipeline import load_run_config, split_outputs, train_stage  # noqa: E402
 from dimec.rundir import RunDir  # noqa: E402
 from dimec.tiers import TIERS  # noqa: E402
@@ -124,7 +125,8 @@ def render(doc: dict) -> str:
     lines = [f"Command: `{meta['command']}`  ",
              f"Base: `{meta['config']}` (with its per-task settings), training split capped at "
              f"{meta['max_train_samples']} rows, {meta['epochs']} epochs; self-distillation variant: "
-             f"{', '.join(meta['distill'])}. all-MiniLM-L6-v2, exits after layers 2/3/6. Peak memory "
+             f"{', '.join(meta['distill'])}. Model {meta['model']}, exits after layers "
+             f"{'/'.join(str(x) for x in meta['exit_layers'])}. Peak memory "
              f"{meta['peak_mib']:.0f} MiB; wall time of this invocation {meta['wall_minutes']:.1f} min"
              + (f" (runs reused: {meta['reused']})" if meta["reused"] else "") + ".", ""]
     for split in ("test", "validation"):
@@ -199,7 +201,9 @@ def main() -> None:
             "max_train_samples": args.max_train_samples, "epochs": args.epochs, "distill": distill,
             "task_settings": task_settings, "reused": ", ".join(reused),
             "wall_minutes": (time.perf_counter() - t0) / 60,
-            "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "tiers": list(TIERS)}
+            "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "tiers": list(TIERS),
+            "model": "all-MiniLM-L6-v2" if base.model.name_or_path == "default" else base.model.name_or_path,
+            "exit_layers": list(MultiExitConfig.load(Path(tasks[task]["off"]["run_dir"]) / "model").exit_layers)}
     doc = {"meta": meta, "tasks": tasks, "summary": summarise(tasks)}
     Path(args.results).parent.mkdir(parents=True, exist_ok=True)
     Path(args.results).write_text(json.dumps(doc, indent=2, allow_nan=False) + "\n")

@@ -353,3 +353,25 @@ def test_a_damaged_state_file_is_one_clear_error(uninterrupted, tmp_path, capsys
     (run / "checkpoint" / "state.json").write_text('{"state": {"epo')
     with pytest.raises(ArtifactError, match="state.json is damaged"):
         train_stage(cfg, run)
+
+
+def test_a_run_of_an_older_version_is_completed_without_retraining(uninterrupted, tmp_path):
+    """Older layout: checkpoint/model.safetensors + optimizer.safetensors, no log in state.json, no temperatures.
+    Training it again with the same settings trains nothing and only fits the temperatures."""
+    cfg, reference = uninterrupted
+    run = tmp_path / "older"
+    shutil.copytree(reference, run)
+    ckpt = run / "checkpoint"
+    (ckpt / "model-epoch_002.safetensors").rename(ckpt / "model.safetensors")
+    (ckpt / "optimizer-epoch_002.safetensors").rename(ckpt / "optimizer.safetensors")
+    meta = json.loads((ckpt / "state.json").read_text())
+    del meta["files"], meta["state"]["log"]
+    (ckpt / "state.json").write_text(json.dumps(meta))
+    raw = json.loads((run / "model" / MODEL_CONFIG).read_text())
+    raw.pop("temperatures")
+    (run / "model" / MODEL_CONFIG).write_text(json.dumps(raw))
+    log_before = (run / "train_log.jsonl").read_text()
+    result = train_stage(cfg, run)
+    assert result.epochs_run == 2 and (run / "train_log.jsonl").read_text() == log_before
+    assert MultiExitConfig.load(run / "model").temperatures == pytest.approx(
+        MultiExitConfig.load(reference / "model").temperatures)

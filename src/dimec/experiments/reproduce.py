@@ -84,13 +84,26 @@ def _same_training(old: RunConfig, new: RunConfig) -> bool:
     return json.dumps(key(old), default=list) == json.dumps(key(new), default=list)
 
 
+def _calibrated(run_dir: Path) -> bool:
+    """Whether the run's model has fitted exit temperatures (a run trained before them goes through
+    train_stage again, which resumes after its last epoch and only fits them)."""
+    from dimec.modeling.multi_exit import MultiExitConfig
+    from dimec.rundir import RunDir
+
+    try:
+        return MultiExitConfig.load(RunDir(run_dir).model).temperatures is not None
+    except ArtifactError:
+        return False
+
+
 def prepare_task(task: str, base_cfg: RunConfig, out_dir: Path, task_settings: dict | None = None) -> TaskRun:
     from dimec.pipeline import load_cartography, load_cost_model, load_run_config, split_outputs, train_stage
     from dimec.rundir import RunDir
 
     cfg = task_config(base_cfg, task, task_settings)
     run_dir = Path(out_dir) / "runs" / task
-    reused = RunDir(run_dir).train_result.is_file() and _same_training(load_run_config(run_dir), cfg)
+    reused = RunDir(run_dir).train_result.is_file() and _same_training(load_run_config(run_dir), cfg) \
+        and _calibrated(run_dir)
     if not reused:
         train_stage(cfg, run_dir)  # resumes a half-finished run; refuses one with other settings
     val, test = split_outputs(run_dir, "validation"), split_outputs(run_dir, "test")

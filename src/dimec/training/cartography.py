@@ -136,8 +136,10 @@ class Cartography:
         return self.confidence[:, k], self.variability[:, k]
 
 
-def plot_data_map(carto: Cartography, path: Path, exit_name: str = "mobile", title: str = "") -> None:
-    """Variability vs confidence, coloured by correctness (the paper's Fig. 1)."""
+def plot_data_map(carto: Cartography, path: Path, exit_name: str = "mobile", title: str = "",
+                  split: str = "validation") -> None:
+    """Variability vs confidence, coloured by correctness (the paper's Fig. 1), for the dynamics of either
+    split (`Cartography.from_dynamics(*read_dynamics(run_dir, split))`)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -150,7 +152,7 @@ def plot_data_map(carto: Cartography, path: Path, exit_name: str = "mobile", tit
     fig.colorbar(sc, ax=ax, label="correctness (fraction of epochs right)")
     ax.set_xlabel("variability (variance of true-label probability across epochs)")
     ax.set_ylabel("confidence (mean true-label probability)")
-    ax.set_title(title or f"Data map at the {exit_name} exit ({len(conf)} validation samples)")
+    ax.set_title(title or f"Data map at the {exit_name} exit ({len(conf)} {split} samples)")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
