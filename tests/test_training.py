@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from dimec.cli import main
 from dimec.config import TrainConfig
 from dimec.errors import ArtifactError, ConfigError
-from dimec.metrics import expected_calibration_error, reliability_bins
+from dimec.metrics import ece_noise_floor, expected_calibration_error, reliability_bins
 from dimec.modeling.multi_exit import MODEL_CONFIG, MultiExitConfig, MultiExitModel
 from dimec.outputs import ExitOutputs, softmax
 from dimec.pipeline import split_outputs, task_data, train_stage
@@ -185,6 +185,16 @@ def test_ece_by_hand():
     b = reliability_bins(probs, labels)
     assert b["count"].sum() == 4 and b["count"][13] == 1 and len(b["edges"]) == 16
     assert expected_calibration_error(np.array([[1.0, 0.0]] * 5), np.zeros(5)) == 0.0
+
+
+def test_ece_noise_floor_is_what_a_calibrated_exit_shows():
+    rng = np.random.default_rng(1)
+    conf = rng.uniform(0.5, 1.0, 400)
+    probs = np.stack([conf, 1 - conf], 1)
+    floor = ece_noise_floor(probs)
+    labels = np.where(rng.random(400) < conf, 0, 1)  # calibrated by construction
+    assert 0.01 < floor < 0.1 and abs(expected_calibration_error(probs, labels) - floor) < 0.04
+    assert ece_noise_floor(np.tile(probs, (25, 1))) < floor / 3  # shrinks like 1/sqrt(N)
 
 
 def test_temperature_scaling_recovers_a_known_temperature():
