@@ -25,7 +25,7 @@ from dimec.training import checkpoint as checkpoint_module
 from dimec.training import trainer
 from dimec.training.batching import encode
 from dimec.training.cartography import dynamics_rows, dynamics_sample, read_dynamics
-from dimec.training.loss import exit_weights, joint_loss, loss_setting_problems
+from dimec.training.loss import exit_weights, joint_loss, train_setting_problems
 from dimec.training.temperature import calibration_report, fit_temperature, fit_temperatures
 
 
@@ -82,9 +82,10 @@ def test_depth_weighting_weighs_deeper_exits_more():
     ({"distill_teacher": "first"}, "distill_teacher"),
     ({"exit_loss_weighting": "log"}, "exit_loss_weighting"),
     ({"select_metric": "f1"}, "select_metric"),
+    ({"train_dynamics_pass": "both"}, "train_dynamics_pass"),
 ])
 def test_bad_loss_settings_are_named(setting, message):
-    problems = loss_setting_problems(TrainConfig(**setting))
+    problems = train_setting_problems(TrainConfig(**setting))
     assert len(problems) == 1 and message in problems[0]
 
 
@@ -148,7 +149,8 @@ def test_dynamics_sample_is_stratified_seeded_and_checked():
 
 
 def test_training_split_dynamics_point_into_the_training_split(tmp_path, tiny_encoder, tiny_task_csv):
-    cfg = tiny_run_config(tiny_encoder, tiny_task_csv, epochs=1, train_dynamics_samples=40)
+    cfg = tiny_run_config(tiny_encoder, tiny_task_csv, epochs=1, train_dynamics_samples=40,
+                          train_dynamics_pass="evaluation")
     run = tmp_path / "run"
     train_stage(cfg, run)
     data = task_data(cfg)
@@ -163,6 +165,31 @@ def test_training_split_dynamics_point_into_the_training_split(tmp_path, tiny_en
     out = trainer.predict_exit_outputs(model, enc)
     np.testing.assert_allclose(probs[0], out.probs[np.arange(40), :, out.labels], atol=1e-5)
     np.testing.assert_array_equal(correct[0], out.correct)
+
+
+def test_training_pass_dynamics_are_read_off_the_training_batches(tmp_path, tiny_encoder, tiny_task_csv,
+                                                                  monkeypatch):
+    seen: dict[int, tuple[np.ndarray, int]] = {}  # row -> (its logits (3, C) in the last epoch, label)
+    real = trainer.TrainingPassDynamics.record
+
+    def record(self, index, logits, labels):
+        z = torch.stack(logits, 1).detach().numpy()  # (B, 3, C)
+        for j, i in enumerate(index):
+            seen[int(i)] = (z[j], int(labels[j]))
+        real(self, index, logits, labels)
+
+    monkeypatch.setattr(trainer.TrainingPassDynamics, "record", record)
+    cfg = tiny_run_config(tiny_encoder, tiny_task_csv, epochs=2, train_dynamics_samples=30)
+    run = tmp_path / "run"
+    train_stage(cfg, run)
+    rows = dynamics_rows(run, "train")
+    probs, correct = read_dynamics(run, "train")
+    assert probs.shape == (2, 30, 3) and len(rows) == 30
+    for r, (p, c) in zip(rows, zip(probs[-1], correct[-1], strict=True), strict=True):
+        z, y = seen[int(r)]
+        np.testing.assert_allclose(p, softmax(z.astype(np.float64))[:, y], atol=1e-5)
+        np.testing.assert_array_equal(c, z.argmax(-1) == y)
+    assert not np.allclose(probs[0], probs[1])  # each epoch its own
 
 
 def test_training_split_dynamics_default_all_rows_and_off(tiny_run, tmp_path, tiny_encoder, tiny_task_csv):

@@ -61,6 +61,7 @@ class TrainConfig:
     distill_temperature: float = 2.0  # softening temperature of the KL term (> 0)
     distill_teacher: str = "last"  # "last": the cloud exit teaches every earlier exit; "next": the next deeper one
     train_dynamics_samples: int | None = None  # training-split dynamics: None all rows, 0 off, N a stratified sample
+    train_dynamics_pass: str = "training"  # "training": read off each row's training forward pass; "evaluation": a pass after the epoch
     freeze_word_embeddings: bool = False  # skip the big (V, H) embedding update: ~2x faster on CPU
     length_bucketing: bool = True
     bucket_size_multiplier: int = 50  # batches per sorted bucket

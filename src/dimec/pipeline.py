@@ -31,7 +31,7 @@ from dimec.rundir import CONFIG, MODEL_DIR, SPLITS, RunDir
 from dimec.tiers import POOLS, TIERS
 from dimec.training.batching import encode
 from dimec.training.cartography import Cartography, dynamics_sample, plot_data_map, read_dynamics
-from dimec.training.loss import loss_setting_problems
+from dimec.training.loss import train_setting_problems
 from dimec.training.trainer import TrainResult, new_model, predict_exit_outputs, train
 
 
@@ -68,7 +68,7 @@ def task_data(cfg: RunConfig) -> TaskData:
 def train_stage(cfg: RunConfig, run_dir: Path) -> TrainResult:
     run_dir = Path(run_dir)
     data = task_data(cfg)  # data, settings and model are checked before anything is written to run_dir
-    problems = loss_setting_problems(cfg.train)
+    problems = train_setting_problems(cfg.train)
     if problems:
         raise ConfigError("; ".join(problems), "fix the train settings (docs/method.md, Training)")
     dynamics_rows = dynamics_sample(np.array([e.label for e in data.train]), cfg.train.train_dynamics_samples,

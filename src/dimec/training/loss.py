@@ -1,4 +1,4 @@
-"""The training objective of the three exits, in one function, and the checks of its settings.
+"""The training objective of the three exits, in one function, and the checks of the training settings.
 
     L = sum_k w_k * [ (1 - a_k) * CE(z_k, y) + a_k * tau^2 * KL( softmax(t_k / tau) || softmax(z_k / tau) ) ]
 
@@ -27,10 +27,12 @@ from dimec.errors import ConfigError
 WEIGHTINGS = ("uniform", "depth")
 TEACHERS = ("last", "next")
 SELECT_METRICS = ("mean_exit_accuracy", "cloud_accuracy")
+DYNAMICS_PASSES = ("training", "evaluation")
 
 
-def loss_setting_problems(cfg: TrainConfig) -> list[str]:
-    """One message per bad loss setting (empty when all are fine)."""
+def train_setting_problems(cfg: TrainConfig) -> list[str]:
+    """One message per bad loss, selection or dynamics setting (empty when all are fine). The training-split
+    sample size is checked against the split by `cartography.dynamics_sample`."""
     problems = []
     if not (math.isfinite(cfg.distill_weight) and 0.0 <= cfg.distill_weight <= 1.0):
         problems.append(f"train.distill_weight must be in [0, 1] (0: no self-distillation), got {cfg.distill_weight}")
@@ -46,6 +48,9 @@ def loss_setting_problems(cfg: TrainConfig) -> list[str]:
         problems.append(f"train.exit_loss_weights must be three non-negative weights, not all 0, got {list(w)}")
     if cfg.select_metric not in SELECT_METRICS:
         problems.append(f"train.select_metric must be one of {', '.join(SELECT_METRICS)}, got {cfg.select_metric!r}")
+    if cfg.train_dynamics_pass not in DYNAMICS_PASSES:
+        problems.append(f"train.train_dynamics_pass must be one of {', '.join(DYNAMICS_PASSES)}, "
+                        f"got {cfg.train_dynamics_pass!r}")
     return problems
 
 

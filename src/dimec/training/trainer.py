@@ -104,8 +104,11 @@ def train(model: MultiExitModel, train_enc: Encoded, val_enc: Encoded, cfg: Trai
     publish(run, model, state)  # what derives from the checkpoint matches it, whatever a crash left
 
     for epoch in range(state.epoch + 1, cfg.epochs + 1):
-        seconds = train_epoch(model, train_enc, optimizer, scheduler, weights, cfg, epoch)
-        accs = record_epoch(model, train_enc, val_enc, dynamics_rows, cfg, run, epoch)
+        recorder = None
+        if dynamics_rows is not None and cfg.train_dynamics_pass == "training":
+            recorder = TrainingPassDynamics(dynamics_rows, len(train_enc))
+        seconds = train_epoch(model, train_enc, optimizer, scheduler, weights, cfg, epoch, recorder)
+        accs = record_epoch(model, train_enc, val_enc, dynamics_rows, recorder, cfg, run, epoch)
         kept = update_state(state, epoch, accs, seconds, len(train_enc), cfg.select_metric)
         save_checkpoint(run.checkpoint, model, optimizer, scheduler, state)  # the commit point
         publish(run, model, state)
@@ -140,8 +143,33 @@ def make_optimizer(model: MultiExitModel, cfg: TrainConfig, total_steps: int):
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule)
 
 
+class TrainingPassDynamics:
+    """Training-split dynamics read off the epoch's own forward passes (as Swayamdipta et al. record them:
+    dropout on, the parameters as they were when the row's batch ran), for the rows `rows` of the split:
+    no extra forward pass."""
+
+    def __init__(self, rows: np.ndarray, n: int) -> None:
+        self.rows = np.asarray(rows, dtype=np.int64)
+        self.position = np.full(n, -1, dtype=np.int64)  # row of the split -> row of the record, -1: not sampled
+        self.position[self.rows] = np.arange(len(self.rows))
+        self.true_label_probs = np.zeros((len(self.rows), 3))  # (R, 3)
+        self.correct = np.zeros((len(self.rows), 3), dtype=bool)  # (R, 3)
+
+    @torch.no_grad()
+    def record(self, index: np.ndarray, logits: list[torch.Tensor], labels: torch.Tensor) -> None:
+        pos = self.position[index]  # (B,)
+        keep = pos >= 0
+        if not keep.any():
+            return
+        z = torch.stack(logits, 1)[torch.from_numpy(keep)].float()  # (b, 3, C)
+        y = labels[torch.from_numpy(keep)]  # (b,)
+        probs = z.softmax(-1)[torch.arange(len(y)), :, y]  # (b, 3) probability of the true label
+        self.true_label_probs[pos[keep]] = probs.numpy()
+        self.correct[pos[keep]] = (z.argmax(-1) == y[:, None]).numpy()
+
+
 def train_epoch(model: MultiExitModel, enc: Encoded, optimizer, scheduler, weights: torch.Tensor,
-                cfg: TrainConfig, epoch: int) -> float:
+                cfg: TrainConfig, epoch: int, recorder: TrainingPassDynamics | None = None) -> float:
     """One pass over the training split in seeded, length-bucketed batches; returns its seconds."""
     model.train()
     params = [p for g in optimizer.param_groups for p in g["params"]]
@@ -155,6 +183,8 @@ def train_epoch(model: MultiExitModel, enc: Encoded, optimizer, scheduler, weigh
         logits = model(**_model_inputs(batch))  # 3 x (B, C)
         loss = joint_loss(logits, batch["labels"], weights, cfg.distill_weight, cfg.distill_temperature,
                           cfg.distill_teacher)
+        if recorder is not None:
+            recorder.record(index, logits, batch["labels"])
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         optimizer.step()
@@ -167,12 +197,17 @@ def train_epoch(model: MultiExitModel, enc: Encoded, optimizer, scheduler, weigh
 
 
 def record_epoch(model: MultiExitModel, train_enc: Encoded, val_enc: Encoded, dynamics_rows: np.ndarray | None,
-                 cfg: TrainConfig, run: RunDir, epoch: int) -> list[float]:
-    """Write this epoch's dynamics (validation, and the sampled training rows); returns the validation
-    accuracy of each exit. The files may run ahead of the checkpoint until it commits: a resume deletes them."""
+                 recorder: TrainingPassDynamics | None, cfg: TrainConfig, run: RunDir, epoch: int) -> list[float]:
+    """Write this epoch's dynamics: validation (an evaluation pass after the epoch, as DIMEC-DC records them)
+    and the sampled training rows (read off the training pass, or an evaluation pass of their own); returns
+    the validation accuracy of each exit. The files may run ahead of the checkpoint until it commits: a
+    resume deletes them."""
     val = predict_exit_outputs(model, val_enc, cfg.eval_batch_size)
     write_epoch_dynamics(run.dynamics(epoch), epoch, _true_label_probs(val), val.correct)
-    if dynamics_rows is not None:
+    if recorder is not None:
+        write_epoch_dynamics(run.dynamics(epoch, split="train"), epoch, recorder.true_label_probs, recorder.correct,
+                             index=recorder.rows)
+    elif dynamics_rows is not None:
         sample = predict_exit_outputs(model, train_enc.subset(dynamics_rows), cfg.eval_batch_size)
         write_epoch_dynamics(run.dynamics(epoch, split="train"), epoch, _true_label_probs(sample), sample.correct,
                              index=dynamics_rows)
