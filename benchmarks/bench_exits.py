@@ -186,7 +186,7 @@ def main() -> None:
     parser.add_argument("--no-update", action="store_true", help="do not rewrite BENCHMARKS.md")
     args = parser.parse_args()
     out, distill = Path(args.out), args.distill or list(DEFAULT_DISTILL)
-    base, task_settings = load_reproduce_config(args.config, [f"train.epochs={args.epochs}"])
+    base, task_settings = load_reproduce_config(args.config, [], args.epochs)
     base = with_train_cap(base, args.max_train_samples)
     t0, reused, tasks = time.perf_counter(), [], {}
     for task in args.tasks.split(","):

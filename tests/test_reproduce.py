@@ -11,7 +11,7 @@ from conftest import tiny_run_config
 from test_baselines import CM, random_case
 
 from dimec.cli import main
-from dimec.config import CalibrationConfig, CostConfig
+from dimec.config import CalibrationConfig, CostConfig, load_run_config
 from dimec.costs import CostModel
 from dimec.errors import ConfigError
 from dimec.experiments import plots
@@ -154,12 +154,19 @@ def test_per_task_settings_win_over_the_base_and_are_checked_first(tmp_path):
     path = tmp_path / "reproduce.yaml"
     path.write_text("train:\n  epochs: 3\n  learning_rate: 1.0e-4\n"
                     "tasks:\n  cola:\n    train: {learning_rate: 2.0e-4, epochs: 5}\n    data: {max_length: 64}\n")
-    base, settings = load_reproduce_config(str(path), ["train.epochs=2"])
+    base, settings = load_reproduce_config(str(path), [], epochs=2)
     assert base.train.epochs == 2 and base.train.learning_rate == 1e-4
-    cola = task_config(base, "cola", settings)
+    cola = task_config(base, "cola", settings)  # the task's own settings win over the base and --epochs
     assert (cola.data.task, cola.train.learning_rate, cola.train.epochs, cola.data.max_length) == ("cola", 2e-4, 5, 64)
     sst2 = task_config(base, "sst2", settings)
     assert (sst2.train.learning_rate, sst2.train.epochs) == (1e-4, 2)
+    base, settings = load_reproduce_config(str(path), ["train.epochs=4"])  # ... and --set wins over everything
+    assert task_config(base, "cola", settings).train.epochs == 4
+    assert task_config(base, "cola", settings).train.learning_rate == 2e-4
+    # `dimec train --config` applies the section of its own task too
+    assert load_run_config(path, ["data.task=cola"]).train.epochs == 5
+    assert load_run_config(path, ["data.task=cola", "train.epochs=2"]).train.epochs == 2
+    assert load_run_config(path, ["data.task=sst2"]).train.epochs == 3
     for bad, message in (("tasks:\n  nope:\n    train: {epochs: 2}\n", "unknown task"),
                          ("tasks:\n  cola:\n    train: {epoch: 2}\n", "unknown config key"),
                          ("tasks:\n  cola:\n    train: 3\n", "must be a mapping")):

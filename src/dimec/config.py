@@ -145,8 +145,45 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 
 
 def load_run_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """The file's base settings, then its `tasks:` section for the run's task, then the overrides."""
     raw = read_config_file(path) if path else {}
-    return RunConfig.from_dict(apply_overrides(raw, overrides or []))
+    base, tasks = split_task_settings(raw, overrides or [])
+    raw = apply_overrides(base, overrides or [])
+    task = raw.get("data", {}).get("task", DataConfig.task)
+    return RunConfig.from_dict(with_task_settings(raw, tasks.get(task), task))
+
+
+# ---- per-task settings: a config file's optional `tasks:` section -----------------------------------------
+TASKS_SECTION = "tasks"  # e.g. tasks: {cola: {train: {epochs: 5}}}
+
+
+def split_task_settings(raw: dict[str, Any], overrides: list[str]) -> tuple[dict[str, Any], dict[str, dict]]:
+    """(the file's base settings, {task: its own settings}). A key the command line sets (`overrides`) is
+    dropped from every task's settings: the command line wins, then the task's own settings, then the base."""
+    raw = dict(raw)
+    tasks = raw.pop(TASKS_SECTION, None) or {}
+    if not isinstance(tasks, dict) or not all(isinstance(v, dict) for v in tasks.values()):
+        raise ConfigError(f"the {TASKS_SECTION} section must map task names to settings",
+                          "e.g. tasks: {cola: {train: {epochs: 5}}}")
+    forced = {tuple(item.partition("=")[0].split(".", 1)) for item in overrides}
+    own = {}
+    for task, sections in tasks.items():
+        own[task] = {}
+        for section, values in sections.items():
+            if not isinstance(values, dict):
+                raise ConfigError(f"{TASKS_SECTION}.{task}.{section} must be a mapping of settings, got {values!r}")
+            own[task][section] = {k: v for k, v in values.items() if (section, k) not in forced}
+    return raw, own
+
+
+def with_task_settings(raw: dict[str, Any], settings: dict[str, dict] | None, task: str = "") -> dict[str, Any]:
+    """`raw` with one task's own settings merged over it, section by section."""
+    raw = json.loads(json.dumps(raw))  # deep copy
+    for section, values in (settings or {}).items():
+        if not isinstance(raw.setdefault(section, {}), dict):
+            raise ConfigError(f"config section {section} must be a mapping (task {task})")
+        raw[section].update(values)
+    return raw
 
 
 def _build(cls: type, raw: Any, where: str) -> Any:

@@ -45,32 +45,28 @@ class TaskRun:
 
 def task_config(base_cfg: RunConfig, task: str, task_settings: dict | None = None) -> RunConfig:
     """The base settings for `task`, then the task's own settings over them (the `tasks:` section of the
-    config file, e.g. {"train": {"learning_rate": 2e-4}}: docs/method.md says how they were chosen)."""
+    config file, e.g. {"train": {"epochs": 5}}: docs/method.md says how they were chosen)."""
+    from dimec.config import with_task_settings
+
     cfg = replace(base_cfg, data=replace(base_cfg.data, task=task))
     own = (task_settings or {}).get(task)
-    if not own:
-        return cfg
-    raw = cfg.to_dict()
-    for section, values in own.items():
-        if not isinstance(values, dict):
-            raise ConfigError(f"tasks.{task}.{section} must be a mapping of settings, got {values!r}")
-        raw[section] = {**raw.get(section, {}), **values}
-    return RunConfig.from_dict(raw)
+    return RunConfig.from_dict(with_task_settings(cfg.to_dict(), own, task)) if own else cfg
 
 
-def load_reproduce_config(path: str | None, overrides: list[str]) -> tuple[RunConfig, dict]:
-    """The base RunConfig (file, then --set overrides) and the per-task settings of the file's `tasks:`
-    section, each task's checked now, before anything trains."""
-    from dimec.config import apply_overrides, read_config_file
+def load_reproduce_config(path: str | None, overrides: list[str], epochs: int | None = None
+                          ) -> tuple[RunConfig, dict]:
+    """The base RunConfig (the file, `epochs`, then the --set overrides) and the per-task settings of the
+    file's `tasks:` section, each task's checked now, before anything trains. A task's own settings win over
+    the base and over `epochs`; a --set override wins over both."""
+    from dimec.config import apply_overrides, read_config_file, split_task_settings
 
     raw = read_config_file(path) if path else {}
-    task_settings = raw.pop("tasks", None) or {}
-    if not isinstance(task_settings, dict):
-        raise ConfigError(f"the tasks section of {path} must map task names to settings")
+    base, task_settings = split_task_settings(raw, overrides)
     unknown = sorted(set(task_settings) - set(TASKS))
     if unknown:
         raise ConfigError(f"settings for unknown task(s) {', '.join(unknown)} in {path}", f"known: {', '.join(TASKS)}")
-    cfg = RunConfig.from_dict(apply_overrides(raw, overrides))
+    base_overrides = ([f"train.epochs={epochs}"] if epochs is not None else []) + list(overrides)
+    cfg = RunConfig.from_dict(apply_overrides(base, base_overrides))
     for task in task_settings:
         task_config(cfg, task, task_settings)  # raises on a bad key or value
     return cfg, task_settings
@@ -258,13 +254,14 @@ def add_reproduce_arguments(parser: argparse.ArgumentParser) -> argparse.Argumen
     parser.add_argument("--out", default="reproduce", help="output directory (runs, tables, plots, index.md)")
     parser.add_argument("--max-train-samples", type=int, default=None, metavar="N",
                         help="cap the training split at N rows (stratified; validation and test keep their share)")
-    parser.add_argument("--epochs", type=int, default=None, help="training epochs (default: train.epochs)")
+    parser.add_argument("--epochs", type=int, default=None,
+                        help="training epochs (default: train.epochs); a task's own epochs in the config win")
     parser.add_argument("--seeds", default="0,1,2", help="seeds for the seeded/online methods (comma list)")
     parser.add_argument("--methods", default=None, help=f"comma list (default all: {','.join(METHODS)})")
     parser.add_argument("--multipliers", default=",".join(f"{m:g}" for m in MULTIPLIERS),
                         help="cost multipliers for the ablations (comma list)")
     parser.add_argument("--config", help="YAML/JSON base config (its data.task is replaced per task; an optional "
-                        "tasks: section holds per-task settings, which win over the base and over --set/--epochs)")
+                        "tasks: section holds per-task settings, which win over the base and --epochs, not --set)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override one setting, e.g. --set cost.offload_cloud=4 (repeatable)")
     return parser
@@ -286,8 +283,7 @@ def with_train_cap(cfg: RunConfig, max_train_samples: int) -> RunConfig:
 
 
 def main_reproduce(args: argparse.Namespace) -> None:
-    overrides = list(args.overrides) + ([f"train.epochs={args.epochs}"] if args.epochs is not None else [])
-    cfg, task_settings = load_reproduce_config(args.config, overrides)
+    cfg, task_settings = load_reproduce_config(args.config, list(args.overrides), args.epochs)
     meta = {}
     if args.max_train_samples is not None:
         cfg = with_train_cap(cfg, args.max_train_samples)
