@@ -21,9 +21,10 @@ from report import update_section  # noqa: E402
 
 from dimec.config import DataConfig  # noqa: E402
 from dimec.data import load_task  # noqa: E402
-from dimec.modeling.multi_exit import MultiExitModel  # noqa: E402
+from dimec.modeling import hf_adapter  # noqa: E402
+from dimec.modeling.multi_exit import MultiExitConfig, MultiExitModel  # noqa: E402
 from dimec.training.batching import collate, encode, train_batches  # noqa: E402
-from dimec.training.trainer import joint_loss  # noqa: E402
+from dimec.training.loss import joint_loss  # noqa: E402
 
 COMMAND = "python benchmarks/bench_training.py"
 
@@ -36,7 +37,8 @@ def throughput(model, optimizer, enc, batches, pad_id: int, pad_to: int | None) 
     for index in batches:
         batch = collate(enc, index, pad_id, pad_to)
         widths.append(batch["input_ids"].shape[1])
-        joint_loss(model, batch, weights).backward()
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"})  # 3 x (B, C)
+        joint_loss(logits, batch["labels"], weights).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         samples += len(index)
@@ -53,8 +55,9 @@ def main() -> None:
     args = parser.parse_args()
 
     data = load_task(DataConfig(task="sst2", glue_dir=args.glue_dir, max_samples=20000))
-    model = MultiExitModel.from_encoder("default", data.label_names, max_length=args.max_length).train()
-    model.encoder.embeddings.word_embeddings.weight.requires_grad_(False)  # as in the default job
+    config = MultiExitConfig(label_names=data.label_names, max_length=args.max_length)
+    model = MultiExitModel.from_encoder(config).train()
+    hf_adapter.freeze_word_embeddings(model.encoder)  # as in the default job
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     enc = encode(model.tokenizer, data.train, args.max_length)
     pad_id = model.tokenizer.pad_token_id

@@ -3,12 +3,22 @@ import pytest
 import torch
 
 from dimec.errors import ArtifactError, ConfigError, ModelError
-from dimec.modeling.multi_exit import MultiExitModel, check_exit_layers, default_exit_layers, masked_mean
+from dimec.modeling.multi_exit import (
+    MultiExitConfig,
+    MultiExitModel,
+    check_exit_layers,
+    default_exit_layers,
+    masked_mean,
+)
+
+
+def tiny_config(encoder, labels=("neg", "pos"), exit_layers=(1, 2, 2)) -> MultiExitConfig:
+    return MultiExitConfig(name_or_path=str(encoder), exit_layers=exit_layers, label_names=list(labels))
 
 
 @pytest.fixture()
 def model(tiny_encoder):
-    return MultiExitModel.from_encoder(str(tiny_encoder), ["neg", "pos"], exit_layers=(1, 2, 2)).eval()
+    return MultiExitModel.from_encoder(tiny_config(tiny_encoder)).eval()
 
 
 def _inputs(model, texts=("good film", "the plot was very dull and the acting quite poor")):
@@ -79,12 +89,12 @@ def test_bad_exit_layers(layers, message):
 
 def test_bad_exit_layers_through_constructor(tiny_encoder):
     with pytest.raises(ConfigError, match="beyond"):
-        MultiExitModel.from_encoder(str(tiny_encoder), ["a", "b"], exit_layers=(1, 2, 5))
+        MultiExitModel.from_encoder(tiny_config(tiny_encoder, ["a", "b"], (1, 2, 5)))
 
 
 def test_unknown_model_path(tmp_path):
     with pytest.raises(ModelError, match="not found|cannot load"):
-        MultiExitModel.from_encoder(str(tmp_path / "nope"), ["a", "b"])
+        MultiExitModel.from_encoder(MultiExitConfig(name_or_path=str(tmp_path / "nope"), label_names=["a", "b"]))
     with pytest.raises(ArtifactError, match="not a dimec model folder"):
         MultiExitModel.from_pretrained(tmp_path)
 

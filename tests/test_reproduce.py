@@ -11,13 +11,20 @@ from conftest import tiny_run_config
 from test_baselines import CM, random_case
 
 from dimec.cli import main
-from dimec.config import CalibrationConfig, CostConfig
+from dimec.config import CalibrationConfig, CostConfig, load_run_config
 from dimec.costs import CostModel
+from dimec.errors import ConfigError
 from dimec.experiments import plots
 from dimec.experiments.ablations import CSV_FIELDS as ABLATION_FIELDS
 from dimec.experiments.ablations import FACTORS, cost_settings, run_ablations, write_ablations
 from dimec.experiments.compare import METHODS, SWEPT, compare_methods, threshold_sweeps
-from dimec.experiments.reproduce import _same_training, reproduce, with_train_cap
+from dimec.experiments.reproduce import (
+    _same_training,
+    load_reproduce_config,
+    reproduce,
+    task_config,
+    with_train_cap,
+)
 from dimec.experiments.tables import CSV_FIELDS, PAPER_HEADLINE, task_rows, write_table
 
 
@@ -122,13 +129,18 @@ def test_reproduce_end_to_end_on_the_tiny_model(tiny_run, tiny_encoder, tiny_tas
     for name in ("index.md", "table_I.md", "table_I.csv", "table_I.json", "ablations.md", "ablations.csv",
                  "plots/pool_proportions.png", "plots/device_accuracy.png", "plots/sentiment_tsne_pools.png",
                  "plots/sentiment_data_map.png", "plots/sentiment_pareto.png", "plots/sentiment_pareto.json",
-                 "plots/sentiment_ablations.png", "runs/sentiment/outputs/test.safetensors"):
+                 "plots/sentiment_ablations.png", "plots/sentiment_reliability.png",
+                 "runs/sentiment/outputs/test.safetensors"):
         assert (out / name).is_file(), name
     table = result["tables"]["sentiment"]
     assert [r["method"] for r in table["rows"]] == list(METHODS) and table["reused_run"]
     assert len(result["ablations"]) == len(FACTORS) * 2 * 2
     index = (out / "index.md").read_text()
     assert "table_I.md" in index and "plots/sentiment_pareto.png" in index and PAPER_HEADLINE in index
+    assert "Exit calibration" in index and "plots/sentiment_reliability.png" in index
+    calibration = table["exit_calibration"]
+    assert len(calibration["ece_before"]) == 3 and len(calibration["ece_after"]) == 3 and calibration["split"] == "test"
+    assert table["training"]["learning_rate"] == cfg.train.learning_rate
 
     # the CLI on the same output directory reuses the trained run
     config = tmp_path / "cfg.json"
@@ -140,3 +152,34 @@ def test_reproduce_end_to_end_on_the_tiny_model(tiny_run, tiny_encoder, tiny_tas
     assert doc["tasks"]["sentiment"]["reused_run"] and [r["method"] for r in rows] == ["cloud-only", "dimec-fixed",
                                                                                    "adaee", "oracle"]
     assert main(["reproduce", "--tasks", "file", "--out", str(out), "--methods", "nope"]) == 2
+
+
+def test_per_task_settings_win_over_the_base_and_are_checked_first(tmp_path):
+    path = tmp_path / "reproduce.yaml"
+    path.write_text("train:\n  epochs: 3\n  learning_rate: 1.0e-4\n"
+                    "tasks:\n  cola:\n    train: {learning_rate: 2.0e-4, epochs: 5}\n    data: {max_length: 64}\n")
+    base, settings = load_reproduce_config(str(path), [], epochs=2)
+    assert base.train.epochs == 2 and base.train.learning_rate == 1e-4
+    cola = task_config(base, "cola", settings)  # the task's own settings win over the base and --epochs
+    assert (cola.data.task, cola.train.learning_rate, cola.train.epochs, cola.data.max_length) == ("cola", 2e-4, 5, 64)
+    sst2 = task_config(base, "sst2", settings)
+    assert (sst2.train.learning_rate, sst2.train.epochs) == (1e-4, 2)
+    base, settings = load_reproduce_config(str(path), ["train.epochs=4"])  # ... and --set wins over everything
+    assert task_config(base, "cola", settings).train.epochs == 4
+    assert task_config(base, "cola", settings).train.learning_rate == 2e-4
+    # `dimec train --config` applies the section of its own task too
+    assert load_run_config(path, ["data.task=cola"]).train.epochs == 5
+    assert load_run_config(path, ["data.task=cola", "train.epochs=2"]).train.epochs == 2
+    assert load_run_config(path, ["data.task=sst2"]).train.epochs == 3
+    for bad, message in (("tasks:\n  nope:\n    train: {epochs: 2}\n", "unknown task"),
+                         ("tasks:\n  cola:\n    train: {epoch: 2}\n", "unknown config key"),
+                         ("tasks:\n  cola:\n    train: 3\n", "must be a mapping")):
+        path.write_text(bad)
+        with pytest.raises(ConfigError, match=message):
+            load_reproduce_config(str(path), [])
+
+
+def test_reliability_diagram_is_written(synthetic, tmp_path):
+    _, test, _ = synthetic
+    path = plots.plot_reliability(test.with_temperatures([2.0, 1.0, 0.5]), tmp_path / "rel.png", "t")
+    assert path.read_bytes()[:4] == b"\x89PNG"

@@ -82,6 +82,10 @@ def cmd_train(args: argparse.Namespace) -> None:
     result = train_stage(_run_config(args), Path(args.run_dir))
     print(f"best epoch {result.best_epoch} (score {result.best_score:.4f}), "
           f"{result.samples_per_second:.1f} training samples/s; model in {args.run_dir}/model")
+    c = result.calibration
+    print("exit temperatures (mobile/edge/cloud) " + "/".join(f"{t:.2f}" for t in c["temperatures"])
+          + "; validation ECE before -> after: "
+          + ", ".join(f"{b:.3f} -> {a:.3f}" for b, a in zip(c["ece_before"], c["ece_after"], strict=True)))
 
 
 def cmd_calibrate(args: argparse.Namespace) -> None:

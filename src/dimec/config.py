@@ -30,6 +30,9 @@ DATA_SOURCES = ("local", "hub")
 SPLIT_MODES = ("pooled", "own")
 EXIT_POOLINGS = ("mean", "cls")
 SELECT_METRICS = ("mean_exit_accuracy", "cloud_accuracy")
+WEIGHTINGS = ("uniform", "depth")  # train.exit_loss_weighting
+TEACHERS = ("last", "next")  # train.distill_teacher
+DYNAMICS_PASSES = ("training", "evaluation")  # train.train_dynamics_pass
 VARIABILITIES = ("variance", "std")
 MEDIUM_RULES = ("text", "algorithm1")
 LOSSES = ("accuracy", "disagreement")  # what a stated loss measures against cloud-only (docs/routing.md)
@@ -196,6 +199,18 @@ class TrainConfig:
     warmup_ratio: float = setting(0.06, "share of the steps with a linear warm-up", between(0, 1))
     exit_loss_weights: tuple[float, float, float] = setting((1.0, 1.0, 1.0), "weights of L_m, L_e, L_c in the "
                                                             "joint loss (paper: all 1)", _loss_weights)
+    exit_loss_weighting: str = setting("uniform", "'uniform': exit_loss_weights as they are; 'depth': each "
+                                       "scaled by its exit layer / l (deeper exits weigh more)", one_of(*WEIGHTINGS))
+    distill_weight: float = setting(0.0, "self-distillation share of an earlier exit's loss (0: off, the paper's "
+                                    "loss)", between(0, 1))
+    distill_temperature: float = setting(2.0, "softening temperature of the self-distillation KL term", above(0))
+    distill_teacher: str = setting("last", "'last': the cloud exit teaches every earlier exit; 'next': the next "
+                                   "deeper exit does", one_of(*TEACHERS))
+    train_dynamics_samples: int | None = setting(None, "training-split dynamics: null all rows, 0 off, N a "
+                                                 "stratified sample of N rows", optional(at_least(0)))
+    train_dynamics_pass: str = setting("training", "'training': read each row's dynamics off its training forward "
+                                       "pass (free); 'evaluation': a pass of their own after each epoch",
+                                       one_of(*DYNAMICS_PASSES))
     freeze_word_embeddings: bool = setting(False, "skip the big (V, H) embedding update: ~2x faster on CPU")
     length_bucketing: bool = setting(True, "batch samples of similar length together (less padding)")
     bucket_size_multiplier: int = setting(50, "batches per sorted bucket", at_least(1))
@@ -389,8 +404,45 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 
 
 def load_run_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """The file's base settings, then its `tasks:` section for the run's task, then the overrides."""
     raw = read_config_file(path) if path else {}
-    return RunConfig.from_dict(apply_overrides(raw, overrides or []))
+    base, tasks = split_task_settings(raw, overrides or [])
+    raw = apply_overrides(base, overrides or [])
+    task = raw.get("data", {}).get("task", DataConfig.task)
+    return RunConfig.from_dict(with_task_settings(raw, tasks.get(task), task))
+
+
+# ---- per-task settings: a config file's optional `tasks:` section -----------------------------------------
+TASKS_SECTION = "tasks"  # e.g. tasks: {cola: {train: {epochs: 5}}}
+
+
+def split_task_settings(raw: dict[str, Any], overrides: list[str]) -> tuple[dict[str, Any], dict[str, dict]]:
+    """(the file's base settings, {task: its own settings}). A key the command line sets (`overrides`) is
+    dropped from every task's settings: the command line wins, then the task's own settings, then the base."""
+    raw = dict(raw)
+    tasks = raw.pop(TASKS_SECTION, None) or {}
+    if not isinstance(tasks, dict) or not all(isinstance(v, dict) for v in tasks.values()):
+        raise ConfigError(f"the {TASKS_SECTION} section must map task names to settings",
+                          "e.g. tasks: {cola: {train: {epochs: 5}}}")
+    forced = {tuple(item.partition("=")[0].split(".", 1)) for item in overrides}
+    own = {}
+    for task, sections in tasks.items():
+        own[task] = {}
+        for section, values in sections.items():
+            if not isinstance(values, dict):
+                raise ConfigError(f"{TASKS_SECTION}.{task}.{section} must be a mapping of settings, got {values!r}")
+            own[task][section] = {k: v for k, v in values.items() if (section, k) not in forced}
+    return raw, own
+
+
+def with_task_settings(raw: dict[str, Any], settings: dict[str, dict] | None, task: str = "") -> dict[str, Any]:
+    """`raw` with one task's own settings merged over it, section by section."""
+    raw = json.loads(json.dumps(raw))  # deep copy
+    for section, values in (settings or {}).items():
+        if not isinstance(raw.setdefault(section, {}), dict):
+            raise ConfigError(f"config section {section} must be a mapping (task {task})")
+        raw[section].update(values)
+    return raw
 
 
 def _one_line(exc: BaseException) -> str:

@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from dimec.costs import CostModel
 from dimec.data import Example, TaskData, load_task
 from dimec.errors import ArtifactError, ConfigError, DataError
 from dimec.evaluation import MethodResult, evaluate_methods
-from dimec.modeling.multi_exit import MODEL_CONFIG, MultiExitModel
+from dimec.modeling.multi_exit import MultiExitConfig, MultiExitModel
 from dimec.outputs import ExitOutputs, confidence, softmax
 from dimec.routing import ROUTERS, make_router
 from dimec.routing.auto import AutoRouter
@@ -35,8 +34,8 @@ from dimec.routing.targets import Target
 from dimec.rundir import CONFIG, MODEL_DIR, SPLITS, RunDir
 from dimec.tiers import POOLS, TIERS
 from dimec.training.batching import encode
-from dimec.training.cartography import Cartography, plot_data_map, read_dynamics
-from dimec.training.trainer import TrainResult, predict_exit_outputs, seed_everything, train
+from dimec.training.cartography import Cartography, dynamics_sample, plot_data_map, read_dynamics
+from dimec.training.trainer import TrainResult, new_model, predict_exit_outputs, train
 
 
 # ---- run directory -------------------------------------------------------------------------------------
@@ -73,11 +72,11 @@ def train_stage(cfg: RunConfig, run_dir: Path) -> TrainResult:
     run_dir = Path(run_dir)
     cfg.validate()  # settings, data and model are checked before anything is written to run_dir
     data = task_data(cfg)
-    seed_everything(cfg.train.seed)  # before the exit heads are initialised: same config, same run
-    model = MultiExitModel.from_encoder(
-        cfg.model.name_or_path, data.label_names, cfg.model.exit_layers, cfg.model.exit_pooling,
-        cfg.model.classifier_dropout, task=data.name, metric=data.metric, max_length=cfg.data.max_length,
-    )
+    dynamics_rows = dynamics_sample(np.array([e.label for e in data.train]), cfg.train.train_dynamics_samples,
+                                    cfg.train.seed)
+    config = MultiExitConfig(**asdict(cfg.model), label_names=data.label_names, task=data.name,
+                             metric=data.metric, max_length=cfg.data.max_length)
+    model = new_model(config, cfg.train.seed)
     positions = getattr(model.encoder.config, "max_position_embeddings", None)
     if positions is not None and cfg.data.max_length > positions:
         raise ConfigError(f"data.max_length={cfg.data.max_length} is over the encoder's {positions} positions",
@@ -87,11 +86,9 @@ def train_stage(cfg: RunConfig, run_dir: Path) -> TrainResult:
         "task": data.name, "label_names": data.label_names, "metric": data.metric,
         "sizes": {s: len(getattr(data, s)) for s in SPLITS},
     })
-    if cfg.train.freeze_word_embeddings:
-        model.encoder.embeddings.word_embeddings.weight.requires_grad_(False)
     train_enc = encode(model.tokenizer, data.train, cfg.data.max_length)
     val_enc = encode(model.tokenizer, data.validation, cfg.data.max_length)
-    result = train(model, train_enc, val_enc, cfg.train, run_dir)
+    result = train(model, train_enc, val_enc, cfg.train, run_dir, dynamics_rows)
     write_json(RunDir(run_dir).train_result, asdict(result))
     return result
 
@@ -110,13 +107,21 @@ def load_model(run_dir: Path) -> MultiExitModel:
                             "train again into a fresh --run-dir (or restore the model folder)") from None
 
 
+def load_model_config(run_dir: Path) -> MultiExitConfig:
+    """The trained model's configuration (exit layers, labels, temperatures), without its weights."""
+    if not RunDir(run_dir).model.is_dir():
+        raise ArtifactError(f"{run_dir} has no trained model ({MODEL_DIR}/)", "run `dimec train` on it first")
+    return MultiExitConfig.load(RunDir(run_dir).model)
+
+
 def split_outputs(run_dir: Path, split: str) -> ExitOutputs:
     """Each exit's outputs on a split, computed once with the kept model and cached."""
     run_dir = Path(run_dir)
     cache = RunDir(run_dir).outputs(split)
+    temperatures = load_model_config(run_dir).exit_temperatures(str(RunDir(run_dir).model))
     if cache.is_file():
-        try:
-            return ExitOutputs.load(cache)
+        try:  # logits are cached: a cache read at other temperatures only needs the model's
+            return ExitOutputs.load(cache).with_temperatures(temperatures)
         except ArtifactError as exc:  # damaged or outdated: it is only a cache, compute it again
             print(f"dimec: {exc.message}; recomputing it", flush=True)
     cfg = load_run_config(run_dir)
@@ -124,6 +129,7 @@ def split_outputs(run_dir: Path, split: str) -> ExitOutputs:
     examples: list[Example] = getattr(task_data(cfg), split)
     outputs = predict_exit_outputs(model, encode(model.tokenizer, examples, cfg.data.max_length),
                                    cfg.train.eval_batch_size, progress=cfg.train.progress)
+    outputs = outputs.with_temperatures(temperatures)
     outputs.save(cache)
     return outputs
 
@@ -135,11 +141,7 @@ def load_cartography(run_dir: Path, cfg: CalibrationConfig) -> Cartography:
 
 def load_cost_model(run_dir: Path, cost_cfg: CostConfig | None = None) -> CostModel:
     cfg = load_run_config(run_dir)
-    model_dir = RunDir(run_dir).model
-    model_cfg = json.loads((model_dir / MODEL_CONFIG).read_text()) if model_dir.is_dir() else None
-    if model_cfg is None:
-        raise ArtifactError(f"{run_dir} has no trained model", "run `dimec train` on it first")
-    return CostModel.from_config(cost_cfg or cfg.cost, tuple(model_cfg["exit_layers"]))
+    return CostModel.from_config(cost_cfg or cfg.cost, tuple(load_model_config(run_dir).exit_layers))
 
 
 def training_signal(run_dir: Path, cfg: RunConfig) -> TrainingSignal | None:
@@ -326,7 +328,7 @@ def route_texts(run_dir: Path, texts: list[str], pairs: list[str] | None = None,
         if mode == "dimec-dynamic":
             router = DimecDynamicRouter.from_fixed(router)
     model = load_model(run_dir)
-    temperatures = np.asarray(getattr(model.config, "temperatures", None) or (1.0, 1.0, 1.0))
+    temperatures = model.config.exit_temperatures(str(RunDir(run_dir).model))  # (3,)
     answers = []
     for i, text in enumerate(texts):
         pair = pairs[i] if pairs else None

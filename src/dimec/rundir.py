@@ -6,7 +6,8 @@
     dynamics/epoch_NNN.jsonl       validation samples' true-label probability per exit, per epoch (train)
     dynamics/train/epoch_NNN.jsonl the same for (a stratified sample of) the training split (train)
     train_log.jsonl, train_result.json, checkpoint/   progress, result and resume state (train)
-    outputs/{split}.safetensors    every exit's probabilities and the routing embeddings (calibrate/evaluate)
+    outputs/{split}.safetensors    every exit's logits, temperatures and the routing embeddings (train writes
+                                   validation's; calibrate/evaluate compute what is missing)
     router.json, calibration.json, data_map.png       the fitted routers and their report (calibrate)
     metrics.json                   test-split results (evaluate)
     packages/{tier}/               per-tier deployables (export)

@@ -1,5 +1,6 @@
 """The paper's figures from our runs: pool proportions (Fig. 3), individual-device accuracy (Fig. 4a),
-t-SNE of the pools (Fig. 4b/c), the accuracy-vs-cost Pareto plot and the cost ablations (Fig. 5).
+t-SNE of the pools (Fig. 4b/c), the accuracy-vs-cost Pareto plot, the cost ablations (Fig. 5) and each exit's
+reliability diagram before and after temperature scaling.
 Matplotlib with the Agg backend: PNG files, no display needed."""
 
 from __future__ import annotations
@@ -139,5 +140,32 @@ def plot_ablation(rows: list[dict], path: Path, title: str) -> Path:
             ax.set_xlabel(f"{factor} multiplier (x default)")
             ax.grid(alpha=0.3)
     axes[0, 0].legend(fontsize=8)
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
+def plot_reliability(outputs, path: Path, title: str, bins: int = 15) -> Path:
+    """Reliability diagram per exit (ExitOutputs with fitted temperatures): accuracy against mean confidence
+    in 15 equal-width bins, at T = 1 and at the fitted temperature, with each curve's ECE in the legend."""
+    from dimec.metrics import expected_calibration_error, reliability_bins
+
+    plt = _plt()
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4.3), sharey=True)
+    raw = outputs.with_temperatures([1.0, 1.0, 1.0])
+    for k, ax in enumerate(axes):
+        ax.plot([0, 1], [0, 1], ":", color="gray", label="perfect calibration")
+        for name, out, style in (("T = 1", raw, "o--"),
+                                 (f"T = {outputs.temperatures[k]:.2f}", outputs, "s-")):
+            b = reliability_bins(out.probs[:, k], out.labels, bins)
+            used = b["count"] > 0
+            ece = expected_calibration_error(out.probs[:, k], out.labels, bins)
+            ax.plot(b["confidence"][used], b["accuracy"][used], style, ms=4, label=f"{name} (ECE {ece:.3f})")
+        ax.set_title(f"{TIERS[k]} exit")
+        ax.set_xlabel("confidence (mean max probability in the bin)")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+        ax.legend(loc="upper left", fontsize=8)
+    axes[0].set_ylabel("accuracy in the bin")
     fig.suptitle(title)
     return _save(fig, path)

@@ -8,19 +8,23 @@ those weights, which is what a tier package ships.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+import sys
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from dimec.atomic import atomic_dir
+from dimec.atomic import atomic_dir, write_text
+from dimec.config import ModelConfig
 from dimec.errors import ArtifactError, ConfigError, ModelError
 from dimec.modeling import hf_adapter
 
 MODEL_CONFIG = "dimec_model.json"
 WEIGHTS = "model.safetensors"
+DAMAGED_HINT = "it was cut short or overwritten: restore it, or train again into a fresh --run-dir"
 
 
 def default_exit_layers(num_layers: int) -> tuple[int, int, int]:
@@ -44,16 +48,20 @@ def check_exit_layers(exit_layers: tuple[int, int, int], num_layers: int) -> tup
 
 
 @dataclass
-class MultiExitConfig:
-    exit_layers: tuple[int, int, int]
-    num_labels: int
-    label_names: list[str]
-    exit_pooling: str = "mean"
-    classifier_dropout: float = 0.1
-    num_exits: int = 3  # a tier package keeps exits 0..num_exits-1
+class MultiExitConfig(ModelConfig):
+    """The model's one configuration: the user's `model` settings (ModelConfig: encoder, exit layers,
+    pooling, dropout) plus what the task and training fixed. Saved as dimec_model.json beside the weights."""
+
+    label_names: list[str] = field(default_factory=list)  # index = label id
     task: str = ""
-    metric: str = "accuracy"
-    max_length: int = 128
+    metric: str = "accuracy"  # the task metric beside accuracy: "accuracy", "mcc" or "f1"
+    max_length: int = 128  # tokens, as trained
+    num_exits: int = 3  # a tier package keeps exits 0..num_exits-1
+    temperatures: tuple[float, float, float] | None = None  # per exit, fitted on validation; None: not fitted
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.label_names)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -61,8 +69,41 @@ class MultiExitConfig:
     @classmethod
     def from_json(cls, text: str) -> MultiExitConfig:
         raw = json.loads(text)
-        raw["exit_layers"] = tuple(raw["exit_layers"])
+        raw.pop("num_labels", None)  # written by older versions; derived from label_names now
+        known = {f.name for f in fields(cls)}
+        raw = {k: v for k, v in raw.items() if k in known}
+        for key in ("exit_layers", "temperatures"):
+            if raw.get(key) is not None:
+                raw[key] = tuple(raw[key])
         return cls(**raw)
+
+    @classmethod
+    def load(cls, directory: str | Path) -> MultiExitConfig:
+        """The config of a saved model folder, without loading its weights."""
+        path = Path(directory) / MODEL_CONFIG
+        if not path.is_file():
+            raise ArtifactError(f"{directory} is not a dimec model folder (no {MODEL_CONFIG})",
+                                "train one with `dimec train RUN_DIR` or `dimec run`")
+        try:
+            return cls.from_json(path.read_text())
+        except (json.JSONDecodeError, TypeError, ValueError) as exc:
+            raise ArtifactError(f"{path} is not a valid model config ({exc})",
+                                "train the model again (`dimec train`)") from None
+
+    def exit_temperatures(self, where: str = "") -> np.ndarray:
+        """(3,) the temperature each exit's confidence is read at. A model trained before temperatures
+        existed has none: T = 1 (the raw softmax), said once per model folder."""
+        if self.temperatures is not None:
+            return np.asarray(self.temperatures, dtype=np.float64)
+        if where not in _NOTICED:
+            _NOTICED.add(where)
+            print(f"dimec: notice: {where or 'this model'} has no fitted exit temperatures (trained by an older "
+                  "dimec); confidences are the raw softmax (T = 1). Train again to calibrate them.",
+                  file=sys.stderr, flush=True)
+        return np.ones(3)
+
+
+_NOTICED: set[str] = set()
 
 
 class ExitHead(nn.Module):
@@ -102,43 +143,29 @@ class MultiExitModel(nn.Module):
 
     # ---- construction -------------------------------------------------------------------------------
     @classmethod
-    def from_encoder(
-        cls,
-        name_or_path: str,
-        label_names: list[str],
-        exit_layers: tuple[int, int, int] | None = None,
-        exit_pooling: str = "mean",
-        classifier_dropout: float = 0.1,
-        task: str = "",
-        metric: str = "accuracy",
-        max_length: int = 128,
-    ) -> MultiExitModel:
-        """Wrap a pretrained encoder (a local folder, the embedded default, or a hub name when online)."""
+    def from_encoder(cls, config: MultiExitConfig) -> MultiExitModel:
+        """Wrap the pretrained encoder `config.name_or_path` (a local folder, the embedded default, or a hub
+        name when online) with fresh exit heads; `config.exit_layers` None becomes the default l/3, l/2, l."""
         from transformers import AutoModel, AutoTokenizer
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-        path = resolve_model_path(name_or_path)
+        path = resolve_model_path(config.name_or_path)
         try:
             encoder = AutoModel.from_pretrained(path)
             tokenizer = AutoTokenizer.from_pretrained(path)
         except (OSError, ValueError) as exc:
             raise ModelError(
-                f"cannot load encoder {name_or_path!r}: {str(exc).splitlines()[0]}",
+                f"cannot load encoder {config.name_or_path!r}: {str(exc).splitlines()[0]}",
                 "give a local model folder (config.json + weights + tokenizer), 'default' for the embedded "
                 "MiniLM, or a hub name on a machine with internet",
             ) from None
         depth = hf_adapter.num_layers(encoder)
-        layers = check_exit_layers(exit_layers or default_exit_layers(depth), depth)
+        layers = check_exit_layers(config.exit_layers or default_exit_layers(depth), depth)
         hf_adapter.drop_pooler(encoder)
         if layers[2] < depth:  # the cloud exit sits below the top: the layers above it are never run
             hf_adapter.truncate_layers(encoder, layers[2])
-        config = MultiExitConfig(
-            exit_layers=layers, num_labels=len(label_names), label_names=list(label_names),
-            exit_pooling=exit_pooling, classifier_dropout=classifier_dropout, task=task, metric=metric,
-            max_length=max_length,
-        )
-        return cls(encoder, config, tokenizer)
+        return cls(encoder, replace(config, exit_layers=layers, label_names=list(config.label_names)), tokenizer)
 
     # ---- forward ------------------------------------------------------------------------------------
     def embed(self, input_ids, attention_mask, token_type_ids=None) -> torch.Tensor:
@@ -199,7 +226,7 @@ class MultiExitModel(nn.Module):
         small = copy.deepcopy(self)
         hf_adapter.truncate_layers(small.encoder, self.config.exit_layers[upto])
         del small.exits[upto + 1 :]
-        small.config = MultiExitConfig(**{**asdict(self.config), "num_exits": upto + 1})
+        small.config = replace(self.config, num_exits=upto + 1)
         return small
 
     # ---- persistence --------------------------------------------------------------------------------
@@ -214,6 +241,10 @@ class MultiExitModel(nn.Module):
             state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
             save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
 
+    def save_config(self, directory: str | Path) -> None:
+        """Rewrite only dimec_model.json of a saved model folder (e.g. with fitted temperatures)."""
+        write_text(Path(directory) / MODEL_CONFIG, self.config.to_json() + "\n")
+
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> MultiExitModel:
         from transformers import AutoConfig, AutoModel, AutoTokenizer
@@ -224,13 +255,23 @@ class MultiExitModel(nn.Module):
                 f"{directory} is not a dimec model folder (needs {MODEL_CONFIG} and {WEIGHTS})",
                 "train one with `dimec train RUN_DIR` or `dimec run`",
             )
-        config = MultiExitConfig.from_json((directory / MODEL_CONFIG).read_text())
+        config = MultiExitConfig.load(directory)
         encoder = AutoModel.from_config(AutoConfig.from_pretrained(directory))
         hf_adapter.drop_pooler(encoder)
         tokenizer = AutoTokenizer.from_pretrained(directory) if (directory / "tokenizer_config.json").exists() else None
         model = cls(encoder, config, tokenizer)
-        model.load_state_dict(load_file(str(directory / WEIGHTS)))
+        model.load_weights(directory / WEIGHTS)
         return model.eval()
+
+    def load_weights(self, path: str | Path) -> None:
+        """Load a safetensors state dict; a damaged file or one of another model is an ArtifactError naming it."""
+        from safetensors import SafetensorError
+
+        try:
+            self.load_state_dict(load_file(str(path)))
+        except (OSError, SafetensorError, RuntimeError) as exc:
+            raise ArtifactError(f"{path} is damaged or holds another model's weights "
+                                f"({str(exc).splitlines()[0][:200]})", DAMAGED_HINT) from None
 
 
 def resolve_model_path(name_or_path: str) -> str:

@@ -62,7 +62,7 @@ class Batch:
 
 @dataclass
 class Prediction:
-    probs: np.ndarray  # (N, C) softmax of this tier's exit
+    probs: np.ndarray  # (N, C) softmax(logits / T) of this tier's exit
     label_ids: np.ndarray  # (N,)
     labels: list[str]
 
@@ -154,6 +154,11 @@ class TierModel:
     def embed(self, batch: Batch) -> np.ndarray:
         """(N, H) routing embedding: the embedding layer's output mean-pooled over real tokens."""
         return self._chunked(batch, self._embed)
+
+    @property
+    def temperature(self) -> float:
+        """This tier's own exit temperature."""
+        return float(self.temperatures[self.tier_index])
 
     def exit_probs(self, logits: np.ndarray, exit_index: int) -> np.ndarray:
         """(N, C) confidences of exit `exit_index`: softmax(logits / T) at that exit's fitted temperature."""

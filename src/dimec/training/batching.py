@@ -24,6 +24,11 @@ class Encoded:
     def lengths(self) -> np.ndarray:
         return np.fromiter((len(x) for x in self.input_ids), dtype=np.int64, count=len(self.input_ids))
 
+    def subset(self, index: Sequence[int]) -> Encoded:
+        """The chosen samples, in the order given."""
+        types = None if self.token_type_ids is None else [self.token_type_ids[i] for i in index]
+        return Encoded([self.input_ids[i] for i in index], types, self.labels[np.asarray(index, dtype=np.int64)])
+
 
 def encode(tokenizer, examples: Sequence, max_length: int) -> Encoded:
     """examples: objects with .text, .text_pair and .label (dimec.data.Example)."""

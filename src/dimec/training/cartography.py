@@ -1,7 +1,10 @@
 """Data cartography (Swayamdipta et al., 2020) over training dynamics, as DIMEC-DC uses it.
 
-After every epoch each validation sample's probability of its true label is recorded at every exit.
-Across epochs: confidence = mean, variability = variance (the paper's definition; `std` is a setting).
+After every epoch each validation sample's probability of its true label is recorded at every exit
+(`dynamics/epoch_NNN.jsonl`), and, with `train.train_dynamics_samples`, the same for the training split or
+a stratified sample of it (`dynamics/train/epoch_NNN.jsonl`, each row's "index" pointing into the training
+split). Across epochs: confidence = mean, variability = variance (the paper's definition; `std` is a setting).
+The probabilities are the raw softmax (T = 1): exit temperatures are fitted only after the last epoch.
 """
 
 from __future__ import annotations
@@ -12,43 +15,106 @@ from pathlib import Path
 
 import numpy as np
 
-from dimec.atomic import write_with
+from dimec.atomic import write_text, write_with
 from dimec.errors import ArtifactError, ConfigError
 from dimec.rundir import RunDir
 from dimec.tiers import TIERS
 
+DYNAMICS_SPLITS = ("validation", "train")
 
-def write_epoch_dynamics(path: Path, epoch: int, true_label_probs: np.ndarray, correct: np.ndarray) -> None:
-    """true_label_probs, correct: (N, 3) for one epoch; one JSON line per validation sample."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    with tmp.open("w") as f:
-        for i, (p, c) in enumerate(zip(true_label_probs.tolist(), correct.tolist(), strict=True)):
-            f.write(json.dumps({"epoch": epoch, "index": i, "true_label_prob": p, "correct": c}) + "\n")
-    tmp.replace(path)  # never leave half an epoch behind after a crash
+
+def write_epoch_dynamics(path: Path, epoch: int, true_label_probs: np.ndarray, correct: np.ndarray,
+                         index: np.ndarray | None = None) -> None:
+    """true_label_probs, correct: (N, 3) for one epoch; index (N,): each row's index into its split (default
+    0..N-1). One JSON line per sample, written atomically: never half an epoch behind after a crash."""
+    index = np.arange(len(true_label_probs)) if index is None else np.asarray(index)
+    if len(index) != len(true_label_probs) or len(correct) != len(true_label_probs):
+        raise ValueError(f"{len(index)} indices, {len(true_label_probs)} probability rows, {len(correct)} "
+                         "correctness rows: one each per sample")
+    lines = [json.dumps({"epoch": epoch, "index": int(i), "true_label_prob": p, "correct": c})
+             for i, p, c in zip(index.tolist(), true_label_probs.tolist(), correct.tolist(), strict=True)]
+    write_text(path, "".join(line + "\n" for line in lines))
+
+
+def _epoch_files(run_dir: Path, split: str) -> list[Path]:
+    if split not in DYNAMICS_SPLITS:
+        raise ConfigError(f"unknown dynamics split {split!r}", f"use one of {', '.join(DYNAMICS_SPLITS)}")
+    return sorted(RunDir(run_dir).dynamics_dir(split).glob("epoch_*.jsonl"))
+
+
+def _read_epoch(path: Path) -> list[dict]:
+    try:
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        rows.sort(key=lambda r: r["index"])
+        for r in rows:  # every field the readers use, checked here once
+            float(r["true_label_prob"]), bool(r["correct"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ArtifactError(f"{path} is damaged ({exc})", "train the run again in a fresh --run-dir") from None
+    return rows
 
 
 def read_dynamics(run_dir: Path, split: str = "validation") -> tuple[np.ndarray, np.ndarray]:
-    """Returns (probs, correct), each (E, N, 3) over the E recorded epochs of `split`."""
-    folder = RunDir(run_dir).dynamics_dir(split)
-    files = sorted(folder.glob("epoch_*.jsonl"))
+    """Returns (probs, correct), each (E, N, 3) over the E recorded epochs of `split` ("validation" or
+    "train"), rows in the order of `dynamics_rows(run_dir, split)` (ascending index into the split)."""
+    files = _epoch_files(run_dir, split)
     if not files:
-        raise ArtifactError(f"no training dynamics in {folder}", "run `dimec train RUN_DIR` first")
-    probs, correct = [], []
+        folder = RunDir(run_dir).dynamics_dir(split)
+        hint = ("train with train.train_dynamics_samples unset (all rows) or > 0 to record them"
+                if split == "train" else "run `dimec train RUN_DIR` first")
+        raise ArtifactError(f"no training dynamics of the {split} split in {folder}", hint)
+    probs, correct, first = [], [], None
     for f in files:
-        try:
-            rows = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
-            rows.sort(key=lambda r: r["index"])
-            probs.append([r["true_label_prob"] for r in rows])
-            correct.append([r["correct"] for r in rows])
-        except (ValueError, KeyError, TypeError) as exc:
-            raise ArtifactError(f"{f} is damaged ({type(exc).__name__}: {exc})",
-                                "train again into a fresh --run-dir") from None
-    try:
-        return np.asarray(probs, dtype=np.float64), np.asarray(correct, dtype=bool)  # (E, N, 3) each
-    except ValueError:  # ragged: epochs over different samples
-        raise ArtifactError(f"the epochs in {folder} cover different samples",
-                            "the run directory mixes two runs: train again in a fresh --run-dir") from None
+        rows = _read_epoch(f)
+        index = [r["index"] for r in rows]
+        if first is None:
+            first = index
+        elif index != first:
+            raise ArtifactError(f"{f} covers other samples than {files[0].name}",
+                                "the dynamics mix two runs: train again in a fresh --run-dir")
+        probs.append([r["true_label_prob"] for r in rows])
+        correct.append([r["correct"] for r in rows])
+    return np.asarray(probs, dtype=np.float64), np.asarray(correct, dtype=bool)
+
+
+def dynamics_rows(run_dir: Path, split: str = "validation") -> np.ndarray:
+    """(N,) the index into `split` of each row `read_dynamics` returns (0..N-1 for validation; the sampled
+    rows of the training split, ascending, for train)."""
+    files = _epoch_files(run_dir, split)
+    if not files:
+        raise ArtifactError(f"no training dynamics of the {split} split in {RunDir(run_dir).dynamics_dir(split)}",
+                            "run `dimec train RUN_DIR` first")
+    return np.asarray([r["index"] for r in _read_epoch(files[0])], dtype=np.int64)
+
+
+def dynamics_sample(labels: np.ndarray, samples: int | None, seed: int) -> np.ndarray | None:
+    """Which training rows get dynamics: None -> all (0..N-1); 0 -> none (returns None); n -> a seeded,
+    label-stratified sample of n rows, ascending. Bad values are a ConfigError (checked before training)."""
+    from sklearn.model_selection import train_test_split
+
+    labels = np.asarray(labels)
+    n = len(labels)
+    if samples is None or samples == n:
+        return np.arange(n)
+    if samples == 0:
+        return None
+    classes = len(np.unique(labels))
+    if not classes <= samples < n:
+        raise ConfigError(f"train.train_dynamics_samples={samples} does not fit the training split ({n} rows, "
+                          f"{classes} labels)", f"use 0 (off), null (all rows) or a number in [{classes}, {n}]")
+    keep, _ = train_test_split(np.arange(n), train_size=samples, stratify=labels, random_state=seed)
+    return np.sort(keep)
+
+
+def prune_dynamics(run_dir: Path, after_epoch: int) -> None:
+    """Delete the epoch files of every split beyond `after_epoch` (an epoch that never committed)."""
+    for split in DYNAMICS_SPLITS:
+        for f in RunDir(run_dir).dynamics_dir(split).glob("epoch_*.jsonl"):
+            try:
+                epoch = int(f.stem.split("_")[1])
+            except (IndexError, ValueError):
+                continue
+            if epoch > after_epoch:
+                f.unlink(missing_ok=True)
 
 
 @dataclass
@@ -72,8 +138,10 @@ class Cartography:
         return self.confidence[:, k], self.variability[:, k]
 
 
-def plot_data_map(carto: Cartography, path: Path, exit_name: str = "mobile", title: str = "") -> None:
-    """Variability vs confidence, coloured by correctness (the paper's Fig. 1)."""
+def plot_data_map(carto: Cartography, path: Path, exit_name: str = "mobile", title: str = "",
+                  split: str = "validation") -> None:
+    """Variability vs confidence, coloured by correctness (the paper's Fig. 1), for the dynamics of either
+    split (`Cartography.from_dynamics(*read_dynamics(run_dir, split))`)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -86,7 +154,7 @@ def plot_data_map(carto: Cartography, path: Path, exit_name: str = "mobile", tit
     fig.colorbar(sc, ax=ax, label="correctness (fraction of epochs right)")
     ax.set_xlabel("variability (variance of true-label probability across epochs)")
     ax.set_ylabel("confidence (mean true-label probability)")
-    ax.set_title(title or f"Data map at the {exit_name} exit ({len(conf)} validation samples)")
+    ax.set_title(title or f"Data map at the {exit_name} exit ({len(conf)} {split} samples)")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     write_with(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
