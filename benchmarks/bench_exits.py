@@ -1,6 +1,6 @@
 """Stronger, honest exits (issue 9): every task trained with and without self-distillation at the
 reproduction's budget; each exit's accuracy (and MCC / F1), its ECE before and after temperature scaling,
-and the wall times. Writes benchmarks/results/exits.json and the BENCHMARKS.md section rendered from it.
+and the wall times. Writes benchmarks/results/exits.json; BENCHMARKS.md is rendered from it.
 
     python benchmarks/bench_exits.py [--out ../scratch/exits] [--tasks sst2,cola,mrpc,qnli,rotten_tomatoes]
         [--max-train-samples 8000] [--epochs 3] [--config configs/reproduce.yaml]
@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from report import update_section  # noqa: E402
+from report import save  # noqa: E402
 
 from dimec.config import RunConfig, apply_overrides  # noqa: E402
 from dimec.experiments.reproduce import _same_training, load_reproduce_config, task_config, with_train_cap  # noqa: E402
@@ -37,7 +37,6 @@ from dimec.tiers import TIERS  # noqa: E402
 from dimec.training.temperature import calibration_report  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "benchmarks" / "results" / "exits.json"
 TITLE = "Exits: self-distillation and calibrated confidences (issue 9)"
 TASKS = "sst2,cola,mrpc,qnli,rotten_tomatoes"
 DEFAULT_DISTILL = ("train.distill_weight=0.5", "train.distill_temperature=2.0", "train.distill_teacher=last")
@@ -123,8 +122,7 @@ def render(doc: dict) -> str:
     def f_metric(task):
         return tasks[task]["off"]["metric"]
 
-    lines = [f"Command: `{meta['command']}`  ",
-             f"Base: `{meta['config']}` (with its per-task settings), training split capped at "
+    lines = [f"Base: `{meta['config']}` (with its per-task settings), training split capped at "
              f"{meta['max_train_samples']} rows, {meta['epochs']} epochs; self-distillation variant: "
              f"{', '.join(meta['distill'])}. Model {meta['model']}, exits after layers "
              f"{'/'.join(str(x) for x in meta['exit_layers'])}. Peak memory "
@@ -182,8 +180,6 @@ def main() -> None:
     parser.add_argument("--config", default=str(ROOT / "configs" / "reproduce.yaml"))
     parser.add_argument("--distill", action="append", default=None, metavar="SECTION.KEY=VALUE",
                         help=f"the distillation variant's settings when the config has none (default {DEFAULT_DISTILL})")
-    parser.add_argument("--results", default=str(RESULTS), help="where the JSON goes")
-    parser.add_argument("--no-update", action="store_true", help="do not rewrite BENCHMARKS.md")
     args = parser.parse_args()
     out, distill = Path(args.out), args.distill or list(DEFAULT_DISTILL)
     base, task_settings = load_reproduce_config(args.config, [], args.epochs)
@@ -208,12 +204,8 @@ def main() -> None:
             "model": "all-MiniLM-L6-v2" if base.model.name_or_path == "default" else base.model.name_or_path,
             "exit_layers": list(MultiExitConfig.load(Path(tasks[task]["off"]["run_dir"]) / "model").exit_layers)}
     doc = {"meta": meta, "tasks": tasks, "summary": summarise(tasks)}
-    Path(args.results).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.results).write_text(json.dumps(doc, indent=2, allow_nan=False) + "\n")
-    body = render(doc)
-    print(body)
-    if not args.no_update:
-        update_section(TITLE, body, command)
+    print(render(doc))
+    print(f"wrote {save('exits', TITLE, command, 'bench_exits.py', doc)}")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from report import update_section  # noqa: E402
+from report import save  # noqa: E402
 
 from dimec.config import DataConfig  # noqa: E402
 from dimec.data import load_task  # noqa: E402
@@ -74,20 +74,26 @@ def main() -> None:
             widths[name].append(width)
             print(f"round {r + 1}: {name:<9} {sps:7.1f} samples/s, mean padded length {width:.1f}", flush=True)
 
-    b, f = statistics.median(results["bucketed"]), statistics.median(results["fixed"])
-    body = f"""
-all-MiniLM-L6-v2 (exits 2/3/6), SST-2 from `../shared/glue` (pooled train split), batch {args.batch_size},
-max length {args.max_length}, word embeddings frozen as in the default job, 2 CPU cores.
-{args.rounds} rounds x {args.steps} steps per setting, alternating; medians over rounds.
+    data = {"rounds": args.rounds, "steps": args.steps, "batch_size": args.batch_size, "max_length": args.max_length,
+            "samples_per_second": results, "mean_padded_length": widths}
+    print(render(data))
+    print(f"wrote {save('training', 'Training throughput: length bucketing (issue 3)', COMMAND, 'bench_training.py', data)}")
+
+
+def render(data: dict) -> str:
+    sps, widths = data["samples_per_second"], data["mean_padded_length"]
+    b, f = statistics.median(sps["bucketed"]), statistics.median(sps["fixed"])
+    return f"""
+all-MiniLM-L6-v2 (exits 2/3/6), SST-2 from `../shared/glue` (pooled train split), batch {data['batch_size']},
+max length {data['max_length']}, word embeddings frozen as in the default job.
+{data['rounds']} rounds x {data['steps']} steps per setting, alternating; medians over rounds.
 
 | batching | samples/s (median) | mean padded length |
 |---|---|---|
 | length-bucketed dynamic padding | {b:.1f} | {statistics.mean(widths['bucketed']):.1f} |
-| fixed-length padding to {args.max_length} | {f:.1f} | {statistics.mean(widths['fixed']):.1f} |
+| fixed-length padding to {data['max_length']} | {f:.1f} | {statistics.mean(widths['fixed']):.1f} |
 | speed-up | {b / f:.2f}x | |
 """
-    print(body)
-    update_section("Training throughput: length bucketing (issue 3)", body, COMMAND)
 
 
 if __name__ == "__main__":

@@ -80,3 +80,19 @@ def tiny_run(tmp_path_factory, tiny_encoder, tiny_task_csv) -> Path:
     run_dir = tmp_path_factory.mktemp("tiny_run")
     run_all(tiny_run_config(tiny_encoder, tiny_task_csv), run_dir)
     return run_dir
+
+
+@pytest.fixture(scope="session")
+def unscaled_tiny_run(tiny_run, tmp_path_factory) -> Path:
+    """The tiny run with its exits read at T = 1. The tiny model separates its small validation split, so
+    the fitted temperatures sharpen every confidence to 0 or 1; tests of thresholds need them spread."""
+    import json
+    import shutil
+
+    from dimec.modeling.multi_exit import MODEL_CONFIG
+
+    run_dir = tmp_path_factory.mktemp("unscaled") / "run"
+    shutil.copytree(tiny_run, run_dir, ignore=shutil.ignore_patterns("packages"))
+    path = run_dir / "model" / MODEL_CONFIG
+    path.write_text(json.dumps(json.loads(path.read_text()) | {"temperatures": [1.0, 1.0, 1.0]}))
+    return run_dir

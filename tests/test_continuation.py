@@ -43,8 +43,8 @@ CASCADE = check_plan((Stage(MOBILE, 0, 0.0), Stage(EDGE, 1, 0.0), Stage(CLOUD, 2
 
 # ---- fixtures ---------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def packages(tiny_run, tmp_path_factory):
-    return export_packages(tiny_run, tmp_path_factory.mktemp("cont_packages"), full=True, check_texts=TEXTS)
+def packages(unscaled_tiny_run, tmp_path_factory):
+    return export_packages(unscaled_tiny_run, tmp_path_factory.mktemp("cont_packages"), full=True, check_texts=TEXTS)
 
 
 @pytest.fixture(scope="module")
@@ -72,13 +72,13 @@ def edge_http(models):
 
 
 @pytest.fixture(scope="module")
-def reference(tiny_run, models):
+def reference(unscaled_tiny_run, models):
     """Every exit's probabilities for TEXTS from the run's full PyTorch model, one text at a time."""
     import torch
 
     from dimec.pipeline import load_model
 
-    full = load_model(tiny_run)
+    full = load_model(unscaled_tiny_run)
     probs = []
     for text in TEXTS:
         batch = models["cloud"].encode([text])

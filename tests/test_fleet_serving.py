@@ -56,8 +56,8 @@ class SlowModel:
 
 
 @pytest.fixture(scope="module")
-def packages(tiny_run, tmp_path_factory):
-    return export_packages(tiny_run, tmp_path_factory.mktemp("fleet_packages"), onnx=False)
+def packages(unscaled_tiny_run, tmp_path_factory):
+    return export_packages(unscaled_tiny_run, tmp_path_factory.mktemp("fleet_packages"), onnx=False)
 
 
 @pytest.fixture(scope="module")

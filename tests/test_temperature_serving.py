@@ -14,7 +14,7 @@ pytest.importorskip("onnxruntime")
 from dimec.modeling.multi_exit import MODEL_CONFIG  # noqa: E402
 from dimec.outputs import softmax  # noqa: E402
 from dimec.pipeline import route_texts  # noqa: E402
-from dimec.serving.package import export_packages  # noqa: E402
+from dimec.serving.export import export_packages  # noqa: E402
 from dimec.serving.tier import TierModel  # noqa: E402
 
 TEXTS = ["good movie", "the film was very boring", "a lovely plot and acting", "dull", "great fun", "poor acting",
@@ -32,19 +32,23 @@ def hot_run(tiny_run, tmp_path_factory):
     raw["temperatures"] = TEMPERATURES
     path.write_text(json.dumps(raw))
     shutil.rmtree(run / "packages", ignore_errors=True)
-    return run, export_packages(run, check_texts=TEXTS)
+    return run, export_packages(run, full=True, check_texts=TEXTS)  # full: the fp32 ONNX and PyTorch copies too
+
+
+def probs(model: TierModel, batch) -> np.ndarray:
+    return model.exit_probs(model.logits(batch), model.tier_index)
 
 
 def test_every_backend_reads_its_exits_temperature(hot_run):
     run, packages = hot_run
     torch_mobile = TierModel(packages["mobile"], "torch")
     batch = torch_mobile.encode(TEXTS)
-    reference = torch_mobile.probs(batch)
+    reference = probs(torch_mobile, batch)
     np.testing.assert_allclose(reference, softmax(torch_mobile.logits(batch) / TEMPERATURES[0]), atol=1e-6)
     for backend, tol in (("onnx", 1e-4), ("onnx-int8", 0.1)):
         onnx_mobile = TierModel(packages["mobile"], backend)
         assert onnx_mobile.temperature == pytest.approx(TEMPERATURES[0])
-        np.testing.assert_allclose(onnx_mobile.probs(onnx_mobile.encode(TEXTS)), reference, atol=tol)
+        np.testing.assert_allclose(probs(onnx_mobile, onnx_mobile.encode(TEXTS)), reference, atol=tol)
     for k, tier in ((1, "edge"), (2, "cloud")):
         model = TierModel(packages[tier])
         assert model.temperature == pytest.approx(TEMPERATURES[k])

@@ -73,12 +73,12 @@ def test_depth_weighting_weighs_deeper_exits_more():
 
 
 @pytest.mark.parametrize("setting, message", [
-    ({"distill_temperature": 0.0}, "distill_temperature must be > 0"),
-    ({"distill_temperature": -1.0}, "distill_temperature must be > 0"),
+    ({"distill_temperature": 0.0}, "distill_temperature must be"),
+    ({"distill_temperature": -1.0}, "distill_temperature must be"),
     ({"distill_weight": -0.1}, "distill_weight must be in [0, 1]"),
     ({"distill_weight": 1.5}, "distill_weight must be in [0, 1]"),
-    ({"exit_loss_weights": (1.0, -1.0, 1.0)}, "non-negative"),
-    ({"exit_loss_weights": (0.0, 0.0, 0.0)}, "not all 0"),
+    ({"exit_loss_weights": (1.0, -1.0, 1.0)}, "at least 0"),
+    ({"exit_loss_weights": (0.0, 0.0, 0.0)}, "not all be 0"),
     ({"distill_teacher": "first"}, "distill_teacher"),
     ({"exit_loss_weighting": "log"}, "exit_loss_weighting"),
     ({"select_metric": "f1"}, "select_metric"),

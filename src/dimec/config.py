@@ -8,6 +8,7 @@ that spans fields goes in the section's `cross_checks`. The whole `RunConfig` is
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -385,7 +386,7 @@ def parse_override(item: str) -> tuple[str, str, Any]:
         raise ConfigError(f"bad override {item!r}", "write it as section.key=value, e.g. train.epochs=2")
     try:
         value = yaml.safe_load(text)
-    except (yaml.YAMLError, RecursionError) as exc:
+    except (yaml.YAMLError, RecursionError, ValueError) as exc:  # ValueError: e.g. a YAML date 0000-00-00
         raise ConfigError(f"cannot parse the value of {key.strip()} in {item!r}: {_one_line(exc)}",
                           "quote strings that YAML would read as something else, e.g. data.path='a: b'") from None
     return section, name, value
@@ -393,7 +394,7 @@ def parse_override(item: str) -> tuple[str, str, Any]:
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply `section.key=value` strings (value parsed as YAML) onto a raw config mapping."""
-    raw = json.loads(json.dumps(raw))  # deep copy
+    raw = copy.deepcopy(raw)
     for item in overrides:
         section, name, value = parse_override(item)
         if not isinstance(raw.setdefault(section, {}), dict):
@@ -408,8 +409,10 @@ def load_run_config(path: str | Path | None = None, overrides: list[str] | None 
     raw = read_config_file(path) if path else {}
     base, tasks = split_task_settings(raw, overrides or [])
     raw = apply_overrides(base, overrides or [])
-    task = raw.get("data", {}).get("task", DataConfig.task)
-    return RunConfig.from_dict(with_task_settings(raw, tasks.get(task), task))
+    data = raw.get("data")
+    task = data.get("task", DataConfig.task) if isinstance(data, dict) else DataConfig.task
+    own = tasks.get(task) if isinstance(task, str) else None  # a bad data.task is reported by from_dict
+    return RunConfig.from_dict(with_task_settings(raw, own, str(task)))
 
 
 # ---- per-task settings: a config file's optional `tasks:` section -----------------------------------------
@@ -437,7 +440,7 @@ def split_task_settings(raw: dict[str, Any], overrides: list[str]) -> tuple[dict
 
 def with_task_settings(raw: dict[str, Any], settings: dict[str, dict] | None, task: str = "") -> dict[str, Any]:
     """`raw` with one task's own settings merged over it, section by section."""
-    raw = json.loads(json.dumps(raw))  # deep copy
+    raw = copy.deepcopy(raw)
     for section, values in (settings or {}).items():
         if not isinstance(raw.setdefault(section, {}), dict):
             raise ConfigError(f"config section {section} must be a mapping (task {task})")

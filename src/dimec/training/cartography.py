@@ -47,7 +47,7 @@ def _read_epoch(path: Path) -> list[dict]:
         rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
         rows.sort(key=lambda r: r["index"])
         for r in rows:  # every field the readers use, checked here once
-            float(r["true_label_prob"]), bool(r["correct"])
+            r["true_label_prob"], r["correct"]  # noqa: B018
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ArtifactError(f"{path} is damaged ({exc})", "train the run again in a fresh --run-dir") from None
     return rows
