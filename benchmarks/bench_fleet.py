@@ -22,7 +22,7 @@
 
     python benchmarks/bench_fleet.py RUN_DIR [--seconds 20] [--load 1.5] [--queue 8] [--drift-texts 600]
 
-Writes benchmarks/results/fleet.json and benchmarks/results/fleet.md (the Markdown body, `render(results)`).
+Writes benchmarks/results/fleet.json; BENCHMARKS.md renders its section from it (`render(results)`).
 """
 
 from __future__ import annotations
@@ -40,9 +40,13 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from report import save  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 COMMAND = "python benchmarks/bench_fleet.py RUN_DIR"
+TITLE = "Fleet: many sources, priorities, constraints, drift (issue 10)"
 CLASSES = (("high", 6.0, 2), ("medium", 3.0, 4), ("low", 1.0, 6))  # name, weight, sources
 
 
@@ -379,9 +383,7 @@ def main() -> int:
     args = parser.parse_args()
 
     if args.render:
-        body = render(json.loads((RESULTS / "fleet.json").read_text()))
-        (RESULTS / "fleet.md").write_text(body + "\n")
-        print(body)
+        print(render(json.loads((RESULTS / "fleet.json").read_text())["data"]))
         return 0
     run_dir = Path(args.run_dir)
     if not (run_dir / "model").is_dir() or not (run_dir / "router.json").is_file():
@@ -401,7 +403,7 @@ def main() -> int:
 
     torch.set_num_threads(1)  # the clients' mobile forwards (advice) run like a phone's: one thread
     path = RESULTS / "fleet.json"
-    results: dict = json.loads(path.read_text()) if args.part != "all" and path.is_file() else {}
+    results: dict = json.loads(path.read_text())["data"] if args.part != "all" and path.is_file() else {}
     data_json = json.loads((run_dir / "data.json").read_text())
     results["run"] = (f"{data_json['task']} ({', '.join(f'{k} {v}' for k, v in data_json['sizes'].items())}), "
                       f"model {load_run_config(run_dir).model.name_or_path}, exits {packages_exits(packages)}")
@@ -415,12 +417,10 @@ def main() -> int:
         results["priorities"]["niceness"] = {"bench_and_edge": os.nice(0), "cloud": args.cloud_nice}
     if args.part in ("all", "drift"):
         results["drift"] = bench_drift(packages, [e.text for e in data.test], args.drift_texts, args.threshold)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(results, indent=2) + "\n")
-    if "priorities" in results and "drift" in results:
-        body = render(results)
-        (RESULTS / "fleet.md").write_text(body + "\n")
-        print("\n" + body)
+    complete = "priorities" in results and "drift" in results  # a part alone is kept for the other to join
+    save("fleet", TITLE, results["command"], "bench_fleet.py", results, render=complete)
+    if complete:
+        print("\n" + render(results))
     return 0
 
 

@@ -35,6 +35,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))  # the toy encoder and CSV of the test suite
 RESULT = ROOT / "benchmarks" / "results" / "reliability.json"
+TITLE = "Reliability: bad input, crash-safe artifacts, faults (issue 11)"
 DOC = ROOT / "docs" / "reliability.md"
 COMMAND = "python benchmarks/bench_reliability.py --doc"
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
@@ -565,13 +566,13 @@ def main() -> int:
     parser.add_argument("--fuzz", type=int, default=1000, help="fuzzed HTTP bodies")
     parser.add_argument("--requests", type=int, default=400, help="requests per server-kill burst")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--note", default="branch harden (issue 11), before issue 9's trainer changes",
+    parser.add_argument("--note", default="main",
                         help="what code was measured, for the report")
     parser.add_argument("--doc", action="store_true", help="also rewrite the measured section of docs/reliability.md")
     parser.add_argument("--render", action="store_true", help="only re-render docs/reliability.md from the JSON")
     args = parser.parse_args()
     if args.render:
-        write_doc(render(json.loads(RESULT.read_text())))
+        write_doc(render(json.loads(RESULT.read_text())["data"]))
         return 0
 
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="dimec-reliability-"))
@@ -603,8 +604,10 @@ def main() -> int:
     print("faults: servers killed mid-burst", flush=True)
     result["faults"]["serving"] = kill_servers(packages, texts, args.requests)
 
-    RESULT.parent.mkdir(parents=True, exist_ok=True)
-    RESULT.write_text(json.dumps(result, indent=2) + "\n")
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from report import save
+
+    save("reliability", TITLE, COMMAND, "bench_reliability.py", result)
     body = render(result)
     print("\n" + body)
     if args.doc:

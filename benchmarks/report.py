@@ -37,15 +37,16 @@ def machine() -> str:
     return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
 
 
-def save(name: str, title: str, command: str, script: str, data: dict[str, Any]) -> Path:
-    """Write benchmarks/results/NAME.json and re-render BENCHMARKS.md."""
+def save(name: str, title: str, command: str, script: str, data: dict[str, Any], render: bool = True) -> Path:
+    """Write benchmarks/results/NAME.json and (unless told not to: a partial result) re-render BENCHMARKS.md."""
     sys.path.insert(0, str(HERE.parent / "src"))
     from dimec.atomic import write_json
 
     path = RESULTS / f"{name}.json"
     write_json(path, {"title": title, "command": command, "script": script,
                       "measured": {"date": date.today().isoformat(), "machine": machine()}, "data": data})
-    render_all()
+    if render:
+        render_all()
     return path
 
 

@@ -78,6 +78,9 @@ def test_save_load_round_trip(model, tmp_path):
 def test_default_exit_layers():
     assert default_exit_layers(6) == (2, 3, 6)
     assert default_exit_layers(12) == (4, 6, 12)
+    for depth in range(2, 25):  # every depth from 2 up gets valid exits (1 <= m < n <= l)
+        assert check_exit_layers(default_exit_layers(depth), depth)
+    assert default_exit_layers(2) == (1, 2, 2)
 
 
 @pytest.mark.parametrize("layers, message", [((2, 2, 6), "1 <= m < n <= l"), ((3, 2, 6), "1 <= m < n <= l"),

@@ -163,7 +163,8 @@ def training_signal(run_dir: Path, cfg: RunConfig) -> TrainingSignal | None:
             outputs = None
     if outputs is None or len(outputs) != len(rows):
         model = load_model(run_dir)
-        examples = [task_data(cfg).train[i] for i in rows]
+        train_split = task_data(cfg).train  # loaded once: loading the task per row took minutes
+        examples = [train_split[i] for i in rows]
         outputs = predict_exit_outputs(model, encode(model.tokenizer, examples, cfg.data.max_length),
                                        cfg.train.eval_batch_size, progress=cfg.train.progress)
         outputs.save(cache)

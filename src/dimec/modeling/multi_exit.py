@@ -28,8 +28,10 @@ DAMAGED_HINT = "it was cut short or overwritten: restore it, or train again into
 
 
 def default_exit_layers(num_layers: int) -> tuple[int, int, int]:
-    """The paper's 4/6/12 of a 12-layer BERT, i.e. l/3, l/2, l (2/3/6 for a 6-layer MiniLM)."""
-    return max(1, num_layers // 3), max(1, num_layers // 2), num_layers
+    """The paper's 4/6/12 of a 12-layer BERT, i.e. l/3, l/2, l (2/3/6 for a 6-layer MiniLM); for shallow
+    encoders m < n is kept (2 layers: 1/2/2). A 1-layer encoder has no valid exits (check_exit_layers says so)."""
+    m = max(1, num_layers // 3)
+    return m, min(num_layers, max(m + 1, num_layers // 2)), num_layers
 
 
 def check_exit_layers(exit_layers: tuple[int, int, int], num_layers: int) -> tuple[int, int, int]:
