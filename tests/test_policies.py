@@ -50,6 +50,15 @@ def test_the_cascade_meets_a_point_target_and_stops_at_confident_exits():
     assert router.selection_.scores.loss_pt[router.selection_.index] <= 0.5
 
 
+def test_a_point_estimate_says_when_validation_is_too_small_for_the_target():
+    small, _ = synthetic(n=300)  # a loss estimate on 300 samples has a standard error of about 1 pt
+    router = ROUTERS["cascade"].from_config(CalibrationConfig(max_loss=0.5)).fit(small, CM)
+    assert "WARNING" in router.selection_.how and "--delta" in router.selection_.how
+    large, _ = synthetic(n=4000)
+    router = ROUTERS["cascade"].from_config(CalibrationConfig(max_loss=2.0)).fit(large, CM)
+    assert "WARNING" not in router.selection_.how
+
+
 def test_auto_keeps_the_cheapest_policy_that_meets_the_target_and_says_why(tmp_path):
     val, easy = synthetic()
     carto = Cartography(np.stack([np.where(easy, 0.95, 0.3)] * 3, 1), np.zeros((len(val), 3)),

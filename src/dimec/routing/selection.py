@@ -88,6 +88,11 @@ def select(build: CandidateBuilder, val: ExitOutputs, cartography: Cartography |
         index = select_point(scores.loss_pt + target.point_margin * scores.loss_se_pt, scores.cost, target.max_loss)
         margin = f" + {target.point_margin:g} standard errors" if target.point_margin else ""
         how = f"cheapest with validation loss{margin} <= {target.max_loss:g} pt (point estimate, {len(val)} samples)"
+        se = float(scores.loss_se_pt[index]) if index is not None else 0.0
+        if se >= target.max_loss:  # the estimate's own noise is as large as the target: say so, loudly
+            how += (f"; WARNING: its loss estimate has a standard error of {se:.2f} pt, as large as the target, "
+                    "so on new data the loss will often exceed it (state a guarantee with --delta, or calibrate "
+                    "on a larger validation split)")
     return candidates, Selection(index, scores, how)
 
 
