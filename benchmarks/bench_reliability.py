@@ -241,10 +241,10 @@ def check_run_artifacts(run: Path) -> tuple[list[str], int]:
     """Every artifact present must load; returns (problems, temporary files left behind)."""
     from dimec.config import RunConfig
     from dimec.outputs import ExitOutputs
-    from dimec.routing.dimec import DimecFixedRouter
+    from dimec.routing.base import load_router
 
     problems = []
-    checks = [("config.json", RunConfig.load), ("router.json", DimecFixedRouter.load),
+    checks = [("config.json", RunConfig.load), ("router.json", load_router),
               ("calibration.json", lambda p: json.loads(p.read_text())),
               ("outputs/validation.safetensors", ExitOutputs.load), ("data_map.png", _whole_png)]
     for name, load in checks:
@@ -263,12 +263,10 @@ def _whole_png(path: Path) -> None:
 
 
 def kill_calibrate(paths: dict[str, Path], work: Path, kills: int, rng: random.Random) -> dict:
-    import numpy as np
-
-    from dimec.routing.dimec import DimecFixedRouter
+    from dimec.routing.base import load_router
 
     ref = paths["reference"]
-    reference_router = DimecFixedRouter.load(ref / "router.json")
+    reference = load_router(ref / "router.json")[1]  # the served policy's file: kind, state, cost model
 
     def fresh(name: str) -> Path:
         run = work / name
@@ -292,10 +290,8 @@ def kill_calibrate(paths: dict[str, Path], work: Path, kills: int, rng: random.R
         problems, leftovers = check_run_artifacts(run)
         present = [n for n in ("outputs/validation.safetensors", "router.json", "calibration.json") if (run / n).exists()]
         again = outcome(dimec("calibrate", str(run)))
-        router = DimecFixedRouter.load(run / "router.json") if again["exit"] == 0 else None
-        same = router is not None and router.alpha_ == reference_router.alpha_ and \
-            router.beta_ == reference_router.beta_ and \
-            np.allclose(router.centroids_, reference_router.centroids_, atol=1e-6, equal_nan=True)
+        rerun = load_router(run / "router.json")[1] if again["exit"] == 0 else None
+        same = rerun is not None and json.dumps(rerun, sort_keys=True) == json.dumps(reference, sort_keys=True)
         evaluate = outcome(dimec("evaluate", str(run)))["exit"] if again["exit"] == 0 else None
         trials.append({"kill_at_s": round(at, 2), "killed_running": was_running, "present_after_kill": present,
                        "damaged_after_kill": problems, "temp_files_left": leftovers, "rerun": again,

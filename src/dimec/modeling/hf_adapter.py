@@ -59,6 +59,8 @@ def replace_word_embeddings(encoder: nn.Module, module: nn.Module) -> None:
     if not isinstance(getattr(embeddings, "word_embeddings", None), nn.Module):
         raise ModelError(f"{type(encoder).__name__} has no embeddings.word_embeddings", "use a BERT-family encoder")
     embeddings.word_embeddings = module
+
+
 def freeze_word_embeddings(encoder: nn.Module) -> None:
     """Stop training the (V, H) word-embedding matrix (position and segment embeddings and the embedding
     LayerNorm still train): no AdamW update of the biggest tensor, about 2x faster steps on CPU."""
