@@ -277,7 +277,11 @@ def bench_drift(packages: dict, held_out: list[str], n: int, threshold: float) -
     from dimec.serving.tier import TierModel
 
     token = secrets.token_urlsafe(16)
-    servers = {t: ProcessServer(t, packages[t], token, threads=1).start() for t in ("edge", "cloud")}
+    cloud = ProcessServer("cloud", packages["cloud"], token, threads=1).start()
+    # the edge forwards the plans that go on to the cloud, as in a deployment (without it, those texts would be
+    # answered at the edge's exit as fallbacks, and their confidences would look like drift)
+    edge = ProcessServer("edge", packages["edge"], token, threads=1, extra_args=["--cloud-url", cloud.url]).start()
+    servers = {"edge": edge, "cloud": cloud}
     for s in servers.values():
         s.wait(300)
     client = MobileClient(TierModel(packages["mobile"]), servers["edge"].url, servers["cloud"].url, token)

@@ -221,3 +221,20 @@ def test_monitor_bad_input(drift_packages, tmp_path, capsys):
     assert "no drift reference" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="threshold"):
         monitor(["http://127.0.0.1:9"], read_reference(drift_packages["edge"]), threshold=-1)
+
+
+def test_reference_counts_the_tier_a_plan_starts_on():
+    """The live counter records the tier the policy chose (a plan's first stage), so the reference must too:
+    a cascade starts every text on the phone, whichever tier then answers."""
+    from test_policies import CM, synthetic
+
+    from dimec.config import CalibrationConfig
+    from dimec.routing import ROUTERS
+    from dimec.serving.monitor import build_reference
+
+    outputs, _ = synthetic(n=1000)  # honest confidences: the confident 60% stay on the phone
+    cascade = ROUTERS["cascade"].from_config(CalibrationConfig(max_loss=0.5)).fit(outputs, CM)
+    assert len(set(cascade.route(outputs, CM).tier.tolist())) > 1  # it answers on several tiers
+    ref = build_reference(outputs, cascade, CM, "model")
+    assert ref["routed"]["counts"] == [len(outputs), 0, 0]
+    assert sum(sum(c) for c in ref["confidence"]["counts"].values()) == len(outputs)

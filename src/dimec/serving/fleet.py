@@ -105,8 +105,11 @@ class Fleet:
         self.metrics.wait.labels(source.priority).observe(queue_ms / 1e3)
         if self.drift is not None:
             exits = np.asarray(getattr(answer, "exits", None) or [self.exit_index] * len(answer.probs))
-            for k in np.unique(exits):  # a plan's samples may be answered at several exits
-                self.drift.observe_confidence(int(k), np.asarray(answer.probs)[exits == k])
+            tiers = getattr(answer, "tiers", None)  # a plan's answers: the texts this tier forwarded are the
+            mine = np.ones(len(exits), dtype=bool) if not tiers else \
+                np.array([t == TIERS[self.exit_index] for t in tiers])  # next tier's to record, not this one's
+            for k in np.unique(exits[mine]):  # a plan's samples may be answered at several exits
+                self.drift.observe_confidence(int(k), np.asarray(answer.probs)[mine & (exits == k)])
         answer.queue_ms, answer.source, answer.priority = round(queue_ms, 3), source.name, source.priority
         if self.scheduler is not None and self.table.config.allocation.enabled:
             answer.advice = self.scheduler.advice(source.priority)

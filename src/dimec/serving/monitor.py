@@ -39,7 +39,7 @@ from dimec.errors import ArtifactError, ConfigError, DimecError
 from dimec.rundir import DRIFT_REFERENCE, RunDir
 from dimec.tiers import TIERS
 
-REFERENCE_FORMAT = 1
+REFERENCE_FORMAT = 2  # 2: "routed" counts the tier a plan starts on (as the live counter does)
 BINS = 10
 DISTANCE, ROUTED, CONFIDENCE = "dimec_drift_routing_distance", "dimec_drift_routed", "dimec_drift_confidence"
 EXIT_NAMES = ("m", "n", "l")
@@ -89,6 +89,16 @@ def routing_distances(embeddings: np.ndarray, anchors: np.ndarray) -> np.ndarray
     return np.sqrt(np.clip(d2.min(1), 0, None))
 
 
+def start_tiers(router, outputs, cost_model) -> np.ndarray:
+    """(N,) the tier each sample's plan starts on: what the policy chose before any layer ran, as the live
+    `routed` counter counts it (not the tier that answered: a cascade starts everything on the phone)."""
+    plans = getattr(router, "plans_", None)
+    if plans is None:  # a router without plans: the tier it routes to is the one it chose
+        return np.asarray(router.route(outputs, cost_model).tier, dtype=np.int64)
+    choice = router.choose_plans(outputs.embeddings, outputs.lengths)
+    return np.array([plans[c][0].tier for c in choice], dtype=np.int64)
+
+
 def build_reference(outputs, router, cost_model, model: str, bins: int = BINS) -> dict[str, Any]:
     """The three distributions on validation outputs (ExitOutputs), routed by the run's router."""
     decisions = router.route(outputs, cost_model)
@@ -101,7 +111,7 @@ def build_reference(outputs, router, cost_model, model: str, bins: int = BINS) -
         "format_version": REFERENCE_FORMAT, "model": model, "samples": len(outputs), "router": router.name,
         "anchors": anchors.round(6).tolist(),
         "routing_distance": {"edges": d_edges, "counts": bin_counts(distances, d_edges)},
-        "routed": {"counts": np.bincount(decisions.tier, minlength=len(TIERS)).astype(int).tolist()},
+        "routed": {"counts": np.bincount(start_tiers(router, outputs, cost_model), minlength=len(TIERS)).astype(int).tolist()},
         "confidence": {"edges": conf_edges,
                        "counts": {EXIT_NAMES[k]: bin_counts(answered[decisions.exit_index == k], conf_edges)
                                   for k in range(3)}},
