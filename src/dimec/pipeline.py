@@ -34,7 +34,13 @@ from dimec.routing.targets import Target
 from dimec.rundir import CONFIG, MODEL_DIR, SPLITS, RunDir
 from dimec.tiers import POOLS, TIERS
 from dimec.training.batching import encode
-from dimec.training.cartography import Cartography, dynamics_sample, plot_data_map, read_dynamics
+from dimec.training.cartography import (
+    Cartography,
+    dynamics_rows,
+    dynamics_sample,
+    plot_data_map,
+    read_dynamics,
+)
 from dimec.training.trainer import TrainResult, new_model, predict_exit_outputs, train
 
 
@@ -72,8 +78,8 @@ def train_stage(cfg: RunConfig, run_dir: Path) -> TrainResult:
     run_dir = Path(run_dir)
     cfg.validate()  # settings, data and model are checked before anything is written to run_dir
     data = task_data(cfg)
-    dynamics_rows = dynamics_sample(np.array([e.label for e in data.train]), cfg.train.train_dynamics_samples,
-                                    cfg.train.seed)
+    dynamics_of = dynamics_sample(np.array([e.label for e in data.train]), cfg.train.train_dynamics_samples,
+                                  cfg.train.seed)  # training rows whose dynamics are recorded
     config = MultiExitConfig(**asdict(cfg.model), label_names=data.label_names, task=data.name,
                              metric=data.metric, max_length=cfg.data.max_length)
     model = new_model(config, cfg.train.seed)
@@ -88,7 +94,7 @@ def train_stage(cfg: RunConfig, run_dir: Path) -> TrainResult:
     })
     train_enc = encode(model.tokenizer, data.train, cfg.data.max_length)
     val_enc = encode(model.tokenizer, data.validation, cfg.data.max_length)
-    result = train(model, train_enc, val_enc, cfg.train, run_dir, dynamics_rows)
+    result = train(model, train_enc, val_enc, cfg.train, run_dir, dynamics_of)
     write_json(RunDir(run_dir).train_result, asdict(result))
     return result
 
@@ -150,8 +156,6 @@ def training_signal(run_dir: Path, cfg: RunConfig) -> TrainingSignal | None:
     run_dir = Path(run_dir)
     if not RunDir(run_dir).dynamics_dir("train").is_dir():
         return None
-    from dimec.training.cartography import dynamics_rows
-
     probs, correct = read_dynamics(run_dir, "train")
     rows = dynamics_rows(run_dir, "train")
     cache = RunDir(run_dir).outputs("train")

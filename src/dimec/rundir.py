@@ -26,6 +26,7 @@ from pathlib import Path
 CONFIG = "config.json"
 DATA = "data.json"
 MODEL_DIR = "model"
+MODEL_CONFIG = "dimec_model.json"  # in a model folder (model/, a package's model/): exit layers, labels, temperatures
 DYNAMICS_DIR = "dynamics"
 TRAIN_DYNAMICS_DIR = "dynamics/train"
 CHECKPOINT_DIR = "checkpoint"

@@ -21,8 +21,8 @@ from dimec.atomic import atomic_dir, write_text
 from dimec.config import ModelConfig
 from dimec.errors import ArtifactError, ConfigError, ModelError
 from dimec.modeling import hf_adapter
+from dimec.rundir import MODEL_CONFIG
 
-MODEL_CONFIG = "dimec_model.json"
 WEIGHTS = "model.safetensors"
 DAMAGED_HINT = "it was cut short or overwritten: restore it, or train again into a fresh --run-dir"
 

@@ -89,14 +89,11 @@ def routing_distances(embeddings: np.ndarray, anchors: np.ndarray) -> np.ndarray
     return np.sqrt(np.clip(d2.min(1), 0, None))
 
 
-def start_tiers(router, outputs, cost_model) -> np.ndarray:
+def start_tiers(router, outputs) -> np.ndarray:
     """(N,) the tier each sample's plan starts on: what the policy chose before any layer ran, as the live
     `routed` counter counts it (not the tier that answered: a cascade starts everything on the phone)."""
-    plans = getattr(router, "plans_", None)
-    if plans is None:  # a router without plans: the tier it routes to is the one it chose
-        return np.asarray(router.route(outputs, cost_model).tier, dtype=np.int64)
     choice = router.choose_plans(outputs.embeddings, outputs.lengths)
-    return np.array([plans[c][0].tier for c in choice], dtype=np.int64)
+    return np.array([router.plans_[c][0].tier for c in choice], dtype=np.int64)
 
 
 def build_reference(outputs, router, cost_model, model: str, bins: int = BINS) -> dict[str, Any]:
@@ -111,7 +108,7 @@ def build_reference(outputs, router, cost_model, model: str, bins: int = BINS) -
         "format_version": REFERENCE_FORMAT, "model": model, "samples": len(outputs), "router": router.name,
         "anchors": anchors.round(6).tolist(),
         "routing_distance": {"edges": d_edges, "counts": bin_counts(distances, d_edges)},
-        "routed": {"counts": np.bincount(start_tiers(router, outputs, cost_model), minlength=len(TIERS)).astype(int).tolist()},
+        "routed": {"counts": np.bincount(start_tiers(router, outputs), minlength=len(TIERS)).astype(int).tolist()},
         "confidence": {"edges": conf_edges,
                        "counts": {EXIT_NAMES[k]: bin_counts(answered[decisions.exit_index == k], conf_edges)
                                   for k in range(3)}},

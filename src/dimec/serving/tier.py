@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from dimec.errors import ArtifactError, ConfigError
+from dimec.rundir import MODEL_CONFIG
 from dimec.serving.package import (
     FORMAT_VERSION,
     MODEL_SUBDIR,
@@ -30,7 +31,6 @@ from dimec.serving.package import (
 from dimec.tiers import tier_index
 
 BACKENDS = ("torch", "onnx", "onnx-int8")
-MODEL_CONFIG = "dimec_model.json"  # dimec.modeling.multi_exit.MODEL_CONFIG (read here without importing torch)
 CHUNK = 32  # samples per forward pass: bounds memory and padding for big batches
 
 

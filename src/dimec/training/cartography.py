@@ -42,15 +42,17 @@ def _epoch_files(run_dir: Path, split: str) -> list[Path]:
     return sorted(RunDir(run_dir).dynamics_dir(split).glob("epoch_*.jsonl"))
 
 
-def _read_epoch(path: Path) -> list[dict]:
+def _read_epoch(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One epoch file: (index (N,), true-label probability (N, 3), correct (N, 3)), rows by index."""
     try:
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        rows.sort(key=lambda r: r["index"])
-        for r in rows:  # every field the readers use, checked here once
-            r["true_label_prob"], r["correct"]  # noqa: B018
+        rows = sorted((json.loads(line) for line in path.read_text().splitlines() if line.strip()),
+                      key=lambda r: r["index"])
+        index = np.asarray([r["index"] for r in rows], dtype=np.int64)
+        probs = np.asarray([r["true_label_prob"] for r in rows], dtype=np.float64)
+        correct = np.asarray([r["correct"] for r in rows], dtype=bool)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ArtifactError(f"{path} is damaged ({exc})", "train the run again in a fresh --run-dir") from None
-    return rows
+    return index, probs, correct
 
 
 def read_dynamics(run_dir: Path, split: str = "validation") -> tuple[np.ndarray, np.ndarray]:
@@ -62,18 +64,12 @@ def read_dynamics(run_dir: Path, split: str = "validation") -> tuple[np.ndarray,
         hint = ("train with train.train_dynamics_samples unset (all rows) or > 0 to record them"
                 if split == "train" else "run `dimec train RUN_DIR` first")
         raise ArtifactError(f"no training dynamics of the {split} split in {folder}", hint)
-    probs, correct, first = [], [], None
-    for f in files:
-        rows = _read_epoch(f)
-        index = [r["index"] for r in rows]
-        if first is None:
-            first = index
-        elif index != first:
+    epochs = [_read_epoch(f) for f in files]
+    for f, (index, _, _) in zip(files[1:], epochs[1:], strict=True):
+        if not np.array_equal(index, epochs[0][0]):
             raise ArtifactError(f"{f} covers other samples than {files[0].name}",
                                 "the dynamics mix two runs: train again in a fresh --run-dir")
-        probs.append([r["true_label_prob"] for r in rows])
-        correct.append([r["correct"] for r in rows])
-    return np.asarray(probs, dtype=np.float64), np.asarray(correct, dtype=bool)
+    return np.stack([p for _, p, _ in epochs]), np.stack([c for _, _, c in epochs])
 
 
 def dynamics_rows(run_dir: Path, split: str = "validation") -> np.ndarray:
@@ -83,7 +79,7 @@ def dynamics_rows(run_dir: Path, split: str = "validation") -> np.ndarray:
     if not files:
         raise ArtifactError(f"no training dynamics of the {split} split in {RunDir(run_dir).dynamics_dir(split)}",
                             "run `dimec train RUN_DIR` first")
-    return np.asarray([r["index"] for r in _read_epoch(files[0])], dtype=np.int64)
+    return _read_epoch(files[0])[0]
 
 
 def dynamics_sample(labels: np.ndarray, samples: int | None, seed: int) -> np.ndarray | None:
