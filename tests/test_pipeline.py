@@ -32,6 +32,7 @@ def test_run_writes_every_artifact(tiny_run):
         assert ci["low"] <= ci["estimate"] <= ci["high"] and ci["estimate"] == pytest.approx(r["cost_change_pct"])
     assert report["results"][-1]["oracle_share"] == pytest.approx(1.0)
     assert RunConfig.load(tiny_run / "config.json").data.task == "file"
+    assert report["task"] == "sentiment"  # the data's own name (the file's), not the loader's "file"
     assert not list(tiny_run.rglob("*.pt")) and not list(tiny_run.rglob("*.pkl"))  # no pickle anywhere
 
 

@@ -183,3 +183,20 @@ def test_reliability_diagram_is_written(synthetic, tmp_path):
     _, test, _ = synthetic
     path = plots.plot_reliability(test.with_temperatures([2.0, 1.0, 0.5]), tmp_path / "rel.png", "t")
     assert path.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_hybrid_learned_is_not_listed_as_seeded_and_noisy_rows_are_flagged():
+    from dimec.experiments.compare import is_seeded
+    from dimec.experiments.reproduce import noisy_estimates
+    from dimec.experiments.tables import markdown_table
+
+    assert not is_seeded("hybrid-learned")  # deterministic: every seed gives the same router
+    assert is_seeded("random")
+    row = {"method": "auto", "runs": 1, "accuracy": 0.8, "accuracy_std": 0.0, "accuracy_change_pt": -3.25,
+           "accuracy_change_low": -5.0, "accuracy_change_high": -1.0, "metric": 0.8, "metric_std": 0.0,
+           "cost_change_pct": -40.0, "cost_change_pct_std": 0.0, "cost_change_low": -42.0, "cost_change_high": -38.0,
+           "oracle_saving_share": 0.7, "mobile_share": 0.5, "edge_share": 0.2, "cloud_share": 0.3,
+           "val_loss_se_pt": 0.81, "noisy_estimate": True}
+    tables = {"tiny": {"metric": "accuracy", "test_size": 277, "rows": [row]}}
+    assert "⚠ (validation loss SE 0.81 pt)" in markdown_table(tables, {})
+    assert any("auto (standard error 0.81 pt; test Δacc -3.25 pt)" in line for line in noisy_estimates(tables))

@@ -49,6 +49,8 @@ def _target_overrides(args: argparse.Namespace) -> list[str]:
         out.append(f"calibration.policy={args.policy}")
     if getattr(args, "loss", None):
         out.append(f"calibration.loss={args.loss}")
+    if getattr(args, "control", None):
+        out.append(f"calibration.control={args.control}")
     if getattr(args, "budget", None) is not None:
         text = args.budget.strip()
         cut = text.endswith("%")
@@ -94,6 +96,8 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
     s = calibrate_stage(Path(args.run_dir), _stage_config(args))
     v = s["validation"]
     winner = f" (auto chose {s['winner']})" if "winner" in s else ""
+    if s.get("what_the_data_can_carry"):
+        print(f"what the data can carry: {s['what_the_data_can_carry']['text']}")
     print(f"policy {s['policy']}{winner}: {s['describe']}\n"
           f"target: {s['target']}; {s.get('how', '')}\n"
           f"on validation ({v['samples']} samples): {v['accuracy_change_pt']['estimate']:+.2f} pt, "
@@ -149,6 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="accuracy points below cloud-only the policy may lose (default 0.5)")
     p.add_argument("--delta", type=float, help="with --max-loss: the bound holds with probability >= 1 - delta")
     p.add_argument("--budget", metavar="COST|PCT%", help="instead: mean cost at most COST, or a cut of PCT%%")
+    p.add_argument("--control", choices=("point", "expected"),
+                   help="without --delta: 'point' (the validation estimate within --max-loss) or 'expected' "
+                        "(conformal risk control: within --max-loss on average over calibration draws)")
     p.add_argument("--policy", help="the policy to fit: auto (default: the cheapest that meets the target), "
                                     "cascade, edge-cascade, cloud-early-exit, hybrid-centroid, hybrid-learned, ...")
     p.add_argument("--loss", choices=("accuracy", "disagreement"),

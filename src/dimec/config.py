@@ -38,6 +38,7 @@ VARIABILITIES = ("variance", "std")
 MEDIUM_RULES = ("text", "algorithm1")
 LOSSES = ("accuracy", "disagreement")  # what a stated loss measures against cloud-only (docs/routing.md)
 GUARANTEE_TESTS = ("binomial", "betting")
+CONTROLS = ("point", "expected")  # how a loss without delta is kept (docs/routing.md)
 MAX_SEED = 2**32 - 1  # numpy's seeds are 32-bit
 
 # ---- settings: a default, a help text and a check, declared together ---------------------------------------
@@ -266,6 +267,9 @@ class CalibrationConfig:
                                         "null: a point estimate", optional(_open_unit))
     point_margin: float = setting(0.0, "point estimate: the validation loss plus this many standard errors must "
                                        "be within max_loss", at_least(0))
+    control: str = setting("point", "without delta: 'point' (the validation estimate within max_loss) or "
+                                    "'expected' (conformal risk control: the loss is within max_loss on average "
+                                    "over calibration draws)", one_of(*CONTROLS))
     budget: float | None = setting(None, "instead of max_loss: mean cost at most this (reward units)",
                                    optional(above(0)))
     budget_cut: float | None = setting(None, "instead of max_loss: a cost cut of at least this many % against "

@@ -223,7 +223,8 @@ def calibrate_stage(run_dir: Path, cfg: RunConfig | None = None) -> dict:
                              "tier_shares": list(val_scores.tier_shares)},
               "training_signal": None if train is None else len(train.lengths)}
     if isinstance(policy, AutoRouter):
-        report |= {"winner": policy.winner_, "how": policy.how_, "families": policy.summary_}
+        report |= {"winner": policy.winner_, "how": policy.how_, "families": policy.summary_,
+                   "what_the_data_can_carry": policy.capacity_}
     elif hasattr(policy, "selection_"):
         report["how"] = policy.selection_.how
     summary = {
@@ -244,7 +245,7 @@ def calibrate_stage(run_dir: Path, cfg: RunConfig | None = None) -> dict:
 
 def evaluate_stage(run_dir: Path, cfg: RunConfig | None = None, other_costs: bool = False) -> dict:
     """The served policy, DIMEC-DC Fixed and Dynamic, against cloud-only on the test split, under one cost
-    model, with 95% paired bootstrap intervals and the oracle's saving as the bound."""
+    model, with 95% paired bootstrap intervals and the share of the oracle's saving (a labelled reference)."""
     run_dir = Path(run_dir)
     rd = RunDir(run_dir)
     cfg = cfg or load_run_config(run_dir)
@@ -260,12 +261,13 @@ def evaluate_stage(run_dir: Path, cfg: RunConfig | None = None, other_costs: boo
     val = split_outputs(run_dir, "validation")
     carto = load_cartography(run_dir, cfg.calibration)
     paper = DimecFixedRouter.from_config(cfg.calibration).fit(val, cost_model, carto)
-    metric = read_json(rd.data, "train the run again: data.json is written by `dimec train`")["metric"]
+    data_info = read_json(rd.data, "train the run again: data.json is written by `dimec train`")
+    metric = data_info["metric"]
     routers = {"cloud-only": make_router("cloud-only"), raw["router"]: policy, "dimec-fixed": paper,
                "dimec-dynamic": DimecDynamicRouter.from_fixed(paper), "oracle": make_router("oracle")}
     results: list[MethodResult] = evaluate_methods(routers, test, cost_model, metric)
     calibrated = raw.get("report", {})  # what calibrate found on validation: the target, the winner and why
-    report = {"task": cfg.data.task, "metric": metric, "test_size": len(test), "policy": raw["router"],
+    report = {"task": data_info.get("task", cfg.data.task), "metric": metric, "test_size": len(test), "policy": raw["router"],
               "policy_describe": policy.describe(), "target": calibrated.get("target"),
               "winner": calibrated.get("winner"), "why": calibrated.get("how"),
               "families_on_validation": calibrated.get("families"),

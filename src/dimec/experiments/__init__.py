@@ -4,7 +4,7 @@ Only names live here, so that the CLI can build its parser without importing tor
 """
 
 TASKS = ("sst2", "cola", "mrpc", "qnli", "rotten_tomatoes")  # the paper's GLUE tasks and Rotten Tomatoes
-# Table I order: references first, then the baselines, then DIMEC-DC, then the bound
+# Table I order: references first, then the baselines, then DIMEC-DC, then the labelled reference
 METHODS = ("cloud-only", "mobile-only", "edge-only", "random", "deebert", "adaee", "isplitee", "knn",
            "dimec-fixed", "dimec-dynamic", "cascade", "hybrid-centroid", "hybrid-learned", "auto", "oracle")
 DISPLAY = {"cloud-only": "BERT (cloud-only)", "dimec-fixed": "DIMEC-DC Fixed (Ours-F)",

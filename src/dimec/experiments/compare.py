@@ -21,8 +21,10 @@ from dimec.training.cartography import Cartography
 
 
 def is_seeded(name: str) -> bool:
-    """Whether a registered router takes a seed (its results are then averaged over several)."""
-    return "seed" in ROUTERS[name].from_config(CalibrationConfig()).get_params()
+    """Whether a registered router's results depend on a seed (they are then averaged over several): it
+    takes one, and does not declare `seed_matters = False`."""
+    cls = ROUTERS[name]
+    return getattr(cls, "seed_matters", True) and "seed" in cls.from_config(CalibrationConfig()).get_params()
 
 
 def build_router(name: str, calibration: CalibrationConfig, seed: int | None = None, **overrides: Any) -> Router:
@@ -85,8 +87,17 @@ def compare_methods(val: ExitOutputs, test: ExitOutputs, cost_model: CostModel, 
                      "ci": {"accuracy_change_pt": ci.accuracy_change_pt.to_dict(),
                             "cost_change_pct": ci.cost_change.to_dict()},
                      "describe": first.describe() if isinstance(first, PlanRouter) else None,
-                     "winner": getattr(first, "winner_", None)})
+                     "winner": getattr(first, "winner_", None)} | noise_of(first))
     return rows
+
+
+def noise_of(router: Router) -> dict:
+    """For a policy chosen on validation by a point estimate: its loss estimate's standard error, and whether
+    it is at least the stated loss (the estimate cannot resolve the target: Table I flags the row)."""
+    selection = getattr(router, "selection_", None)
+    if selection is None or selection.loss_se_pt() is None:
+        return {}
+    return {"val_loss_se_pt": selection.loss_se_pt(), "noisy_estimate": bool(selection.noisy)}
 
 
 def threshold_sweeps(val: ExitOutputs, test: ExitOutputs, cost_model: CostModel, carto: Cartography | None,

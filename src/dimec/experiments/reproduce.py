@@ -239,6 +239,7 @@ def write_index(out_dir: Path, meta: dict, tables: dict, table_paths: dict, abla
               f"[JSON]({rel(ablation_paths['json'])}))", "",
               "## Figures", "", "![pool proportions (Fig. 3)](plots/pool_proportions.png)", "",
               "![accuracy of each device alone (Fig. 4a)](plots/device_accuracy.png)", ""]
+    lines += noisy_estimates(tables)
     lines += calibration_table(tables)
     for task, files in task_files.items():
         t = tables[task]
@@ -251,6 +252,20 @@ def write_index(out_dir: Path, meta: dict, tables: dict, table_paths: dict, abla
     path = out_dir / "index.md"
     write_text(path, "\n".join(lines))
     return path
+
+
+def noisy_estimates(tables: dict) -> list[str]:
+    """index.md's warning: every method whose validation loss estimate cannot resolve the stated loss."""
+    rows = [(task, r) for task, t in tables.items() for r in t["rows"] if r.get("noisy_estimate")]
+    if not rows:
+        return []
+    lines = ["## ⚠ Loss estimates too noisy for the target", "",
+             "These methods chose their thresholds on a validation loss estimate whose standard error is at least "
+             "the stated loss: on new data their loss will often exceed it (calibrate on more rows, cross-fit, or "
+             "use expected-loss control or a guarantee; docs/routing.md).", ""]
+    lines += [f"- {task}: {r['method']} (standard error {r['val_loss_se_pt']:.2f} pt; test Δacc "
+              f"{r['accuracy_change_pt']:+.2f} pt)" for task, r in rows]
+    return lines + [""]
 
 
 def calibration_table(tables: dict) -> list[str]:

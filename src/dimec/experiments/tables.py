@@ -18,7 +18,7 @@ PAPER_HEADLINE = ("paper (Bajpai & Hanawal, arXiv 2412.16616, abstract): DIMEC-D
 CSV_FIELDS = ("task", "method", "runs", "accuracy", "accuracy_std", "accuracy_change_pt", "metric_name", "metric",
               "metric_std", "mean_cost", "cost_change_pct", "cost_change_pct_std", "oracle_saving_share",
               "mobile_share", "edge_share", "cloud_share", "accuracy_change_low", "accuracy_change_high",
-              "cost_change_low", "cost_change_high", "describe")
+              "cost_change_low", "cost_change_high", "describe", "val_loss_se_pt", "noisy_estimate")
 
 
 def task_rows(task: str, metric: str, compared: list[dict], cloud_only_cost: float) -> list[dict]:
@@ -48,6 +48,7 @@ def task_rows(task: str, metric: str, compared: list[dict], cloud_only_cost: flo
             "accuracy_change_low": ci["accuracy_change_pt"]["low"], "accuracy_change_high": ci["accuracy_change_pt"]["high"],
             "cost_change_low": ci["cost_change_pct"]["low"], "cost_change_high": ci["cost_change_pct"]["high"],
             "describe": r.get("describe") or "", "winner": r.get("winner"),
+            "val_loss_se_pt": r.get("val_loss_se_pt"), "noisy_estimate": bool(r.get("noisy_estimate")),
         })
     return rows
 
@@ -64,8 +65,10 @@ def markdown_table(tasks: dict[str, dict[str, Any]], meta: dict[str, Any]) -> st
     lines += ["", "Accuracy and the task metric in %, cost change vs cloud-only in % (negative = cheaper); "
               "'± std' over seeds for seeded (online/random) methods; [low, high]: 95% paired bootstrap interval "
               "of the change against cloud-only on the same test samples (first seed). Oracle share: the "
-              "fraction of the oracle's cost saving a method achieves (the oracle uses labels; it is a bound, "
-              "not a method).", ""]
+              "fraction of the oracle's cost saving a method achieves (the oracle uses the test labels and "
+              "pays for no hidden-state hop: a labelled reference, not a method, and not a bound on cost; "
+              "a method can be cheaper, so a share can exceed 1). ⚠: the method's validation loss estimate has a "
+              "standard error at least as large as the stated loss, so its test loss will often exceed it.", ""]
     for task, t in tasks.items():
         metric = t["metric"]
         extra = f" | {metric.upper()} (%)" if metric != "accuracy" else ""
@@ -78,6 +81,8 @@ def markdown_table(tasks: dict[str, dict[str, Any]], meta: dict[str, Any]) -> st
                 lines.append(f"| {DISPLAY.get(r['method'], r['method'])} | not run: {r['skipped']} |")
                 continue
             name = DISPLAY.get(r["method"], r["method"]) + (f" -> {r['winner']}" if r.get("winner") else "")
+            if r.get("noisy_estimate"):
+                name += f" ⚠ (validation loss SE {r['val_loss_se_pt']:.2f} pt)"
             cells = [name, _pm(r["accuracy"], r["accuracy_std"], r["runs"]),
                      f"{r['accuracy_change_pt']:+.2f} [{r['accuracy_change_low']:+.2f}, {r['accuracy_change_high']:+.2f}]"]
             if extra:

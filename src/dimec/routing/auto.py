@@ -22,7 +22,7 @@ from dimec.outputs import ExitOutputs
 from dimec.routing.base import ROUTERS, TrainingSignal, register
 from dimec.routing.cascade import TunedPlanRouter, target_of
 from dimec.routing.plan import PlanRouter
-from dimec.routing.selection import select
+from dimec.routing.selection import select, what_the_data_can_carry
 from dimec.routing.targets import Target, select_budget, select_point
 from dimec.training.cartography import Cartography
 
@@ -72,6 +72,8 @@ class AutoRouter(PlanRouter):
             skipped.update(why)
             return built
 
+        self.capacity_ = None if target.budgeted else what_the_data_can_carry(build, val, cartography, cost_model,
+                                                                              target, target.delta or 0.1)
         candidates, selection = select(build, val, cartography, cost_model, target)
         if selection.index is None:
             raise DimecError(f"no policy meets the target ({target.describe()}) on validation",
@@ -89,7 +91,8 @@ class AutoRouter(PlanRouter):
         whether it was certified), on validation."""
         s = selection.scores
         certified = {t["describe"] for t in (selection.guarantee or {}).get("tested", [])
-                     if t["p_value"] <= (target.delta or 0)}
+                     if t.get("p_value", 2.0) <= (target.delta or 0)
+                     or t.get("adjusted_risk_pt", np.inf) <= (target.max_loss or 0)}
         rows = []
         for family in dict.fromkeys(f for f, _ in candidates):
             idx = np.flatnonzero(np.array(s.family) == family)
@@ -105,15 +108,17 @@ class AutoRouter(PlanRouter):
                 row |= {"val_loss_pt": float(s.loss_pt[best]), "val_cost": float(s.cost[best]),
                         "val_cost_change_pct": cost_model.relative_change(float(s.cost[best])),
                         "describe": candidates[best][1].describe()}
-                if target.guaranteed:
+                if target.guaranteed or target.expected:
                     row["certified"] = row["describe"] in certified or family == "cloud-only"
             rows.append(row)
         rows += [{"family": f, "skipped": why} for f, why in skipped.items()]
         return rows
 
     def state(self) -> dict:
-        return {**super().state(), "winner": self.winner_, "how": self.how_, "summary": self.summary_}
+        return {**super().state(), "winner": self.winner_, "how": self.how_, "summary": self.summary_,
+                "capacity": self.capacity_}
 
     def load_state(self, state: dict) -> None:
         super().load_state(state)
         self.winner_, self.how_, self.summary_ = state["winner"], state["how"], state["summary"]
+        self.capacity_ = state.get("capacity")

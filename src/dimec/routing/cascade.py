@@ -43,7 +43,7 @@ def target_of(calibration: CalibrationConfig) -> dict[str, Any]:
     return {"max_loss": calibration.max_loss, "delta": calibration.delta, "budget": calibration.budget,
             "budget_cut": calibration.budget_cut, "loss": calibration.loss, "test": calibration.guarantee_test,
             "order_share": calibration.order_share, "seed": calibration.seed,
-            "point_margin": calibration.point_margin}
+            "point_margin": calibration.point_margin, "control": calibration.control}
 
 
 class TunedPlanRouter(PlanRouter):

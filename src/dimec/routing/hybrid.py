@@ -125,6 +125,8 @@ class _Pools(PoolRouter):
 class HybridLearnedRouter(_Hybrid):
     """The learned pre-router picks the plan; the cascade verifies the early answers."""
 
+    seed_matters = False  # its logistic regression (lbfgs) is deterministic: every seed gives the same router
+
     def __init__(self, thresholds: tuple[float, ...] | None = None, confidence: str = "max_prob",
                  target: dict[str, Any] | None = None, grid_size: int = 20, adequate: float = 0.5,
                  prerouter_grid_size: int = 6, seed: int = 0) -> None:
@@ -136,7 +138,8 @@ class HybridLearnedRouter(_Hybrid):
     @classmethod
     def from_config(cls, calibration: CalibrationConfig, seed: int | None = None, **params) -> Self:
         return cls(target=target_of(calibration), grid_size=max(2, calibration.threshold_grid // 2),
-                   adequate=calibration.prerouter_adequate, seed=calibration.seed, **params)
+                   adequate=calibration.prerouter_adequate, seed=calibration.seed if seed is None else seed,
+                   **params)
 
     def fixed(self, thresholds, confidence, prerouter=None):
         router = type(self)(thresholds, confidence, self.target, self.grid_size, self.adequate,

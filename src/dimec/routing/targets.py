@@ -1,7 +1,11 @@
 """What the user states, and how a policy's thresholds are chosen on validation to meet it.
 
-    --max-loss 0.5              the cheapest configuration whose validation loss is at most 0.5 points
+    --max-loss 0.5 --control point
+                                the cheapest configuration whose validation loss is at most 0.5 points
                                 (a point estimate: on new data the loss may well exceed it)
+    --max-loss 0.5 --control expected
+                                the cheapest configuration whose loss is at most 0.5 points on average over
+                                calibration draws (conformal risk control: Angelopoulos et al. 2022)
     --max-loss 0.5 --delta 0.1  the cheapest configuration whose loss is at most 0.5 points with probability
                                 at least 0.9 (Learn-then-Test: Angelopoulos et al. 2021; Pareto testing:
                                 Laufer-Goldshtein et al. 2023)
@@ -24,6 +28,15 @@ E[L] <= eps with probability >= 1 - delta simultaneously, and the cheapest of th
     betting   a test martingale on L in [-1, 1] (Waudby-Smith & Ramdas 2023): wealth prod(1 + lam_i (eps - L_i))
               with predictable bets; p = 1 / max wealth (Ville). Uses the fixes too, adapts to the variance.
 Cloud-only (L = 0) is always admissible: when nothing is certified, the policy falls back to it.
+
+Expected-loss control (conformal risk control, CRC) uses the same split. On the ordering part it builds a path
+from cloud-only towards cheaper configurations (`monotone_path`); on the testing part it walks that path from
+the safe end and keeps the last configuration j whose adjusted risk
+(n R_n(j) + B) / (n + 1) is at most eps, where R_n is the mean of the *monotonised* loss
+M_i(j) = max(0, L_i(path_0), ..., L_i(path_j)) (path_0 = cloud-only, L = 0) and B = 1 bounds it. M is
+non-decreasing along the path, which is what CRC's exchangeability argument needs, and M >= L, so
+E[L_{n+1}(j_hat)] <= E[M_{n+1}(j_hat)] <= eps (the expectation over calibration draws and the new sample,
+given the ordering part: the search's winner's curse is paid for by ordering on data the control never sees).
 """
 
 from __future__ import annotations
@@ -33,8 +46,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from dimec.config import CONTROLS, LOSSES
 from dimec.config import GUARANTEE_TESTS as TESTS
-from dimec.config import LOSSES
 from dimec.errors import ConfigError
 
 
@@ -49,6 +62,7 @@ class Target:
     order_share: float = 0.5  # guarantee: share of validation used to order the candidates
     seed: int = 0
     point_margin: float = 0.0  # point estimate: loss + margin * its standard error <= max_loss
+    control: str = "point"  # without delta: 'point' (estimate) or 'expected' (conformal risk control)
 
     def check(self) -> Target:
         """One clear ConfigError per bad value (the CLI turns it into exit 2)."""
@@ -74,6 +88,8 @@ class Target:
             raise ConfigError(f"unknown guarantee test {self.test!r}", f"use one of {', '.join(TESTS)}")
         if self.point_margin < 0:
             raise ConfigError(f"calibration.point_margin must be >= 0 standard errors, got {self.point_margin}")
+        if self.control not in CONTROLS:
+            raise ConfigError(f"unknown loss control {self.control!r}", f"use one of {', '.join(CONTROLS)}")
         if not 0 < self.order_share < 1:
             raise ConfigError(f"the ordering share must be in (0, 1), got {self.order_share}")
         return self
@@ -84,7 +100,20 @@ class Target:
 
     @property
     def guaranteed(self) -> bool:
+        """The loss holds with probability >= 1 - delta (Learn-then-Test)."""
         return self.delta is not None and not self.budgeted
+
+    @property
+    def expected(self) -> bool:
+        """The loss holds on average over calibration draws (conformal risk control)."""
+        return self.control == "expected" and self.delta is None and not self.budgeted
+
+    @property
+    def mode(self) -> str:
+        """How the loss is kept: 'budget', 'probability' (Learn-then-Test), 'expected' (CRC) or 'point'."""
+        if self.budgeted:
+            return "budget"
+        return "probability" if self.guaranteed else self.control
 
     def describe(self) -> str:
         if self.budgeted:
@@ -93,6 +122,8 @@ class Target:
         text = f"{what} <= {self.max_loss:g}"
         if self.guaranteed:
             return text + f" with probability >= {1 - self.delta:g} ({self.test} test)"
+        if self.expected:
+            return text + " on average over calibration draws (expected-loss control)"
         margin = f" + {self.point_margin:g} standard errors" if self.point_margin else ""
         return text + f" on validation (point estimate{margin})"
 
@@ -139,17 +170,18 @@ def betting_p_value(losses: np.ndarray, eps: float, seed: int = 0) -> float:
     predictable, capped Kelly-type bet lam_i = (eps - mu) / (var + (eps - mu)^2) from the samples before i.
     Under H0 the wealth is a nonnegative supermartingale, so P(max wealth >= 1/delta) <= delta (Ville)."""
     x = np.asarray(losses, dtype=np.float64)[np.random.default_rng(seed).permutation(len(losses))]
+    if not len(x):
+        return 1.0
     cap = 0.5 / (1 - eps) if eps < 1 else 0.5
-    wealth, best, total, total_sq = 1.0, 1.0, 0.0, 0.0
-    for i, xi in enumerate(x):
-        mu = (total + 0.0) / (i + 1)  # a zero-loss prior sample keeps the first bets small but non-zero
-        var = max((total_sq + 0.25) / (i + 1) - mu * mu, 1e-4)
-        gap = eps - mu
-        lam = min(cap, max(0.0, gap / (var + gap * gap)))
-        wealth *= 1 + lam * (eps - xi)
-        best = max(best, wealth)
-        total, total_sq = total + xi, total_sq + xi * xi
-    return float(min(1.0, 1.0 / best))
+    seen = np.arange(1, len(x) + 1)  # bet i sees the samples before it, plus a zero-loss prior sample
+    total = np.concatenate([[0.0], np.cumsum(x)[:-1]])
+    total_sq = np.concatenate([[0.0], np.cumsum(x * x)[:-1]])
+    mu = total / seen  # the prior keeps the first bets small but non-zero
+    var = np.maximum((total_sq + 0.25) / seen - mu * mu, 1e-4)
+    gap = eps - mu
+    lam = np.clip(gap / (var + gap * gap), 0.0, cap)
+    log_wealth = np.cumsum(np.log1p(lam * (eps - x)))  # each factor >= 0.5: lam <= cap and eps - x >= eps - 1
+    return float(min(1.0, np.exp(-max(0.0, log_wealth.max()))))
 
 
 def pareto_order(loss: np.ndarray, cost: np.ndarray) -> np.ndarray:
@@ -198,3 +230,73 @@ def learn_then_test(order_loss: np.ndarray, order_cost: np.ndarray, test_losses:
             break
         certified.append(int(j))
     return GuaranteeResult(certified, tested, np.empty(0, np.int64), np.empty(0, np.int64))
+
+
+# ---- expected-loss control ---------------------------------------------------------------------------------
+LOSS_BOUND = 1.0  # B: no per-sample loss (of either kind, monotonised) exceeds one
+
+
+@dataclass
+class ControlResult:
+    admitted: list[int]  # candidate indices admitted along the path (in path order; cloud-only implicit)
+    adjusted_risk: list[tuple[int, float]]  # (candidate, (n R_n + B) / (n + 1)) in path order, up to the first refusal
+
+
+def monotone_path(order_losses: np.ndarray, cost: np.ndarray, safe: int, stop: float) -> list[int]:
+    """The path expected-loss control walks, built on the ordering rows: from cloud-only (`safe`), each step
+    goes to the cheaper candidate that raises the *monotonised* risk mean(max(M, L_j)) least per unit of
+    cost saved, until that risk passes `stop`. order_losses: (n, K) per-sample losses, cost: (K,) mean costs.
+    Ordering by the monotonised risk rather than by each candidate's own loss matters: a path whose steps
+    err on different samples accumulates all their errors in M (measured in docs/routing.md)."""
+    running = np.zeros(len(order_losses))
+    current, risk, path = float(cost[safe]), 0.0, []
+    while risk <= stop:
+        cheaper = np.flatnonzero(cost < current - 1e-12)
+        if not len(cheaper):
+            break
+        risks = np.maximum(running[:, None], order_losses[:, cheaper]).mean(0)  # (len(cheaper),)
+        step = cheaper[np.argmin((risks - risk) / (current - cost[cheaper]))]
+        path.append(int(step))
+        running = np.maximum(running, order_losses[:, step])
+        current, risk = float(cost[step]), float(running.mean())
+    return path
+
+
+def control_expected_loss(path: Sequence[int], test_losses, eps: float, bound: float = LOSS_BOUND) -> ControlResult:
+    """Conformal risk control along `path` (candidate indices, safest first; cloud-only, L = 0, precedes it
+    implicitly). test_losses[j]: (n,) per-sample losses of candidate j on the control rows. The monotonised
+    loss max(0, L_path0, ..., L_pathj) makes the adjusted risk non-decreasing along the path, so the admitted
+    candidates are a prefix of it; the last one admitted is the most aggressive."""
+    admitted, risks, running = [], [], None
+    for j in path:
+        losses = np.asarray(test_losses[j], dtype=np.float64)
+        running = np.maximum(losses, 0.0) if running is None else np.maximum(running, losses)
+        n = len(running)
+        risk = (running.sum() + bound) / (n + 1)
+        risks.append((int(j), float(risk)))
+        if risk > eps:
+            break
+        admitted.append(int(j))
+    return ControlResult(admitted, risks)
+
+
+def smallest_certifiable_loss(test_losses: np.ndarray, delta: float, test: str = "binomial",
+                              loss: str = "accuracy", seed: int = 0) -> float:
+    """The smallest eps (a fraction) at which Learn-then-Test would certify the configuration whose test-row
+    losses these are, at level delta. Binomial: the Clopper-Pearson upper bound of its added-error rate (for
+    k = 0 errors it is 1 - delta^(1/n): ~ln(1/delta)/n, what n rows can resolve at all); betting: bisection on
+    the betting p-value."""
+    x = np.asarray(test_losses)
+    n = len(x)
+    if n == 0:
+        return 1.0
+    if test == "betting" and loss == "accuracy":
+        lo, hi = 0.0, 1.0
+        for _ in range(30):
+            mid = (lo + hi) / 2
+            lo, hi = (lo, mid) if betting_p_value(x, mid, seed) <= delta else (mid, hi)
+        return hi
+    from scipy.stats import beta
+
+    k = int(np.sum(x > 0))
+    return float(beta.ppf(1 - delta, k + 1, n - k)) if k < n else 1.0

@@ -1,0 +1,135 @@
+"""Keeping the stated loss on small calibration sets: the analysis stage of bench_calibration.py.
+
+For one task's pool of out-of-fold exit outputs (every labelled row answered by a model that never trained
+on it), every cascade configuration `auto` considers is routed over the whole pool once: per-sample loss
+against the cloud exit (accuracy and disagreement) and per-sample cost, a (N, K) matrix each. A calibration
+draw is then a set of rows: each mode chooses a candidate from the draw's rows alone, with the library's own
+selection functions (routing/targets.py), and the held-out rows (all the others) measure what it really
+loses and saves. Thousands of draws take seconds.
+
+The candidates' thresholds are quantiles of the whole pool's confidences: label-free, so they carry no
+information about any draw's losses (the library takes them from the calibration rows; the difference is
+the grid's position, not its labels). The families are the cascades and the single tiers: the hybrids need
+a pre-router trained on training-split cartography that out-of-fold rows do not have.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from dimec.config import CalibrationConfig
+from dimec.costs import CostModel
+from dimec.outputs import ExitOutputs
+from dimec.routing import ROUTERS, make_router
+from dimec.routing.selection import PATH_STOP, candidate_losses
+from dimec.routing.targets import (
+    Target,
+    control_expected_loss,
+    learn_then_test,
+    monotone_path,
+    pareto_order,
+    select_point,
+    split_rows,
+)
+
+FAMILIES = ("cascade", "edge-cascade", "cloud-early-exit", "mobile-only", "edge-only", "cloud-only")
+MODES = ("point", "point + 1 SE", "expected", "LTT binomial", "LTT betting", "label-free LTT")
+
+
+@dataclass
+class CandidateMatrix:
+    """Every candidate routed over a pool once."""
+
+    families: list[str]  # (K,)
+    describe: list[str]  # (K,)
+    loss: np.ndarray  # (N, K) int8: accuracy loss against the cloud exit
+    disagree: np.ndarray  # (N, K) int8: disagreement with the cloud exit
+    cost: np.ndarray  # (N, K) float32
+    oracle_cost: np.ndarray  # (N,) the cheapest exit that is right (the cloud when none is)
+    cloud_only: float  # mean cost of cloud-only (the same for every row)
+    safe: int  # the cloud-only candidate
+
+    @classmethod
+    def build(cls, pool: ExitOutputs, cost_model: CostModel, grid: int = 20) -> CandidateMatrix:
+        cal = CalibrationConfig(threshold_grid=grid)
+        routers: list[tuple[str, object]] = []
+        for family in FAMILIES:
+            router = ROUTERS[family].from_config(cal)
+            if hasattr(router, "candidates"):
+                routers += [(family, c) for c in router.candidates(pool, cost_model, None, None)]
+            else:
+                routers.append((family, router.fit(pool, cost_model)))
+        loss = np.empty((len(pool), len(routers)), np.int8)
+        disagree, cost = np.empty_like(loss), np.empty(loss.shape, np.float32)
+        for j, (_, router) in enumerate(routers):
+            loss[:, j], cost[:, j] = candidate_losses(router, pool, cost_model, "accuracy")
+            disagree[:, j] = candidate_losses(router, pool, cost_model, "disagreement")[0]
+        oracle = make_router("oracle").route(pool, cost_model).cost
+        safe = next(j for j, (f, _) in enumerate(routers) if f == "cloud-only")
+        return cls([f for f, _ in routers], [r.describe() for _, r in routers], loss, disagree, cost,
+                   np.asarray(oracle, np.float64), cost_model.cloud_only, safe)
+
+
+def choose(m: CandidateMatrix, rows: np.ndarray, mode: str, eps_pt: float = 0.5, delta: float = 0.1,
+           order_share: float = 0.5, seed: int = 0) -> int:
+    """The candidate a mode picks from the calibration rows `rows` alone."""
+    if mode in ("point", "point + 1 SE"):
+        losses = m.loss[rows].astype(np.float64)
+        loss_pt = 100 * losses.mean(0)
+        if mode == "point + 1 SE":
+            loss_pt = loss_pt + 100 * losses.std(0) / np.sqrt(len(rows))
+        j = select_point(loss_pt, m.cost[rows].mean(0), eps_pt)
+        return m.safe if j is None else j
+    matrix = m.disagree if mode == "label-free LTT" else m.loss
+    order, test = split_rows(len(rows), order_share, seed)
+    order, test = rows[order], rows[test]
+    order_loss, order_cost = 100 * matrix[order].mean(0, dtype=np.float64), m.cost[order].mean(0, dtype=np.float64)
+    tested = order_loss if mode == "LTT betting" else 100 * (matrix[order] > 0).mean(0)  # as selection.py orders
+    front = np.array([j for j in pareto_order(tested, order_cost) if j != m.safe], dtype=np.int64)
+
+    class _Lazy(dict):
+        def __missing__(self, j):
+            self[j] = matrix[test, j]
+            return self[j]
+
+    if mode == "expected":
+        path = monotone_path(matrix[order], order_cost, m.safe, PATH_STOP * eps_pt / 100)
+        admitted = control_expected_loss(path, _Lazy(), eps_pt / 100).admitted
+    else:
+        target = Target(max_loss=eps_pt, delta=delta, loss="disagreement" if mode == "label-free LTT" else "accuracy",
+                        test="betting" if mode == "LTT betting" else "binomial", seed=seed)
+        admitted = learn_then_test(order_loss, order_cost, _Lazy(), target, front).certified
+    admitted = admitted + [m.safe]
+    return min(admitted, key=lambda j: (order_cost[j], order_loss[j]))
+
+
+def draws(m: CandidateMatrix, sizes: tuple[int, ...], repeats: int, eps_pt: float = 0.5, delta: float = 0.1,
+          seed: int = 0, min_held_out: int = 200) -> dict:
+    """Per calibration size and mode: held-out loss (mean, 90th percentile), violation share, cost cut and the
+    share of the oracle's cut, over `repeats` random calibration / held-out splits of the pool."""
+    n, rng, out = len(m.loss), np.random.default_rng(seed), {}
+    for size in sizes:
+        if size > n - min_held_out:
+            continue
+        per_mode = {mode: {"loss_pt": [], "cut_pct": [], "oracle_cut_pct": []} for mode in MODES}
+        for r in range(repeats):
+            perm = rng.permutation(n)
+            cal, held = perm[:size], perm[size:]
+            oracle_cut = 100 * (1 - m.oracle_cost[held].mean() / m.cloud_only)
+            for mode in MODES:
+                j = choose(m, cal, mode, eps_pt, delta, seed=r)
+                rec = per_mode[mode]
+                rec["loss_pt"].append(100 * m.loss[held, j].mean(dtype=np.float64))
+                rec["cut_pct"].append(100 * (1 - m.cost[held, j].mean(dtype=np.float64) / m.cloud_only))
+                rec["oracle_cut_pct"].append(oracle_cut)
+        out[str(size)] = {mode: summarize(rec, eps_pt) for mode, rec in per_mode.items()}
+    return out
+
+
+def summarize(rec: dict, eps_pt: float) -> dict:
+    loss, cut, oracle = (np.asarray(rec[k]) for k in ("loss_pt", "cut_pct", "oracle_cut_pct"))
+    return {"draws": len(loss), "mean_loss_pt": float(loss.mean()), "p90_loss_pt": float(np.quantile(loss, 0.9)),
+            "violation_share": float((loss > eps_pt).mean()), "mean_cut_pct": float(cut.mean()),
+            "oracle_share": float(cut.mean() / oracle.mean()) if oracle.mean() > 0 else 0.0}
