@@ -133,3 +133,119 @@ def summarize(rec: dict, eps_pt: float) -> dict:
     return {"draws": len(loss), "mean_loss_pt": float(loss.mean()), "p90_loss_pt": float(np.quantile(loss, 0.9)),
             "violation_share": float((loss > eps_pt).mean()), "mean_cut_pct": float(cut.mean()),
             "oracle_share": float(cut.mean() / oracle.mean()) if oracle.mean() > 0 else 0.0}
+
+
+# ---- the stage: every pool, every size, every mode ----------------------------------------------------------
+SIZES = (500, 1000, 2000, 5000, 10000)
+EPS_PT, DELTA = 0.5, 0.1
+
+
+def load_pool(path):
+    """A pool file of bench_calibration's outputs stage: exit outputs of every row (out of fold)."""
+    return ExitOutputs.load(path)
+
+
+def analyse(pool_dir, tasks, repeats: int = 200, sizes=SIZES, seed: int = 0) -> dict:
+    """Per task: the pool's size and exits, the oracle's cut, each candidate count, and `draws` per size."""
+    import json
+    import time
+    from pathlib import Path
+
+    from dimec.config import CostConfig
+
+    out = {}
+    for task in tasks:
+        folder = Path(pool_dir) / task
+        pool = load_pool(folder / "pool.safetensors")
+        info = json.loads((folder / "pool.json").read_text()) if (folder / "pool.json").is_file() else {}
+        cost_model = CostModel.from_config(CostConfig(), (2, 3, 6))
+        start = time.perf_counter()
+        m = CandidateMatrix.build(pool, cost_model)
+        result = draws(m, sizes, repeats, EPS_PT, DELTA, seed)
+        out[task] = {"rows": len(pool), "candidates": len(m.families),
+                     "exit_accuracy": [float(a) for a in pool.correct.mean(0)],
+                     "oracle_cut_pct": float(100 * (1 - m.oracle_cost.mean() / m.cloud_only)),
+                     "in_sample_best_cut_pct": in_sample_best(m, EPS_PT),
+                     "pool": {k: info[k] for k in ("source", "train_rows_per_fold", "epochs", "folds", "max_length",
+                                                   "pool_cap", "note") if k in info},
+                     "seconds": round(time.perf_counter() - start, 1), "sizes": result}
+        print(f"{task}: {len(pool)} rows, {len(m.families)} candidates, {out[task]['seconds']} s", flush=True)
+    return out
+
+
+def in_sample_best(m: CandidateMatrix, eps_pt: float) -> dict:
+    """What the whole pool would allow (no noise: every row both chooses and measures): the cheapest
+    candidate within eps by net loss, and by added errors (what the monotonised controls can reach)."""
+    net, added = 100 * m.loss.mean(0), 100 * (m.loss > 0).mean(0)
+    cut = 100 * (1 - m.cost.mean(0) / m.cloud_only)
+    return {"net_loss": float(cut[net <= eps_pt].max(initial=0.0)), "added_errors": float(cut[added <= eps_pt].max(initial=0.0))}
+
+
+def plot(data: dict, path) -> None:
+    """Cost cut against calibration size, one panel per task, one line per mode."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(data["tasks"])
+    fig, axes = plt.subplots(1, len(tasks), figsize=(3.2 * len(tasks), 3.2), sharey=True, squeeze=False)
+    for ax, task in zip(axes[0], tasks, strict=True):
+        sizes = data["tasks"][task]["sizes"]
+        xs = [int(s) for s in sizes]
+        for mode in MODES:
+            ax.plot(xs, [sizes[s][mode]["mean_cut_pct"] for s in sizes], marker="o", ms=3, label=mode)
+        ax.set_xscale("log")
+        ax.set_title(task, fontsize=9)
+        ax.set_xlabel("calibration rows")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("mean cost cut on held-out rows (%)")
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def render(data: dict) -> str:
+    from report import markdown_table
+
+    eps = data["eps_pt"]
+    lines = [f"Stated loss {eps:g} pt (delta {data['delta']:g} for Learn-then-Test); {data['repeats']} random "
+             "calibration / held-out splits of each task's pool per size; every row of a pool is answered by a "
+             "fold model that never trained on it (5-fold cross-fitting of the whole labelled pool). Held-out loss "
+             "in accuracy points against the cloud exit on the same rows; cut against cloud-only; oracle share: "
+             "the mode's cut over the oracle's (a labelled reference). Candidates: every cascade configuration "
+             "`auto` considers and the single tiers (the hybrids need training-split cartography the pools lack).",
+             "", f"![cost cut against calibration size]({data['plot']})", ""]
+    for task, t in data["tasks"].items():
+        acc = " / ".join(f"{100 * a:.1f}" for a in t["exit_accuracy"])
+        lines += [f"### {task}", "", f"{t['rows']} pooled rows; exit accuracy mobile / edge / cloud {acc}%; oracle cut "
+                  f"{t['oracle_cut_pct']:.1f}%; on the whole pool (no noise) the cheapest configuration within "
+                  f"{eps:g} pt cuts {t['in_sample_best_cut_pct']['net_loss']:.1f}% (net loss) or "
+                  f"{t['in_sample_best_cut_pct']['added_errors']:.1f}% (added errors, what monotonised controls "
+                  f"reach). Pool: {t.get('pool') or '-'}.", ""]
+        rows = []
+        for size, modes in t["sizes"].items():
+            for mode, v in modes.items():
+                keeps = "yes" if v["mean_loss_pt"] <= eps else "**no**"
+                rows.append([size, mode, f"{v['mean_loss_pt']:+.2f}", f"{v['p90_loss_pt']:+.2f}",
+                             f"{v['violation_share']:.2f}", f"{v['mean_cut_pct']:.1f}", f"{v['oracle_share']:.2f}",
+                             keeps])
+        lines += [markdown_table(["calibration rows", "mode", "mean loss (pt)", "p90 loss (pt)", "violation share",
+                                  "mean cut (%)", "oracle share", f"mean <= {eps:g}"], rows, "llrrrrrl"), ""]
+    lines += ["### Which mode keeps the promise", "", data["verdict"], ""]
+    return "\n".join(lines)
+
+
+def verdict(tasks: dict, eps: float) -> tuple[str, str]:
+    """The default mode: among the modes whose mean held-out loss is within eps at every size of every task,
+    the one with the highest mean cut (averaged over tasks and sizes)."""
+    keep, cut = {}, {}
+    for mode in MODES:
+        cells = [t["sizes"][s][mode] for t in tasks.values() for s in t["sizes"]]
+        keep[mode] = all(c["mean_loss_pt"] <= eps for c in cells)
+        cut[mode] = float(np.mean([c["mean_cut_pct"] for c in cells]))
+    kept = [m for m in MODES if keep[m]]
+    best = max(kept, key=lambda m: cut[m]) if kept else "cloud-only"
+    text = "; ".join(f"{m}: {'keeps' if keep[m] else 'breaks'} the mean (cut {cut[m]:.1f}%)" for m in MODES)
+    return best, f"{text}. Default: **{best}** (the highest mean cut among the modes that keep the mean everywhere)."

@@ -6,6 +6,7 @@ import pytest
 from dimec.config import CalibrationConfig, CostConfig
 from dimec.costs import CostModel
 from dimec.errors import ConfigError
+from dimec.outputs import ExitOutputs
 from dimec.routing import ROUTERS
 from dimec.routing.selection import min_rows_to_certify
 from dimec.routing.targets import (
@@ -87,3 +88,22 @@ def test_a_guarantee_below_the_rows_it_needs_says_so():
 def test_bad_loss_control_settings_are_one_clear_error(bad):
     with pytest.raises(ConfigError):
         Target(**{"max_loss": 0.5, **bad}).check()
+
+
+def test_calibration_rows_beyond_validation_fit_pools_on_validation_and_score_on_all():
+    from dimec.training.cartography import Cartography
+
+    val, easy = synthetic(n=1200)
+    extra, _ = synthetic(n=2400, seed=5)  # rows without training dynamics (spare or cross-fitted)
+    rows = ExitOutputs.concat([val, extra])
+    carto = Cartography(np.stack([np.where(easy, 0.95, 0.3)] * 3, 1), np.zeros((len(val), 3)),
+                        np.stack([easy.astype(float)] * 3, 1))
+    fams = ("cascade", "hybrid-centroid", "dimec-fixed", "cloud-only")
+    for cal in (CalibrationConfig(max_loss=1.0, threshold_grid=6),
+                CalibrationConfig(max_loss=1.0, threshold_grid=6, control="expected")):
+        router = ROUTERS["auto"].from_config(cal, families=fams).fit(rows, CM, carto)
+        assert router.capacity_["rows"] == 3600
+        fixed = next(f for f in router.summary_ if f["family"] == "dimec-fixed")
+        assert fixed["candidates"] == 1 and "skipped" not in fixed
+    with pytest.raises(Exception, match="cartography covers"):
+        carto.rows_of(val.subset(np.arange(100)))

@@ -115,6 +115,7 @@ class PoolRouter(Router):
             train: TrainingSignal | None = None) -> Self:
         if cartography is None:
             raise ConfigError(f"router {self.name!r} needs the validation cartography to fit")
+        val = cartography.rows_of(val)  # the pools are the validation rows' (calibration rows may extend them)
         confidence, variability = cartography.exit(self.cartography_exit)
         search = search_thresholds(
             confidence, variability, val.max_probs, cost_model, self.alpha_grid, self.beta_grid, self.medium_rule

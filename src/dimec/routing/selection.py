@@ -115,8 +115,11 @@ def select(build: CandidateBuilder, val: ExitOutputs, cartography: Cartography |
 
 
 def subset_cartography(cartography: Cartography | None, rows: np.ndarray) -> Cartography | None:
+    """The cartography of `rows` (ascending) of the calibration rows; it covers their first len(cartography)
+    rows (validation), so that of an ascending subset covers the subset's prefix too."""
     if cartography is None:
         return None
+    rows = rows[rows < len(cartography)]
     return Cartography(cartography.confidence[rows], cartography.variability[rows], cartography.correctness[rows])
 
 

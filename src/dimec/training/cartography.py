@@ -17,6 +17,7 @@ import numpy as np
 
 from dimec.atomic import write_text, write_with
 from dimec.errors import ArtifactError, ConfigError
+from dimec.outputs import ExitOutputs
 from dimec.rundir import RunDir
 from dimec.tiers import TIERS
 
@@ -126,6 +127,18 @@ class Cartography:
             raise ConfigError(f"calibration.variability must be 'variance' or 'std', got {variability!r}")
         spread = probs.var(axis=0) if variability == "variance" else probs.std(axis=0)  # ddof=0 as in the paper
         return cls(confidence=probs.mean(axis=0), variability=spread, correctness=correct.mean(axis=0))
+
+    def __len__(self) -> int:
+        return len(self.confidence)
+
+    def rows_of(self, outputs: ExitOutputs) -> ExitOutputs:
+        """The rows of `outputs` this cartography describes. Calibration rows may extend validation with rows
+        that have no training dynamics (spare or cross-fitted rows, docs/routing.md); they always come after
+        the validation rows, so the cartography covers a prefix."""
+        if len(self) > len(outputs):
+            raise ArtifactError(f"the cartography covers {len(self)} samples but the outputs have {len(outputs)}",
+                                "the run directory mixes two runs: train again in a fresh --run-dir")
+        return outputs if len(self) == len(outputs) else outputs.subset(np.arange(len(self)))
 
     def exit(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         if name not in TIERS:
