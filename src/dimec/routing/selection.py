@@ -234,8 +234,10 @@ def what_the_data_can_carry(build: CandidateBuilder, val: ExitOutputs, cartograp
     o = _ordered(build, val, cartography, cost_model, replace(point_target, control="expected"))
     crc = control_expected_loss(o.front, o.test_losses, eps_pt / 100)
     expected = _cheapest(o, crc.admitted[-1:])
+    tested = o.scores.added_pt if target.test == "binomial" else o.scores.loss_pt  # Learn-then-Test's own order
+    first = [j for j in pareto_order(tested, o.scores.cost) if j not in o.safe][:1]
     smallest = min((smallest_certifiable_loss(o.test_losses[j], delta, target.test, target.loss, target.seed)
-                    for j in o.front[:1]), default=1.0)
+                    for j in first), default=1.0)
 
     def cut(cost: float | None) -> float:
         return 0.0 if cost is None else -cost_model.relative_change(cost)
