@@ -51,6 +51,7 @@ export interface ClientOptions {
   tierBase: Record<string, string>; // "edge" -> "/tier/edge" (the demo server's proxy) or a tier URL
   token: () => string; // the current short-lived session token
   threads?: number;
+  simd?: boolean; // false: ask onnxruntime-web for its non-SIMD path (1.31 ships SIMD builds only: a no-op)
   retries?: number;
   timeoutMs?: number;
   cooldownMs?: number;
@@ -152,6 +153,7 @@ export class WebClient {
     const start = performance.now();
     ort.env.wasm.wasmPaths = wasmPaths;
     ort.env.wasm.numThreads = opts.threads ?? 1;
+    ort.env.wasm.simd = opts.simd ?? true;
     const session = await ort.InferenceSession.create(artifact.onnx, {
       executionProviders: ["wasm"], graphOptimizationLevel: "all",
     });
@@ -172,6 +174,22 @@ export class WebClient {
     const hidden = out.hidden;
     return { embedding: out.embedding.data as Float32Array, logits: out.logits.data as Float32Array,
              hidden: hidden.data as Float32Array, size: hidden.dims[2] };
+  }
+
+  /** Per text, the best of `repeats` runs of the mobile stage (ms), tokenisation excluded: the benchmark. */
+  async timeMobile(texts: string[], repeats = 3): Promise<number[]> {
+    const out: number[] = [];
+    for (const text of texts) {
+      const { ids, types } = this.tokenizer.encode(text);
+      let best = Infinity;
+      for (let r = 0; r < repeats; r++) {
+        const start = performance.now();
+        await this.runMobile(ids, types);
+        best = Math.min(best, performance.now() - start);
+      }
+      out.push(best);
+    }
+    return out;
   }
 
   async classify(text: string, pair: string | null = null): Promise<Answer> {
@@ -208,7 +226,7 @@ export class WebClient {
       ran = await this.offload(answer, plan, text, pair, mobileProbs);
     }
     answer.ms.total = performance.now() - t0;
-    answer.ms.remote = answer.ms.total - (t2 - t0);
+    answer.ms.remote = answer.bytes_up ? answer.ms.total - (t2 - t0) : 0; // the rest: the exchanges with the tiers
     const cost = this.artifact.router.cost_model;
     if (cost) {
       const layers = (cost.exit_layers as number[]) ?? this.artifact.manifest.exit_layers;

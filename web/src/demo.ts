@@ -41,7 +41,7 @@ function render(answer: Answer): void {
   const why = answer.stages.map((s) => `${s.tier}@${s.exit}: confidence ${fmt(s.confidence)} ` +
     (s.threshold === null ? "(last stage: answers)" : `${s.stopped ? ">=" : "<"} threshold ${fmt(s.threshold)}`));
   if (answer.routed !== "mobile") why.push(`the policy sent the text straight to the ${answer.routed}`);
-  else if (answer.tier !== "mobile") why.push(`the hidden state after layer ${answer.stages.length ? "m" : ""} went on`);
+  else if (answer.tier !== "mobile") why.push(`the hidden state after layer m went up (${answer.bytes_up} bytes, fp16)`);
   if (answer.degraded) why.push("both remote tiers failed: degraded answer from the mobile exit");
   else if (answer.fallback) why.push("a tier failed: another one took its stages");
   const cut = answer.cost !== null && answer.cloud_only_cost ? 1 - answer.cost / answer.cloud_only_cost : null;
@@ -133,11 +133,12 @@ async function main(): Promise<void> {
     setStatus("starting onnxruntime-web...");
     api.client = await WebClient.create(artifact, {
       tierBase: Object.fromEntries(api.session.tiers.map((t) => [t, `/tier/${t}`])),
-      token: () => api.session!.token, threads: crossOriginIsolated ? threads : 1,
+      token: () => api.session!.token, threads: crossOriginIsolated ? threads : 1, simd: params.get("simd") !== "0",
       maxTextChars: api.session.max_text_chars,
     });
     api.timings = { download_ms: artifact.downloadMs, init_ms: api.client.initMs, total_ms: performance.now() - t0,
-                    artifact_bytes: artifact.bytes };
+                    artifact_bytes: artifact.bytes, threads: crossOriginIsolated ? threads : 1,
+                    isolated: Number(crossOriginIsolated) };
     const m = artifact.manifest;
     $("model").textContent = `${m.label_names.join("/")} classifier, ${m.exit_layers.join("/")} exit layers, ` +
       `${(artifact.bytes / 1e6).toFixed(1)} MB verified in ${artifact.downloadMs.toFixed(0)} ms, ` +
