@@ -46,8 +46,9 @@ run: setup
 test: setup web browser
 	$(BIN)/pytest -q
 
-lint: setup
+lint: setup web
 	$(BIN)/ruff check src tests benchmarks
+	@if [ -d web/node_modules ]; then cd web && npx --no-install tsc --noEmit && echo "web: types check"; fi
 
 bench: setup
 	$(BIN)/python benchmarks/bench_core.py
