@@ -296,12 +296,16 @@ def test_dashboard_shows_the_shares(browser, variants, tiers):
         s.page.wait_for_function("document.getElementById('summary').dataset.done === 'true'")
         summary = s.page.inner_text("#summary")
         assert summary.startswith("10/10 answered") and "cost cut vs cloud-only" in summary
+        SHOTS.mkdir(parents=True, exist_ok=True)
         s.open("/dashboard", ready=False)
         s.page.wait_for_function("Number(document.getElementById('updated').dataset.ticks || 0) >= 1 && "
                                  "document.getElementById('shares').textContent.includes('answers')")
         shares = s.page.inner_text("#shares")
         assert "mobile" in shares and "%" in shares and "(10 answers)" in shares, shares
-        assert "edge" in s.page.inner_text("#latency") and s.page.inner_text("#drift")
+        latency, drift = s.page.inner_text("#latency"), s.page.inner_text("#drift")
+        assert "edge\tdefault" in latency and "cloud\tdefault" in latency, latency  # p50/p99 of the class
+        assert "PSI" in drift and ("too few samples" in drift or "ok" in drift), drift
+        s.page.screenshot(path=str(SHOTS / "dashboard-last.png"))
 
 
 def test_bad_input_gets_a_clear_message(browser, variants, tiers):

@@ -54,6 +54,11 @@ function plot(canvasId: string, series: Record<string, number[]>): void {
       if (i) ctx.lineTo(x, py); else ctx.moveTo(x, py);
     });
     ctx.stroke();
+    if (ys.length) { // the latest value as a dot: a single sample is visible too
+      const y = ys[ys.length - 1];
+      ctx.fillStyle = colors[k % colors.length];
+      ctx.fillRect(canvas.width - 8, canvas.height - 7 - (y / top) * (canvas.height - 20), 4, 4);
+    }
     ctx.fillStyle = colors[k % colors.length];
     ctx.fillText(name, 5 + 70 * k, 10);
   });
