@@ -237,8 +237,8 @@ def test_page_agrees_with_the_python_client(browser, variants, tiers, name):
         with python_client(variants[name], tiers) as client:  # one text per call, as the page (and a phone) runs
             py = [client.classify([t])[0] for t in TEXTS]
     encoded = TierModel(variants[name], "onnx-int8").encode(TEXTS)
-    assert ids == [row[row_mask == 1].tolist() for row, row_mask in zip(encoded.input_ids, encoded.attention_mask,
-                                                                        strict=True)]  # tokenizers.js == Python
+    assert ids == [row[m == 1].tolist() for row, m in zip(encoded.input_ids, encoded.attention_mask,
+                                                          strict=True)]  # tokenizers.js == Python
     labels = sum(w["label"] == p.label for w, p in zip(web, py, strict=True)) / len(TEXTS)
     plans = sum(w["plan"] == p.plan and w["routed"] == p.routed for w, p in zip(web, py, strict=True)) / len(TEXTS)
     tiers_ = sum(w["tier"] == p.tier for w, p in zip(web, py, strict=True)) / len(TEXTS)
@@ -246,6 +246,19 @@ def test_page_agrees_with_the_python_client(browser, variants, tiers, name):
     assert not any(w["degraded"] for w in web)
     if name != "exported":  # the pre-routers spread the texts over the plans
         assert len({w["plan"] for w in web}) >= 2
+        return
+    pairs = TEXTS[:8], TEXTS[10:18]  # text pairs (the tiny task has none; the tokenizer and graph take them)
+    with site(browser, variants[name], urls(tiers), "agreement-pairs") as s:
+        s.open()
+        web = s.page.evaluate("async ([a, b]) => { const out = []; for (let i = 0; i < a.length; i++) "
+                              "out.push(await window.dimec.classify(a[i], b[i])); return out; }", list(pairs))
+        ids = s.page.evaluate("([a, b]) => a.map((t, i) => window.dimec.client.tokenizer.encode(t, b[i]).ids)",
+                              list(pairs))
+    encoded = TierModel(variants[name], "onnx-int8").encode(*pairs)
+    assert ids == [row[m == 1].tolist() for row, m in zip(encoded.input_ids, encoded.attention_mask, strict=True)]
+    with python_client(variants[name], tiers) as client:
+        py = [client.classify([a], [b])[0] for a, b in zip(*pairs, strict=True)]
+    assert [w["label"] for w in web] == [p.label for p in py] and [w["tier"] for w in web] == [p.tier for p in py]
 
 
 def test_escalations_reach_edge_and_cloud_with_hidden_states(browser, variants, tiers):

@@ -11,16 +11,16 @@ const $ = <T extends HTMLElement>(id: string) => document.getElementById(id) as 
 
 interface DemoApi {
   ready: boolean; failed: string | null; client: WebClient | null; session: Session | null;
-  classify(text: string): Promise<Answer>;
+  classify(text: string, pair?: string | null): Promise<Answer>;
   renew(): Promise<void>;
   timings: Record<string, number>;
 }
 
 const api: DemoApi = {
   ready: false, failed: null, client: null, session: null, timings: {},
-  classify: async (text: string) => {
+  classify: async (text: string, pair: string | null = null) => {
     if (!api.client) throw new Error("not loaded");
-    return api.client.classify(text);
+    return api.client.classify(text, pair);
   },
   renew: async () => { api.session = await openSession(); showError(null); setStatus("session renewed"); },
 };
@@ -77,9 +77,9 @@ async function report(answer: Answer): Promise<void> {
   } catch { /* the dashboard's counts are best effort; the answer stands */ }
 }
 
-async function classifyOne(text: string): Promise<Answer | null> {
+async function classifyOne(text: string, pair: string | null = null): Promise<Answer | null> {
   try {
-    const answer = await api.classify(text);
+    const answer = await api.classify(text, pair);
     showError(null);
     void report(answer);
     return answer;
@@ -95,7 +95,8 @@ async function onClassify(): Promise<void> {
   const button = $<HTMLButtonElement>("classify");
   button.disabled = true;
   try {
-    const answer = await classifyOne($<HTMLTextAreaElement>("text").value);
+    const pair = $<HTMLTextAreaElement>("pair").value;
+    const answer = await classifyOne($<HTMLTextAreaElement>("text").value, pair.trim() ? pair : null);
     if (answer) render(answer);
   } finally {
     button.disabled = false;
@@ -109,8 +110,9 @@ async function onBatch(): Promise<void> {
   const counts: Record<string, number> = { mobile: 0, edge: 0, cloud: 0 };
   let cost = 0, cloud = 0, done = 0, failed = 0, degraded = 0;
   const summary = $("summary");
-  for (const text of texts) {
-    const answer = await classifyOne(text);
+  for (const line of texts) {
+    const [text, pair] = line.split("\t"); // a tab separates a text pair
+    const answer = await classifyOne(text, pair === undefined ? null : pair);
     if (!answer) { failed++; continue; }
     done++; counts[answer.tier]++; degraded += Number(answer.degraded);
     cost += answer.cost ?? 0; cloud += answer.cloud_only_cost ?? 0;

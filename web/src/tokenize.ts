@@ -24,10 +24,13 @@ export class TextTokenizer {
       const ids = [...full.ids.slice(0, 1), ...a.slice(0, budget), ...full.ids.slice(1 + a.length)];
       return { ids, types: new Array(ids.length).fill(0) };
     }
-    let na = a.length, nb = b.length;
-    while (na + nb > budget) {
-      if (na > nb) na--; else nb--;
-    }
+    // Hugging Face's "longest_first": the shorter member keeps at most half the budget (rounded down), the
+    // longer one (the second on a tie) the rest
+    const bLonger = b.length >= a.length;
+    let long = bLonger ? b.length : a.length, short = bLonger ? a.length : b.length;
+    short = Math.min(short, Math.floor(budget / 2));
+    long = Math.min(long, budget - short);
+    const na = bLonger ? short : long, nb = bLonger ? long : short;
     const cls = full.ids[0], sep = full.ids[full.ids.length - 1];
     const ids = [cls, ...a.slice(0, na), sep, ...b.slice(0, nb), sep];
     const types = [...new Array(na + 2).fill(0), ...new Array(nb + 1).fill(1)];
