@@ -1,4 +1,4 @@
-"""`dimec export | serve | serve-all | client | profile` (attached by dimec.cli when this package is present)."""
+"""`dimec export | serve | serve-all | demo | client | profile` (attached by dimec.cli when this package is present)."""
 
 from __future__ import annotations
 
@@ -72,6 +72,17 @@ def attach_serving_commands(sub) -> None:
     _client_args(p)
     p.add_argument("--threads", type=POSITIVE_INT, default=1, help="torch threads per server process")
     p.set_defaults(func=cmd_serve_all)
+
+    p = sub.add_parser("demo", help="the mobile tier in the browser: demo page and fleet dashboard on loopback, "
+                                    "beside edge and cloud servers (docs/web.md)")
+    p.add_argument("run_dir", help="a run directory (its packages are exported if missing) or an export folder")
+    p.add_argument("--port", type=PORT, default=8100, help="the page's port (default 8100)")
+    p.add_argument("--host", default="127.0.0.1", choices=LOOPBACK_HOSTS, help="loopback only")
+    p.add_argument("--token-ttl", type=SECONDS, default=900.0, help="life of the page's session token, seconds")
+    p.add_argument("--threads", type=POSITIVE_INT, default=1, help="torch threads per server process")
+    p.add_argument("--web-dist", help="the built page (default: web/dist of this source tree)")
+    p.add_argument("--log-level", default="warning", choices=LOG_LEVELS)
+    p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("client", help="the mobile client: route texts, answer locally or offload")
     p.add_argument("path", help="the mobile package, or a run directory")
@@ -281,6 +292,35 @@ def cmd_serve_all(args) -> None:
         for server in servers:
             server.stop()
         print("servers stopped", file=sys.stderr)
+
+
+def cmd_demo(args) -> None:
+    from dimec.serving.export import ensure_package
+    from dimec.serving.local import ProcessServer
+    from dimec.serving.web import WebConfig, create_web_app
+
+    token = os.environ.get("DIMEC_TOKEN") or secrets.token_urlsafe(24)  # the tiers' token: never sent to the page
+    mobile = ensure_package(args.run_dir, "mobile", "onnx-int8", log=_say)
+    sock = bind_port(args.host, args.port)
+    cloud = ProcessServer("cloud", ensure_package(args.run_dir, "cloud", log=_say), token, threads=args.threads)
+    edge = ProcessServer("edge", ensure_package(args.run_dir, "edge", log=_say), token, threads=args.threads,
+                         extra_args=["--cloud-url", cloud.url])
+    servers = [edge, cloud]
+    try:
+        app = create_web_app(mobile, {"edge": edge.url, "cloud": cloud.url}, token, args.web_dist,
+                             WebConfig(token_ttl_s=args.token_ttl))
+        for server in servers:
+            server.start()
+        for server in servers:
+            server.wait()
+            _say(f"{server.tier} tier up on {server.url}")
+        page = f"http://{_url_host(args.host)}:{args.port}"
+        print(f"demo page: {page}/   fleet dashboard: {page}/dashboard   (Ctrl-C stops everything)", flush=True)
+        run_server(app, sock, args.log_level)
+    finally:
+        sock.close()
+        for server in servers:
+            server.stop()
 
 
 def cmd_profile(args) -> None:
