@@ -216,11 +216,17 @@ class LiveControl:
         shadow_cost = float(CostModel.from_dict(costs).cloud_only) if costs else 0.0
         return cls(Controller.from_router(raw, settings, path), n_labels, settings, shadow_cost)
 
-    def record(self, items: list[dict], cloud_labels: dict[str, int], missed: int = 0, texts: int = 0) -> dict:
+    def record(self, items: list[dict], cloud_labels: dict[str, int], missed: list[dict] | None = None,
+               texts: int = 0) -> dict:
         """Shadow results: items {id, version, label_id, free}, the cloud's label per id that has one (ids
-        without: missing). `missed`: shadows the client lost; `texts`: texts it answered since its last report."""
+        without: missing). `missed`: items whose shadow the client lost (recorded missing unless recorded
+        already: an id counts once); `texts`: texts the client answered since its last report."""
         changes = []
         recorded = 0
+        for item in missed or []:
+            if self.ledger.shadow(item["id"], int(item["version"]), int(item["label_id"]), None):
+                with self._lock:
+                    self.counts["missing_reported"] += 1
         for item in items:
             rid, version, answer = item["id"], int(item["version"]), int(item["label_id"])
             if item.get("free"):
@@ -239,10 +245,7 @@ class LiveControl:
             if change:
                 changes.append(change)
         with self._lock:
-            self.counts["missing_reported"] += missed
             self.counts["texts_reported"] += texts
-        if missed:
-            self.ledger.missed(self.controller.version, missed)
         return {"recorded": recorded, "policy_version": self.controller.version, "changes": len(changes)}
 
     def feedback(self, key: str, items: list[tuple[str, int]]) -> dict:

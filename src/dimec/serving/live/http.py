@@ -54,8 +54,11 @@ class ShadowItem(BaseModel):
 class ShadowRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     items: list[ShadowItem] = Field(max_length=MAX_ITEMS)
-    missed: int = Field(0, ge=0, le=10**9, description="shadows the client lost since its last report")
+    missed: list[ShadowItem] = Field([], max_length=MAX_ITEMS,
+                                     description="sampled texts whose shadow the client lost (timeout, cloud down, "
+                                                 "shed): recorded missing unless the cloud recorded them already")
     texts: int = Field(0, ge=0, le=10**9, description="texts the client answered since its last report")
+    deadline_ms: float | None = Field(None, gt=0, description="shadow answers computed later are missing")
 
 
 class FeedbackItem(BaseModel):
@@ -83,6 +86,7 @@ def attach_live(app: FastAPI, live: LiveControl, model, dependencies: list, regi
         if any(not (i.text or "").strip() for i in run):
             raise HTTPException(422, "a shadow item that is not free needs its text")
         labels: dict[str, int] = {}
+        start = time.perf_counter()
         if run:
             pairs = [i.text_pair or "" for i in run] if any(i.text_pair for i in run) else None
             try:
@@ -90,7 +94,10 @@ def attach_live(app: FastAPI, live: LiveControl, model, dependencies: list, regi
                 labels = {i.id: int(k) for i, k in zip(run, pred.label_ids.tolist(), strict=True)}
             except Exception:  # the model failed on these: missing, never agreement
                 log.exception("shadow answers failed")
-        return live.record([i.model_dump() for i in body.items], labels, body.missed, body.texts)
+        if body.deadline_ms is not None and (time.perf_counter() - start) * 1e3 > body.deadline_ms:
+            labels = {}  # the client has given up on them: missing on both sides, never counted twice
+        missed = [i.model_dump() for i in body.missed]
+        return live.record([i.model_dump() for i in body.items], labels, missed, body.texts)
 
     @app.post("/v1/feedback", dependencies=dependencies)
     async def feedback(body: FeedbackRequest, request: Request) -> dict[str, Any]:
@@ -174,7 +181,8 @@ class ShadowSender:
                                  headers={"Authorization": f"Bearer {token}"} if token else {})
         self.queue: queue.Queue = queue.Queue(maxsize=settings.shadow_queue)
         self.version = 1  # the policy version answers are given under (PolicyFollower moves it)
-        self._missed, self._texts, self._paused_until, self._pause = 0, 0, 0.0, self.PAUSE_MIN_S
+        self._missed: list[dict] = []  # sampled items whose shadow was lost, to report (bounded)
+        self._texts, self._paused_until, self._pause = 0, 0.0, self.PAUSE_MIN_S
         self._lock = threading.Lock()
         self.counts = {"sent": 0, "free": 0, "missing": 0, "private": 0, "failures": 0}
         self._stop = threading.Event()
@@ -203,18 +211,23 @@ class ShadowSender:
             a.flags.append("shadowed")
             if time.monotonic() < self._paused_until:  # the cloud failed recently: shadowing paused
                 self.sampler.count("paused")
-                self._lose(1)
+                self._lose([item])
                 continue
             try:
                 self.queue.put_nowait(item)
             except queue.Full:  # shed first: the user's traffic never waits for shadows
                 self.sampler.count("shed")
-                self._lose(1)
+                self._lose([item])
 
-    def _lose(self, n: int) -> None:
+    MAX_MISSED = 10_000  # lost items kept for the next report; beyond it they are only counted here
+
+    def _lose(self, items: list[dict], count: bool = True) -> None:
         with self._lock:
-            self._missed += n
-            self.counts["missing"] += n
+            room = self.MAX_MISSED - len(self._missed)
+            self._missed += [{k: v for k, v in i.items() if k not in ("text", "text_pair")} | {"free": False}
+                             for i in items[:max(0, room)]]
+            if count:
+                self.counts["missing"] += len(items)
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -234,12 +247,14 @@ class ShadowSender:
 
     def _send(self, batch: list[dict]) -> None:
         with self._lock:
-            missed, texts = self._missed, self._texts
-            self._missed, self._texts = 0, 0
+            missed, texts = self._missed[:MAX_ITEMS], self._texts
+            self._missed, self._texts = self._missed[MAX_ITEMS:], 0
+        body = {"items": batch, "missed": missed, "texts": texts,
+                "deadline_ms": 1e3 * self.settings.shadow_timeout_s}
         try:
-            r = self.http.post("/v1/shadow", json={"items": batch, "missed": missed, "texts": texts})
+            r = self.http.post("/v1/shadow", json=body)
             ok = r.status_code == 200
-        except httpx.HTTPError:
+        except httpx.HTTPError:  # refused, reset, timed out: the batch is missing
             ok = False
         if ok:
             self._pause = self.PAUSE_MIN_S
@@ -247,10 +262,10 @@ class ShadowSender:
             self.counts["free"] += free
             self.counts["sent"] += len(batch) - free
             return
-        with self._lock:  # the report is lost: carry its counts to the next one, plus this batch as missing
-            self._missed += missed + len(batch)
+        self._lose(missed, count=False)  # the report is lost: carry it to the next one, plus this batch
+        self._lose(batch)
+        with self._lock:
             self._texts += texts
-            self.counts["missing"] += len(batch)
             self.counts["failures"] += 1
             self._paused_until = time.monotonic() + self._pause
             self._pause = min(self.PAUSE_MAX_S, 2 * self._pause)
@@ -261,7 +276,7 @@ class ShadowSender:
         while self.queue.unfinished_tasks and time.monotonic() < end:
             time.sleep(0.01)
         with self._lock:
-            pending = self._missed or self._texts
+            pending = bool(self._missed) or self._texts
         if pending and time.monotonic() >= self._paused_until:
             self._send([])
 
