@@ -285,3 +285,26 @@ def test_status_line_says_ok_at_risk_broken_and_stale():
     assert "AT RISK" in status_line(status) and "7 shadow answers missing" in status_line(status)
     status["now"] += 120
     assert "shadowing paused" in status_line(status)
+
+
+def test_cli_options(tmp_path):
+    import argparse
+
+    from dimec.cli import build_parser
+    from dimec.serving.live import cli as live_cli
+
+    parser = build_parser()
+    args = parser.parse_args(["serve", "edge", "pkg", "--live", str(tmp_path)])
+    with pytest.raises(ConfigError, match="cloud tier"):
+        live_cli.live_from_args(args)
+    args = parser.parse_args(["client", "pkg", "--cloud-url", "http://127.0.0.1:1", "--shadow-rate", "0.1"])
+    assert args.shadow_rate == 0.1 and not args.no_follow_policy
+    assert parser.parse_args(["client", "pkg"]).shadow_rate == 0.02
+    with pytest.raises(argparse.ArgumentTypeError):
+        live_cli._rate("1.5")
+    router = tmp_path / "router.json"
+    router.write_text(json.dumps({"params": {"calibration": {"max_loss": 1.0, "loss": "disagreement"}},
+                                  "state": {"plans": [[["cloud", 2, None]]], "confidence": "max_prob"}}))
+    args = parser.parse_args(["serve", "cloud", "pkg", "--live", str(tmp_path), "--live-observe-only"])
+    live = live_cli.live_from_args(args)
+    assert live.controller.eps == 0.01 and not live.settings.enabled

@@ -9,8 +9,10 @@ and never off it. What "admitted" means follows the target's mode:
     budget      only the choice (a budget states no loss to keep, so there is nothing to control)
 
 Among the admitted, the path keeps the (loss, cost) Pareto front no cheaper than the choice, from cloud-only
-(always admissible: its loss is 0) to the choice. Each entry holds the plan-router state to serve and its
-validation disagreement and accuracy loss (the live budgets are computed from them).
+(always admissible: its loss is 0) to the choice, thinned to at most MAX_STEPS entries spread evenly in validation
+disagreement (the quantity watched live): the controller moves one step per decision, and a front of twenty
+near-identical thresholds would make it walk twenty times to get anywhere. Each entry holds the plan-router
+state to serve and its validation disagreement and accuracy loss (the live budgets are computed from them).
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from dimec.outputs import ExitOutputs
 from dimec.routing.plan import PlanRouter
 from dimec.routing.selection import Selection, candidate_losses
 from dimec.routing.targets import Target, pareto_order
+
+MAX_STEPS = 6
 
 
 def _admitted(candidates, selection: Selection, target: Target) -> list[int]:
@@ -36,7 +40,7 @@ def _admitted(candidates, selection: Selection, target: Target) -> list[int]:
 
 
 def calibrated_path(candidates: list[tuple[str, PlanRouter]], selection: Selection, target: Target,
-                    val: ExitOutputs, cost_model: CostModel) -> list[dict]:
+                    val: ExitOutputs, cost_model: CostModel, max_steps: int = MAX_STEPS) -> list[dict]:
     """Entries (safest first, the choice last): family, describe, state, validation figures."""
     if selection.index is None:
         return []
@@ -57,4 +61,19 @@ def calibrated_path(candidates: list[tuple[str, PlanRouter]], selection: Selecti
         out.append({"family": family, "describe": router.describe(), "state": PlanRouter.state(router),
                     "val_disagreement_pt": 100 * float(dis[0].mean()), "val_accuracy_loss_pt": 100 * float(acc[0].mean()),
                     "val_cost": float(acc[1].mean())})
-    return out
+    return thin(out, max_steps)
+
+
+def thin(path: list[dict], max_steps: int) -> list[dict]:
+    """At most max_steps entries: the first and the last, and between them those nearest to evenly spaced
+    levels of validation disagreement (each entry once, path order kept)."""
+    if len(path) <= max_steps or max_steps < 2:
+        return path
+    dis = np.array([e["val_disagreement_pt"] for e in path])
+    keep = {0, len(path) - 1}
+    inner = np.arange(1, len(path) - 1)
+    for level in np.linspace(dis[0], dis[-1], max_steps)[1:-1]:
+        free = [i for i in inner if i not in keep]
+        if free:
+            keep.add(min(free, key=lambda i: (abs(dis[i] - level), i)))
+    return [path[i] for i in sorted(keep)]

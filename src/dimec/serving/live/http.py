@@ -75,6 +75,7 @@ class FeedbackRequest(BaseModel):
 def attach_live(app: FastAPI, live: LiveControl, model, dependencies: list, registry=None) -> None:
     """The live endpoints on the cloud's app; `model` (a TierModel) answers shadow texts at its last exit."""
     label_names = list(model.label_names)
+    live.ledger.n_labels = len(label_names)
 
     @app.post("/v1/shadow", dependencies=dependencies)
     async def shadow(body: ShadowRequest) -> dict[str, Any]:
@@ -181,6 +182,7 @@ class ShadowSender:
                                  headers={"Authorization": f"Bearer {token}"} if token else {})
         self.queue: queue.Queue = queue.Queue(maxsize=settings.shadow_queue)
         self.version = 1  # the policy version answers are given under (PolicyFollower moves it)
+        self.follower: PolicyFollower | None = None  # closed with this sender (live/cli.py)
         self._missed: list[dict] = []  # sampled items whose shadow was lost, to report (bounded)
         self._texts, self._paused_until, self._pause = 0, 0.0, self.PAUSE_MIN_S
         self._lock = threading.Lock()
@@ -254,6 +256,9 @@ class ShadowSender:
         try:
             r = self.http.post("/v1/shadow", json=body)
             ok = r.status_code == 200
+            if r.status_code == 404 and self.sampler.rate:  # this cloud serves no live control: stop sampling
+                log.warning("the cloud has no live control (POST /v1/shadow: 404): shadowing off")
+                self.sampler.rate = 0.0
         except httpx.HTTPError:  # refused, reset, timed out: the batch is missing
             ok = False
         if ok:
@@ -285,6 +290,8 @@ class ShadowSender:
                 **{f"shadow_{k}": v for k, v in self.sampler.counts.items()}}
 
     def close(self) -> None:
+        if self.follower is not None:
+            self.follower.close()
         self._stop.set()
         self._thread.join(timeout=2)
         self.http.close()
@@ -326,6 +333,9 @@ class PolicyFollower:
             return False
         if r.status_code == 304:
             self.failures = 0
+            return False
+        if r.status_code == 404:  # this cloud serves no live control: nothing to follow
+            self._stop.set()
             return False
         if r.status_code != 200:
             self.failures += 1
