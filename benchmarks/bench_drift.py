@@ -1,7 +1,7 @@
 """Live control under drift (issue 18): shadow answers, the live bound, and the controller, over loopback.
 
 A copy of the run (never the run itself) is re-calibrated for the promise measured live (default: at most
-`--max-loss` points of disagreement with the cloud), which records the calibrated path in its router.json;
+`--max-loss` points of disagreement with the cloud with probability >= 1 - `--delta`, Learn-then-Test), which records the calibrated path in its router.json;
 its packages are exported and served as three tiers over loopback (edge and cloud uvicorn servers in threads
 of this process, the mobile client here). One stream of `3 x --texts` texts in three phases:
 
@@ -102,7 +102,8 @@ def make_stream(run_dir: Path, n: int, seed: int) -> tuple[list[str], list[int],
 
 
 # ---- set-up -----------------------------------------------------------------------------------------------------------
-def prepare(run_dir: Path, work: Path, max_loss: float, loss: str, log=print) -> tuple[Path, dict]:
+def prepare(run_dir: Path, work: Path, max_loss: float, loss: str, delta: float | None,
+            log=print) -> tuple[Path, dict]:
     """A copy of the run, calibrated for the live promise (the path recorded), and its packages."""
     from dimec.config import RunConfig, apply_overrides
     from dimec.pipeline import calibrate_stage, load_run_config
@@ -112,9 +113,11 @@ def prepare(run_dir: Path, work: Path, max_loss: float, loss: str, log=print) ->
     shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("packages", "checkpoint", "dynamics_plots"))
     cfg = load_run_config(copy)
     cfg = RunConfig.from_dict(apply_overrides(cfg.to_dict(), [f"calibration.loss={loss}", f"calibration.max_loss={max_loss}",
-                                                               "calibration.delta=null", "calibration.budget=null",
+                                                               f"calibration.delta={'null' if delta is None else delta}",
+                                                               "calibration.budget=null",
                                                                "calibration.budget_cut=null"]))
-    log(f"calibrating the copy for <= {max_loss:g} pt of {loss} ...")
+    log(f"calibrating the copy for <= {max_loss:g} pt of {loss}" + (f" with probability >= {1 - delta:g}" if delta else "")
+        + " ...")
     calibrate_stage(copy, cfg)
     packages = export_packages(copy, work / "packages", onnx=False, log=lambda *_: None)
     return copy, packages
@@ -140,7 +143,7 @@ def stream(copy: Path, packages: dict, models: dict, texts: list[str], controlle
     from dimec.atomic import read_json
     from dimec.costs import CostModel
     from dimec.routing.plan import Stage, check_plan, plan_text
-    from dimec.serving.client import MobileClient, Timeouts
+    from dimec.serving.client import HttpRemote, MobileClient, Timeouts
     from dimec.serving.live.controller import LiveControl, LiveSettings
     from dimec.serving.live.http import PolicyFollower, ShadowSender, apply_policy
     from dimec.serving.local import ThreadServer
@@ -153,8 +156,9 @@ def stream(copy: Path, packages: dict, models: dict, texts: list[str], controlle
     settings = LiveSettings(shadow_rate=args.shadow_rate if controlled else 0.0, patience=args.patience,
                             enabled=controlled)
     live = LiveControl.from_router_file(router_file, len(models["cloud"].label_names), settings) if controlled else None
-    edge = ThreadServer(create_app(None, "edge", TOKEN, model=models["edge"])).start()
     cloud = ThreadServer(create_app(None, "cloud", TOKEN, model=models["cloud"], live=live)).start()
+    forward = HttpRemote("cloud", cloud.url, TOKEN, Timeouts(connect_s=2, read_s=60))  # plans going on to the cloud
+    edge = ThreadServer(create_app(None, "edge", TOKEN, model=models["edge"], forward=forward)).start()
     client = MobileClient(models["mobile"], edge.url, cloud.url, TOKEN, Timeouts(connect_s=2, read_s=60))
     exit_layers = list(models["mobile"].exit_layers)
     plans = {}
@@ -206,6 +210,7 @@ def stream(copy: Path, packages: dict, models: dict, texts: list[str], controlle
         if follower is not None:
             follower.close()
         edge.stop()
+        forward.close()
         cloud.stop()
         router_file.write_text(pristine)  # the next pass starts from the calibrated policy again
     out["trace"] = trace
@@ -255,7 +260,8 @@ def plot(data: dict, path: Path) -> None:
     for name, style in (("uncontrolled", "C3"), ("controlled", "C0")):
         dis = np.asarray(data["disagreement_per_text"][name], dtype=float)
         roll = np.convolve(dis, np.ones(w) / w, mode="valid")
-        ax.plot(np.arange(w, len(dis) + 1), 100 * roll, style, label=f"{name}: disagreement ({w}-text window)")
+        ax.plot(np.arange(w, len(dis) + 1), 100 * roll, style, ls="--" if name == "uncontrolled" else "-",
+                label=f"{name}: disagreement ({w}-text window)")
     tr = data["controlled"]["trace"]
     x = [t["text"] for t in tr]
     ax.fill_between(x, [100 * t["low"] for t in tr], [100 * t["high"] for t in tr], color="C0", alpha=0.15,
@@ -294,7 +300,7 @@ def render(data: dict) -> str:
     path = "\n".join(f"{k}. {s['describe']} (validation disagreement {s['val_disagreement_pt']:.2f} pt, "
                      f"cost {s['val_cost']:.4f})" for k, s in enumerate(c["path"]))
     t = data["targets"]
-    return f"""Run: {data['run']}. Promise: at most {eps:g} pt of disagreement with the cloud ({data['calibration']}).
+    return f"""Run: {data['run']}. Promise: at most {eps:g} pt of {data['loss']} ({data['calibration']}).
 Stream: {data['texts_per_phase']:,} texts per phase, batches of {data['batch']}, shadow.rate {data['shadow_rate']:g}
 (seed {data['seed']}), controller patience {data['patience']}; figures after a warm-up of {data['warmup']} texts per
 phase; the truth is the cloud's answer on every text, computed offline.
@@ -325,6 +331,9 @@ def main() -> int:
     parser.add_argument("--shadow-rate", type=float, default=0.1)
     parser.add_argument("--max-loss", type=float, default=3.0, help="the promise, in points of --loss")
     parser.add_argument("--loss", default="disagreement", choices=("disagreement", "accuracy"))
+    parser.add_argument("--delta", type=float, default=0.1,
+                        help="calibrate with Learn-then-Test at this level (0: the point estimate, which on this "
+                             "run already breaks its promise on in-domain test texts)")
     parser.add_argument("--patience", type=int, default=150, help="quiet shadow answers before a step back")
     parser.add_argument("--warmup", type=int, default=1000, help="texts per phase before figures count")
     parser.add_argument("--batch", type=int, default=16)
@@ -348,7 +357,7 @@ def main() -> int:
     torch.set_num_threads(1)
     work = Path(tempfile.mkdtemp(prefix="dimec-drift-"))
     try:
-        copy, packages = prepare(run_dir, work, args.max_loss, args.loss)
+        copy, packages = prepare(run_dir, work, args.max_loss, args.loss, args.delta or None)
         models = {"edge": TierModel(packages["edge"]), "cloud": TierModel(packages["cloud"]),
                   "mobile": TierModel(packages["mobile"], "torch")}
         texts, gold, phase = make_stream(run_dir, args.texts, args.seed)
@@ -376,7 +385,7 @@ def main() -> int:
         data = {
             "run": f"{data_json['task']} ({run_dir.name}), exits {list(models['mobile'].exit_layers)}",
             "calibration": raw["report"]["how"] if "report" in raw else "",
-            "eps": eps, "loss": args.loss, "texts_per_phase": args.texts, "batch": args.batch,
+            "eps": eps, "loss": args.loss, "delta": args.delta, "texts_per_phase": args.texts, "batch": args.batch,
             "shadow_rate": args.shadow_rate, "seed": args.seed, "patience": args.patience, "warmup": args.warmup,
             "shadow_share": (ctl["counts"]["shadowed"] + ctl["counts"]["free"]) / len(texts),
             "shadow_cost": ctl["shadow_cost"], "shadow_cost_pct": 100 * ctl["shadow_cost"] / serving_cost,
@@ -397,7 +406,7 @@ def main() -> int:
             return 0
         plot(data, RESULTS / "drift.png")
         cmd = (f"{COMMAND.replace('RUN_DIR', str(run_dir))} --texts {args.texts} --shadow-rate {args.shadow_rate:g} "
-               f"--max-loss {args.max_loss:g} --loss {args.loss} --patience {args.patience}")
+               f"--max-loss {args.max_loss:g} --loss {args.loss} --delta {args.delta:g} --patience {args.patience}")
         save("drift", TITLE, cmd, "bench_drift.py", data)
         return 0
     finally:
