@@ -105,9 +105,10 @@ def test_shadows_feedback_and_policy_end_to_end(cloud, models):
     assert http.post("/v1/feedback", json={"items": [{"id": "t1", "label": 1}]}, headers=AUTH).status_code == 409
     assert ev.accuracy.n == 2
     # the policy, with its ETag
-    r = http.get("/v1/policy")
+    assert http.get("/v1/policy").status_code == 401
+    r = http.get("/v1/policy", headers=AUTH)
     assert r.status_code == 200 and r.json()["version"] == 1 and r.headers["etag"] == r.json()["etag"]
-    assert http.get("/v1/policy", headers={"If-None-Match": r.headers["etag"]}).status_code == 304
+    assert http.get("/v1/policy", headers={**AUTH, "If-None-Match": r.headers["etag"]}).status_code == 304
     metrics = http.get("/metrics").text
     for gauge in ("dimec_live_disagreement_high", "dimec_live_policy_version", "dimec_live_shadow_share",
                   "dimec_live_disagreement "):

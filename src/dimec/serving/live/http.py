@@ -7,8 +7,9 @@ Cloud (server.create_app(..., live=LiveControl)):
                        disagreement. Refused with 429 while user requests wait in the cloud's queue (shed first).
     POST /v1/feedback  {"items": [{"id", "label"}]}: labels for earlier answers (bearer token; all or nothing;
                        404 unknown id, 409 already labelled, 422 out of range, 429 over the token's rate)
-    GET  /v1/policy    the served step of the calibrated path, its version and an ETag (If-None-Match: 304)
-    GET  /v1/live      the status `dimec monitor` prints
+    GET  /v1/policy    the served step of the calibrated path, its version and an ETag (If-None-Match: 304;
+                       bearer token)
+    GET  /v1/live      the status `dimec monitor` prints (like /metrics, no token)
     gauges             dimec_live_{disagreement,disagreement_low,disagreement_high,accuracy_loss,
                        accuracy_loss_high,budget,shadow_share,policy_version,policy_step,missing,shadow_cost}
 
@@ -117,7 +118,7 @@ def attach_live(app: FastAPI, live: LiveControl, model, dependencies: list, regi
             headers = {"Retry-After": str(max(1, int(exc.retry_after + 0.999)))} if exc.retry_after else None
             return JSONResponse({"error": exc.message}, exc.status, headers=headers)
 
-    @app.get("/v1/policy")
+    @app.get("/v1/policy", dependencies=dependencies)  # the policy is the fleet's business: bearer token
     def policy(request: Request) -> Response:
         body = live.controller.policy()
         if request.headers.get("if-none-match") == body["etag"]:
