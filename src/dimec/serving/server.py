@@ -8,6 +8,8 @@
     GET  /metrics       Prometheus text: requests by path and status, latency histogram, samples per tier,
                         per source and class (fleet.py), drift histograms (monitor.py)
     GET  /v1/drift/reference  the validation distributions the drift monitor compares with
+    with live control (the cloud, `--live`): POST /v1/shadow, POST /v1/feedback, GET /v1/policy, GET /v1/live
+                        (serving/live/http.py, docs/live-control.md)
     GET  /openapi.json  the schema
 
 Bad input never gets a 5xx: bodies over the size limit get 413; bodies that are not UTF-8 JSON, have wrong

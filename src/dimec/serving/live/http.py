@@ -238,12 +238,13 @@ class ShadowSender:
                 first = self.queue.get(timeout=0.2)
             except queue.Empty:
                 continue
-            batch = [first]
-            while len(batch) < 64:
+            batch, size = [first], len(first.get("text") or "")
+            while len(batch) < 64 and size < 200_000:  # well under the servers' 1 MB body limit
                 try:
                     batch.append(self.queue.get_nowait())
                 except queue.Empty:
                     break
+                size += len(batch[-1].get("text") or "") + len(batch[-1].get("text_pair") or "")
             self._send(batch)
             for _ in batch:
                 self.queue.task_done()
