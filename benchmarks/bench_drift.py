@@ -7,13 +7,14 @@ of this process, the mobile client here). One stream of `3 x --texts` texts in t
 
     in-domain   held-out texts of the run's task (its test split, then validation texts for the rest)
     other task  SST-2 sentences (/work/shared/glue/SST-2): the same label space, another distribution
-    noisy       in-domain texts with character noise (typos, case, dropped spaces; seeded)
+    noisy       in-domain texts with character noise (`--noise` per character: typos, case, dropped spaces; seeded)
 
 is sent twice, in batches of `--batch`: uncontrolled (the calibrated policy, no shadows) and controlled
 (shadow.rate `--shadow-rate`, the controller on, the client polling GET /v1/policy after each batch). The cloud
 answers every text offline first: the truth each answer is compared with. Per phase: live disagreement and
 accuracy loss after the warm-up (`--warmup` texts), time to react (texts from the phase change to the first
-policy change, and until the disagreement over the rest of the phase is back within eps), shadow share and
+policy change, until the bound's lower end first passes the step's budget, and until the disagreement over the
+rest of the phase is back within eps), shadow share and
 cost (cost model units), and lost answers.
 
     python benchmarks/bench_drift.py [RUN_DIR] [--texts 2000] [--shadow-rate 0.1] [--max-loss 3] [--quick]
@@ -47,7 +48,7 @@ PHASES = ("in-domain", "other task (SST-2)", "noisy in-domain")
 
 
 # ---- the stream ------------------------------------------------------------------------------------------------------
-def noisy(text: str, rng: random.Random, rate: float = 0.08) -> str:
+def noisy(text: str, rng: random.Random, rate: float = 0.1) -> str:
     """Character noise: per character, with probability `rate`, a typo (neighbour swap, drop, double, random
     letter), a case flip, or a dropped space."""
     out, chars, i = [], list(text), 0
@@ -84,7 +85,7 @@ def sst2(n: int, seed: int) -> tuple[list[str], list[int]]:
     return [t for t, _ in rows[:n]], [y for _, y in rows[:n]]
 
 
-def make_stream(run_dir: Path, n: int, seed: int) -> tuple[list[str], list[int], list[int]]:
+def make_stream(run_dir: Path, n: int, seed: int, noise: float = 0.1) -> tuple[list[str], list[int], list[int]]:
     """(texts, gold labels, phase index) of the three phases, n texts each."""
     from dimec.pipeline import load_run_config, task_data
 
@@ -93,7 +94,7 @@ def make_stream(run_dir: Path, n: int, seed: int) -> tuple[list[str], list[int],
     rng = random.Random(seed)
     first = held[:n] if n <= len(data.test) else held[:len(data.test)] + rng.sample(held[len(data.test):], n - len(data.test))
     other = sst2(n, seed)
-    third = [(noisy(t, rng), y) for t, y in rng.sample(held, min(n, len(held)))]
+    third = [(noisy(t, rng, noise), y) for t, y in rng.sample(held, min(n, len(held)))]
     third += third[: n - len(third)]
     texts = [t for t, _ in first] + other[0] + [t for t, _ in third]
     labels = [y for _, y in first] + other[1] + [y for _, y in third]
@@ -197,6 +198,7 @@ def stream(copy: Path, packages: dict, models: dict, texts: list[str], controlle
                 follower.poll()
                 ev = live.status()["evidence"]["disagreement"]
                 trace.append({"text": start + len(batch), "step": live.controller.step,
+                              "budget": live.controller.steps[live.controller.step].budget,
                               "version": live.controller.version, "n": ev["n"], "estimate": ev["estimate"],
                               "low": ev["low"], "high": ev["high"]})
         if controlled:
@@ -235,7 +237,11 @@ def phase_figures(run: dict, truth: np.ndarray, gold: np.ndarray, phase: np.ndar
         first_change = int(changes[0] + 1) if len(changes) else None
         suffix = np.cumsum(dis[idx][::-1])[::-1] / np.arange(len(idx), 0, -1)  # mean over [t, end of phase)
         ok = np.flatnonzero(suffix <= eps)
+        start, end = int(idx[0]), int(idx[-1]) + 1
+        crossed = [t["text"] - start for t in run.get("trace", []) if start < t["text"] <= end and t["n"]
+                   and t["low"] > t["budget"]]
         rows.append({"phase": PHASES[p], "texts": len(idx),
+                     "bound_crosses_after_texts": crossed[0] if crossed else None,
                      "disagreement_pt": 100 * float(dis[idx].mean()),
                      "disagreement_after_warmup_pt": 100 * float(dis[after].mean()),
                      "accuracy_loss_pt": 100 * float(acc_loss[idx].mean()),
@@ -290,11 +296,14 @@ def render(data: dict) -> str:
     for u, c in zip(data["uncontrolled"]["phases"], data["controlled"]["phases"], strict=True):
         rows.append([u["phase"], f"{u['disagreement_after_warmup_pt']:.2f}", f"{c['disagreement_after_warmup_pt']:.2f}",
                      f"{u['accuracy_loss_after_warmup_pt']:+.2f}", f"{c['accuracy_loss_after_warmup_pt']:+.2f}",
-                     c["policy_changes"], c["first_change_after_texts"] if c["first_change_after_texts"] is not None else "-",
+                     c["policy_changes"],
+                     c["bound_crosses_after_texts"] if c["bound_crosses_after_texts"] is not None else "-",
+                     c["first_change_after_texts"] if c["first_change_after_texts"] is not None else "-",
                      c["within_eps_from_text"] if c["within_eps_from_text"] is not None else "never",
                      f"{u['cost_change_pct']:+.1f}%", f"{c['cost_change_pct']:+.1f}%"])
     table = markdown_table(["phase", "dis. uncontrolled (pt)", "dis. controlled (pt)", "acc. loss unc.",
-                            "acc. loss ctl.", "changes", "first change (texts)", "within eps from text",
+                            "acc. loss ctl.", "changes", "bound past budget (texts)", "first change (texts)",
+                            "within eps from text",
                             "cost unc.", "cost ctl."], rows)
     c = data["controlled"]
     path = "\n".join(f"{k}. {s['describe']} (validation disagreement {s['val_disagreement_pt']:.2f} pt, "
@@ -337,6 +346,7 @@ def main() -> int:
     parser.add_argument("--patience", type=int, default=150, help="quiet shadow answers before a step back")
     parser.add_argument("--warmup", type=int, default=1000, help="texts per phase before figures count")
     parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--noise", type=float, default=0.1, help="per-character noise rate of the third phase")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="smoke run: 150 texts per phase, results not saved")
     parser.add_argument("--render", action="store_true", help="only print the section from drift.json")
@@ -360,7 +370,7 @@ def main() -> int:
         copy, packages = prepare(run_dir, work, args.max_loss, args.loss, args.delta or None)
         models = {"edge": TierModel(packages["edge"]), "cloud": TierModel(packages["cloud"]),
                   "mobile": TierModel(packages["mobile"], "torch")}
-        texts, gold, phase = make_stream(run_dir, args.texts, args.seed)
+        texts, gold, phase = make_stream(run_dir, args.texts, args.seed, args.noise)
         print(f"{len(texts)} texts; the cloud answers all of them offline ...")
         truth = np.concatenate([models["cloud"].classify(texts[i:i + 64]).label_ids for i in range(0, len(texts), 64)])
         runs = {}
@@ -386,7 +396,7 @@ def main() -> int:
             "run": f"{data_json['task']} ({run_dir.name}), exits {list(models['mobile'].exit_layers)}",
             "calibration": raw["report"]["how"] if "report" in raw else "",
             "eps": eps, "loss": args.loss, "delta": args.delta, "texts_per_phase": args.texts, "batch": args.batch,
-            "shadow_rate": args.shadow_rate, "seed": args.seed, "patience": args.patience, "warmup": args.warmup,
+            "shadow_rate": args.shadow_rate, "seed": args.seed, "noise": args.noise, "patience": args.patience, "warmup": args.warmup,
             "shadow_share": (ctl["counts"]["shadowed"] + ctl["counts"]["free"]) / len(texts),
             "shadow_cost": ctl["shadow_cost"], "shadow_cost_pct": 100 * ctl["shadow_cost"] / serving_cost,
             "extra_cost_pct": 100 * extra / float(np.sum(unc["cost"])),
@@ -406,7 +416,8 @@ def main() -> int:
             return 0
         plot(data, RESULTS / "drift.png")
         cmd = (f"{COMMAND.replace('RUN_DIR', str(run_dir))} --texts {args.texts} --shadow-rate {args.shadow_rate:g} "
-               f"--max-loss {args.max_loss:g} --loss {args.loss} --delta {args.delta:g} --patience {args.patience}")
+               f"--max-loss {args.max_loss:g} --loss {args.loss} --delta {args.delta:g} --patience {args.patience} "
+               f"--noise {args.noise:g}")
         save("drift", TITLE, cmd, "bench_drift.py", data)
         return 0
     finally:
