@@ -306,6 +306,9 @@ def apply_policy(client, policy: dict) -> None:
     router = client.router
     if router is None:
         return
+    if getattr(client, "online", None) is not None:  # moving pool means (--routing dynamic) index its own plans
+        log.warning("policy v%s not applied: a client with moving pool means keeps its policy", policy.get("version"))
+        return
     PlanRouter.load_state(router, policy["state"])
     client.plans, client.confidence = list(router.plans_), router.confidence_
     live = getattr(client, "live", None)
