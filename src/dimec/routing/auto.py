@@ -21,6 +21,7 @@ from dimec.errors import DimecError
 from dimec.outputs import ExitOutputs
 from dimec.routing.base import ROUTERS, TrainingSignal, register
 from dimec.routing.cascade import TunedPlanRouter, target_of
+from dimec.routing.path import calibrated_path
 from dimec.routing.plan import PlanRouter
 from dimec.routing.selection import select, what_the_data_can_carry
 from dimec.routing.targets import Target, select_budget, select_point
@@ -83,6 +84,7 @@ class AutoRouter(PlanRouter):
         self.prerouter_ = getattr(self.prerouter_, "prerouter", self.prerouter_)  # drop a validation cache
         self.winner_, self.how_, self.selection_ = winner_family, selection.how, selection
         self.summary_ = self._summary(candidates, selection, target, cost_model, skipped)
+        self.path_ = calibrated_path(candidates, selection, target, val, cost_model)  # for live control
         return self
 
     @staticmethod
@@ -116,9 +118,10 @@ class AutoRouter(PlanRouter):
 
     def state(self) -> dict:
         return {**super().state(), "winner": self.winner_, "how": self.how_, "summary": self.summary_,
-                "capacity": self.capacity_}
+                "capacity": self.capacity_, "path": self.path_}
 
     def load_state(self, state: dict) -> None:
         super().load_state(state)
         self.winner_, self.how_, self.summary_ = state["winner"], state["how"], state["summary"]
         self.capacity_ = state.get("capacity")
+        self.path_ = state.get("path") or []

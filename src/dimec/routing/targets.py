@@ -165,6 +165,18 @@ def binomial_p_value(added_errors: np.ndarray, eps: float) -> float:
     return float(binom.cdf(k, n, eps)) if n else 1.0
 
 
+def betting_moments(total, total_sq, seen):
+    """The predictable mean and variance a bet reads: from the samples before it plus one zero-loss prior
+    sample (`seen` = samples before + 1), which keeps the first bets small but non-zero. Arrays or floats."""
+    mu = total / seen
+    return mu, np.maximum((total_sq + 0.25) / seen - mu * mu, 1e-4)
+
+
+def kelly_bet(gap, var, cap):
+    """A capped Kelly-type bet on a mean `gap` away from the null (>= 0 only): gap / (var + gap^2)."""
+    return np.clip(gap / (var + gap * gap), 0.0, cap)
+
+
 def betting_p_value(losses: np.ndarray, eps: float, seed: int = 0) -> float:
     """H0: E[L] >= eps for L in [-1, 1], via the wealth prod(1 + lam_i (eps - L_i)) in a random order with a
     predictable, capped Kelly-type bet lam_i = (eps - mu) / (var + (eps - mu)^2) from the samples before i.
@@ -176,10 +188,8 @@ def betting_p_value(losses: np.ndarray, eps: float, seed: int = 0) -> float:
     seen = np.arange(1, len(x) + 1)  # bet i sees the samples before it, plus a zero-loss prior sample
     total = np.concatenate([[0.0], np.cumsum(x)[:-1]])
     total_sq = np.concatenate([[0.0], np.cumsum(x * x)[:-1]])
-    mu = total / seen  # the prior keeps the first bets small but non-zero
-    var = np.maximum((total_sq + 0.25) / seen - mu * mu, 1e-4)
-    gap = eps - mu
-    lam = np.clip(gap / (var + gap * gap), 0.0, cap)
+    mu, var = betting_moments(total, total_sq, seen)
+    lam = kelly_bet(eps - mu, var, cap)
     log_wealth = np.cumsum(np.log1p(lam * (eps - x)))  # each factor >= 0.5: lam <= cap and eps - x >= eps - 1
     return float(min(1.0, np.exp(-max(0.0, log_wealth.max()))))
 

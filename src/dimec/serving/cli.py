@@ -17,6 +17,7 @@ from dimec.cli_helpers import texts_from_args
 from dimec.errors import ConfigError
 from dimec.serving.client import ROUTINGS
 from dimec.serving.fleet_cli import add_fleet_client_args, attach_fleet_commands, fleet_policy_from_args
+from dimec.serving.live import cli as live_cli
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 DEFAULT_PORTS = {"edge": 8101, "cloud": 8102}
@@ -65,6 +66,7 @@ def attach_serving_commands(sub) -> None:
     p.add_argument("--cloud-url", help="edge only: the cloud tier that plans going on to the cloud are forwarded to")
     p.add_argument("--cloud-token", help="bearer token for --cloud-url (default: this server's token)")
     p.add_argument("--link-cloud", help="edge only: emulated edge->cloud link, e.g. 'wan' or 'latency=30'")
+    live_cli.add_server_args(p)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("serve-all", help="local three-tier demo: edge and cloud servers + the mobile client")
@@ -90,6 +92,7 @@ def attach_serving_commands(sub) -> None:
     p.add_argument("--cloud-url")
     p.add_argument("--token", help="bearer token (default: env DIMEC_TOKEN)")
     _client_args(p)
+    live_cli.add_client_args(p)
     p.set_defaults(func=cmd_client)
 
     p = sub.add_parser("profile", help="measure tiers and links; write the cost profile (ms) for calibrate")
@@ -191,8 +194,9 @@ def cmd_serve(args) -> None:
     port = args.port or DEFAULT_PORTS[args.tier]
     sock = bind_port(args.host, port)  # before the model loads: a taken port fails fast, and no other
     try:                               # server can take it between this check and serving
+        live = live_cli.live_from_args(args)  # --live RUN_DIR: shadows, feedback, the versioned policy
         app = create_app(ensure_package(args.path, args.tier, log=_say), args.tier, token, limits, sources=sources,
-                         forward=forward)
+                         forward=forward, live=live)
         print(f"dimec {args.tier} tier on http://{_url_host(args.host)}:{port} "
               f"(exit layer {app.state.service.model.exit_layer})", flush=True)
         run_server(app, sock, args.log_level)
@@ -267,6 +271,7 @@ def cmd_client(args) -> None:
     if not (args.edge_url or args.cloud_url) and args.routing != "mobile-only":
         raise ConfigError("no remote tier", "give --edge-url and/or --cloud-url (or --routing mobile-only)")
     with _client(args, args.path, args.edge_url, args.cloud_url, _token(args)) as client:
+        live_cli.attach_client(client, args, args.cloud_url, _token(args))  # shadow sample, policy follower
         _run_client(client, _texts(args))
 
 

@@ -312,6 +312,7 @@ class MobileClient:
         self._lock = threading.Lock()
         self.counts: Counter[str] = Counter()
         self.fleet = fleet or FleetPolicy()  # constraints, budget, the edge's advice (constraints.py)
+        self.live = None  # a serving.live ShadowSender: the shadow sample of live control (docs/live-control.md)
 
     def _load_router(self, routing: str) -> tuple[Any, list[Plan], str]:
         if routing in SINGLE_TIER:
@@ -360,6 +361,8 @@ class MobileClient:
         if missing or len({a.id for a in answers}) != len(call.ids):  # a bug, never expected: say so loudly
             raise DimecError(f"internal error: request ids {missing[:5]} got no answer or were answered twice")
         self.fleet.finish(call, answers)
+        if self.live is not None:  # after the answers are final; the shadows leave from a background thread
+            self.live.after(call.texts, call.pairs, answers, call.constraints.private and "cloud" not in self.fleet.trusted)
         with self._lock:
             self.counts["answers"] += len(answers)
             for a in answers:
@@ -545,6 +548,8 @@ class MobileClient:
         return {**out, **self.fleet.stats()}
 
     def close(self) -> None:
+        if self.live is not None:
+            self.live.close()
         for remote in self.remotes.values():
             if hasattr(remote, "close"):
                 remote.close()

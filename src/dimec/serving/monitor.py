@@ -272,6 +272,10 @@ def monitor(urls: list[str], reference: dict[str, Any] | None = None, threshold:
         time.sleep(interval_s)
         live = difference(snapshot(urls), live)
     rows = compare(reference, live, threshold, min_samples)
+    from dimec.serving.live.http import live_lines
+
+    for line in live_lines(urls):  # live control's loss bound, where a tier serves one (docs/live-control.md)
+        log(line)
     if not rows:
         raise DimecError(f"no drift metrics for model {reference['model']} at {', '.join(urls)}",
                          "the servers run another model, or were started without a drift reference "

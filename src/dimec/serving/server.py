@@ -8,6 +8,8 @@
     GET  /metrics       Prometheus text: requests by path and status, latency histogram, samples per tier,
                         per source and class (fleet.py), drift histograms (monitor.py)
     GET  /v1/drift/reference  the validation distributions the drift monitor compares with
+    with live control (the cloud, `--live`): POST /v1/shadow, POST /v1/feedback, GET /v1/policy, GET /v1/live
+                        (serving/live/http.py, docs/live-control.md)
     GET  /openapi.json  the schema
 
 Bad input never gets a 5xx: bodies over the size limit get 413; bodies that are not UTF-8 JSON, have wrong
@@ -44,7 +46,8 @@ from dimec.serving.tier import TierModel
 from dimec.textinput import text_problem
 
 log = logging.getLogger("dimec.serving")
-KNOWN_PATHS = ("/v1/classify", "/v1/continue", "/v1/ping", "/healthz", "/metrics", "/openapi.json", "/docs")
+KNOWN_PATHS = ("/v1/classify", "/v1/continue", "/v1/ping", "/healthz", "/metrics", "/openapi.json", "/docs",
+               "/v1/shadow", "/v1/feedback", "/v1/policy", "/v1/live")
 MAX_ID_CHARS = 128
 
 
@@ -202,11 +205,13 @@ class TierService:
 
 
 def create_app(package_dir: str | Path | None, tier: str, token: str | None, limits: Limits | None = None,
-               model: TierModel | None = None, sources: SourceTable | None = None, forward=None) -> FastAPI:
+               model: TierModel | None = None, sources: SourceTable | None = None, forward=None,
+               live=None) -> FastAPI:
     """The FastAPI app of the edge or cloud tier. `model` may be given to share a loaded TierModel;
     `sources` (a SourceTable from a sources file) replaces the single token with sources and priorities;
     `forward` (the edge's cloud, a client.HttpRemote) receives the hidden states of plans that go on to the
-    cloud."""
+    cloud. `live` (a serving.live LiveControl, on the cloud) adds shadow answers, feedback and the versioned
+    policy (docs/live-control.md)."""
     model = model or TierModel(package_dir)
     if model.tier != tier:
         raise ConfigError(f"the package at {model.directory} is the {model.tier} tier, not {tier}",
@@ -218,6 +223,10 @@ def create_app(package_dir: str | Path | None, tier: str, token: str | None, lim
     app, metrics = _base_app(f"dimec {tier} tier", service)
     fleet = app.state.fleet = Fleet(service, app.state.registry, service.sources)  # sources, queue, metrics
     fleet.attach(app)
+    if live is not None:  # live control: /v1/shadow, /v1/feedback, /v1/policy, /v1/live, gauges
+        from dimec.serving.live.http import attach_live
+
+        attach_live(app, live, model, [Depends(_authorized)], app.state.registry)
 
     @app.post("/v1/classify", response_model=ClassifyResponse | PlanAnswer, dependencies=[Depends(_authorized)],
               responses=_errors(401, 413, 422, 429, 500))
