@@ -37,6 +37,8 @@ from starlette.exceptions import HTTPException
 
 from dimec.errors import ConfigError, TierAuthError
 from dimec.serving import wire
+from dimec.serving.batched import TierBatcher
+from dimec.serving.batcher import BatchingConfig
 from dimec.serving.continuation import PlanAnswer, PlanRunner, PlanStage, request_plan
 from dimec.serving.fleet import Fleet, attach_gateway_drift
 from dimec.serving.sources import Source, SourceTable
@@ -202,11 +204,12 @@ class TierService:
 
 
 def create_app(package_dir: str | Path | None, tier: str, token: str | None, limits: Limits | None = None,
-               model: TierModel | None = None, sources: SourceTable | None = None, forward=None) -> FastAPI:
+               model: TierModel | None = None, sources: SourceTable | None = None, forward=None,
+               batching: BatchingConfig | None = None) -> FastAPI:
     """The FastAPI app of the edge or cloud tier. `model` may be given to share a loaded TierModel;
     `sources` (a SourceTable from a sources file) replaces the single token with sources and priorities;
     `forward` (the edge's cloud, a client.HttpRemote) receives the hidden states of plans that go on to the
-    cloud."""
+    cloud; `batching` turns on dynamic batching across requests (batcher.py)."""
     model = model or TierModel(package_dir)
     if model.tier != tier:
         raise ConfigError(f"the package at {model.directory} is the {model.tier} tier, not {tier}",
@@ -218,6 +221,8 @@ def create_app(package_dir: str | Path | None, tier: str, token: str | None, lim
     app, metrics = _base_app(f"dimec {tier} tier", service)
     fleet = app.state.fleet = Fleet(service, app.state.registry, service.sources)  # sources, queue, metrics
     fleet.attach(app)
+    if batching is not None:  # requests share forward passes; priorities and deadlines move to the batcher
+        fleet.batcher = TierBatcher(service, batching, ClassifyResponse, on_shed=fleet.on_batch_shed)
 
     @app.post("/v1/classify", response_model=ClassifyResponse | PlanAnswer, dependencies=[Depends(_authorized)],
               responses=_errors(401, 413, 422, 429, 500))
@@ -241,7 +246,9 @@ def create_app(package_dir: str | Path | None, tier: str, token: str | None, lim
             service.plans.check_state(state)  # 409/422 before queueing
         except wire.WireError as exc:
             raise RequestError(exc.status, exc.message) from None
-        answer = await fleet.serve(request.state.source, len(state), lambda: service.plans.continue_state(state))
+        item = None if fleet.batcher is None else fleet.batcher.continue_item(state)
+        answer = await fleet.serve(request.state.source, len(state), lambda: service.plans.continue_state(state),
+                                   item=item)
         _count(metrics, tier, answer)
         return answer
 
