@@ -273,3 +273,24 @@ def test_serve_on_a_missing_gpu_is_one_clear_error(packages, capsys):
     assert main(["serve", "cloud", str(packages["cloud"]), "--token", TOKEN, "--precision", "fp16",
                  "--device", "cpu"]) == 2
     assert "fp16 is for GPUs" in capsys.readouterr().err
+
+
+def test_ray_serve_batching_answers_each_request_with_its_own_result(monkeypatch):
+    serve = pytest.importorskip("ray.serve")
+    from types import SimpleNamespace
+
+    from dimec.serving.ray_app import RayBatcher
+
+    # outside a replica: the one thing @serve.batch asks of its replica is max_ongoing_requests
+    replica = SimpleNamespace(_deployment_config=SimpleNamespace(max_ongoing_requests=64))
+    monkeypatch.setattr(serve, "get_replica_context", lambda: replica)
+
+    batcher = RayBatcher(None, BatchingConfig(max_batch=8, max_wait_ms=30), dict)
+    model = Recorder(fail=lambda payloads: (_ for _ in ()).throw(ValueError("bad")) if 5 in payloads else None)
+    batcher.run = model
+    done = run_all(batcher, items(range(20)))
+    assert isinstance(done[5], ValueError)
+    assert [d.value for i, d in enumerate(done) if i != 5] == [2 * v for v in range(20) if v != 5]
+    assert max(len(c) for c in model.calls) > 1  # Ray's @serve.batch gathered them
+    with pytest.raises(ConfigError, match="max_batch must be at least 1"):
+        RayBatcher(None, BatchingConfig(max_batch=0), dict)

@@ -200,23 +200,7 @@ class Batcher:
                                            Shed("deadline", "the deadline passed while waiting for the model", 1.0))
 
     def _run_isolated(self, batch: list[Item]) -> list[tuple[Any, BaseException | None]]:
-        """(result, error) per item: a failing batch is split (out of memory) or run one by one (anything else)
-        so an error reaches only the requests that cause it."""
-        try:
-            values = self.run(batch[0].key, [i.payload for i in batch])
-            if len(values) != len(batch):
-                raise RuntimeError(f"batched run returned {len(values)} results for {len(batch)} requests")
-            return [(v, None) for v in values]
-        except Exception as exc:  # noqa: BLE001  (each request gets its own outcome below)
-            if len(batch) == 1:
-                if is_out_of_memory(exc):
-                    return [(None, BatchRefused(413, f"out of memory on this request alone ({batch[0].size} "
-                                                     "texts): send fewer or shorter texts"))]
-                return [(None, exc)]
-            if is_out_of_memory(exc):
-                half = len(batch) // 2
-                return self._run_isolated(batch[:half]) + self._run_isolated(batch[half:])
-            return [r for i in batch for r in self._run_isolated([i])]
+        return run_isolated(self.run, batch)
 
     def close(self) -> None:
         with self._cond:
@@ -225,6 +209,26 @@ class Batcher:
             self._cond.notify_all()
         for item in pending:
             item.loop.call_soon_threadsafe(_settle, item.future, None, Shed("full", "the server is shutting down", 1.0))
+
+
+def run_isolated(run: Run, batch: list[Item]) -> list[tuple[Any, BaseException | None]]:
+    """(result, error) per item of one key: a failing batch is split (out of memory) or run one by one
+    (anything else), so an error reaches only the requests that cause it."""
+    try:
+        values = run(batch[0].key, [i.payload for i in batch])
+        if len(values) != len(batch):
+            raise RuntimeError(f"batched run returned {len(values)} results for {len(batch)} requests")
+        return [(v, None) for v in values]
+    except Exception as exc:  # noqa: BLE001  (each request gets its own outcome below)
+        if len(batch) == 1:
+            if is_out_of_memory(exc):
+                return [(None, BatchRefused(413, f"out of memory on this request alone ({batch[0].size} texts): "
+                                                 "send fewer or shorter texts"))]
+            return [(None, exc)]
+        if is_out_of_memory(exc):
+            half = len(batch) // 2
+            return run_isolated(run, batch[:half]) + run_isolated(run, batch[half:])
+        return [r for i in batch for r in run_isolated(run, [i])]
 
 
 def _settle(future: asyncio.Future, done: Done | None, error: BaseException | None) -> None:
