@@ -212,6 +212,10 @@ def test_batched_answers_equal_one_at_a_time(served):
     answers = post_concurrently(served["cloud"].url, bodies)
     batcher = served["cloud"].app.state.fleet.batcher.batcher
     assert batcher.batches < batcher.texts  # requests did share forward passes
+    import httpx
+
+    metrics = httpx.get(served["cloud"].url + "/metrics").text
+    assert f"dimec_batched_texts {float(batcher.texts)}" in metrics and "dimec_batches " in metrics
     for body, (status, answer) in zip(bodies, answers, strict=True):
         assert status == 200, answer
         alone = cloud.classify(body.get("texts") or [body["text"]])
@@ -294,3 +298,31 @@ def test_ray_serve_batching_answers_each_request_with_its_own_result(monkeypatch
     assert max(len(c) for c in model.calls) > 1  # Ray's @serve.batch gathered them
     with pytest.raises(ConfigError, match="max_batch must be at least 1"):
         RayBatcher(None, BatchingConfig(max_batch=0), dict)
+
+
+def test_out_of_memory_in_a_batching_server_is_split_never_a_5xx(packages):
+    from dimec.serving.local import ThreadServer
+    from dimec.serving.server import create_app
+    from dimec.serving.tier import TierModel
+
+    model = TierModel(packages["cloud"])
+    classify, sizes = model.classify, []
+
+    def small_memory(texts, pairs=None):  # a device that fits 3 texts per forward pass
+        sizes.append(len(texts))
+        if len(texts) > 3:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB")
+        return classify(texts, pairs)
+
+    model.classify = small_memory
+    server = ThreadServer(create_app(None, "cloud", TOKEN, model=model,
+                                     batching=BatchingConfig(max_batch=32, max_wait_ms=50))).start()
+    try:
+        answers = post_concurrently(server.url, [{"text": TEXTS[i % 10]} for i in range(16)] + [{"texts": TEXTS[:5]}])
+    finally:
+        server.app.state.fleet.close()
+        server.stop()
+    assert all(status == 200 for status, _ in answers[:16]) and max(sizes) > 3  # batched, split, answered
+    for i, (_, answer) in enumerate(answers[:16]):
+        np.testing.assert_allclose(answer["probs"], classify([TEXTS[i % 10]]).probs, atol=1e-5)
+    assert answers[16][0] == 413 and "out of memory on this request alone" in answers[16][1]["error"]

@@ -13,6 +13,7 @@ Metrics (one registry per app, beside the server's own):
     dimec_advice_keep_fraction{class}                   gauge: PA-MDI advice (share kept on the device)
     dimec_edge_capacity_texts_per_second                gauge: measured model throughput
     dimec_class_demand_texts_per_second{class}          gauge: arrival rate (decayed)
+    dimec_batches, dimec_batched_texts                  gauges: forward passes and texts of dynamic batching
     dimec_drift_*                                       the drift histograms (monitor.py)
 """
 
@@ -84,6 +85,17 @@ class Fleet:
 
     def _on_shed(self, source: Source, reason: str) -> None:
         self.metrics.shed(source, reason)
+
+    def use_batcher(self, batcher, registry) -> None:
+        """Batch across requests (batched.TierBatcher) and export its counts: batches run and texts in them."""
+        from prometheus_client import Gauge
+
+        self.batcher = batcher
+        inner = batcher.batcher
+        Gauge("dimec_batches", "Forward passes the batcher ran (dynamic batching)",
+              registry=registry).set_function(lambda: inner.batches)
+        Gauge("dimec_batched_texts", "Texts answered by the batcher's forward passes (/ dimec_batches: mean batch)",
+              registry=registry).set_function(lambda: inner.texts)
 
     def on_batch_shed(self, item, reason: str) -> None:
         """A request the batcher refused (full, deadline): counted like the scheduler's."""

@@ -222,7 +222,8 @@ def create_app(package_dir: str | Path | None, tier: str, token: str | None, lim
     fleet = app.state.fleet = Fleet(service, app.state.registry, service.sources)  # sources, queue, metrics
     fleet.attach(app)
     if batching is not None:  # requests share forward passes; priorities and deadlines move to the batcher
-        fleet.batcher = TierBatcher(service, batching, ClassifyResponse, on_shed=fleet.on_batch_shed)
+        fleet.use_batcher(TierBatcher(service, batching, ClassifyResponse, on_shed=fleet.on_batch_shed),
+                          app.state.registry)
 
     @app.post("/v1/classify", response_model=ClassifyResponse | PlanAnswer, dependencies=[Depends(_authorized)],
               responses=_errors(401, 413, 422, 429, 500))
