@@ -146,3 +146,12 @@ def test_tier_model_on_the_gpu_matches_the_cpu(tiny_run, tmp_path, precision):
     gpu = TierModel(packages["cloud"], device="cuda", precision=precision)
     assert next(gpu.model.parameters()).is_cuda
     np.testing.assert_allclose(gpu.classify(texts).probs, cpu, atol=1e-4 if precision == "fp32" else 3e-2)
+
+
+def test_a_run_may_resume_on_another_device(tiny_encoder, tiny_task_csv, tmp_path):
+    from dimec.pipeline import prepare_run_dir
+
+    prepare_run_dir(tiny_run_config(tiny_encoder, tiny_task_csv, device="cpu"), tmp_path)
+    prepare_run_dir(tiny_run_config(tiny_encoder, tiny_task_csv, device="auto", mixed_precision="no"), tmp_path)
+    with pytest.raises(ConfigError, match="other train settings"):  # what is trained still may not change
+        prepare_run_dir(tiny_run_config(tiny_encoder, tiny_task_csv, learning_rate=1e-3), tmp_path)

@@ -60,12 +60,19 @@ def prepare_run_dir(cfg: RunConfig, run_dir: Path) -> None:
     if path.is_file():
         old = load_run_config(run_dir)
         for section in ("data", "model", "train"):
-            if asdict(getattr(old, section)) != asdict(getattr(cfg, section)):
+            if _what_is_trained(asdict(getattr(old, section))) != _what_is_trained(asdict(getattr(cfg, section))):
                 raise ConfigError(
                     f"{run_dir} holds a run with other {section} settings",
                     "use a new --run-dir, or delete the old one to start over",
                 )
     cfg.save(path)
+
+
+RUNS_ANYWHERE = ("device", "mixed_precision")  # where and in what precision: a run may resume elsewhere
+
+
+def _what_is_trained(settings: dict) -> dict:
+    return {k: v for k, v in settings.items() if k not in RUNS_ANYWHERE}
 
 
 def task_data(cfg: RunConfig) -> TaskData:
@@ -77,6 +84,9 @@ def task_data(cfg: RunConfig) -> TaskData:
 def train_stage(cfg: RunConfig, run_dir: Path) -> TrainResult:
     run_dir = Path(run_dir)
     cfg.validate()  # settings, data and model are checked before anything is written to run_dir
+    from dimec.devices import resolve_device, resolve_training_precision
+
+    resolve_training_precision(cfg.train.mixed_precision, resolve_device(cfg.train.device, "train.device"))
     data = task_data(cfg)
     dynamics_of = dynamics_sample(np.array([e.label for e in data.train]), cfg.train.train_dynamics_samples,
                                   cfg.train.seed)  # training rows whose dynamics are recorded

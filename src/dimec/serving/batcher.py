@@ -154,8 +154,7 @@ class Batcher:
                 self.seconds_per_text = per_text if old is None else 0.8 * old + 0.2 * per_text
                 self.batches, self.texts = self.batches + 1, self.texts + texts
             for item, (value, error) in zip(batch, results, strict=True):
-                done = Done(value, (start - item.arrived) * 1e3, compute_s * 1e3)
-                item.loop.call_soon_threadsafe(_settle, item.future, done, error)
+                _answer(item, Done(value, (start - item.arrived) * 1e3, compute_s * 1e3), error)
 
     def _next_batch(self) -> list[Item] | None:
         """Wait until a batch closes (under the lock); None when the batcher is closed."""
@@ -196,8 +195,7 @@ class Batcher:
         for item in [i for i in self._pending if i.deadline is not None and i.deadline <= now]:
             self._pending.remove(item)
             self._shed(item, "deadline")
-            item.loop.call_soon_threadsafe(_settle, item.future, None,
-                                           Shed("deadline", "the deadline passed while waiting for the model", 1.0))
+            _answer(item, None, Shed("deadline", "the deadline passed while waiting for the model", 1.0))
 
     def _run_isolated(self, batch: list[Item]) -> list[tuple[Any, BaseException | None]]:
         return run_isolated(self.run, batch)
@@ -208,7 +206,7 @@ class Batcher:
             pending, self._pending = self._pending, []
             self._cond.notify_all()
         for item in pending:
-            item.loop.call_soon_threadsafe(_settle, item.future, None, Shed("full", "the server is shutting down", 1.0))
+            _answer(item, None, Shed("full", "the server is shutting down", 1.0))
 
 
 def run_isolated(run: Run, batch: list[Item]) -> list[tuple[Any, BaseException | None]]:
@@ -229,6 +227,15 @@ def run_isolated(run: Run, batch: list[Item]) -> list[tuple[Any, BaseException |
             half = len(batch) // 2
             return run_isolated(run, batch[:half]) + run_isolated(run, batch[half:])
         return [r for i in batch for r in run_isolated(run, [i])]
+
+
+def _answer(item: Item, done: Done | None, error: BaseException | None) -> None:
+    """Hand the outcome to the request's event loop; a loop that is gone (its client with it) is skipped, and
+    never stops the batcher's thread."""
+    try:
+        item.loop.call_soon_threadsafe(_settle, item.future, done, error)
+    except RuntimeError:  # "Event loop is closed"
+        pass
 
 
 def _settle(future: asyncio.Future, done: Done | None, error: BaseException | None) -> None:
