@@ -39,8 +39,8 @@ class TierBatcher:
                       deadline_ms: float | None = None) -> Item:
         length = max(len(t) for t in [*texts, *(pairs or [])])
         if body.plan is not None:
-            try:
-                plan = request_plan(body.plan)
+            try:  # a plan this tier cannot run is refused before it waits
+                plan = self.service.plans.check_plan(request_plan(body.plan), 0)
             except WireError as exc:
                 raise BatchRefused(exc.status, exc.message) from None
             key: Hashable = ("plan", plan, body.confidence, pairs is not None)
