@@ -119,13 +119,12 @@ def test_training_on_the_gpu_keeps_the_artifacts_format(tiny_encoder, tiny_task_
 
 @GPU
 def test_gpu_predictions_match_the_cpu(tiny_run):
+    from dimec.data.examples import Example
     from dimec.pipeline import load_model
     from dimec.training.batching import encode
     from dimec.training.trainer import predict_exit_outputs
 
     model = load_model(tiny_run)
-    from dimec.data.examples import Example
-
     enc = encode(model.tokenizer, [Example("good movie", None, 1), Example("the plot was dull", None, 0)], 32)
     cpu = predict_exit_outputs(model, enc)
     gpu = predict_exit_outputs(model.to("cuda"), enc)
