@@ -326,3 +326,68 @@ def test_out_of_memory_in_a_batching_server_is_split_never_a_5xx(packages):
     for i, (_, answer) in enumerate(answers[:16]):
         np.testing.assert_allclose(answer["probs"], classify([TEXTS[i % 10]]).probs, atol=1e-5)
     assert answers[16][0] == 413 and "out of memory on this request alone" in answers[16][1]["error"]
+
+
+def test_a_batching_server_lets_the_higher_class_join_first(packages):
+    import httpx
+
+    from dimec.config import build_config
+    from dimec.serving.local import ThreadServer
+    from dimec.serving.server import create_app
+    from dimec.serving.sources import FleetConfig, SourceTable
+    from dimec.serving.tier import TierModel
+
+    tokens = {"hi": "token-high-0123456789", "lo": "token-low-0123456789"}
+    table = SourceTable.from_config(build_config(FleetConfig, {
+        "classes": [{"name": "high"}, {"name": "low"}],
+        "sources": [{"name": "hi", "token": tokens["hi"], "priority": "high"},
+                    {"name": "lo", "token": tokens["lo"], "priority": "low"}]}))
+    model = TierModel(packages["cloud"])
+    classify, batches = model.classify, []
+
+    gate = threading.Event()
+
+    def slow(texts, pairs=None):  # the first batch holds the model until every other request waits
+        batches.append(list(texts))
+        gate.wait(30)
+        return classify(texts, pairs)
+
+    model.classify = slow
+    server = ThreadServer(create_app(None, "cloud", None, model=model, sources=table,
+                                     batching=BatchingConfig(max_batch=4, max_wait_ms=0))).start()
+    answers: dict = {}
+
+    def send(name: str, text: str) -> None:
+        r = httpx.post(server.url + "/v1/classify", json={"text": text},
+                       headers={"Authorization": f"Bearer {tokens[name]}"}, timeout=30)
+        answers[text] = (r.status_code, r.json())
+
+    threads = [threading.Thread(target=send, args=("lo", "first"))]
+    threads += [threading.Thread(target=send, args=("lo", f"low {i}")) for i in range(6)]
+    threads += [threading.Thread(target=send, args=("hi", f"high {i}")) for i in range(4)]
+    pending = server.app.state.fleet.batcher.batcher._pending
+
+    def wait_for(n: int) -> None:
+        deadline = time.monotonic() + 30
+        while len(pending) < n and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    try:
+        threads[0].start()
+        while not batches:  # "first" runs
+            time.sleep(0.01)
+        for t in threads[1:7]:
+            t.start()
+        wait_for(6)  # the low class waits first
+        for t in threads[7:]:
+            t.start()
+        wait_for(10)
+        gate.set()
+        for t in threads:
+            t.join(30)
+    finally:
+        server.app.state.fleet.close()
+        server.stop()
+    assert batches[0] == ["first"] and sorted(batches[1]) == [f"high {i}" for i in range(4)]
+    assert len(answers) == 11 and all(status == 200 for status, _ in answers.values())
+    assert answers["high 0"][1]["priority"] == "high" and answers["low 0"][1]["source"] == "lo"
