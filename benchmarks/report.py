@@ -24,7 +24,8 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 NOTES = HERE / "notes"
 BENCHMARKS = HERE.parent / "BENCHMARKS.md"
-SECTIONS = ("routing", "reproduce", "exits", "serving", "fleet", "drift", "reliability", "core", "training")
+SECTIONS = ("routing", "reproduce", "exits", "serving", "batching", "fleet", "drift", "reliability", "core",
+            "training", "gpu")
 HEADER = """# Benchmarks
 
 Figures measured by the scripts in `benchmarks/`. Each section is rendered from the committed results file

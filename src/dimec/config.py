@@ -12,6 +12,7 @@ import copy
 import dataclasses
 import json
 import math
+import re
 import types
 import typing
 from collections.abc import Callable
@@ -40,6 +41,9 @@ LOSSES = ("accuracy", "disagreement")  # what a stated loss measures against clo
 GUARANTEE_TESTS = ("binomial", "betting")
 CONTROLS = ("point", "expected")  # how a loss without delta is kept (docs/routing.md)
 MAX_SEED = 2**32 - 1  # numpy's seeds are 32-bit
+DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")  # train.device, dimec serve --device (devices.py)
+TRAIN_PRECISIONS = ("auto", "no", "bf16", "fp16")  # train.mixed_precision
+SERVE_PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # dimec serve --precision
 
 # ---- settings: a default, a help text and a check, declared together ---------------------------------------
 Check = Callable[[Any], "str | None"]  # a value's problem ("must be at least 1, got 0"), or None
@@ -134,6 +138,13 @@ def _open_unit(value: Any) -> str | None:
     return None
 
 
+def device_problem(value: Any) -> str | None:
+    """Syntax only: whether the device exists is known where the job runs (devices.resolve_device)."""
+    if isinstance(value, str) and DEVICE_PATTERN.match(value):
+        return None
+    return f"must be auto, cpu, cuda, cuda:N or mps; got {value!r}"
+
+
 def _seed(value: Any) -> str | None:
     if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_SEED:
         return f"must be an integer in [0, {MAX_SEED}], got {value!r}"
@@ -220,6 +231,10 @@ class TrainConfig:
                                                        "cloud accuracy", one_of(*SELECT_METRICS))
     max_grad_norm: float = setting(1.0, "gradient clipping norm", above(0))
     num_threads: int | None = setting(None, "torch intra-op threads (null: torch's default)", optional(at_least(1)))
+    device: str = setting("auto", "where training and prediction run: auto (CUDA, else Apple MPS, else CPU), cpu, "
+                          "cuda, cuda:N or mps (docs/devices.md)", device_problem)
+    mixed_precision: str = setting("auto", "auto (bf16 on a GPU that has it, else no), no, bf16, or fp16 (CUDA "
+                                   "only, with loss scaling)", one_of(*TRAIN_PRECISIONS))
     seed: int = setting(42, "seed of initialisation and batch order", _seed)
     progress: bool = setting(True, "progress bars and one line per epoch")
 

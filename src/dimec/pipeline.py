@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from dimec.atomic import read_json, write_json
-from dimec.config import CalibrationConfig, CostConfig, RunConfig
+from dimec.config import CalibrationConfig, CostConfig, RunConfig, TrainConfig
 from dimec.costs import CostModel
 from dimec.data import Example, TaskData, load_task
 from dimec.errors import ArtifactError, ConfigError, DataError
@@ -60,12 +60,19 @@ def prepare_run_dir(cfg: RunConfig, run_dir: Path) -> None:
     if path.is_file():
         old = load_run_config(run_dir)
         for section in ("data", "model", "train"):
-            if asdict(getattr(old, section)) != asdict(getattr(cfg, section)):
+            if _what_is_trained(asdict(getattr(old, section))) != _what_is_trained(asdict(getattr(cfg, section))):
                 raise ConfigError(
                     f"{run_dir} holds a run with other {section} settings",
                     "use a new --run-dir, or delete the old one to start over",
                 )
     cfg.save(path)
+
+
+RUNS_ANYWHERE = ("device", "mixed_precision")  # where and in what precision: a run may resume elsewhere
+
+
+def _what_is_trained(settings: dict) -> dict:
+    return {k: v for k, v in settings.items() if k not in RUNS_ANYWHERE}
 
 
 def task_data(cfg: RunConfig) -> TaskData:
@@ -77,6 +84,9 @@ def task_data(cfg: RunConfig) -> TaskData:
 def train_stage(cfg: RunConfig, run_dir: Path) -> TrainResult:
     run_dir = Path(run_dir)
     cfg.validate()  # settings, data and model are checked before anything is written to run_dir
+    from dimec.devices import resolve_device, resolve_training_precision
+
+    resolve_training_precision(cfg.train.mixed_precision, resolve_device(cfg.train.device, "train.device"))
     data = task_data(cfg)
     dynamics_of = dynamics_sample(np.array([e.label for e in data.train]), cfg.train.train_dynamics_samples,
                                   cfg.train.seed)  # training rows whose dynamics are recorded
@@ -113,6 +123,15 @@ def load_model(run_dir: Path) -> MultiExitModel:
                             "train again into a fresh --run-dir (or restore the model folder)") from None
 
 
+def load_model_on_device(run_dir: Path, train_cfg: TrainConfig) -> tuple[MultiExitModel, str]:
+    """The kept model on train.device, with the autocast precision its exit outputs are computed in."""
+    from dimec.devices import resolve_device, resolve_training_precision
+
+    device = resolve_device(train_cfg.device, "train.device")
+    precision = resolve_training_precision(train_cfg.mixed_precision, device)
+    return load_model(run_dir).to(device), precision
+
+
 def load_model_config(run_dir: Path) -> MultiExitConfig:
     """The trained model's configuration (exit layers, labels, temperatures), without its weights."""
     if not RunDir(run_dir).model.is_dir():
@@ -131,10 +150,10 @@ def split_outputs(run_dir: Path, split: str) -> ExitOutputs:
         except ArtifactError as exc:  # damaged or outdated: it is only a cache, compute it again
             print(f"dimec: {exc.message}; recomputing it", flush=True)
     cfg = load_run_config(run_dir)
-    model = load_model(run_dir)
+    model, precision = load_model_on_device(run_dir, cfg.train)
     examples: list[Example] = getattr(task_data(cfg), split)
     outputs = predict_exit_outputs(model, encode(model.tokenizer, examples, cfg.data.max_length),
-                                   cfg.train.eval_batch_size, progress=cfg.train.progress)
+                                   cfg.train.eval_batch_size, progress=cfg.train.progress, precision=precision)
     outputs = outputs.with_temperatures(temperatures)
     outputs.save(cache)
     return outputs
@@ -166,11 +185,11 @@ def training_signal(run_dir: Path, cfg: RunConfig) -> TrainingSignal | None:
         except ArtifactError:
             outputs = None
     if outputs is None or len(outputs) != len(rows):
-        model = load_model(run_dir)
+        model, precision = load_model_on_device(run_dir, cfg.train)
         train_split = task_data(cfg).train  # loaded once: loading the task per row took minutes
         examples = [train_split[i] for i in rows]
         outputs = predict_exit_outputs(model, encode(model.tokenizer, examples, cfg.data.max_length),
-                                       cfg.train.eval_batch_size, progress=cfg.train.progress)
+                                       cfg.train.eval_batch_size, progress=cfg.train.progress, precision=precision)
         outputs.save(cache)
     carto = Cartography.from_dynamics(probs, correct, cfg.calibration.variability)
     return TrainingSignal(outputs.embeddings, outputs.lengths, carto)

@@ -240,7 +240,7 @@ class MultiExitModel(nn.Module):
             if self.tokenizer is not None:
                 self.tokenizer.save_pretrained(tmp)
             (tmp / MODEL_CONFIG).write_text(self.config.to_json() + "\n")
-            state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+            state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
             save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
 
     def save_config(self, directory: str | Path) -> None:

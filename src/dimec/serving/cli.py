@@ -14,7 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from dimec.cli_helpers import texts_from_args
+from dimec.config import SERVE_PRECISIONS, device_problem
 from dimec.errors import ConfigError
+from dimec.serving.batcher import BatchingConfig
 from dimec.serving.client import ROUTINGS
 from dimec.serving.fleet_cli import add_fleet_client_args, attach_fleet_commands, fleet_policy_from_args
 from dimec.serving.live import cli as live_cli
@@ -37,6 +39,13 @@ def _bounded(kind: type, low: float, high: float | None = None, what: str = "") 
         return value
     parse.__name__ = kind.__name__  # argparse names the type in its messages
     return parse
+
+
+def _device(text: str) -> str:
+    problem = device_problem(text)
+    if problem:
+        raise argparse.ArgumentTypeError(f"--device {problem}")
+    return text
 
 
 PORT = _bounded(int, 1, 65535, "a TCP port")
@@ -67,6 +76,20 @@ def attach_serving_commands(sub) -> None:
     p.add_argument("--cloud-token", help="bearer token for --cloud-url (default: this server's token)")
     p.add_argument("--link-cloud", help="edge only: emulated edge->cloud link, e.g. 'wan' or 'latency=30'")
     live_cli.add_server_args(p)
+    p.add_argument("--device", type=_device, default="auto",
+                   help="where the tier's model runs: auto (CUDA, else Apple MPS, else CPU), cpu, cuda, cuda:N, mps")
+    p.add_argument("--precision", default="auto", choices=SERVE_PRECISIONS,
+                   help="the model's weights and compute: auto (bf16 on a GPU that has it, fp16 on an older GPU, "
+                        "fp32 on CPU), fp32, bf16, fp16 (GPU only)")
+    p.add_argument("--batching", action="store_true",
+                   help="dynamic batching: concurrent requests share forward passes (docs/serving.md)")
+    p.add_argument("--batch-max", type=POSITIVE_INT, default=BatchingConfig.max_batch,
+                   help="with --batching: texts per gathered forward pass")
+    p.add_argument("--batch-wait-ms", type=_bounded(float, 0, 10_000, "--batch-wait-ms"),
+                   default=BatchingConfig.max_wait_ms,
+                   help="with --batching: longest a request waits for batch-mates, ms (0..10000)")
+    p.add_argument("--batch-queue", type=POSITIVE_INT, default=BatchingConfig.max_queue,
+                   help="with --batching: requests waiting at most (then 429)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("serve-all", help="local three-tier demo: edge and cloud servers + the mobile client")
@@ -191,14 +214,24 @@ def cmd_serve(args) -> None:
         from dimec.serving.links import LinkProfile
 
         forward = HttpRemote("cloud", args.cloud_url, args.cloud_token or token, link=LinkProfile.parse(args.link_cloud))
+    from dimec.devices import resolve_device, resolve_serving_precision
+    from dimec.serving.tier import TierModel
+
+    device = resolve_device(args.device, "--device")  # a missing GPU: one error before anything starts
+    precision = resolve_serving_precision(args.precision, device)
+    batching = BatchingConfig.checked(max_batch=args.batch_max, max_wait_ms=args.batch_wait_ms,
+                                      max_queue=args.batch_queue) if args.batching else None
     port = args.port or DEFAULT_PORTS[args.tier]
     sock = bind_port(args.host, port)  # before the model loads: a taken port fails fast, and no other
     try:                               # server can take it between this check and serving
         live = live_cli.live_from_args(args)  # --live RUN_DIR: shadows, feedback, the versioned policy
-        app = create_app(ensure_package(args.path, args.tier, log=_say), args.tier, token, limits, sources=sources,
-                         forward=forward, live=live)
+        model = TierModel(ensure_package(args.path, args.tier, log=_say), device=str(device), precision=precision)
+        app = create_app(None, args.tier, token, limits, model=model, sources=sources, forward=forward,
+                         batching=batching, live=live)
         print(f"dimec {args.tier} tier on http://{_url_host(args.host)}:{port} "
-              f"(exit layer {app.state.service.model.exit_layer})", flush=True)
+              f"(exit layer {model.exit_layer}, {device} {precision}"
+              f"{f', batching {batching.max_batch} texts / {batching.max_wait_ms:g} ms' if batching else ''})",
+              flush=True)
         run_server(app, sock, args.log_level)
     finally:
         sock.close()

@@ -13,6 +13,7 @@ Metrics (one registry per app, beside the server's own):
     dimec_advice_keep_fraction{class}                   gauge: PA-MDI advice (share kept on the device)
     dimec_edge_capacity_texts_per_second                gauge: measured model throughput
     dimec_class_demand_texts_per_second{class}          gauge: arrival rate (decayed)
+    dimec_batches, dimec_batched_texts                  gauges: forward passes and texts of dynamic batching
     dimec_drift_*                                       the drift histograms (monitor.py)
 """
 
@@ -26,6 +27,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
+from dimec.serving.batcher import BatchRefused
 from dimec.serving.monitor import DriftRecorder
 from dimec.serving.scheduling import Scheduler, Shed
 from dimec.serving.sources import Source, SourceTable
@@ -79,22 +81,47 @@ class Fleet:
         self.metrics = SourceMetrics(registry, sources, self.scheduler)
         self.drift = DriftRecorder.for_package(registry, service.model.directory)
         self.exit_index = TIERS.index(service.model.tier)
+        self.batcher = None  # a batched.TierBatcher when the tier batches across requests (server.create_app)
 
     def _on_shed(self, source: Source, reason: str) -> None:
         self.metrics.shed(source, reason)
 
+    def use_batcher(self, batcher, registry) -> None:
+        """Batch across requests (batched.TierBatcher) and export its counts: batches run and texts in them."""
+        from prometheus_client import Gauge
+
+        self.batcher = batcher
+        inner = batcher.batcher
+        Gauge("dimec_batches", "Forward passes the batcher ran (dynamic batching)",
+              registry=registry).set_function(lambda: inner.batches)
+        Gauge("dimec_batched_texts", "Texts answered by the batcher's forward passes (/ dimec_batches: mean batch)",
+              registry=registry).set_function(lambda: inner.texts)
+
+    def on_batch_shed(self, item, reason: str) -> None:
+        """A request the batcher refused (full, deadline): counted like the scheduler's."""
+        if item.owner is not None:
+            self.metrics.shed(item.owner, reason)
+
     async def classify(self, service, source: Source, body):
         """Checks (422) before queueing; the model in a worker (sources) or the request's thread (single token)."""
-        texts, _ = service.check(body)
-        return await self.serve(source, len(texts), lambda: service.classify(body), getattr(body, "deadline_ms", None))
+        texts, pairs = service.check(body)
+        deadline = getattr(body, "deadline_ms", None)
+        item = None if self.batcher is None else \
+            self.batcher.classify_item(body, texts, pairs, source.rank, deadline)
+        return await self.serve(source, len(texts), lambda: service.classify(body), deadline, item)
 
-    async def serve(self, source: Source, size: int, work, deadline: float | None = None):
-        """Run `work` (the model on `size` texts or hidden states, checked already) for `source`: queued in
-        sources mode, in a thread otherwise; the answer gets the queue time, the source and the advice."""
+    async def serve(self, source: Source, size: int, work, deadline: float | None = None, item=None):
+        """Run `work` (the model on `size` texts or hidden states, checked already) for `source`: with dynamic
+        batching (`item`, batcher.py) in a forward pass shared with other requests, else queued in sources mode,
+        in a thread otherwise; the answer gets the queue time, the source and the advice."""
         import numpy as np
 
         start = time.perf_counter()
-        if self.scheduler is None:
+        if item is not None and self.batcher is not None:  # priorities and deadlines: the batcher's
+            item.rank, item.owner = source.rank, source
+            done = await self.batcher.submit(item)
+            answer, queue_ms = done.value, done.queue_ms
+        elif self.scheduler is None:
             answer, queue_ms = await run_in_threadpool(work), 0.0
         else:
             done = await self.scheduler.run(source, size, work, deadline)
@@ -124,11 +151,17 @@ class Fleet:
             return JSONResponse({"error": exc.message, "reason": exc.reason, "retry_after_s": exc.retry_after_s},
                                 429, headers=headers)
 
+        @app.exception_handler(BatchRefused)
+        async def _refused(_request: Request, exc: BatchRefused):
+            return JSONResponse({"error": exc.message}, exc.status)
+
         add_reference_route(app, self.drift)
 
     def close(self) -> None:
         if self.scheduler is not None:
             self.scheduler.close()
+        if self.batcher is not None:
+            self.batcher.close()
 
 
 def add_reference_route(app: FastAPI, drift: DriftRecorder | None) -> None:

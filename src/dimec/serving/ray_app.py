@@ -16,13 +16,17 @@ RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (otherwise Ray may pick another address and 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import time
 from pathlib import Path
 from typing import Any
 
 from dimec.errors import DimecError
+from dimec.serving.batched import TierBatcher
+from dimec.serving.batcher import BatchingConfig, Item, run_isolated
 from dimec.serving.export import ensure_package
+from dimec.serving.scheduling import Done
 from dimec.serving.server import Limits
 from dimec.tiers import TIERS
 
@@ -47,12 +51,50 @@ def start_ray(num_cpus: int | None = None, http_port: int = 8000) -> None:
     serve.start(http_options={"host": "127.0.0.1", "port": http_port})
 
 
+class RayBatcher(TierBatcher):
+    """Dynamic batching by Ray Serve's own `@serve.batch` (max_batch_size, batch_wait_timeout_s) in a tier
+    replica: the same items and batched forward pass as the FastAPI server's (batched.py), requests of
+    different kinds in one Ray batch run as one forward pass per kind. Ray's queue is first come, first
+    served: priority classes and deadlines are the dimec batcher's only (docs/serving.md)."""
+
+    def __init__(self, service, config: BatchingConfig, response: type) -> None:
+        from ray import serve
+
+        self.service, self.response, self.config = service, response, config.validate()
+
+        async def run_items(items: list[Item]) -> list[tuple[Any, BaseException | None]]:
+            return await asyncio.get_running_loop().run_in_executor(None, self._run_grouped, items)
+
+        self._batched = serve.batch(max_batch_size=config.max_batch,
+                                    batch_wait_timeout_s=config.max_wait_ms / 1e3)(run_items)
+
+    def _run_grouped(self, items: list[Item]) -> list[tuple[Any, BaseException | None]]:
+        start = time.monotonic()
+        outcome: dict[int, tuple[Any, BaseException | None]] = {}
+        for key in dict.fromkeys(i.key for i in items):
+            group = [i for i in items if i.key == key]
+            for item, result in zip(group, run_isolated(self.run, group), strict=True):
+                outcome[id(item)] = result
+        compute_ms = (time.monotonic() - start) * 1e3
+        return [(Done(outcome[id(i)][0], (start - i.arrived) * 1e3, compute_ms), outcome[id(i)][1]) for i in items]
+
+    async def submit(self, item: Item) -> Done:
+        item.arrived = time.monotonic()
+        done, error = await self._batched(item)
+        if error is not None:
+            raise error
+        return done
+
+    def close(self) -> None:
+        pass
+
+
 def tier_application(tier: str, package: str | Path, token: str, limits: Limits | None = None,
                      autoscaling: dict[str, Any] | None = None, num_cpus: float = 0.5,
                      edge_url: str | None = None, cloud_url: str | None = None, backend: str = "torch",
-                     routing: str = "router"):
+                     routing: str = "router", batching: BatchingConfig | None = None):
     """A bound Serve application for one tier; the app is built on each replica (a closure, not a pickled
-    model)."""
+    model). `batching`: edge and cloud batch across requests with Ray Serve's @serve.batch (RayBatcher)."""
     from ray import serve
 
     package = str(package)
@@ -66,21 +108,26 @@ def tier_application(tier: str, package: str | Path, token: str, limits: Limits 
     else:
         def build():
             from dimec.serving.client import HttpRemote
-            from dimec.serving.server import create_app
+            from dimec.serving.server import ClassifyResponse, create_app
 
             # the edge forwards plans that go on to the cloud through Serve's proxy
             forward = HttpRemote("cloud", cloud_url, token) if tier == "edge" and cloud_url else None
-            return create_app(package, tier, token, limits, forward=forward)
+            app = create_app(package, tier, token, limits, forward=forward)
+            if batching is not None:
+                app.state.fleet.batcher = RayBatcher(app.state.service, batching, ClassifyResponse)
+            return app
 
+    # a batch can only fill if the replica takes that many requests at once (Serve's default is 5)
+    ongoing = {"max_ongoing_requests": 2 * batching.max_batch} if batching is not None and tier != "mobile" else {}
     deployment = serve.deployment(serve.ingress(build)(), name=f"dimec-{tier}",
                                   autoscaling_config=autoscaling or AUTOSCALING[tier],
-                                  ray_actor_options={"num_cpus": num_cpus})
+                                  ray_actor_options={"num_cpus": num_cpus}, **ongoing)
     return deployment.bind()
 
 
 def deploy_three_tiers(path: str | Path, token: str, http_port: int = 8000, limits: Limits | None = None,
                        num_cpus: float = 0.5, autoscaling: dict[str, dict[str, Any]] | None = None,
-                       backend: str = "torch") -> dict[str, str]:
+                       backend: str = "torch", batching: BatchingConfig | None = None) -> dict[str, str]:
     """Deploy edge, cloud, then the mobile gateway; returns each tier's base URL."""
     from ray import serve
 
@@ -91,7 +138,7 @@ def deploy_three_tiers(path: str | Path, token: str, http_port: int = 8000, limi
     for tier in ("edge", "cloud", "mobile"):
         package = ensure_package(path, tier, backend if tier == "mobile" else None, log=print)
         apps[tier] = tier_application(tier, package, token, limits, autoscaling[tier], num_cpus,
-                                      urls["edge"], urls["cloud"], backend)
+                                      urls["edge"], urls["cloud"], backend, batching=batching)
     if hasattr(serve, "run_many"):  # Ray >= 2.4x: the replicas of all tiers start side by side
         serve.run_many([serve.RunTarget(app, name=f"dimec-{tier}", route_prefix=f"/{tier}")
                         for tier, app in apps.items()])
@@ -117,15 +164,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("path", help="run directory or `dimec export` folder")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--num-cpus", type=float, default=0.5, help="CPUs reserved per replica")
+    parser.add_argument("--batching", action="store_true", help="edge and cloud batch across requests (@serve.batch)")
+    parser.add_argument("--batch-max", type=int, default=BatchingConfig.max_batch, help="texts per batch")
+    parser.add_argument("--batch-wait-ms", type=float, default=BatchingConfig.max_wait_ms, help="batch wait, ms")
     args = parser.parse_args(argv)
     token = os.environ.get("DIMEC_TOKEN")
     if not token:
         parser.error("set DIMEC_TOKEN (the bearer token of every tier)")
     if not 1 <= args.port <= 65535 or not args.num_cpus > 0:
         parser.error("--port must be in 1..65535 and --num-cpus above 0")
+    try:
+        batching = BatchingConfig.checked(max_batch=args.batch_max, max_wait_ms=args.batch_wait_ms) \
+            if args.batching else None
+    except DimecError as exc:
+        parser.error(exc.message)
     start_ray(http_port=args.port)
     try:
-        for tier, url in deploy_three_tiers(args.path, token, args.port, num_cpus=args.num_cpus).items():
+        for tier, url in deploy_three_tiers(args.path, token, args.port, num_cpus=args.num_cpus,
+                                            batching=batching).items():
             print(f"{tier:<6} {url}/v1/classify", flush=True)
         while True:
             time.sleep(3600)

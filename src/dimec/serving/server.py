@@ -39,6 +39,8 @@ from starlette.exceptions import HTTPException
 
 from dimec.errors import ConfigError, TierAuthError
 from dimec.serving import wire
+from dimec.serving.batched import TierBatcher
+from dimec.serving.batcher import BatchingConfig
 from dimec.serving.continuation import PlanAnswer, PlanRunner, PlanStage, request_plan
 from dimec.serving.fleet import Fleet, attach_gateway_drift
 from dimec.serving.sources import Source, SourceTable
@@ -206,12 +208,12 @@ class TierService:
 
 def create_app(package_dir: str | Path | None, tier: str, token: str | None, limits: Limits | None = None,
                model: TierModel | None = None, sources: SourceTable | None = None, forward=None,
-               live=None) -> FastAPI:
+               batching: BatchingConfig | None = None, live=None) -> FastAPI:
     """The FastAPI app of the edge or cloud tier. `model` may be given to share a loaded TierModel;
     `sources` (a SourceTable from a sources file) replaces the single token with sources and priorities;
     `forward` (the edge's cloud, a client.HttpRemote) receives the hidden states of plans that go on to the
-    cloud. `live` (a serving.live LiveControl, on the cloud) adds shadow answers, feedback and the versioned
-    policy (docs/live-control.md)."""
+    cloud; `batching` turns on dynamic batching across requests (batcher.py). `live` (a serving.live
+    LiveControl, on the cloud) adds shadow answers, feedback and the versioned policy (docs/live-control.md)."""
     model = model or TierModel(package_dir)
     if model.tier != tier:
         raise ConfigError(f"the package at {model.directory} is the {model.tier} tier, not {tier}",
@@ -223,6 +225,9 @@ def create_app(package_dir: str | Path | None, tier: str, token: str | None, lim
     app, metrics = _base_app(f"dimec {tier} tier", service)
     fleet = app.state.fleet = Fleet(service, app.state.registry, service.sources)  # sources, queue, metrics
     fleet.attach(app)
+    if batching is not None:  # requests share forward passes; priorities and deadlines move to the batcher
+        fleet.use_batcher(TierBatcher(service, batching, ClassifyResponse, on_shed=fleet.on_batch_shed),
+                          app.state.registry)
     if live is not None:  # live control: /v1/shadow, /v1/feedback, /v1/policy, /v1/live, gauges
         from dimec.serving.live.http import attach_live
 
@@ -250,7 +255,9 @@ def create_app(package_dir: str | Path | None, tier: str, token: str | None, lim
             service.plans.check_state(state)  # 409/422 before queueing
         except wire.WireError as exc:
             raise RequestError(exc.status, exc.message) from None
-        answer = await fleet.serve(request.state.source, len(state), lambda: service.plans.continue_state(state))
+        item = None if fleet.batcher is None else fleet.batcher.continue_item(state)
+        answer = await fleet.serve(request.state.source, len(state), lambda: service.plans.continue_state(state),
+                                   item=item)
         _count(metrics, tier, answer)
         return answer
 

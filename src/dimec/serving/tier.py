@@ -32,6 +32,7 @@ from dimec.tiers import tier_index
 
 BACKENDS = ("torch", "onnx", "onnx-int8")
 CHUNK = 32  # samples per forward pass: bounds memory and padding for big batches
+GPU_CHUNK = 256  # on a GPU a bigger pass costs little more than a small one (dynamic batching fills it)
 
 
 @dataclass
@@ -74,7 +75,9 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 class TierModel:
     def __init__(self, package: str | Path, backend: str = "torch", verify: bool = True,
-                 onnx_threads: int = 1) -> None:
+                 onnx_threads: int = 1, device: str = "cpu", precision: str = "auto") -> None:
+        """`device`, `precision`: where the PyTorch backend runs and in what (devices.py: auto is bf16 on a GPU
+        that has it, fp16 on an older GPU, fp32 on the CPU); the ONNX backends run on the CPU (the phone)."""
         if backend not in BACKENDS:
             raise ConfigError(f"unknown backend {backend!r}", f"use one of {', '.join(BACKENDS)}")
         self.directory = Path(package)
@@ -89,6 +92,7 @@ class TierModel:
         self.backend = backend
         self.temperatures = exit_temperatures(self.directory / MODEL_SUBDIR)  # (3,)
         self._lock = threading.Lock()  # tokenizers' fast backend is not safe to share across threads
+        self.device, self.precision, self.chunk = None, "fp32", CHUNK  # torch: set below
         needed = backend_file(backend)
         if not has_file(self.directory, needed):
             hint = ("export with `dimec export RUN_DIR --full` for the fp32 and PyTorch copies, or use "
@@ -96,10 +100,16 @@ class TierModel:
             raise ArtifactError(f"the {self.tier} package {self.directory} has no {needed} (backend {backend})",
                                 hint)
         if backend == "torch":
+            from dimec.devices import DTYPES, resolve_device, resolve_serving_precision
             from dimec.modeling.multi_exit import MultiExitModel
 
-            self.model = MultiExitModel.from_pretrained(self.directory / MODEL_SUBDIR).eval()
+            self.device = resolve_device(device, "--device")
+            self.precision = resolve_serving_precision(precision, self.device)
+            model = MultiExitModel.from_pretrained(self.directory / MODEL_SUBDIR).eval()
+            self.model = model.to(self.device, DTYPES[self.precision])  # no copy on the CPU in fp32
             self.tokenizer = self.model.tokenizer
+            if self.device.type != "cpu":
+                self.chunk = GPU_CHUNK
         else:
             self._load_onnx(backend, onnx_threads)
         if self.tokenizer is None:
@@ -189,10 +199,10 @@ class TierModel:
             import torch
 
             with torch.inference_mode():
-                inputs = {k: torch.from_numpy(v) for k, v in batch.arrays().items()}
+                inputs = self._inputs(batch)
                 hidden = self.model.embedding_output(**inputs)
                 logits, hidden = self.model.continue_from(hidden, inputs["attention_mask"], 0, 0)
-                return logits.float().numpy(), hidden.float().numpy()
+                return _numpy(logits), _numpy(hidden)
         feed = {k: v for k, v in batch.arrays().items() if k in self.input_names}
         logits, hidden = self.session.run(["logits", "hidden"], feed)
         return logits, hidden
@@ -203,26 +213,35 @@ class TierModel:
         its layer (B, T, H). PyTorch backend (the edge and cloud servers)."""
         import torch
 
+        from dimec.devices import DTYPES
+
         with torch.inference_mode():
-            logits, out = self.model.continue_from(torch.from_numpy(np.ascontiguousarray(hidden, np.float32)),
-                                                   torch.from_numpy(mask.astype(np.int64)), layer, exit_index)
-        return logits.float().numpy(), out.float().numpy()
+            state = torch.from_numpy(np.ascontiguousarray(hidden, np.float32))
+            logits, out = self.model.continue_from(state.to(self.device, DTYPES[self.precision]),
+                                                   torch.from_numpy(mask.astype(np.int64)).to(self.device),
+                                                   layer, exit_index)
+        return _numpy(logits), _numpy(out)
 
     def start(self, batch: Batch) -> np.ndarray:
         """(N, T, H) the hidden state after layer 0 (the embedding layer's output), PyTorch backend."""
         import torch
 
         with torch.inference_mode():
-            inputs = {k: torch.from_numpy(v) for k, v in batch.arrays().items()}
-            return self.model.embedding_output(**inputs).float().numpy()
+            return _numpy(self.model.embedding_output(**self._inputs(batch)))
+
+    def _inputs(self, batch: Batch) -> dict:
+        """A batch's arrays as torch tensors on the model's device (ids stay int64)."""
+        import torch
+
+        return {k: torch.from_numpy(v).to(self.device) for k, v in batch.arrays().items()}
 
     def _chunked(self, batch: Batch, fn) -> np.ndarray:
         if len(batch) == 1:  # one sample (a phone's usual call): no sorting or regrouping to pay for
             return fn(batch)
         order = np.argsort(batch.attention_mask.sum(1), kind="stable")  # similar lengths share a pass
         out = None
-        for start in range(0, len(order), CHUNK):
-            index = order[start : start + CHUNK]
+        for start in range(0, len(order), self.chunk):
+            index = order[start : start + self.chunk]
             part = fn(batch.rows(index))
             if out is None:
                 out = np.empty((len(batch), part.shape[1]), dtype=np.float32)
@@ -234,8 +253,7 @@ class TierModel:
             import torch
 
             with torch.inference_mode():
-                inputs = {k: torch.from_numpy(v) for k, v in batch.arrays().items()}
-                return self.model(**inputs, upto=self.tier_index)[-1].float().numpy()
+                return _numpy(self.model(**self._inputs(batch), upto=self.tier_index)[-1])
         feed = {k: v for k, v in batch.arrays().items() if k in self.input_names}
         return self.session.run(["logits"], feed)[0]
 
@@ -244,10 +262,14 @@ class TierModel:
             import torch
 
             with torch.inference_mode():
-                inputs = {k: torch.from_numpy(v) for k, v in batch.arrays().items()}
-                return self.model.embed(**inputs).float().numpy()
+                return _numpy(self.model.embed(**self._inputs(batch)))
         feed = {k: v for k, v in batch.arrays().items() if k in self.embed_input_names}
         return self.embed_session.run(["embedding"], feed)[0]
+
+
+def _numpy(tensor) -> np.ndarray:
+    """A result as float32 numpy on the host, whatever device and precision computed it."""
+    return tensor.float().cpu().numpy()
 
 
 def exit_temperatures(model_dir: Path) -> np.ndarray:

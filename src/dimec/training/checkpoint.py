@@ -50,7 +50,7 @@ def save_checkpoint(directory: Path, model: torch.nn.Module, optimizer: torch.op
     directory.mkdir(parents=True, exist_ok=True)
     files = {"model": f"model-epoch_{state.epoch:03d}.safetensors",
              "optimizer": f"optimizer-epoch_{state.epoch:03d}.safetensors"}
-    weights = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}  # .cpu(): from any device
     write_with(directory / files["model"], lambda p: save_file(weights, str(p)))
     opt_state = optimizer.state_dict()
     tensors, steps = {}, {}
@@ -59,7 +59,7 @@ def save_checkpoint(directory: Path, model: torch.nn.Module, optimizer: torch.op
             if name == "step":
                 steps[str(pid)] = float(value)
             else:
-                tensors[f"{pid}.{name}"] = value.contiguous()
+                tensors[f"{pid}.{name}"] = value.cpu().contiguous()
     tensors["torch_rng_state"] = torch.get_rng_state()
     write_with(directory / files["optimizer"], lambda p: save_file(tensors, str(p)))
     meta = {"state": asdict(state), "files": files, "steps": steps, "param_groups": opt_state["param_groups"],

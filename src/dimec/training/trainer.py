@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from dimec.atomic import write_text
 from dimec.config import TrainConfig
+from dimec.devices import autocast, grad_scaler, resolve_device, resolve_training_precision
 from dimec.modeling import hf_adapter
 from dimec.modeling.multi_exit import MultiExitConfig, MultiExitModel
 from dimec.outputs import ExitOutputs
@@ -45,25 +46,34 @@ def new_model(config: MultiExitConfig, seed: int) -> MultiExitModel:
     return MultiExitModel.from_encoder(config)
 
 
-def _model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+def _model_inputs(batch: dict[str, torch.Tensor], device: torch.device | None = None) -> dict[str, torch.Tensor]:
+    """The encoder's inputs, on `device` (on the CPU `.to` hands back the same tensors: nothing changes)."""
+    return {k: v if device is None else v.to(device) for k, v in batch.items()
+            if k in ("input_ids", "attention_mask", "token_type_ids")}
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
 
 
 @torch.no_grad()
 def predict_exit_outputs(model: MultiExitModel, enc: Encoded, batch_size: int = 128,
-                         progress: bool = False) -> ExitOutputs:
-    """Every exit's logits and the routing embedding for each sample, computed once, in input order; the
-    confidences are read at the model's fitted temperatures (T = 1 before they are fitted)."""
+                         progress: bool = False, precision: str = "no") -> ExitOutputs:
+    """Every exit's logits and the routing embedding for each sample, computed once, in input order, on the
+    model's device (`precision`: its autocast, devices.py); the confidences are read at the model's fitted
+    temperatures (T = 1 before they are fitted). The outputs are float32 numpy arrays whatever the device."""
     model.eval()
+    device = model_device(model)
     pad_id = model.tokenizer.pad_token_id or 0
     n, c = len(enc), model.config.num_labels
     all_logits = np.zeros((n, 3, c), dtype=np.float32)  # (N, 3, C)
     emb = None
     for index in tqdm(list(eval_batches(enc.lengths, batch_size)), desc="predict", disable=not progress, leave=False):
-        inputs = _model_inputs(collate(enc, index, pad_id))
-        logits = model(**inputs)  # 3 x (B, C)
-        all_logits[index] = torch.stack(logits, 1).numpy()
-        e = model.embed(**inputs).numpy()  # (B, H)
+        inputs = _model_inputs(collate(enc, index, pad_id), device)
+        with autocast(device, precision):
+            logits = model(**inputs)  # 3 x (B, C)
+            e = model.embed(**inputs).float().cpu().numpy()  # (B, H)
+        all_logits[index] = torch.stack(logits, 1).float().cpu().numpy()
         if emb is None:
             emb = np.zeros((n, e.shape[1]), dtype=np.float32)
         emb[index] = e
@@ -90,13 +100,18 @@ def train(model: MultiExitModel, train_enc: Encoded, val_enc: Encoded, cfg: Trai
     """Fine-tune, record dynamics per epoch (validation; and the training rows `dynamics_rows`, indices into
     train_enc, when given), keep the best epoch in run_dir/model and calibrate its exits."""
     run = RunDir(run_dir)
+    device = resolve_device(cfg.device, "train.device")  # a missing GPU is one error before any work
+    precision = resolve_training_precision(cfg.mixed_precision, device)
+    refuse_multi_process()
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     if cfg.freeze_word_embeddings:
         hf_adapter.freeze_word_embeddings(model.encoder)
+    model.to(device)  # in place, before the optimiser holds the parameters; a no-op on the CPU
     steps_per_epoch = -(-len(train_enc) // cfg.batch_size)
     optimizer, scheduler = make_optimizer(model, cfg, steps_per_epoch * cfg.epochs)
-    weights = exit_weights(cfg, model.config.exit_layers)
+    weights = exit_weights(cfg, model.config.exit_layers).to(device)
+    scaler = grad_scaler(device, precision)
 
     state = load_checkpoint(run.checkpoint, model, optimizer, scheduler) or TrainState()
     if state.epoch:
@@ -107,8 +122,8 @@ def train(model: MultiExitModel, train_enc: Encoded, val_enc: Encoded, cfg: Trai
         recorder = None
         if dynamics_rows is not None and cfg.train_dynamics_pass == "training":
             recorder = TrainingPassDynamics(dynamics_rows, len(train_enc))
-        seconds = train_epoch(model, train_enc, optimizer, scheduler, weights, cfg, epoch, recorder)
-        accs = record_epoch(model, train_enc, val_enc, dynamics_rows, recorder, cfg, run, epoch)
+        seconds = train_epoch(model, train_enc, optimizer, scheduler, weights, cfg, epoch, recorder, precision, scaler)
+        accs = record_epoch(model, train_enc, val_enc, dynamics_rows, recorder, cfg, run, epoch, precision)
         kept = update_state(state, epoch, accs, seconds, len(train_enc), cfg.select_metric)
         save_checkpoint(run.checkpoint, model, optimizer, scheduler, state)  # the commit point
         publish(run, model, state)
@@ -116,7 +131,7 @@ def train(model: MultiExitModel, train_enc: Encoded, val_enc: Encoded, cfg: Trai
             print(f"epoch {epoch}: val acc mobile/edge/cloud = {accs[0]:.4f}/{accs[1]:.4f}/{accs[2]:.4f}"
                   f"{'  (kept)' if kept else ''}", flush=True)
 
-    calibration = calibrate_kept_model(run, val_enc, cfg)
+    calibration = calibrate_kept_model(run, val_enc, cfg, device, precision)
     return TrainResult(
         best_epoch=state.best_epoch, best_score=state.best_score, epochs_run=state.epoch, seconds=state.seconds,
         samples_per_second=state.samples / max(state.seconds, 1e-9), calibration=calibration,
@@ -124,6 +139,19 @@ def train(model: MultiExitModel, train_enc: Encoded, val_enc: Encoded, cfg: Trai
 
 
 # ---- the parts of `train`, in the order it calls them ----------------------------------------------------
+def refuse_multi_process() -> None:
+    """`torchrun`/`accelerate launch` with several processes would train N copies that overwrite one run
+    directory: refused until the trainer shards batches and writes from rank 0 (docs/devices.md)."""
+    import os
+
+    from dimec.errors import ConfigError
+
+    world = os.environ.get("WORLD_SIZE", "1")
+    if world.isdigit() and int(world) > 1:
+        raise ConfigError(f"launched as {world} processes (WORLD_SIZE={world}): multi-GPU training is not "
+                          "supported yet", "run one process per job: `dimec train` with train.device=cuda:N")
+
+
 def make_optimizer(model: MultiExitModel, cfg: TrainConfig, total_steps: int):
     """AdamW (no weight decay on biases and LayerNorm weights) with linear warm-up and linear decay."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -161,17 +189,20 @@ class TrainingPassDynamics:
         keep = pos >= 0
         if not keep.any():
             return
-        z = torch.stack(logits, 1)[torch.from_numpy(keep)].float()  # (b, 3, C)
-        y = labels[torch.from_numpy(keep)]  # (b,)
+        z = torch.stack(logits, 1).cpu()[torch.from_numpy(keep)].float()  # (b, 3, C)
+        y = labels.cpu()[torch.from_numpy(keep)]  # (b,)
         probs = z.softmax(-1)[torch.arange(len(y)), :, y]  # (b, 3) probability of the true label
         self.true_label_probs[pos[keep]] = probs.numpy()
         self.correct[pos[keep]] = (z.argmax(-1) == y[:, None]).numpy()
 
 
 def train_epoch(model: MultiExitModel, enc: Encoded, optimizer, scheduler, weights: torch.Tensor,
-                cfg: TrainConfig, epoch: int, recorder: TrainingPassDynamics | None = None) -> float:
-    """One pass over the training split in seeded, length-bucketed batches; returns its seconds."""
+                cfg: TrainConfig, epoch: int, recorder: TrainingPassDynamics | None = None, precision: str = "no",
+                scaler: torch.amp.GradScaler | None = None) -> float:
+    """One pass over the training split in seeded, length-bucketed batches, on the model's device with
+    `precision`'s autocast (fp16: `scaler` scales the loss); returns its seconds."""
     model.train()
+    device = model_device(model)
     params = [p for g in optimizer.param_groups for p in g["params"]]
     pad_id = model.tokenizer.pad_token_id or 0
     t0 = time.perf_counter()
@@ -180,14 +211,24 @@ def train_epoch(model: MultiExitModel, enc: Encoded, optimizer, scheduler, weigh
     bar = tqdm(total=len(enc), desc=f"epoch {epoch}/{cfg.epochs}", unit="sample", disable=not cfg.progress)
     for index in batches:
         batch = collate(enc, index, pad_id)
-        logits = model(**_model_inputs(batch))  # 3 x (B, C)
-        loss = joint_loss(logits, batch["labels"], weights, cfg.distill_weight, cfg.distill_temperature,
+        labels = batch["labels"].to(device)
+        with autocast(device, precision):
+            logits = model(**_model_inputs(batch, device))  # 3 x (B, C)
+        logits = [z.float() for z in logits]  # the loss in fp32 (a no-op without autocast)
+        loss = joint_loss(logits, labels, weights, cfg.distill_weight, cfg.distill_temperature,
                           cfg.distill_teacher)
         if recorder is not None:
-            recorder.record(index, logits, batch["labels"])
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-        optimizer.step()
+            recorder.record(index, logits, labels)
+        if scaler is None:
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            optimizer.step()
+        else:  # fp16: scaled loss, gradients unscaled before clipping; a step with inf/NaN gradients is skipped
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            scaler.step(optimizer)
+            scaler.update()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         bar.update(len(index))
@@ -197,18 +238,20 @@ def train_epoch(model: MultiExitModel, enc: Encoded, optimizer, scheduler, weigh
 
 
 def record_epoch(model: MultiExitModel, train_enc: Encoded, val_enc: Encoded, dynamics_rows: np.ndarray | None,
-                 recorder: TrainingPassDynamics | None, cfg: TrainConfig, run: RunDir, epoch: int) -> list[float]:
+                 recorder: TrainingPassDynamics | None, cfg: TrainConfig, run: RunDir, epoch: int,
+                 precision: str = "no") -> list[float]:
     """Write this epoch's dynamics: validation (an evaluation pass after the epoch, as DIMEC-DC records them)
     and the sampled training rows (read off the training pass, or an evaluation pass of their own); returns
     the validation accuracy of each exit. The files may run ahead of the checkpoint until it commits: a
     resume deletes them."""
-    val = predict_exit_outputs(model, val_enc, cfg.eval_batch_size)
+    val = predict_exit_outputs(model, val_enc, cfg.eval_batch_size, precision=precision)
     write_epoch_dynamics(run.dynamics(epoch), epoch, _true_label_probs(val), val.correct)
     if recorder is not None:
         write_epoch_dynamics(run.dynamics(epoch, split="train"), epoch, recorder.true_label_probs, recorder.correct,
                              index=recorder.rows)
     elif dynamics_rows is not None:
-        sample = predict_exit_outputs(model, train_enc.subset(dynamics_rows), cfg.eval_batch_size)
+        sample = predict_exit_outputs(model, train_enc.subset(dynamics_rows), cfg.eval_batch_size,
+                                      precision=precision)
         write_epoch_dynamics(run.dynamics(epoch, split="train"), epoch, _true_label_probs(sample), sample.correct,
                              index=dynamics_rows)
     return exit_accuracies(val)
@@ -242,12 +285,13 @@ def publish(run: RunDir, model: MultiExitModel, state: TrainState) -> None:
     prune_dynamics(run.root, state.epoch)
 
 
-def calibrate_kept_model(run: RunDir, val_enc: Encoded, cfg: TrainConfig) -> dict:
+def calibrate_kept_model(run: RunDir, val_enc: Encoded, cfg: TrainConfig, device: torch.device | None = None,
+                         precision: str = "no") -> dict:
     """Fit one temperature per exit on validation (NLL) for the kept model, save them in its
     dimec_model.json, cache its validation outputs (calibrate reads them) and drop caches of older models."""
-    model = MultiExitModel.from_pretrained(run.model)
+    model = MultiExitModel.from_pretrained(run.model).to(device or "cpu")
     model.config.temperatures = None
-    raw = predict_exit_outputs(model, val_enc, cfg.eval_batch_size)  # T = 1
+    raw = predict_exit_outputs(model, val_enc, cfg.eval_batch_size, precision=precision)  # T = 1
     temperatures = fit_temperatures(raw)
     model.config.temperatures = tuple(float(t) for t in temperatures)
     model.save_config(run.model)
