@@ -41,7 +41,7 @@ def synthetic(n=4000, seed=0, mobile_acc=(0.99, 0.6), edge_acc=(0.97, 0.7), clou
 def test_the_cascade_meets_a_point_target_and_stops_at_confident_exits():
     val, _ = synthetic()
     test, _ = synthetic(seed=1)
-    router = ROUTERS["cascade"].from_config(CalibrationConfig(max_loss=0.5)).fit(val, CM)
+    router = ROUTERS["cascade"].from_config(CalibrationConfig(control="point", max_loss=0.5)).fit(val, CM)
     d = router.route(test, CM)
     cloud = test.correct[:, CLOUD].mean()
     acc = (test.predictions[np.arange(len(test)), d.exit_index] == test.labels).mean()
@@ -52,10 +52,10 @@ def test_the_cascade_meets_a_point_target_and_stops_at_confident_exits():
 
 def test_a_point_estimate_says_when_validation_is_too_small_for_the_target():
     small, _ = synthetic(n=300)  # a loss estimate on 300 samples has a standard error of about 1 pt
-    router = ROUTERS["cascade"].from_config(CalibrationConfig(max_loss=0.5)).fit(small, CM)
+    router = ROUTERS["cascade"].from_config(CalibrationConfig(control="point", max_loss=0.5)).fit(small, CM)
     assert "WARNING" in router.selection_.how and "--delta" in router.selection_.how
     large, _ = synthetic(n=4000)
-    router = ROUTERS["cascade"].from_config(CalibrationConfig(max_loss=2.0)).fit(large, CM)
+    router = ROUTERS["cascade"].from_config(CalibrationConfig(control="point", max_loss=2.0)).fit(large, CM)
     assert "WARNING" not in router.selection_.how
 
 
@@ -63,7 +63,7 @@ def test_auto_keeps_the_cheapest_policy_that_meets_the_target_and_says_why(tmp_p
     val, easy = synthetic()
     carto = Cartography(np.stack([np.where(easy, 0.95, 0.3)] * 3, 1), np.zeros((len(val), 3)),
                         np.stack([easy.astype(float)] * 3, 1))
-    cal = CalibrationConfig(max_loss=0.5, threshold_grid=8)
+    cal = CalibrationConfig(control="point", max_loss=0.5, threshold_grid=8)
     auto = ROUTERS["auto"].from_config(cal).fit(val, CM, carto)
     families = {r["family"]: r for r in auto.summary_}
     assert families[auto.winner_]["chosen"] and families["cloud-only"]["meets_target"]
@@ -79,17 +79,17 @@ def test_auto_keeps_the_cheapest_policy_that_meets_the_target_and_says_why(tmp_p
 def test_budget_mode_is_the_most_accurate_within_the_budget():
     val, _ = synthetic()
     for cut in (20.0, 50.0):
-        router = ROUTERS["cascade"].from_config(CalibrationConfig(max_loss=None, budget_cut=cut)).fit(val, CM)
+        router = ROUTERS["cascade"].from_config(CalibrationConfig(control="point", max_loss=None, budget_cut=cut)).fit(val, CM)
         cost = router.route(val, CM).cost.mean()
         assert cost <= CM.cloud_only * (1 - cut / 100) + 1e-12
     with pytest.raises(ConfigError, match="mobile-only"):
-        ROUTERS["cascade"].from_config(CalibrationConfig(max_loss=None, budget=0.001)).fit(val, CM)
+        ROUTERS["cascade"].from_config(CalibrationConfig(control="point", max_loss=None, budget=0.001)).fit(val, CM)
 
 
 def test_a_guarantee_is_more_conservative_than_the_point_estimate():
     val, _ = synthetic(n=6000)
-    point = ROUTERS["cascade"].from_config(CalibrationConfig(max_loss=1.0)).fit(val, CM)
-    sure = ROUTERS["cascade"].from_config(CalibrationConfig(max_loss=1.0, delta=0.1)).fit(val, CM)
+    point = ROUTERS["cascade"].from_config(CalibrationConfig(control="point", max_loss=1.0)).fit(val, CM)
+    sure = ROUTERS["cascade"].from_config(CalibrationConfig(control="point", max_loss=1.0, delta=0.1)).fit(val, CM)
     assert sure.route(val, CM).cost.mean() >= point.route(val, CM).cost.mean() - 1e-12
     tested = sure.selection_.guarantee["tested"]
     assert tested and all(t["p_value"] <= 0.1 for t in tested[:-1])
@@ -122,7 +122,7 @@ def test_learned_hybrid_sends_predicted_hard_samples_straight_to_the_cloud():
     correctness = np.stack([train_easy.astype(float), np.ones(len(train_out)), np.ones(len(train_out))], 1)
     train = TrainingSignal(train_out.embeddings, train_out.lengths,
                            Cartography(correctness, np.zeros_like(correctness), correctness))
-    router = ROUTERS["hybrid-learned"].from_config(CalibrationConfig(max_loss=0.5, threshold_grid=8)).fit(
+    router = ROUTERS["hybrid-learned"].from_config(CalibrationConfig(control="point", max_loss=0.5, threshold_grid=8)).fit(
         val, CM, None, train)
     plans = router.choose_plans(val.embeddings, val.lengths)
     assert set(np.unique(plans)) <= {0, 1, 2}

@@ -282,7 +282,7 @@ class CalibrationConfig:
                                         "null: a point estimate", optional(_open_unit))
     point_margin: float = setting(0.0, "point estimate: the validation loss plus this many standard errors must "
                                        "be within max_loss", at_least(0))
-    control: str = setting("point", "without delta: 'point' (the validation estimate within max_loss) or "
+    control: str = setting("expected", "without delta: 'point' (the validation estimate within max_loss) or "
                                     "'expected' (conformal risk control: the loss is within max_loss on average "
                                     "over calibration draws)", one_of(*CONTROLS))
     budget: float | None = setting(None, "instead of max_loss: mean cost at most this (reward units)",
