@@ -42,7 +42,8 @@ def sources(capacity: int = 2, policy: str = "strict", retry_after_s: float = 1.
 
 
 class SlowModel:
-    """A tier model that takes `delay_s` per text, so that a few requests fill the edge's queue."""
+    """A tier model that takes `delay_s` per text, so that a few requests fill the edge's queue (every text
+    request starts from its embedding layer output: `start`)."""
 
     def __init__(self, model: TierModel, delay_s: float) -> None:
         self._model, self.delay_s = model, delay_s
@@ -50,9 +51,9 @@ class SlowModel:
     def __getattr__(self, name):
         return getattr(self._model, name)
 
-    def classify(self, texts, pairs=None):
-        time.sleep(self.delay_s * len(texts))
-        return self._model.classify(texts, pairs)
+    def start(self, batch):
+        time.sleep(self.delay_s * len(batch))
+        return self._model.start(batch)
 
 
 @pytest.fixture(scope="module")
@@ -198,8 +199,9 @@ class FakeRemote:
     def classify(self, texts, pairs, ids, deadline_ms=None) -> RemoteResult:
         self.sent.append((list(ids), deadline_ms))
         probs = np.tile(np.array([[0.1, 0.9]], np.float32), (len(texts), 1))
-        layer = self.mobile.exit_layers[("mobile", "edge", "cloud").index(self.name)]
-        return RemoteResult(probs, layer, self.mobile.label_names, 1, {"advice": self.advice, "queue_ms": 0.0})
+        tier = ("mobile", "edge", "cloud").index(self.name)
+        return RemoteResult(probs, self.mobile.label_names, [self.name] * len(texts), [tier] * len(texts), 1,
+                            {"advice": self.advice, "queue_ms": 0.0})
 
 
 def test_client_honours_the_edges_advice_within_its_bound(models):

@@ -187,7 +187,9 @@ def test_classify_needs_the_bearer_token(http):
     r = http.post("/v1/classify", json={"text": "good movie", "text_pair": "fine"}, headers=AUTH)
     assert r.status_code == 200
     body = r.json()
-    assert body["tier"] == "edge" and body["exit_layer"] == 2 and body["labels"][0] in body["label_names"]
+    assert body["tier"] == "edge" and body["labels"][0] in body["label_names"]
+    # one answer shape: a plain request is the tier's own one-stage plan
+    assert body["tiers"] == ["edge"] and body["exits"] == [1] and body["exit_layers"] == [2]
     assert abs(sum(body["probs"][0]) - 1) < 1e-4
 
 
@@ -503,7 +505,8 @@ def test_client_refuses_a_tier_serving_another_model(models):
             return True
 
         def classify(self, texts, pairs, ids) -> RemoteResult:
-            return RemoteResult(np.full((len(texts), 2), 0.5, np.float32), 2, ["x", "y"], 1)
+            return RemoteResult(np.full((len(texts), 2), 0.5, np.float32), ["x", "y"], ["edge"] * len(texts),
+                                [1] * len(texts))
 
     with MobileClient(models["mobile"], routing="edge-only", remotes={"edge": OtherModel()}) as client:
         answer = client.classify(["good"])[0]

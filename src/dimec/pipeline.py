@@ -20,10 +20,10 @@ from dimec.atomic import read_json, write_json
 from dimec.config import CalibrationConfig, CostConfig, RunConfig
 from dimec.costs import CostModel
 from dimec.data import Example, TaskData, load_task
-from dimec.errors import ArtifactError, ConfigError, DataError
+from dimec.errors import ArtifactError, ConfigError
 from dimec.evaluation import MethodResult, evaluate_methods
 from dimec.modeling.multi_exit import MultiExitConfig, MultiExitModel
-from dimec.outputs import ExitOutputs, confidence, softmax
+from dimec.outputs import ExitOutputs, softmax
 from dimec.routing import ROUTERS, make_router
 from dimec.routing.auto import AutoRouter
 from dimec.routing.base import TrainingSignal, load_router, save_router
@@ -32,6 +32,8 @@ from dimec.routing.dimec import DimecDynamicRouter, DimecFixedRouter
 from dimec.routing.plan import PlanRouter, plan_text
 from dimec.routing.targets import Target
 from dimec.rundir import CONFIG, MODEL_DIR, SPLITS, RunDir
+from dimec.runtime.executor import run_plan
+from dimec.textinput import check_batch
 from dimec.tiers import POOLS, TIERS
 from dimec.training.batching import encode
 from dimec.training.cartography import (
@@ -315,13 +317,7 @@ def route_texts(run_dir: Path, texts: list[str], pairs: list[str] | None = None,
     the calibrated router.json; "dimec-fixed"/"dimec-dynamic" the paper's routers, fitted on validation."""
     if mode not in ROUTE_MODES:
         raise ConfigError(f"routing mode must be one of {', '.join(ROUTE_MODES)}, got {mode!r}")
-    if not texts:
-        raise DataError("no texts to route", "give texts on the command line or --file FILE (one per line)")
-    if pairs is not None and len(pairs) != len(texts):
-        raise DataError(f"{len(texts)} texts but {len(pairs)} text pairs", "give one pair per text")
-    for i, text in enumerate(texts):
-        if not text.strip():
-            raise DataError(f"text {i + 1} is empty", "give non-empty texts")
+    texts, pairs, _ = check_batch(texts, pairs)
     run_dir = Path(run_dir)
     if mode == "policy":
         router, _ = load_router(RunDir(run_dir).router)
@@ -346,13 +342,26 @@ def route_texts(run_dir: Path, texts: list[str], pairs: list[str] | None = None,
         else:
             choice = int(router.choose_plans(emb, length)[0])
         plan = router.plans_[choice]
-        logits = model(**inputs, upto=plan[-1].exit)  # only layers 1..exit_layers[last exit of the plan]
-        for stage in plan:
-            probs = softmax(logits[stage.exit][0].numpy().astype(np.float64) / temperatures[stage.exit])
-            if stage.threshold is None or confidence(probs, router.confidence_) >= stage.threshold:
-                break
+        out = run_plan(plan, 1, len(model.config.label_names), set(range(len(TIERS))),
+                       _InProcessStages(model, inputs, plan, temperatures).run, router.confidence_)
+        probs, stage_exit, stage_tier = out.probs[0], int(out.exits[0]), int(out.tiers[0])
         label = int(probs.argmax())
-        answers.append({"text": text, "tier": TIERS[stage.tier], "exit_layer": model.config.exit_layers[stage.exit],
+        answers.append({"text": text, "tier": TIERS[stage_tier], "exit_layer": model.config.exit_layers[stage_exit],
                         "plan": plan_text(plan), "label": model.config.label_names[label],
                         "confidence": round(float(probs[label]), 4)})
     return answers
+
+
+class _InProcessStages:
+    """Every stage of a plan in this process (one text): the model runs once, up to the plan's last exit,
+    and each stage reads its exit at that exit's temperature."""
+
+    def __init__(self, model: MultiExitModel, inputs: dict, plan, temperatures: np.ndarray) -> None:
+        self.model, self.inputs, self.top, self.temperatures = model, inputs, plan[-1].exit, temperatures
+        self.logits = None
+
+    def run(self, stage, rows: np.ndarray) -> np.ndarray:
+        if self.logits is None:
+            self.logits = self.model(**self.inputs, upto=self.top)  # only layers 1..exit_layers[last exit]
+        z = self.logits[stage.exit].numpy().astype(np.float64)[rows]  # (R, C)
+        return softmax(z / self.temperatures[stage.exit])

@@ -27,8 +27,8 @@ import httpx
 
 from dimec.atomic import write_json, write_text
 from dimec.errors import DimecError, TierUnavailableError
-from dimec.routing.plan import Stage
 from dimec.rundir import RunDir
+from dimec.runtime.plans import Stage
 from dimec.serving import wire
 from dimec.serving.client import check_url
 from dimec.serving.export import check_texts_for, ensure_package
