@@ -343,13 +343,89 @@ def test_bad_constraints_are_clear_errors(models, tmp_path, capsys):
         assert code == 2 and message in capsys.readouterr().err, args
 
 
-def test_cascade_mobile_threshold_under_advice():
+def test_cascade_mobile_stage_under_advice():
     policy = FleetPolicy(min_mobile_confidence=0.7)
-    conf = np.linspace(0.5, 1.0, 101)
-    assert policy.mobile_threshold(0.95, conf) == 0.95  # no advice: unchanged
+    probs = np.stack([np.linspace(0.5, 1.0, 101), 1 - np.linspace(0.5, 1.0, 101)], 1)  # max-prob 0.5 .. 1
+    assert not policy.advised(probs).any()  # no advice: the plan's own thresholds alone
     policy._advice = (0.5, time.monotonic() + 30)  # the edge asks to keep half
-    assert policy.mobile_threshold(0.95, conf) == pytest.approx(0.75, abs=0.01)  # the median of the history
+    assert policy.advised(probs).mean() == pytest.approx(0.5, abs=0.02)  # at or above the median of the history
     policy._advice = (0.9, time.monotonic() + 30)
-    assert policy.mobile_threshold(0.95, conf) == 0.7  # never below the floor
-    assert policy.mobile_threshold(0.65, conf) == 0.65  # never above the policy's own threshold
+    assert policy.advised(probs).tolist() == (probs.max(-1) >= 0.7).tolist()  # never below the floor
 
+
+# ---- a task with more than two classes ---------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def three_class_mobile(tiny_encoder, tmp_path_factory):
+    """The mobile package of a 3-class run (exits at T = 1) whose router is a mobile -> edge cascade reading
+    the entropy (what calibration tries for more than two classes), with a mobile threshold no sample
+    reaches: without advice every text goes on to the edge."""
+    import csv
+    import random
+    import shutil
+
+    from conftest import FILLER, NEGATIVE, POSITIVE, tiny_run_config
+
+    from dimec.config import CostConfig
+    from dimec.costs import CostModel
+    from dimec.modeling.multi_exit import MODEL_CONFIG
+    from dimec.pipeline import run_all
+    from dimec.routing.base import save_router
+    from dimec.routing.cascade import CascadeRouter
+    from dimec.serving.package import ROUTER_FILE, read_manifest, write_manifest
+
+    root = tmp_path_factory.mktemp("three_class")
+    rng = random.Random(0)
+    with (root / "task.csv").open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["text", "label"])
+        for i in range(300):
+            words = [POSITIVE, NEGATIVE, FILLER][i % 3]
+            w.writerow([" ".join(rng.choices(FILLER, k=rng.randint(2, 8)) + [rng.choice(words)]),
+                        ["pos", "neg", "neutral"][i % 3]])
+    run_all(tiny_run_config(tiny_encoder, root / "task.csv", epochs=1), root / "run")
+    config = root / "run" / "model" / MODEL_CONFIG
+    config.write_text(json.dumps(json.loads(config.read_text()) | {"temperatures": [1.0, 1.0, 1.0]}))
+    directory = export_packages(root / "run", root / "packages", tiers=("mobile",), onnx=False)["mobile"]
+    router = CascadeRouter()  # mobile@m -> edge@n -> cloud@l; minus the entropy is < 0: never on the mobile
+    router.set_thresholds((0.0, -1e-9), "entropy")
+    layers = tuple(read_manifest(directory)["exit_layers"])
+    save_router(router, directory / ROUTER_FILE, CostModel.from_config(CostConfig(), layers))
+    manifest = read_manifest(directory, verify=False)
+    manifest.pop("files")
+    write_manifest(directory, manifest)
+    shutil.rmtree(root / "run")
+    return TierModel(directory)
+
+
+class FakeEdge:
+    """An edge that continues hidden states and asks the client to keep half of its work."""
+
+    name = "edge"
+
+    def __init__(self, mobile: TierModel) -> None:
+        self.mobile, self.sent = mobile, 0
+
+    def available(self) -> bool:
+        return True
+
+    def continue_hidden(self, rows, layer, model_id, ids, plan=None, confidence="max_prob", dtype=None):
+        self.sent += len(rows)
+        probs = np.tile(np.array([[0.2, 0.2, 0.6]], np.float32), (len(rows), 1))
+        return RemoteResult(probs, self.mobile.label_names, ["edge"] * len(rows), [1] * len(rows), 1,
+                            {"advice": {"keep_fraction": 0.5, "valid_s": 30}, "queue_ms": 0.0})
+
+
+def test_advice_keeps_work_on_the_device_for_a_multi_class_entropy_cascade(three_class_mobile):
+    """The edge's advice lowers the mobile stage's bar on the max-probability scale `min_mobile_confidence` is
+    set on, whatever the plan's thresholds read (here minus the entropy of 3 classes, always < 0)."""
+    assert len(three_class_mobile.label_names) == 3
+    edge = FakeEdge(three_class_mobile)
+    policy = FleetPolicy(min_mobile_confidence=0.0)
+    with MobileClient(three_class_mobile, routing="router", remotes={"edge": edge}, fleet=policy) as client:
+        assert client.confidence == "entropy"
+        first = client.classify(TEXTS)  # no advice yet: the plan sends every text on
+        assert all(a.tier == "edge" for a in first) and edge.sent == len(TEXTS)
+        second = client.classify(TEXTS * 3)
+    kept = [a for a in second if a.tier == "mobile"]
+    assert all(a.routed == "mobile" and not a.degraded and a.exit_layer == client.mobile.exit_layer for a in kept)
+    assert 0.2 <= len(kept) / len(second) <= 0.8  # about the advised half

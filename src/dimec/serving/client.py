@@ -44,7 +44,7 @@ from dimec.errors import (
     TierUnavailableError,
 )
 from dimec.runtime.executor import Outcome, run_plan
-from dimec.runtime.plans import Plan, Stage, check_plan, clears, confidence, own_plan, plan_text
+from dimec.runtime.plans import Plan, Stage, check_plan, own_plan, plan_text
 from dimec.serving import wire
 from dimec.serving.constraints import ANSWERED, Constraints, FleetPolicy
 from dimec.serving.links import LinkProfile, LinkTransport
@@ -413,11 +413,10 @@ class MobileClient:
 
     def _advised(self, stage: Stage, probs: np.ndarray) -> np.ndarray:
         """(R,) bool: samples the mobile answers at its stage because the edge advised keeping work on the
-        device (the stage's threshold lowered by the FleetPolicy)."""
+        device (FleetPolicy, on the max-probability scale whatever the plan's thresholds read)."""
         if stage.tier != MOBILE or stage.threshold is None:
             return np.zeros(len(probs), dtype=bool)
-        conf = confidence(probs, self.confidence)
-        return clears(conf, self.fleet.mobile_threshold(stage.threshold, conf))
+        return self.fleet.advised(probs)
 
     def _ship(self, call: _Call, rows: np.ndarray, hidden: list[np.ndarray], stages: Plan,
               mobile_probs: np.ndarray) -> Outcome:

@@ -244,18 +244,21 @@ class FleetPolicy:
                 call.answers[i] = client._answer(call.ids[i], probs[j], "mobile", "edge", client.mobile.exit_layer)
                 tiers[i] = ANSWERED
 
-    def mobile_threshold(self, threshold: float, confidences: np.ndarray) -> float:
-        """For a cascade: its mobile stage's threshold under the edge's advice. `confidences` (R,): the mobile
-        exit's confidences of the texts now at that stage (recorded as the recent history). Without advice
-        the threshold is unchanged; with keep fraction f it drops to the (1 - f)-quantile of the recent
-        confidences, never below `min_mobile_confidence` nor above the threshold itself."""
+    def advised(self, probs: np.ndarray) -> np.ndarray:
+        """For a plan's mobile stage: (R,) bool, the samples the device answers because the edge advised it.
+        `probs` (R, C): the mobile exit's probabilities of the texts now at that stage, whose max-probabilities
+        are recorded as the recent history (the scale `_keep_on_device` records and `min_mobile_confidence`
+        bounds, whatever the plan's own thresholds read: max_prob or minus the entropy). Without advice none;
+        with keep fraction f those at or above the (1 - f)-quantile of the history, never below
+        `min_mobile_confidence`. The plan's own stop rule still stops the others it clears."""
+        conf = np.asarray(probs).max(-1)
         with self._lock:
-            self._confidences.extend(float(x) for x in np.asarray(confidences).ravel())
+            self._confidences.extend(float(x) for x in conf)
             history = np.asarray(self._confidences)
         keep = self.keep_fraction()
         if keep <= 0 or not len(history):
-            return threshold
-        return min(threshold, max(self.min_mobile_confidence, float(np.quantile(history, 1 - keep))))
+            return np.zeros(len(conf), dtype=bool)
+        return conf >= max(self.min_mobile_confidence, float(np.quantile(history, 1 - keep)))
 
     def keep_fraction(self) -> float:
         keep, until = self._advice
