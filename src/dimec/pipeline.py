@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict
 from pathlib import Path
 
@@ -60,14 +61,23 @@ def prepare_run_dir(cfg: RunConfig, run_dir: Path) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     path = RunDir(run_dir).config
     if path.is_file():
-        old = load_run_config(run_dir)
-        for section in ("data", "model", "train"):
-            if asdict(getattr(old, section)) != asdict(getattr(cfg, section)):
-                raise ConfigError(
-                    f"{run_dir} holds a run with other {section} settings",
-                    "use a new --run-dir, or delete the old one to start over",
-                )
+        for section in training_differences(load_run_config(run_dir), cfg)[:1]:
+            raise ConfigError(
+                f"{run_dir} holds a run with other {section} settings",
+                "use a new --run-dir, or delete the old one to start over",
+            )
     cfg.save(path)
+
+
+def training_differences(old: RunConfig, new: RunConfig) -> list[str]:
+    """The one answer to "was this run trained with these settings?": the sections among data, model and
+    train whose settings differ (progress bars aside: they do not change what is trained). Compared as
+    saved (JSON), so a list read back equals the tuple it was saved from."""
+    def saved(cfg: RunConfig, section: str) -> str:
+        raw = asdict(getattr(cfg, section)) | ({"progress": None} if section == "train" else {})
+        return json.dumps(raw, sort_keys=True, default=list)
+
+    return [s for s in ("data", "model", "train") if saved(old, s) != saved(new, s)]
 
 
 def task_data(cfg: RunConfig) -> TaskData:

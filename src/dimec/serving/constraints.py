@@ -95,8 +95,6 @@ class LatencyTracker:
     minus the server's queueing, plus the queueing the edge last announced (while its advice is valid).
     Seeded from a cost profile (`dimec profile`) when given; a tier never measured is assumed to fit."""
 
-    PROFILE_KEYS = ("lambda_m_ms", "lambda_e_ms", "o_e_ms", "o_c_ms", "cloud_layer_ms")
-
     def __init__(self, seed_ms: dict[str, float] | None = None, alpha: float = 0.2,
                  profile: dict[str, float] | None = None) -> None:
         self.base = dict(seed_ms or {})
@@ -107,14 +105,10 @@ class LatencyTracker:
 
     @classmethod
     def from_profile(cls, path: str | Path) -> LatencyTracker:
-        import json
+        from dimec.costs import PROFILE_TIMES, read_profile
 
-        try:
-            raw = json.loads(Path(path).read_text())
-            profile = {k: float(raw[k]) for k in cls.PROFILE_KEYS}
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise ConfigError(f"cannot read the latency profile {path} ({exc})", "run `dimec profile RUN_DIR`") from None
-        return cls(profile=profile)
+        ms = read_profile(path, "latency profile")
+        return cls(profile={k: ms[k] for k in PROFILE_TIMES})
 
     def seed(self, exit_layers: tuple[int, int, int]) -> None:
         """Turn the profile into first estimates for this model's exits (tiers measured already keep theirs)."""

@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from dimec.costs import CostModel
+from dimec.costs import CostModel, read_profile
 from dimec.errors import ArtifactError, ConfigError, DimecError
 from dimec.evaluation import score_decisions
 from dimec.outputs import ExitOutputs
@@ -77,18 +77,10 @@ class PlanConstraints:
 # ---- prices beyond the cost model -----------------------------------------------------------------------------------
 def latency_model(profile: str | Path, exit_layers: tuple[int, int, int], hidden_state_factor: float) -> CostModel:
     """The cost model's path formulas in milliseconds: per-layer times and offload times of the profile."""
-    path = Path(profile)
-    if not path.is_file():
-        raise ConfigError(f"latency profile not found: {path}", "measure one with `dimec profile RUN_DIR`, then "
-                                                                 "`dimec plan RUN_DIR --profile RUN_DIR/profile.json`")
-    try:
-        raw = json.loads(path.read_text())
-        ms = {k: float(raw[k]) for k in ("lambda_m_ms", "lambda_e_ms", "o_e_ms", "o_c_ms", "cloud_layer_ms")}
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ConfigError(f"{path} is not a cost profile ({exc})", "write it with `dimec profile RUN_DIR`") from None
+    ms = read_profile(profile, "latency profile")
     return CostModel(ms["lambda_m_ms"], ms["lambda_e_ms"], ms["o_e_ms"], ms["o_c_ms"],
                      ms["cloud_layer_ms"] * exit_layers[2], tuple(exit_layers),
-                     float(raw.get("hidden_state_factor", hidden_state_factor)))
+                     ms.get("hidden_state_factor", hidden_state_factor))
 
 
 def money_model(cloud_price: float, edge_price: float, exit_layers: tuple[int, int, int]) -> CostModel:

@@ -26,6 +26,7 @@ from typing import Any
 import httpx
 
 from dimec.atomic import write_json, write_text
+from dimec.costs import PROFILE_TIMES
 from dimec.errors import DimecError, TierUnavailableError
 from dimec.rundir import RunDir
 from dimec.runtime.plans import Stage
@@ -37,7 +38,7 @@ from dimec.serving.local import ProcessServer
 from dimec.serving.tier import TierModel
 from dimec.tiers import TIERS
 
-PROFILE_KEYS = ("lambda_m_ms", "lambda_e_ms", "o_e_ms", "o_c_ms", "cloud_layer_ms", "hidden_state_factor")
+PROFILE_KEYS = (*PROFILE_TIMES, "hidden_state_factor")  # what profile.json holds (costs.read_profile reads it)
 PING_BYTES = 256 * 1024
 
 

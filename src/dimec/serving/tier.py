@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from dimec.errors import ArtifactError, ConfigError
-from dimec.rundir import MODEL_CONFIG
+from dimec.runtime.model_config import MultiExitConfig
 from dimec.serving.package import (
     FORMAT_VERSION,
     MODEL_SUBDIR,
@@ -87,7 +87,8 @@ class TierModel:
         self.max_length: int = int(self.manifest["max_length"])
         self.model_id: str | None = self.manifest.get("model_id")  # None: exported by an older dimec
         self.backend = backend
-        self.temperatures = exit_temperatures(self.directory / MODEL_SUBDIR)  # (3,)
+        model_dir = self.directory / MODEL_SUBDIR
+        self.temperatures = MultiExitConfig.load(model_dir).exit_temperatures(str(model_dir))  # (3,)
         self._lock = threading.Lock()  # tokenizers' fast backend is not safe to share across threads
         needed = backend_file(backend)
         if not has_file(self.directory, needed):
@@ -248,22 +249,6 @@ class TierModel:
                 return self.model.embed(**inputs).float().numpy()
         feed = {k: v for k, v in batch.arrays().items() if k in self.embed_input_names}
         return self.embed_session.run(["embedding"], feed)[0]
-
-
-def exit_temperatures(model_dir: Path) -> np.ndarray:
-    """(3,) each exit's fitted temperature from dimec_model.json ("temperatures", written by training once
-    temperatures are fitted); 1.0 each (the raw softmax) for a model without them."""
-    import json
-
-    try:
-        raw = json.loads((model_dir / MODEL_CONFIG).read_text()).get("temperatures")
-    except (OSError, ValueError) as exc:
-        raise ArtifactError(f"{model_dir / MODEL_CONFIG} is missing or damaged ({exc})",
-                            "export the package again") from None
-    temperatures = np.ones(3) if raw is None else np.asarray(raw, dtype=np.float64).reshape(3)
-    if not (temperatures > 0).all():
-        raise ArtifactError(f"{model_dir / MODEL_CONFIG} has invalid temperatures {raw}", "export the package again")
-    return temperatures
 
 
 def prune(model, outputs: list[str]):
