@@ -117,7 +117,7 @@ class PlanRouter(Router):
                 "prerouter": None if pre is None else pre.to_dict()}
 
     def load_state(self, state: dict) -> None:
-        from dimec.routing.prerouters import prerouter_from_dict
+        from dimec.runtime.prerouters import prerouter_from_dict
 
         self.plans_ = [check_plan(tuple(Stage.from_list(s) for s in p)) for p in state["plans"]]
         self.confidence_ = str(state["confidence"])

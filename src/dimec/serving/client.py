@@ -334,7 +334,7 @@ class MobileClient:
 
     def _online_prerouter(self, routing: str):
         """The pre-router whose means move with the stream (DIMEC-DC Dynamic), or None."""
-        from dimec.routing.prerouters import CentroidPreRouter
+        from dimec.runtime.prerouters import CentroidPreRouter
 
         pre = getattr(self.router, "prerouter_", None)
         if routing == "dynamic":
