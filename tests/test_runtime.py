@@ -79,3 +79,17 @@ def test_text_batches_are_checked_in_one_place():
     with pytest.raises(DataError, match="over the limit of 1"):
         check_batch(["a", "b"], max_batch=1)
     assert check_batch(["a", "b"], None, ["x", "x"], unique_ids=False)[2] == ["x", "x"]
+
+
+def test_importing_the_phone_client_loads_no_router_model_code_or_torch():
+    import json
+    import subprocess
+    import sys
+
+    code = ("import sys, json; import dimec.serving.client; "
+            "print(json.dumps([sorted(m for m in sys.modules if m.startswith('dimec')), 'torch' in sys.modules]))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    loaded, torch_loaded = json.loads(out.stdout.strip().splitlines()[-1])
+    assert not torch_loaded
+    assert not [m for m in loaded if m.split(".")[1:2] and m.split(".")[1] in
+                ("routing", "modeling", "training", "data", "pipeline", "experiments", "outputs")], loaded

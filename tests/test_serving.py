@@ -575,3 +575,26 @@ def test_cli_serve_builds_the_app_on_loopback(packages, monkeypatch, capsys):
     assert r.status_code == 422 and "limit of 3" in r.json()["error"]
     assert main(["serve", "edge", str(packages["cloud"]), "--token", TOKEN]) == 2  # wrong package for the tier
     assert "is the cloud package" in capsys.readouterr().err
+
+
+# ---- what the phone loads ----------------------------------------------------------------------------------------
+PHONE_MODULES = {"dimec", "dimec.atomic", "dimec.config", "dimec.costs", "dimec.errors", "dimec.rundir",
+                 "dimec.textinput", "dimec.tiers", "dimec.serving", "dimec.serving.client", "dimec.serving.constraints",
+                 "dimec.serving.links", "dimec.serving.package", "dimec.serving.tier", "dimec.serving.wire"}
+
+
+def test_the_phone_client_loads_only_the_runtime_and_plan_data(packages):
+    """Importing the client, loading the int8 mobile package with its calibrated policy and answering a text
+    (no tier reachable: answered on the device) pulls in the runtime and the plan data of dimec, never a
+    router, the model code or training. (torch itself still comes in through transformers' AutoTokenizer,
+    which imports it whenever it is installed; the import alone does not.)"""
+    import subprocess
+    import sys
+
+    code = ("import sys, json; from dimec.serving.client import MobileClient; "
+            f"c = MobileClient({str(packages['mobile'])!r}, backend='onnx-int8'); c.classify(['good movie']); "
+            "print(json.dumps(sorted(m for m in sys.modules if m.startswith('dimec'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    loaded = json.loads(out.stdout.strip().splitlines()[-1])
+    extra = [m for m in loaded if m not in PHONE_MODULES and not m.startswith("dimec.runtime")]
+    assert not extra, f"the phone client loads {extra}"

@@ -117,8 +117,6 @@ class PlanRouter(Router):
                 "prerouter": None if pre is None else pre.to_dict()}
 
     def load_state(self, state: dict) -> None:
-        from dimec.runtime.prerouters import prerouter_from_dict
+        from dimec.runtime.policy import plans_from_state
 
-        self.plans_ = [check_plan(tuple(Stage.from_list(s) for s in p)) for p in state["plans"]]
-        self.confidence_ = str(state["confidence"])
-        self.prerouter_ = prerouter_from_dict(state.get("prerouter"))
+        self.plans_, self.confidence_, self.prerouter_ = plans_from_state(state)

@@ -36,6 +36,7 @@ from typing import Any, Protocol
 import httpx
 import numpy as np
 
+from dimec.costs import CostModel
 from dimec.errors import (
     ConfigError,
     DimecError,
@@ -45,6 +46,7 @@ from dimec.errors import (
 )
 from dimec.runtime.executor import Outcome, run_plan
 from dimec.runtime.plans import Plan, Stage, check_plan, own_plan, plan_text
+from dimec.runtime.policy import ServedPolicy, read_cost_model
 from dimec.serving import wire
 from dimec.serving.constraints import ANSWERED, Constraints, FleetPolicy
 from dimec.serving.links import LinkProfile, LinkTransport
@@ -319,18 +321,25 @@ class MobileClient:
         self.counts: Counter[str] = Counter()
         self.fleet = fleet or FleetPolicy()  # constraints, budget, the edge's advice (constraints.py)
 
-    def _load_router(self, routing: str) -> tuple[Any, list[Plan], str]:
+    def _load_router(self, routing: str) -> tuple[ServedPolicy | None, list[Plan], str]:
         if routing in SINGLE_TIER:
-            tier = SINGLE_TIER[routing]
-            return None, [own_plan(tier)], "max_prob"
-        from dimec.routing.base import load_router
-        from dimec.routing.plan import PlanRouter
+            return None, [own_plan(SINGLE_TIER[routing])], "max_prob"
+        policy = ServedPolicy.read(self.mobile.directory / ROUTER_FILE)
+        return policy, list(policy.plans_), policy.confidence_
 
-        router, _ = load_router(self.mobile.directory / ROUTER_FILE)
-        if not isinstance(router, PlanRouter):
-            raise ConfigError(f"router {router.name!r} in {self.mobile.directory} cannot be served (it is not a "
-                              "plan router)", "calibrate a servable policy, or use --routing cloud-only")
-        return router, list(router.plans_), router.confidence_
+    def cost_model(self) -> CostModel:
+        """The prices of the tiers (the FleetPolicy's deadline rule picks the cheapest tier that fits): the
+        cost model the served policy was fitted under. A single-tier routing reads it from the package's
+        router.json too; only a package without one (exported without a calibrated run) uses the documented
+        default costs. A damaged file is an error, never a silent fallback."""
+        if self.router is not None:
+            return self.router.cost_model
+        path = self.mobile.directory / ROUTER_FILE
+        if path.is_file():
+            return read_cost_model(path)
+        from dimec.config import CostConfig
+
+        return CostModel.from_config(CostConfig(), tuple(self.mobile.exit_layers))
 
     def _online_prerouter(self, routing: str):
         """The pre-router whose means move with the stream (DIMEC-DC Dynamic), or None."""

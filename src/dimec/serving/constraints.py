@@ -194,19 +194,9 @@ class FleetPolicy:
         return tiers
 
     def _tier_costs(self, client) -> np.ndarray:
-        """(3,) the price of each tier under the cost model the router was fitted with (router.json), or the
-        documented defaults."""
+        """(3,) the price of each tier under the cost model the router was fitted with (client.cost_model)."""
         if getattr(self, "_costs", None) is None:
-            import json
-
-            from dimec.config import CostConfig
-            from dimec.costs import CostModel
-
-            try:
-                raw = json.loads((client.mobile.directory / "router.json").read_text())["cost_model"]
-                self._costs = CostModel.from_dict(raw).tier_costs
-            except (OSError, ValueError, KeyError, TypeError):
-                self._costs = CostModel.from_config(CostConfig(), tuple(client.mobile.exit_layers)).tier_costs
+            self._costs = client.cost_model().tier_costs
         return self._costs
 
     def _fit_deadline(self, tier: int, allowed: set[int], costs: np.ndarray, deadline: float, flags: list[str]) -> int:
