@@ -52,9 +52,9 @@ def main() -> None:
     import torch
     import uvicorn
 
-    from dimec.serving.server import create_app
-    from dimec.serving.sources import SourceTable
-    from dimec.serving.tier import TierModel
+    from dimec.runtime.tier import TierModel
+    from dimec.serving.servers.server import create_app
+    from dimec.serving.servers.sources import SourceTable
 
     torch.set_num_threads(args.threads)
     model = PaddedModel(TierModel(args.package), args.service_ms)

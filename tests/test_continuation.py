@@ -23,13 +23,13 @@ from dimec.config import CostConfig  # noqa: E402
 from dimec.costs import CostModel  # noqa: E402
 from dimec.routing.base import ROUTERS, register, save_router  # noqa: E402
 from dimec.routing.plan import PlanRouter, Stage, check_plan, confidence  # noqa: E402
-from dimec.serving import wire  # noqa: E402
-from dimec.serving.client import HttpRemote, MobileClient, Timeouts, substitute_tier  # noqa: E402
-from dimec.serving.export import export_packages  # noqa: E402
-from dimec.serving.local import ThreadServer  # noqa: E402
-from dimec.serving.package import ROUTER_FILE, read_manifest, write_manifest  # noqa: E402
-from dimec.serving.server import Limits, create_app  # noqa: E402
-from dimec.serving.tier import TierModel  # noqa: E402
+from dimec.runtime import wire  # noqa: E402
+from dimec.runtime.package import ROUTER_FILE, read_manifest, write_manifest  # noqa: E402
+from dimec.runtime.tier import TierModel  # noqa: E402
+from dimec.serving.deploy.export import export_packages  # noqa: E402
+from dimec.serving.deploy.local import ThreadServer  # noqa: E402
+from dimec.serving.phone.client import HttpRemote, MobileClient, Timeouts, substitute_tier  # noqa: E402
+from dimec.serving.servers.server import Limits, create_app  # noqa: E402
 from dimec.tiers import CLOUD, EDGE, MOBILE  # noqa: E402
 
 TOKEN = "test-token-continue"
@@ -369,7 +369,7 @@ def test_plan_fallbacks_lose_nothing(packages, servers, tmp_path, router_name, r
 def test_client_imports_no_training_stack(packages):
     """The mobile client (ONNX backend) loads neither the pipeline, the trainer nor dimec's PyTorch model.
     (transformers' tokenizer loader itself imports torch when it is installed; a phone has none.)"""
-    code = ("import sys; from dimec.serving.client import MobileClient; "
+    code = ("import sys; from dimec.serving.phone.client import MobileClient; "
             f"c = MobileClient({str(packages['mobile'])!r}, routing='router'); c.classify(['good film']); "
             "bad = [m for m in ('dimec.pipeline', 'dimec.training.trainer', 'dimec.modeling.multi_exit', "
             "'dimec.data') if m in sys.modules]; "
@@ -381,7 +381,7 @@ def test_client_imports_no_training_stack(packages):
 def test_cli_serve_edge_forwards_to_the_cloud(packages, monkeypatch, capsys):
     import dimec.serving.cli as serving_cli
     from dimec.cli import main
-    from dimec.serving.local import free_port
+    from dimec.serving.deploy.local import free_port
 
     seen = {}
     monkeypatch.setattr(serving_cli, "run_server", lambda app, sock, log_level: seen.update(app=app))
@@ -399,7 +399,7 @@ def test_cli_serve_edge_forwards_to_the_cloud(packages, monkeypatch, capsys):
 def test_private_texts_hidden_states_stay_on_the_device(packages, servers, tmp_path, router_name):
     """Privacy covers hidden states: a private text whose cascade escalates is answered by the mobile exit,
     flagged, and nothing leaves the device; with the edge trusted, its hidden state goes to the edge only."""
-    from dimec.serving.constraints import Constraints, FleetPolicy
+    from dimec.serving.phone.constraints import Constraints, FleetPolicy
 
     plan = check_plan((Stage(MOBILE, 0, 2.0), Stage(EDGE, 1, 2.0), Stage(CLOUD, 2)))  # everyone escalates
     mobile = mobile_with(packages, tmp_path, router_name, [plan])

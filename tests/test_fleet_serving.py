@@ -18,13 +18,13 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 from dimec.config import build_config  # noqa: E402
 from dimec.errors import ConfigError  # noqa: E402
-from dimec.serving.client import MobileClient, RemoteResult, Timeouts  # noqa: E402
-from dimec.serving.constraints import CloudBudget, Constraints, FleetPolicy, LatencyTracker  # noqa: E402
-from dimec.serving.export import export_packages  # noqa: E402
-from dimec.serving.local import ThreadServer  # noqa: E402
-from dimec.serving.server import create_app  # noqa: E402
-from dimec.serving.sources import FleetConfig, SourceTable  # noqa: E402
-from dimec.serving.tier import TierModel  # noqa: E402
+from dimec.runtime.tier import TierModel  # noqa: E402
+from dimec.serving.deploy.export import export_packages  # noqa: E402
+from dimec.serving.deploy.local import ThreadServer  # noqa: E402
+from dimec.serving.phone.client import MobileClient, RemoteResult, Timeouts  # noqa: E402
+from dimec.serving.phone.constraints import CloudBudget, Constraints, FleetPolicy, LatencyTracker  # noqa: E402
+from dimec.serving.servers.server import create_app  # noqa: E402
+from dimec.serving.servers.sources import FleetConfig, SourceTable  # noqa: E402
 
 TEXTS = ["good movie", "the film was very boring", "a lovely plot and acting", "dull", "great fun", "poor acting",
          "the movie was quite weak and the plot dull", "superb", "the acting was fine", "awful and boring film"]
@@ -371,7 +371,7 @@ def three_class_mobile(tiny_encoder, tmp_path_factory):
     from dimec.pipeline import run_all
     from dimec.routing.base import save_router
     from dimec.routing.cascade import CascadeRouter
-    from dimec.serving.package import ROUTER_FILE, read_manifest, write_manifest
+    from dimec.runtime.package import ROUTER_FILE, read_manifest, write_manifest
 
     root = tmp_path_factory.mktemp("three_class")
     rng = random.Random(0)

@@ -86,7 +86,7 @@ def test_importing_the_phone_client_loads_no_router_model_code_or_torch():
     import subprocess
     import sys
 
-    code = ("import sys, json; import dimec.serving.client; "
+    code = ("import sys, json; import dimec.serving.phone.client; "
             "print(json.dumps([sorted(m for m in sys.modules if m.startswith('dimec')), 'torch' in sys.modules]))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     loaded, torch_loaded = json.loads(out.stdout.strip().splitlines()[-1])

@@ -17,13 +17,13 @@ pytest.importorskip("onnxruntime")
 from fastapi.testclient import TestClient  # noqa: E402
 
 from dimec.errors import ArtifactError, ConfigError, DataError, TierAuthError  # noqa: E402
-from dimec.serving.client import Answer, MobileClient, RemoteResult, Timeouts  # noqa: E402
-from dimec.serving.export import export_packages  # noqa: E402
-from dimec.serving.links import LinkProfile, LinkTransport  # noqa: E402
-from dimec.serving.local import ThreadServer, free_port  # noqa: E402
-from dimec.serving.package import MANIFEST, read_manifest, resolve_package  # noqa: E402
-from dimec.serving.server import Limits, create_app  # noqa: E402
-from dimec.serving.tier import TierModel  # noqa: E402
+from dimec.runtime.package import MANIFEST, read_manifest, resolve_package  # noqa: E402
+from dimec.runtime.tier import TierModel  # noqa: E402
+from dimec.serving.deploy.export import export_packages  # noqa: E402
+from dimec.serving.deploy.local import ThreadServer, free_port  # noqa: E402
+from dimec.serving.phone.client import Answer, MobileClient, RemoteResult, Timeouts  # noqa: E402
+from dimec.serving.phone.links import LinkProfile, LinkTransport  # noqa: E402
+from dimec.serving.servers.server import Limits, create_app  # noqa: E402
 
 TOKEN = "test-token-123"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -155,7 +155,7 @@ def test_resolve_package_never_exports(tiny_run, tmp_path):
     with pytest.raises(ArtifactError, match="dimec export"):
         resolve_package(run, "edge")
     assert not (run / "packages").exists()
-    from dimec.serving.export import ensure_package
+    from dimec.serving.deploy.export import ensure_package
 
     said = []
     edge = ensure_package(run, "edge", log=said.append)  # exports on request, and says so
@@ -366,7 +366,7 @@ def test_dynamic_routing_moves_the_pool_means(models, servers, packages, tiny_ru
     from dimec.pipeline import load_cartography, load_cost_model, load_run_config, split_outputs
     from dimec.routing.base import save_router
     from dimec.routing.dimec import DimecFixedRouter
-    from dimec.serving.package import write_manifest
+    from dimec.runtime.package import write_manifest
 
     cfg = load_run_config(tiny_run)
     fixed = DimecFixedRouter.from_config(cfg.calibration).fit(
@@ -516,7 +516,7 @@ def test_client_refuses_a_tier_serving_another_model(models):
 # ---- profile and CLI --------------------------------------------------------------------------------------------
 def test_profile_writes_the_cost_model_file(tiny_run, servers, tmp_path, packages):
     from dimec.costs import CostModel
-    from dimec.serving.profile import PROFILE_KEYS, profile_run
+    from dimec.serving.ops.profile import PROFILE_KEYS, profile_run
 
     out = tmp_path / "profile.json"
     root = packages["mobile"].parent  # an export folder works as well as a run directory
@@ -579,8 +579,8 @@ def test_cli_serve_builds_the_app_on_loopback(packages, monkeypatch, capsys):
 
 # ---- what the phone loads ----------------------------------------------------------------------------------------
 PHONE_MODULES = {"dimec", "dimec.atomic", "dimec.config", "dimec.costs", "dimec.errors", "dimec.rundir",
-                 "dimec.textinput", "dimec.tiers", "dimec.serving", "dimec.serving.client", "dimec.serving.constraints",
-                 "dimec.serving.links", "dimec.serving.package", "dimec.serving.tier", "dimec.serving.wire"}
+                 "dimec.textinput", "dimec.tiers", "dimec.serving", "dimec.serving.phone", "dimec.serving.phone.client",
+                 "dimec.serving.phone.constraints", "dimec.serving.phone.links"}
 
 
 def test_the_phone_client_loads_only_the_runtime_and_plan_data(packages):
@@ -591,7 +591,7 @@ def test_the_phone_client_loads_only_the_runtime_and_plan_data(packages):
     import subprocess
     import sys
 
-    code = ("import sys, json; from dimec.serving.client import MobileClient; "
+    code = ("import sys, json; from dimec.serving.phone.client import MobileClient; "
             f"c = MobileClient({str(packages['mobile'])!r}, backend='onnx-int8'); c.classify(['good movie']); "
             "print(json.dumps(sorted(m for m in sys.modules if m.startswith('dimec'))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)

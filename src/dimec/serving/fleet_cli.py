@@ -28,7 +28,7 @@ def add_fleet_client_args(p: argparse.ArgumentParser) -> None:
 
 def fleet_policy_from_args(args):
     """The client's FleetPolicy from the options, checked before any package is touched."""
-    from dimec.serving.constraints import CloudBudget, Constraints, FleetPolicy, LatencyTracker
+    from dimec.serving.phone.constraints import CloudBudget, Constraints, FleetPolicy, LatencyTracker
 
     trusted = tuple(t.strip() for t in (getattr(args, "trusted", "") or "").split(",") if t.strip())
     budget = None
@@ -77,7 +77,7 @@ def attach_fleet_commands(sub) -> None:
 
 
 def cmd_monitor(args) -> None:
-    from dimec.serving.monitor import monitor, read_reference
+    from dimec.serving.ops.monitor import monitor, read_reference
 
     reference = read_reference(args.reference) if args.reference else None
     status = monitor(args.urls, reference, args.threshold, args.min_samples, args.interval)
@@ -87,7 +87,7 @@ def cmd_monitor(args) -> None:
 
 def cmd_plan(args) -> None:
     from dimec.rundir import RunDir
-    from dimec.serving.planning import PlanConstraints, plan_run
+    from dimec.serving.ops.planning import PlanConstraints, plan_run
 
     trusted = tuple(t.strip() for t in args.trusted.split(",") if t.strip())
     constraints = PlanConstraints(max_loss=args.max_loss, max_latency_ms=args.max_latency_ms,

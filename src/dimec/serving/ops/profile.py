@@ -29,13 +29,13 @@ from dimec.atomic import write_json, write_text
 from dimec.costs import PROFILE_TIMES
 from dimec.errors import DimecError, TierUnavailableError
 from dimec.rundir import RunDir
+from dimec.runtime import wire
 from dimec.runtime.plans import Stage
-from dimec.serving import wire
-from dimec.serving.client import check_url
-from dimec.serving.export import check_texts_for, ensure_package
-from dimec.serving.links import LinkProfile, LinkTransport
-from dimec.serving.local import ProcessServer
-from dimec.serving.tier import TierModel
+from dimec.runtime.tier import TierModel
+from dimec.serving.deploy.export import check_texts_for, ensure_package
+from dimec.serving.deploy.local import ProcessServer
+from dimec.serving.phone.client import check_url
+from dimec.serving.phone.links import LinkProfile, LinkTransport
 from dimec.tiers import TIERS
 
 PROFILE_KEYS = (*PROFILE_TIMES, "hidden_state_factor")  # what profile.json holds (costs.read_profile reads it)

@@ -37,11 +37,11 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from starlette.exceptions import HTTPException
 
 from dimec.errors import ConfigError, DataError, TierAuthError
-from dimec.serving import wire
-from dimec.serving.continuation import PlanAnswer, PlanRunner, PlanStage, request_plan
-from dimec.serving.fleet import Fleet, attach_gateway_drift
-from dimec.serving.sources import Source, SourceTable
-from dimec.serving.tier import TierModel
+from dimec.runtime import wire
+from dimec.runtime.tier import TierModel
+from dimec.serving.servers.continuation import PlanAnswer, PlanRunner, PlanStage, request_plan
+from dimec.serving.servers.fleet import Fleet, attach_gateway_drift
+from dimec.serving.servers.sources import Source, SourceTable
 from dimec.textinput import check_batch, text_problem
 
 log = logging.getLogger("dimec.serving")
@@ -202,7 +202,7 @@ def create_app(package_dir: str | Path | None, tier: str, token: str | None, lim
               openapi_extra={"requestBody": {"required": True, "content": {wire.CONTENT_TYPE: {
                   "schema": {"type": "string", "format": "binary"}}}}})
     async def continue_(request: Request) -> PlanAnswer:
-        """Continue from a hidden state: a safetensors body (see dimec.serving.wire) with the hidden state
+        """Continue from a hidden state: a safetensors body (see dimec.runtime.wire) with the hidden state
         after layer k, its attention mask, k, the model identity, request ids and the rest of the plan."""
         kind = request.headers.get("content-type", "").split(";")[0].strip()
         if kind not in (wire.CONTENT_TYPE, "application/octet-stream"):

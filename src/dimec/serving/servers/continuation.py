@@ -21,11 +21,11 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from dimec.runtime import wire
 from dimec.runtime.executor import Outcome, run_plan
 from dimec.runtime.plans import Plan, Stage, own_plan, plan_text
-from dimec.serving import wire
-from dimec.serving.tier import TierModel
-from dimec.serving.wire import HiddenState, WireError
+from dimec.runtime.tier import TierModel
+from dimec.runtime.wire import HiddenState, WireError
 from dimec.tiers import CLOUD, TIERS
 
 

@@ -20,7 +20,7 @@ import numpy as np
 
 from dimec.errors import ArtifactError, ConfigError
 from dimec.runtime.model_config import MultiExitConfig
-from dimec.serving.package import (
+from dimec.runtime.package import (
     FORMAT_VERSION,
     MODEL_SUBDIR,
     ONNX_FILES,

@@ -44,14 +44,14 @@ from dimec.errors import (
     TierBusyError,
     TierUnavailableError,
 )
+from dimec.runtime import wire
 from dimec.runtime.executor import Outcome, run_plan
+from dimec.runtime.package import ROUTER_FILE
 from dimec.runtime.plans import Plan, Stage, check_plan, own_plan, plan_text
 from dimec.runtime.policy import ServedPolicy, read_cost_model
-from dimec.serving import wire
-from dimec.serving.constraints import ANSWERED, Constraints, FleetPolicy
-from dimec.serving.links import LinkProfile, LinkTransport
-from dimec.serving.package import ROUTER_FILE
-from dimec.serving.tier import TierModel
+from dimec.runtime.tier import TierModel
+from dimec.serving.phone.constraints import ANSWERED, Constraints, FleetPolicy
+from dimec.serving.phone.links import LinkProfile, LinkTransport
 from dimec.textinput import check_batch
 from dimec.tiers import CLOUD, EDGE, MOBILE, TIERS
 
