@@ -181,21 +181,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _attach_optional(sub) -> None:
-    """Commands from the experiment and serving packages, attached when their modules are present."""
-    try:
-        from dimec.experiments.reproduce import add_reproduce_arguments, main_reproduce
-    except ImportError:
-        pass
-    else:
+    """Commands from the experiment and serving packages. They are left out only when an optional extra
+    they need is not installed; any other import error (a bug in dimec) is raised, not hidden."""
+    reproduce = _optional("dimec.experiments.reproduce")
+    if reproduce is not None:
         p = sub.add_parser("reproduce", help="every method on the paper's tasks: Table I, ablations, plots")
-        add_reproduce_arguments(p)
-        p.set_defaults(func=main_reproduce)
+        reproduce.add_reproduce_arguments(p)
+        p.set_defaults(func=reproduce.main_reproduce)
+    serving = _optional("dimec.serving.cli")
+    if serving is not None:
+        serving.attach_serving_commands(sub)
+
+
+def _optional(module: str):
+    """The module, or None when a third-party package it imports is missing (an extra not installed)."""
+    import importlib
+
     try:
-        from dimec.serving.cli import attach_serving_commands
-    except ImportError:
-        pass
-    else:
-        attach_serving_commands(sub)
+        return importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        if (exc.name or "dimec").split(".")[0] == "dimec":
+            raise
+        return None
 
 
 def main(argv: list[str] | None = None) -> int:
