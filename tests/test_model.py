@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 
@@ -99,6 +100,38 @@ def test_unknown_model_path(tmp_path):
         MultiExitModel.from_encoder(MultiExitConfig(name_or_path=str(tmp_path / "nope"), label_names=["a", "b"]))
     with pytest.raises(ArtifactError, match="not a dimec model folder"):
         MultiExitModel.from_pretrained(tmp_path)
+
+
+def test_numpy_embedder_matches_torch_embed(model):
+    from dimec.modeling.fast_embed import NumpyEmbedder
+
+    fast = NumpyEmbedder(model)
+    for text, pair in (("good film", None), ("the plot was dull", "acting quite poor")):
+        enc = model.tokenizer(text, pair, return_tensors="pt")
+        with torch.no_grad():
+            ref = model.embed(enc["input_ids"], enc["attention_mask"], enc["token_type_ids"])[0].numpy()
+        ours = fast(enc["input_ids"][0].numpy(), enc["token_type_ids"][0].numpy())
+        assert abs(ours - ref).max() < 1e-5
+
+
+def test_fast_router_decides_like_nearest_centroid_of_embed(model):
+    from dimec.modeling.fast_embed import FastRouter, NumpyEmbedder
+    from dimec.routing.pools import nearest_centroid
+
+    fast = NumpyEmbedder(model)
+    rng = np.random.default_rng(0)
+    samples = [model.tokenizer(t, p) for t, p in (("good film", None), ("the plot was dull", "acting quite poor"),
+                                                   ("a b c d e f g", None), ("fun", "not fun at all"))]
+    embeddings = np.stack([fast(s["input_ids"], s["token_type_ids"]) for s in samples])  # (S, H)
+    for trial in range(20):
+        centroids = embeddings[rng.choice(len(samples), 3)] + rng.normal(0, 0.05, (3, embeddings.shape[1]))
+        if trial % 4 == 0:
+            centroids[trial % 3] = np.nan  # an empty pool is never chosen
+        router = FastRouter(fast, centroids)
+        for s, e in zip(samples, embeddings, strict=True):
+            assert router(s["input_ids"], s["token_type_ids"]) == nearest_centroid(e[None], centroids)[0]
+    with pytest.raises(ValueError, match="max_tokens"):
+        FastRouter(fast, centroids, max_tokens=3)(samples[1]["input_ids"])
 
 
 def test_continuing_from_a_hidden_state_equals_the_full_forward(model):
