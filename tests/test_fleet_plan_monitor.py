@@ -146,12 +146,12 @@ def drift_packages(drift_run, tmp_path_factory):
 
 def test_export_writes_one_reference_for_every_package(drift_packages, drift_run):
     from dimec.runtime.package import read_manifest
-    from dimec.serving.ops.monitor import model_id, read_reference
+    from dimec.serving.ops.monitor import model_label, read_reference
 
     refs = [read_reference(drift_packages[t]) for t in ("mobile", "edge", "cloud")]
     assert refs[0] == refs[1] == refs[2] == read_reference(drift_run)
     ref = refs[0]
-    assert ref["model"] == model_id(read_manifest(drift_packages["edge"]))
+    assert ref["model"] == model_label(read_manifest(drift_packages["edge"]))
     assert ref["samples"] == 200 and sum(ref["routed"]["counts"]) == 200
     assert sum(ref["routing_distance"]["counts"]) == 200
     assert sum(sum(c) for c in ref["confidence"]["counts"].values()) == 200

@@ -71,7 +71,7 @@ class PlanRunner:
     def own_plan(self) -> Plan:
         return own_plan(self.model.tier_index)
 
-    def check_plan(self, plan: Plan, layer: int) -> Plan:
+    def check_here(self, plan: Plan, layer: int) -> Plan:
         """The plan's first stage must run here; exits at or above `layer`; this tier holds layers 1..L."""
         m = self.model
         if plan[0].tier != m.tier_index:
@@ -105,7 +105,7 @@ class PlanRunner:
         expected = self._hidden_size()
         if size != expected:
             raise WireError(422, f"hidden size {size} does not match the model's {expected}")
-        return self.check_plan(state.plan or self.own_plan(), state.layer)
+        return self.check_here(state.plan or self.own_plan(), state.layer)
 
     def _hidden_size(self) -> int:
         if self.hidden_size is None:
@@ -122,7 +122,7 @@ class PlanRunner:
     def classify(self, texts: list[str], pairs: list[str] | None, ids: list[str] | None, plan: Plan,
                  kind: str) -> PlanAnswer:
         """Raw text with the rest of a plan: embed here, then run the plan from layer 0."""
-        plan = self.check_plan(plan, 0)
+        plan = self.check_here(plan, 0)
         start = time.perf_counter()
         batch = self.model.encode(texts, pairs)
         hidden = self.model.start(batch)
