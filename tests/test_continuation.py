@@ -23,6 +23,7 @@ from dimec.routing.base import ROUTERS, register, save_router  # noqa: E402
 from dimec.routing.plan import PlanRouter, Stage, check_plan, confidence  # noqa: E402
 from dimec.runtime import wire  # noqa: E402
 from dimec.runtime.package import ROUTER_FILE, read_manifest, write_manifest  # noqa: E402
+from dimec.runtime.prerouters import PREROUTERS  # noqa: E402
 from dimec.runtime.tier import TierModel  # noqa: E402
 from dimec.serving.deploy.export import export_packages  # noqa: E402
 from dimec.serving.deploy.local import ThreadServer  # noqa: E402
@@ -86,28 +87,50 @@ def reference(unscaled_tiny_run, models):
     return np.asarray(probs)  # (N, 3, C)
 
 
-class _ByLength(PlanRouter):
-    """A test-only plan router: plan = token count modulo the number of plans."""
+class _ByLength:
+    """A test-only pre-router: plan = token count modulo the number of plans. (The phone serves a plan router
+    as its plans and its pre-router, runtime/policy.py; a pre-router kind is registered in PREROUTERS.)"""
 
-    def choose_plans(self, embeddings, lengths):
-        self.check_fitted()
-        return np.asarray(lengths) % len(self.plans_)
+    kind = "test-by-length"
+
+    def __init__(self, plans: int) -> None:
+        self.plans = plans
+
+    def choose(self, embeddings, lengths):
+        return np.asarray(lengths) % self.plans
+
+    def describe(self) -> str:
+        return "token count modulo the number of plans"
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "plans": self.plans}
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> _ByLength:
+        return cls(int(raw["plans"]))
+
+
+class _ByLengthRouter(PlanRouter):
+    """A test-only plan router: its plans, chosen by _ByLength."""
 
 
 @pytest.fixture(scope="module")
 def router_name():
     name = "test-by-length"
-    register(name)(_ByLength)
+    register(name)(_ByLengthRouter)
+    PREROUTERS[_ByLength.kind] = _ByLength
     yield name
     ROUTERS.pop(name, None)
+    PREROUTERS.pop(_ByLength.kind, None)
 
 
 def mobile_with(packages, tmp_path, router_name, plans, kind="max_prob"):
     """A copy of the mobile package whose router.json holds `plans` (manifest rewritten to match)."""
     directory = tmp_path / "mobile"
     shutil.copytree(packages["mobile"], directory)
-    router = _ByLength()
+    router = _ByLengthRouter()
     router.plans_, router.confidence_ = [check_plan(p) for p in plans], kind
+    router.prerouter_ = _ByLength(len(plans))
     layers = tuple(read_manifest(directory)["exit_layers"])
     save_router(router, directory / ROUTER_FILE, CostModel.from_config(CostConfig(), layers))
     manifest = read_manifest(directory, verify=False)

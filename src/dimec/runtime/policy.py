@@ -24,8 +24,8 @@ AGAIN = "run `dimec calibrate RUN_DIR` again (no retraining needed)"
 
 
 def read_router_file(path: str | Path) -> dict[str, Any]:
-    """The whole router.json: present, JSON, this format, with a router name, parameters, state and cost
-    model; anything else is one clear error."""
+    """The whole router.json: present, JSON, this format, with a router name, parameters and state (the cost
+    model is checked by those who read it); anything else is one clear error."""
     path = Path(path)
     if not path.is_file():
         raise ArtifactError(f"router file not found: {path}", "run `dimec calibrate RUN_DIR` first")
@@ -34,7 +34,7 @@ def read_router_file(path: str | Path) -> dict[str, Any]:
         raise ArtifactError(f"{path} was written by an older dimec (router format "
                             f"{raw.get('format_version', 1) if isinstance(raw, dict) else '?'}, "
                             f"this version reads {ROUTER_FORMAT})", AGAIN)
-    missing = [k for k in ("router", "params", "state", "cost_model") if k not in raw]
+    missing = [k for k in ("router", "params", "state") if k not in raw]
     if missing:
         raise ArtifactError(f"{path} is damaged (no {', '.join(missing)})", AGAIN)
     return raw
