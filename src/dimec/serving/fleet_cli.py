@@ -50,8 +50,9 @@ def attach_fleet_commands(sub) -> None:
                                      "the cost model's units)")
     p.add_argument("--split", default="validation", choices=("validation", "test"),
                    help="where the figures are measured (choices are made on validation)")
-    p.add_argument("--policies", help="JSON file of candidate policies (router.json entries); default: the "
-                                      "run's calibration candidates if written, else every registered router")
+    p.add_argument("--policies", help="JSON file of candidate policies ({\"policies\": [router.json entries with "
+                                      "a name]}); default: what calibration chooses from (every configuration of "
+                                      "auto's families) plus the paper's other baselines")
     p.add_argument("--cloud-price", type=float, default=1.0, help="money per 1,000 texts through the whole cloud model")
     p.add_argument("--edge-price", type=float, default=0.0, help="money per 1,000 texts through the edge's layers")
     p.add_argument("--trusted", default="", help="tiers that do not count as exposure: 'edge' and/or 'cloud'")
