@@ -334,10 +334,12 @@ def test_bad_constraints_are_clear_errors(models, tmp_path, capsys):
     from dimec.cli import main
 
     package = str(models["mobile"].directory)
-    for args, message in ((["--max-latency-ms", "-5"], "max_latency_ms must be > 0"),
-                          (["--cloud-budget", "-1"], "cloud budget"),
-                          (["--budget-window", "0"], "budget-window"),
-                          (["--trusted", "moon"], "trusted tiers"),
+    # the options are the declared client settings (`dimec settings client`), checked by config.py's one path
+    for args, message in ((["--max-latency-ms", "-5"], "client.max_latency_ms must be a finite number > 0"),
+                          (["--cloud-budget", "-1"], "client.cloud_budget must be at least 0"),
+                          (["--budget-window", "0"], "client.budget_window must be a finite number > 0"),
+                          (["--trusted", "moon"], "client.trusted item 0 must be one of 'edge', 'cloud'"),
+                          (["--min-mobile-confidence", "2"], "client.min_mobile_confidence"),
                           (["--latency-profile", str(tmp_path / "none.json")], "latency profile")):
         code = main(["client", package, "good", "--edge-url", "http://127.0.0.1:9", "--backend", "torch", *args])
         assert code == 2 and message in capsys.readouterr().err, args

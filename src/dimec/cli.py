@@ -109,10 +109,11 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 def cmd_settings(args: argparse.Namespace) -> None:
     from dimec.config import describe_settings
 
-    rows = [r for r in describe_settings() if not args.section or r["key"].startswith(f"{args.section}.")]
+    rows = describe_settings() + _serving_settings()
+    rows = [r for r in rows if not args.section or r["key"].startswith(f"{args.section}.")]
     if not rows:
         raise DimecError(f"no settings in section {args.section!r}",
-                         "sections: data, model, train, cost, calibration")
+                         "sections: data, model, train, cost, calibration, client")
     if args.json:
         print(json.dumps(rows, indent=2))
         return
@@ -127,6 +128,12 @@ def cmd_route(args: argparse.Namespace) -> None:
     texts = texts_from_args(args.texts, args.file)
     for answer in route_texts(Path(args.run_dir), texts, mode=args.mode):
         print(json.dumps(answer))
+
+
+def _serving_settings() -> list[dict]:
+    """The serving settings declared so far (the client's fleet settings), when serving is installed."""
+    settings = _optional("dimec.serving.phone.settings")
+    return settings.describe() if settings is not None else []
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -164,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("settings", help="list every setting (--set SECTION.KEY=VALUE) with type, default, meaning")
-    p.add_argument("section", nargs="?", help="only this section: data, model, train, cost or calibration")
+    p.add_argument("section", nargs="?", help="only this section: data, model, train, cost, calibration or client")
     p.add_argument("--json", action="store_true", help="as JSON")
     p.set_defaults(func=cmd_settings)
 
