@@ -15,6 +15,7 @@ serving/ops/monitor   drift monitoring: the validation reference, live histogram
 serving/phone/        the client side
 - links:        user-space emulation of mobile->edge / mobile->cloud links (latency, jitter, bandwidth, loss)
 - constraints:  FleetPolicy: privacy, the cloud budget, deadlines, the edge's advice, 429s
+- settings:     the client's fleet settings, declared like config.py's (`dimec settings client`)
 - client:       MobileClient: route to a plan, run it through the executor (mobile stage here, the rest on
                 the edge or cloud over HTTP: HttpRemote), fallbacks
 serving/servers/      the edge and cloud
