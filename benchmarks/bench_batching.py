@@ -102,7 +102,7 @@ def compare_answers(urls: dict[str, str], token: str, texts: list[str]) -> dict:
 
 
 def bench_cloud(packages: dict, token: str, texts: list[str], args) -> dict:
-    from dimec.serving.local import ProcessServer
+    from dimec.serving.deploy.local import ProcessServer
 
     batch_args = ["--batching", "--batch-max", str(args.batch_max), "--batch-wait-ms", str(args.batch_wait_ms)]
     servers = {"unbatched": ProcessServer("cloud", packages["cloud"], token, threads=args.threads),
@@ -150,7 +150,7 @@ def bench_three_tier(packages: dict, token: str, texts: list[str], labels: list[
     """bench_serving.bench_systems (alternated rounds, medians) with edge and cloud both batching."""
     from bench_serving import bench_systems
 
-    from dimec.serving.local import ProcessServer
+    from dimec.serving.deploy.local import ProcessServer
 
     batch_args = ["--batching", "--batch-max", str(args.batch_max), "--batch-wait-ms", str(args.batch_wait_ms)]
     cloud = ProcessServer("cloud", packages["cloud"], token, threads=1, extra_args=batch_args)
@@ -191,7 +191,7 @@ def main() -> int:
         return 2
 
     from dimec.pipeline import load_run_config, task_data
-    from dimec.serving.export import export_packages
+    from dimec.serving.deploy.export import export_packages
 
     test = task_data(load_run_config(run_dir)).test
     texts, labels = [e.text for e in test], [e.label for e in test]

@@ -108,7 +108,7 @@ def prepare(run_dir: Path, work: Path, max_loss: float, loss: str, delta: float 
     """A copy of the run, calibrated for the live promise (the path recorded), and its packages."""
     from dimec.config import RunConfig, apply_overrides
     from dimec.pipeline import calibrate_stage, load_run_config
-    from dimec.serving.export import export_packages
+    from dimec.serving.deploy.export import export_packages
 
     copy = work / "run"
     shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("packages", "checkpoint", "dynamics_plots"))
@@ -144,11 +144,11 @@ def stream(copy: Path, packages: dict, models: dict, texts: list[str], controlle
     from dimec.atomic import read_json
     from dimec.costs import CostModel
     from dimec.routing.plan import Stage, check_plan, plan_text
-    from dimec.serving.client import HttpRemote, MobileClient, Timeouts
+    from dimec.serving.deploy.local import ThreadServer
     from dimec.serving.live.controller import LiveControl, LiveSettings
     from dimec.serving.live.http import PolicyFollower, ShadowSender, apply_policy
-    from dimec.serving.local import ThreadServer
-    from dimec.serving.server import create_app
+    from dimec.serving.phone.client import HttpRemote, MobileClient, Timeouts
+    from dimec.serving.servers.server import create_app
 
     router_file = copy / "router.json"
     pristine = router_file.read_text()
@@ -362,7 +362,7 @@ def main() -> int:
         return 2
     import torch
 
-    from dimec.serving.tier import TierModel
+    from dimec.runtime.tier import TierModel
 
     torch.set_num_threads(1)
     work = Path(tempfile.mkdtemp(prefix="dimec-drift-"))

@@ -70,7 +70,7 @@ def sources_file(path: Path, tokens: dict[str, str], policy: str, queue: int, wo
 
 
 def start(tier: str, package: Path, sources: Path, nice: int | None = None):
-    from dimec.serving.local import ProcessServer
+    from dimec.serving.deploy.local import ProcessServer
 
     server = ProcessServer(tier, package, "unused-with-sources", threads=1, extra_args=["--sources", str(sources)])
     server.start()
@@ -85,7 +85,7 @@ class PaddedEdge:
     def __init__(self, package: Path, sources: Path, service_ms: float) -> None:
         import subprocess
 
-        from dimec.serving.local import free_port, wait_healthy
+        from dimec.serving.deploy.local import free_port, wait_healthy
 
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -106,8 +106,8 @@ class PaddedEdge:
 
 
 def make_clients(mobile, tokens: dict[str, str], urls: dict[str, str], advice: bool) -> dict:
-    from dimec.serving.client import MobileClient, Timeouts
-    from dimec.serving.constraints import FleetPolicy
+    from dimec.serving.phone.client import MobileClient, Timeouts
+    from dimec.serving.phone.constraints import FleetPolicy
 
     return {s: MobileClient(mobile, urls["edge"], urls["cloud"], t, Timeouts(connect_s=2, read_s=60), retries=1,
                             routing="edge-only", fleet=FleetPolicy(honour_advice=advice, min_mobile_confidence=0.8))
@@ -202,7 +202,7 @@ def summarise(records: list[dict], sent: int, warmup_s: float) -> dict:
 
 
 def bench_priorities(packages: dict, texts: list[str], labels: list[int], args) -> dict:
-    from dimec.serving.tier import TierModel
+    from dimec.runtime.tier import TierModel
 
     tmp = Path(tempfile.mkdtemp(prefix="dimec-bench-fleet-"))
     tokens = {f"{name}-{i}": secrets.token_urlsafe(16) for name, _, count in CLASSES for i in range(count)}
@@ -270,11 +270,11 @@ def other_task_texts(task: str, n: int) -> list[str]:
 def bench_drift(packages: dict, held_out: list[str], n: int, threshold: float) -> dict:
     from fastapi.testclient import TestClient
 
-    from dimec.serving.client import MobileClient
-    from dimec.serving.local import ProcessServer, ThreadServer
-    from dimec.serving.monitor import compare, difference, read_reference, snapshot
-    from dimec.serving.server import create_gateway_app
-    from dimec.serving.tier import TierModel
+    from dimec.runtime.tier import TierModel
+    from dimec.serving.deploy.local import ProcessServer, ThreadServer
+    from dimec.serving.ops.monitor import compare, difference, read_reference, snapshot
+    from dimec.serving.phone.client import MobileClient
+    from dimec.serving.servers.server import create_gateway_app
 
     token = secrets.token_urlsafe(16)
     cloud = ProcessServer("cloud", packages["cloud"], token, threads=1).start()
@@ -394,7 +394,7 @@ def main() -> int:
         print(f"{run_dir} is not a trained and calibrated run (make one with `make run`)", file=sys.stderr)
         return 2
     from dimec.pipeline import load_run_config, task_data
-    from dimec.serving.export import export_packages
+    from dimec.serving.deploy.export import export_packages
 
     data = task_data(load_run_config(run_dir))
     val_texts, val_labels = [e.text for e in data.validation], [e.label for e in data.validation]

@@ -95,7 +95,7 @@ def bench_training(encoder: str, device, precision: str, samples: int) -> dict:
 def cloud_package(root: Path, device) -> Path:
     """The cloud tier package of the default model with fresh exit heads (throughput only: no training)."""
     from dimec.modeling.multi_exit import MultiExitConfig
-    from dimec.serving.package import FORMAT_VERSION, MODEL_SUBDIR, model_id, write_manifest
+    from dimec.runtime.package import FORMAT_VERSION, MODEL_SUBDIR, model_id, write_manifest
     from dimec.training.trainer import new_model
 
     model = new_model(MultiExitConfig(name_or_path=default_encoder_dir(), label_names=["neg", "pos"]), seed=0)
@@ -113,10 +113,10 @@ def bench_serving(package: Path, device, precision: str, seconds: float, batch_m
     import torch
     from bench_batching import load
 
-    from dimec.serving.batcher import BatchingConfig
-    from dimec.serving.local import ThreadServer
-    from dimec.serving.server import Limits, create_app
-    from dimec.serving.tier import TierModel
+    from dimec.runtime.tier import TierModel
+    from dimec.serving.deploy.local import ThreadServer
+    from dimec.serving.servers.batcher import BatchingConfig
+    from dimec.serving.servers.server import Limits, create_app
 
     token = secrets.token_urlsafe(16)
     model = TierModel(package, device=str(device), precision=precision)

@@ -406,8 +406,8 @@ def _model_loads(run: Path) -> bool:
 
 def kill_servers(packages: dict[str, Path], texts: list[str], requests: int) -> dict:
     """SIGKILL the edge mid-burst (edge-first routing), restart it; then the cloud (cloud-first routing)."""
-    from dimec.serving.client import MobileClient
-    from dimec.serving.local import ProcessServer
+    from dimec.serving.deploy.local import ProcessServer
+    from dimec.serving.phone.client import MobileClient
 
     out = {}
     servers = {tier: ProcessServer(tier, packages[tier], TOKEN).start() for tier in ("edge", "cloud")}
@@ -576,8 +576,8 @@ def main() -> int:
     rng = random.Random(args.seed)
     sys.path.insert(0, str(ROOT / "src"))
     from dimec.pipeline import load_run_config, task_data
-    from dimec.serving.export import export_packages
-    from dimec.serving.local import ProcessServer
+    from dimec.serving.deploy.export import export_packages
+    from dimec.serving.deploy.local import ProcessServer
 
     paths = build(work)
     packages = export_packages(paths["reference"], work / "packages", onnx=False)

@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "serving.json"
 COMMAND = "python benchmarks/bench_serving.py runs/default"
 TITLE = "Serving (issue 10): model-distributed paths, the phone's deployable, three tiers vs cloud-only"
-LINKS = {"wifi": "wifi,loss=0", "4g": "4g,loss=0"}  # presets of dimec.serving.links, without loss
+LINKS = {"wifi": "wifi,loss=0", "4g": "4g,loss=0"}  # presets of dimec.serving.phone.links, without loss
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -62,10 +62,10 @@ def bench_mobile(run_dir: Path, lean: Path, full: Path, texts, pairs, labels, li
     import torch
 
     from dimec.modeling.multi_exit import MultiExitModel
-    from dimec.serving.client import MobileClient
-    from dimec.serving.onnx_export import check_agreement
-    from dimec.serving.package import package_bytes, read_manifest
-    from dimec.serving.tier import TierModel
+    from dimec.runtime.package import package_bytes, read_manifest
+    from dimec.runtime.tier import TierModel
+    from dimec.serving.deploy.onnx_export import check_agreement
+    from dimec.serving.phone.client import MobileClient
 
     torch.set_num_threads(1)
     sliced = MultiExitModel.from_pretrained(run_dir / "model").slice(0)
@@ -173,7 +173,7 @@ def run_load(client, texts: list[str], labels: list[int], total: int, concurrenc
 
 def bench_systems(mobile_dir: Path, urls: dict, token: str, texts, labels, requests: int, concurrency: int,
                   rounds: int) -> dict:
-    from dimec.serving.client import MobileClient
+    from dimec.serving.phone.client import MobileClient
 
     clients = {name: MobileClient(mobile_dir, urls["edge"], urls["cloud"], token, backend="onnx-int8",
                                   routing=routing) for name, routing in (("three-tier", "router"),
@@ -207,7 +207,7 @@ def bench_edge_failure(mobile_dir: Path, urls: dict, token: str, edge_server, te
                        concurrency: int) -> dict:
     """Kill the edge a second into the run and restart it at once (model import and load take seconds);
     the load goes on until the edge has answered again for 3 s (at most `cap` requests)."""
-    from dimec.serving.client import MobileClient
+    from dimec.serving.phone.client import MobileClient
 
     timeline: dict[str, float] = {}
     client = MobileClient(mobile_dir, urls["edge"], urls["cloud"], token, backend="onnx-int8", routing="router",
@@ -246,9 +246,9 @@ def bench_links(mobile: Path, edge_url: str, token: str, texts: list[str], sampl
     import httpx
 
     from dimec.routing.plan import Stage
-    from dimec.serving import wire
-    from dimec.serving.links import LinkProfile, LinkTransport
-    from dimec.serving.tier import TierModel
+    from dimec.runtime import wire
+    from dimec.runtime.tier import TierModel
+    from dimec.serving.phone.links import LinkProfile, LinkTransport
     from dimec.tiers import EDGE
 
     int8 = TierModel(mobile, "onnx-int8")
@@ -413,8 +413,8 @@ def main() -> int:
     from dimec.pipeline import load_run_config, task_data
     from dimec.routing.base import load_router
     from dimec.routing.plan import plan_text
-    from dimec.serving.export import export_packages
-    from dimec.serving.local import ProcessServer
+    from dimec.serving.deploy.export import export_packages
+    from dimec.serving.deploy.local import ProcessServer
 
     test = task_data(load_run_config(run_dir)).test
     texts, labels = [e.text for e in test], [e.label for e in test]

@@ -40,7 +40,7 @@ def median(values) -> float:
 
 def python_stage_ms(package: Path, texts: list[str], threads: int) -> list[float]:
     """Best of 3 per text of the mobile stage (int8 graph, logits + hidden), onnxruntime in Python."""
-    from dimec.serving.tier import TierModel
+    from dimec.runtime.tier import TierModel
 
     model = TierModel(package, "onnx-int8", onnx_threads=threads)
     out = []
@@ -96,10 +96,10 @@ def main() -> None:
     from report import save
 
     from dimec.pipeline import load_run_config, task_data
-    from dimec.serving.client import MobileClient, Timeouts
-    from dimec.serving.export import ensure_package
-    from dimec.serving.local import ProcessServer, ThreadServer
-    from dimec.serving.web import create_web_app
+    from dimec.serving.deploy.export import ensure_package
+    from dimec.serving.deploy.local import ProcessServer, ThreadServer
+    from dimec.serving.deploy.web import create_web_app
+    from dimec.serving.phone.client import MobileClient, Timeouts
 
     run = Path(args.run_dir)
     packages = {t: ensure_package(run, t, "onnx-int8" if t == "mobile" else None, log=print)

@@ -12,22 +12,31 @@ for real on every text, so answers and accuracy are the model's.
 from __future__ import annotations
 
 import argparse
+import threading
 import time
 
 
 class PaddedModel:
-    """A TierModel whose classify takes at least `service_ms` per text."""
+    """A TierModel whose requests take at least `service_ms` per text. The server runs every request as a
+    plan: `start` (the embedding layer, text requests only), then `continue_from` for each stage; the pad is
+    added after a stage, counting from the request's start (per thread: one request at a time each)."""
 
     def __init__(self, model, service_ms: float) -> None:
         self._model, self.service_s = model, service_ms / 1e3
+        self._began = threading.local()
 
     def __getattr__(self, name):
         return getattr(self._model, name)
 
-    def classify(self, texts, pairs=None):
-        start = time.perf_counter()
-        out = self._model.classify(texts, pairs)
-        time.sleep(max(0.0, self.service_s * len(texts) - (time.perf_counter() - start)))
+    def start(self, batch):
+        self._began.t = time.perf_counter()
+        return self._model.start(batch)
+
+    def continue_from(self, hidden, mask, layer, exit_index):
+        began = getattr(self._began, "t", None) or time.perf_counter()
+        out = self._model.continue_from(hidden, mask, layer, exit_index)
+        time.sleep(max(0.0, self.service_s * len(hidden) - (time.perf_counter() - began)))
+        self._began.t = None
         return out
 
 
@@ -43,9 +52,9 @@ def main() -> None:
     import torch
     import uvicorn
 
-    from dimec.serving.server import create_app
-    from dimec.serving.sources import SourceTable
-    from dimec.serving.tier import TierModel
+    from dimec.runtime.tier import TierModel
+    from dimec.serving.servers.server import create_app
+    from dimec.serving.servers.sources import SourceTable
 
     torch.set_num_threads(args.threads)
     model = PaddedModel(TierModel(args.package), args.service_ms)

@@ -15,8 +15,8 @@ import torch
 pytest.importorskip("fastapi")
 
 from dimec.errors import ConfigError  # noqa: E402
-from dimec.serving.batcher import Batcher, BatchingConfig, BatchRefused, Item  # noqa: E402
-from dimec.serving.scheduling import Shed  # noqa: E402
+from dimec.serving.servers.batcher import Batcher, BatchingConfig, BatchRefused, Item  # noqa: E402
+from dimec.serving.servers.scheduling import Shed  # noqa: E402
 
 TOKEN = "batch-token"
 TEXTS = ["good movie", "the film was very boring", "a lovely plot and acting", "dull", "great fun", "poor acting",
@@ -158,7 +158,7 @@ def test_bad_batching_settings_are_one_clear_error(values, message):
 # ---- the tier servers with batching, on the tiny run --------------------------------------------------------
 @pytest.fixture(scope="module")
 def packages(tiny_run, tmp_path_factory):
-    from dimec.serving.export import export_packages
+    from dimec.serving.deploy.export import export_packages
 
     return export_packages(tiny_run, tmp_path_factory.mktemp("packages"), tiers=("edge", "cloud"), onnx=False)
 
@@ -166,10 +166,10 @@ def packages(tiny_run, tmp_path_factory):
 @pytest.fixture(scope="module")
 def served(packages):
     """A batching cloud and a batching edge that forwards plans to it, on loopback."""
-    from dimec.serving.client import HttpRemote
-    from dimec.serving.local import ThreadServer
-    from dimec.serving.server import create_app
-    from dimec.serving.tier import TierModel
+    from dimec.runtime.tier import TierModel
+    from dimec.serving.deploy.local import ThreadServer
+    from dimec.serving.phone.client import HttpRemote
+    from dimec.serving.servers.server import create_app
 
     batching = BatchingConfig(max_batch=16, max_wait_ms=20)
     models = {t: TierModel(packages[t]) for t in ("edge", "cloud")}
@@ -226,7 +226,7 @@ def test_batched_answers_equal_one_at_a_time(served):
 
 def test_batched_plans_and_continuations_equal_one_at_a_time(served):
     from dimec.routing.plan import Stage
-    from dimec.serving import wire
+    from dimec.runtime import wire
 
     edge, cloud = served["models"]["edge"], served["models"]["cloud"]
     plan = [{"tier": "edge", "exit": 1, "threshold": 0.99}, {"tier": "cloud", "exit": 2, "threshold": None}]
@@ -283,13 +283,13 @@ def test_ray_serve_batching_answers_each_request_with_its_own_result(monkeypatch
     serve = pytest.importorskip("ray.serve")
     from types import SimpleNamespace
 
-    from dimec.serving.ray_app import RayBatcher
+    from dimec.serving.deploy.ray_app import RayBatcher
 
     # outside a replica: the one thing @serve.batch asks of its replica is max_ongoing_requests
     replica = SimpleNamespace(_deployment_config=SimpleNamespace(max_ongoing_requests=64))
     monkeypatch.setattr(serve, "get_replica_context", lambda: replica)
 
-    batcher = RayBatcher(None, BatchingConfig(max_batch=8, max_wait_ms=30), dict)
+    batcher = RayBatcher(None, BatchingConfig(max_batch=8, max_wait_ms=30))
     model = Recorder(fail=lambda payloads: (_ for _ in ()).throw(ValueError("bad")) if 5 in payloads else None)
     batcher.run = model
     done = run_all(batcher, items(range(20)))
@@ -297,24 +297,24 @@ def test_ray_serve_batching_answers_each_request_with_its_own_result(monkeypatch
     assert [d.value for i, d in enumerate(done) if i != 5] == [2 * v for v in range(20) if v != 5]
     assert max(len(c) for c in model.calls) > 1  # Ray's @serve.batch gathered them
     with pytest.raises(ConfigError, match="max_batch must be at least 1"):
-        RayBatcher(None, BatchingConfig(max_batch=0), dict)
+        RayBatcher(None, BatchingConfig(max_batch=0))
 
 
 def test_out_of_memory_in_a_batching_server_is_split_never_a_5xx(packages):
-    from dimec.serving.local import ThreadServer
-    from dimec.serving.server import create_app
-    from dimec.serving.tier import TierModel
+    from dimec.runtime.tier import TierModel
+    from dimec.serving.deploy.local import ThreadServer
+    from dimec.serving.servers.server import create_app
 
     model = TierModel(packages["cloud"])
-    classify, sizes = model.classify, []
+    start, sizes = model.start, []
 
-    def small_memory(texts, pairs=None):  # a device that fits 3 texts per forward pass
-        sizes.append(len(texts))
-        if len(texts) > 3:
+    def small_memory(batch):  # a device that fits 3 texts per forward pass (every request runs as a plan)
+        sizes.append(len(batch.input_ids))
+        if len(batch.input_ids) > 3:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB")
-        return classify(texts, pairs)
+        return start(batch)
 
-    model.classify = small_memory
+    model.start = small_memory
     server = ThreadServer(create_app(None, "cloud", TOKEN, model=model,
                                      batching=BatchingConfig(max_batch=32, max_wait_ms=50))).start()
     try:
@@ -323,8 +323,9 @@ def test_out_of_memory_in_a_batching_server_is_split_never_a_5xx(packages):
         server.app.state.fleet.close()
         server.stop()
     assert all(status == 200 for status, _ in answers[:16]) and max(sizes) > 3  # batched, split, answered
+    model.start = start
     for i, (_, answer) in enumerate(answers[:16]):
-        np.testing.assert_allclose(answer["probs"], classify([TEXTS[i % 10]]).probs, atol=1e-5)
+        np.testing.assert_allclose(answer["probs"], model.classify([TEXTS[i % 10]]).probs, atol=1e-5)
     assert answers[16][0] == 413 and "out of memory on this request alone" in answers[16][1]["error"]
 
 
@@ -332,10 +333,10 @@ def test_a_batching_server_lets_the_higher_class_join_first(packages):
     import httpx
 
     from dimec.config import build_config
-    from dimec.serving.local import ThreadServer
-    from dimec.serving.server import create_app
-    from dimec.serving.sources import FleetConfig, SourceTable
-    from dimec.serving.tier import TierModel
+    from dimec.runtime.tier import TierModel
+    from dimec.serving.deploy.local import ThreadServer
+    from dimec.serving.servers.server import create_app
+    from dimec.serving.servers.sources import FleetConfig, SourceTable
 
     tokens = {"hi": "token-high-0123456789", "lo": "token-low-0123456789"}
     table = SourceTable.from_config(build_config(FleetConfig, {
@@ -343,16 +344,16 @@ def test_a_batching_server_lets_the_higher_class_join_first(packages):
         "sources": [{"name": "hi", "token": tokens["hi"], "priority": "high"},
                     {"name": "lo", "token": tokens["lo"], "priority": "low"}]}))
     model = TierModel(packages["cloud"])
-    classify, batches = model.classify, []
+    encode, batches = model.encode, []
 
     gate = threading.Event()
 
     def slow(texts, pairs=None):  # the first batch holds the model until every other request waits
         batches.append(list(texts))
         gate.wait(30)
-        return classify(texts, pairs)
+        return encode(texts, pairs)
 
-    model.classify = slow
+    model.encode = slow
     server = ThreadServer(create_app(None, "cloud", None, model=model, sources=table,
                                      batching=BatchingConfig(max_batch=4, max_wait_ms=0))).start()
     answers: dict = {}

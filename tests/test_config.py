@@ -56,3 +56,18 @@ def test_overrides_do_not_mutate_input():
     raw = {"train": {"epochs": 1}}
     apply_overrides(raw, ["train.epochs=5"])
     assert raw == {"train": {"epochs": 1}}
+
+
+def test_serving_settings_are_declared_listed_and_checked():
+    """The client's fleet settings are declared like the run's (serving/phone/settings.py): listed by
+    `dimec settings client`, checked by the same path."""
+    import pytest
+
+    from dimec.cli import main
+    from dimec.errors import ConfigError
+    from dimec.serving.phone.settings import FleetClientSettings
+
+    assert FleetClientSettings().check().policy().min_mobile_confidence == 0.6
+    with pytest.raises(ConfigError, match="2 bad settings"):
+        FleetClientSettings(budget_window=0, trusted=("moon",)).check()
+    assert main(["settings", "client"]) == 0

@@ -8,8 +8,6 @@ from __future__ import annotations
 import json
 import shutil
 import struct
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -23,13 +21,14 @@ from dimec.config import CostConfig  # noqa: E402
 from dimec.costs import CostModel  # noqa: E402
 from dimec.routing.base import ROUTERS, register, save_router  # noqa: E402
 from dimec.routing.plan import PlanRouter, Stage, check_plan, confidence  # noqa: E402
-from dimec.serving import wire  # noqa: E402
-from dimec.serving.client import HttpRemote, MobileClient, Timeouts, substitute_tier  # noqa: E402
-from dimec.serving.export import export_packages  # noqa: E402
-from dimec.serving.local import ThreadServer  # noqa: E402
-from dimec.serving.package import ROUTER_FILE, read_manifest, write_manifest  # noqa: E402
-from dimec.serving.server import Limits, create_app  # noqa: E402
-from dimec.serving.tier import TierModel  # noqa: E402
+from dimec.runtime import wire  # noqa: E402
+from dimec.runtime.package import ROUTER_FILE, read_manifest, write_manifest  # noqa: E402
+from dimec.runtime.prerouters import PREROUTERS  # noqa: E402
+from dimec.runtime.tier import TierModel  # noqa: E402
+from dimec.serving.deploy.export import export_packages  # noqa: E402
+from dimec.serving.deploy.local import ThreadServer  # noqa: E402
+from dimec.serving.phone.client import HttpRemote, MobileClient, Timeouts, substitute_tier  # noqa: E402
+from dimec.serving.servers.server import Limits, create_app  # noqa: E402
 from dimec.tiers import CLOUD, EDGE, MOBILE  # noqa: E402
 
 TOKEN = "test-token-continue"
@@ -88,28 +87,50 @@ def reference(unscaled_tiny_run, models):
     return np.asarray(probs)  # (N, 3, C)
 
 
-class _ByLength(PlanRouter):
-    """A test-only plan router: plan = token count modulo the number of plans."""
+class _ByLength:
+    """A test-only pre-router: plan = token count modulo the number of plans. (The phone serves a plan router
+    as its plans and its pre-router, runtime/policy.py; a pre-router kind is registered in PREROUTERS.)"""
 
-    def choose_plans(self, embeddings, lengths):
-        self.check_fitted()
-        return np.asarray(lengths) % len(self.plans_)
+    kind = "test-by-length"
+
+    def __init__(self, plans: int) -> None:
+        self.plans = plans
+
+    def choose(self, embeddings, lengths):
+        return np.asarray(lengths) % self.plans
+
+    def describe(self) -> str:
+        return "token count modulo the number of plans"
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "plans": self.plans}
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> _ByLength:
+        return cls(int(raw["plans"]))
+
+
+class _ByLengthRouter(PlanRouter):
+    """A test-only plan router: its plans, chosen by _ByLength."""
 
 
 @pytest.fixture(scope="module")
 def router_name():
     name = "test-by-length"
-    register(name)(_ByLength)
+    register(name)(_ByLengthRouter)
+    PREROUTERS[_ByLength.kind] = _ByLength
     yield name
     ROUTERS.pop(name, None)
+    PREROUTERS.pop(_ByLength.kind, None)
 
 
 def mobile_with(packages, tmp_path, router_name, plans, kind="max_prob"):
     """A copy of the mobile package whose router.json holds `plans` (manifest rewritten to match)."""
     directory = tmp_path / "mobile"
     shutil.copytree(packages["mobile"], directory)
-    router = _ByLength()
+    router = _ByLengthRouter()
     router.plans_, router.confidence_ = [check_plan(p) for p in plans], kind
+    router.prerouter_ = _ByLength(len(plans))
     layers = tuple(read_manifest(directory)["exit_layers"])
     save_router(router, directory / ROUTER_FILE, CostModel.from_config(CostConfig(), layers))
     manifest = read_manifest(directory, verify=False)
@@ -366,22 +387,10 @@ def test_plan_fallbacks_lose_nothing(packages, servers, tmp_path, router_name, r
     assert stats["answers"] == 16 and stats["fallbacks"] == 12 and stats["degraded"] == 4
 
 
-def test_client_imports_no_training_stack(packages):
-    """The mobile client (ONNX backend) loads neither the pipeline, the trainer nor dimec's PyTorch model.
-    (transformers' tokenizer loader itself imports torch when it is installed; a phone has none.)"""
-    code = ("import sys; from dimec.serving.client import MobileClient; "
-            f"c = MobileClient({str(packages['mobile'])!r}, routing='router'); c.classify(['good film']); "
-            "bad = [m for m in ('dimec.pipeline', 'dimec.training.trainer', 'dimec.modeling.multi_exit', "
-            "'dimec.data') if m in sys.modules]; "
-            "print(bad); sys.exit(1 if bad else 0)")
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert run.returncode == 0, run.stdout + run.stderr
-
-
 def test_cli_serve_edge_forwards_to_the_cloud(packages, monkeypatch, capsys):
     import dimec.serving.cli as serving_cli
     from dimec.cli import main
-    from dimec.serving.local import free_port
+    from dimec.serving.deploy.local import free_port
 
     seen = {}
     monkeypatch.setattr(serving_cli, "run_server", lambda app, sock, log_level: seen.update(app=app))
@@ -399,7 +408,7 @@ def test_cli_serve_edge_forwards_to_the_cloud(packages, monkeypatch, capsys):
 def test_private_texts_hidden_states_stay_on_the_device(packages, servers, tmp_path, router_name):
     """Privacy covers hidden states: a private text whose cascade escalates is answered by the mobile exit,
     flagged, and nothing leaves the device; with the edge trusted, its hidden state goes to the edge only."""
-    from dimec.serving.constraints import Constraints, FleetPolicy
+    from dimec.serving.phone.constraints import Constraints, FleetPolicy
 
     plan = check_plan((Stage(MOBILE, 0, 2.0), Stage(EDGE, 1, 2.0), Stage(CLOUD, 2)))  # everyone escalates
     mobile = mobile_with(packages, tmp_path, router_name, [plan])

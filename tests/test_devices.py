@@ -136,8 +136,8 @@ def test_gpu_predictions_match_the_cpu(tiny_run):
 @GPU
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
 def test_tier_model_on_the_gpu_matches_the_cpu(tiny_run, tmp_path, precision):
-    from dimec.serving.export import export_packages
-    from dimec.serving.tier import TierModel
+    from dimec.runtime.tier import TierModel
+    from dimec.serving.deploy.export import export_packages
 
     packages = export_packages(tiny_run, tmp_path / "p", tiers=("cloud",), onnx=False)
     texts = ["good movie", "the film was very boring", "dull"]

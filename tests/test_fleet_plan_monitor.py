@@ -12,7 +12,7 @@ import pytest
 pytest.importorskip("fastapi")
 
 from dimec.errors import ConfigError, DimecError  # noqa: E402
-from dimec.serving.planning import PlanConstraints, pareto_front, plan_run  # noqa: E402
+from dimec.serving.ops.planning import PlanConstraints, pareto_front, plan_run  # noqa: E402
 
 PROFILE = {"lambda_m_ms": 3.0, "lambda_e_ms": 1.0, "o_e_ms": 8.0, "o_c_ms": 40.0, "cloud_layer_ms": 0.5}
 
@@ -139,19 +139,19 @@ def drift_run(tmp_path_factory, tiny_encoder):
 
 @pytest.fixture(scope="module")
 def drift_packages(drift_run, tmp_path_factory):
-    from dimec.serving.export import export_packages
+    from dimec.serving.deploy.export import export_packages
 
     return export_packages(drift_run, tmp_path_factory.mktemp("drift_packages"), onnx=False)
 
 
 def test_export_writes_one_reference_for_every_package(drift_packages, drift_run):
-    from dimec.serving.monitor import model_id, read_reference
-    from dimec.serving.package import read_manifest
+    from dimec.runtime.package import read_manifest
+    from dimec.serving.ops.monitor import model_label, read_reference
 
     refs = [read_reference(drift_packages[t]) for t in ("mobile", "edge", "cloud")]
     assert refs[0] == refs[1] == refs[2] == read_reference(drift_run)
     ref = refs[0]
-    assert ref["model"] == model_id(read_manifest(drift_packages["edge"]))
+    assert ref["model"] == model_label(read_manifest(drift_packages["edge"]))
     assert ref["samples"] == 200 and sum(ref["routed"]["counts"]) == 200
     assert sum(ref["routing_distance"]["counts"]) == 200
     assert sum(sum(c) for c in ref["confidence"]["counts"].values()) == 200
@@ -159,7 +159,7 @@ def test_export_writes_one_reference_for_every_package(drift_packages, drift_run
 
 
 def test_psi_and_bins():
-    from dimec.serving.monitor import bin_counts, psi, quantile_edges
+    from dimec.serving.ops.monitor import bin_counts, psi, quantile_edges
 
     x = np.linspace(0, 1, 1001)
     edges = quantile_edges(x, 10)
@@ -173,10 +173,10 @@ def _serve_phase(drift_packages, texts):
     and the servers to stop."""
     from fastapi.testclient import TestClient
 
-    from dimec.serving.client import MobileClient
-    from dimec.serving.local import ThreadServer
-    from dimec.serving.server import create_app, create_gateway_app
-    from dimec.serving.tier import TierModel
+    from dimec.runtime.tier import TierModel
+    from dimec.serving.deploy.local import ThreadServer
+    from dimec.serving.phone.client import MobileClient
+    from dimec.serving.servers.server import create_app, create_gateway_app
 
     token = "drift-token-1"
     tiers = {t: ThreadServer(create_app(drift_packages[t], t, token)).start() for t in ("edge", "cloud")}
@@ -213,7 +213,7 @@ def test_monitor_flags_shifted_traffic_and_stays_quiet_in_distribution(drift_pac
 
 def test_monitor_bad_input(drift_packages, tmp_path, capsys):
     from dimec.cli import main
-    from dimec.serving.monitor import monitor, read_reference
+    from dimec.serving.ops.monitor import monitor, read_reference
 
     assert main(["monitor", "http://127.0.0.1:9"]) == 2  # nothing there: one clear line
     assert "drift reference" in capsys.readouterr().err
@@ -230,10 +230,10 @@ def test_reference_counts_the_tier_a_plan_starts_on():
 
     from dimec.config import CalibrationConfig
     from dimec.routing import ROUTERS
-    from dimec.serving.monitor import build_reference
+    from dimec.serving.ops.monitor import build_reference
 
     outputs, _ = synthetic(n=1000)  # honest confidences: the confident 60% stay on the phone
-    cascade = ROUTERS["cascade"].from_config(CalibrationConfig(max_loss=0.5)).fit(outputs, CM)
+    cascade = ROUTERS["cascade"].from_config(CalibrationConfig(control="point", max_loss=0.5)).fit(outputs, CM)
     assert len(set(cascade.route(outputs, CM).tier.tolist())) > 1  # it answers on several tiers
     ref = build_reference(outputs, cascade, CM, "model")
     assert ref["routed"]["counts"] == [len(outputs), 0, 0]

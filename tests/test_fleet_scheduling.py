@@ -12,8 +12,8 @@ import pytest
 
 from dimec.config import build_config
 from dimec.errors import ConfigError
-from dimec.serving.scheduling import Allocator, Scheduler, Shed
-from dimec.serving.sources import AllocationConfig, FleetConfig, SourceTable
+from dimec.serving.servers.scheduling import Allocator, Scheduler, Shed
+from dimec.serving.servers.sources import AllocationConfig, FleetConfig, SourceTable
 
 TOKENS = {"hi": "token-high-1", "mid": "token-medium", "lo": "token-low-01", "lo2": "token-low-02"}
 

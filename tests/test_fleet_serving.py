@@ -18,13 +18,13 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 from dimec.config import build_config  # noqa: E402
 from dimec.errors import ConfigError  # noqa: E402
-from dimec.serving.client import MobileClient, RemoteResult, Timeouts  # noqa: E402
-from dimec.serving.constraints import CloudBudget, Constraints, FleetPolicy, LatencyTracker  # noqa: E402
-from dimec.serving.export import export_packages  # noqa: E402
-from dimec.serving.local import ThreadServer  # noqa: E402
-from dimec.serving.server import create_app  # noqa: E402
-from dimec.serving.sources import FleetConfig, SourceTable  # noqa: E402
-from dimec.serving.tier import TierModel  # noqa: E402
+from dimec.runtime.tier import TierModel  # noqa: E402
+from dimec.serving.deploy.export import export_packages  # noqa: E402
+from dimec.serving.deploy.local import ThreadServer  # noqa: E402
+from dimec.serving.phone.client import MobileClient, RemoteResult, Timeouts  # noqa: E402
+from dimec.serving.phone.constraints import CloudBudget, Constraints, FleetPolicy, LatencyTracker  # noqa: E402
+from dimec.serving.servers.server import create_app  # noqa: E402
+from dimec.serving.servers.sources import FleetConfig, SourceTable  # noqa: E402
 
 TEXTS = ["good movie", "the film was very boring", "a lovely plot and acting", "dull", "great fun", "poor acting",
          "the movie was quite weak and the plot dull", "superb", "the acting was fine", "awful and boring film"]
@@ -42,7 +42,8 @@ def sources(capacity: int = 2, policy: str = "strict", retry_after_s: float = 1.
 
 
 class SlowModel:
-    """A tier model that takes `delay_s` per text, so that a few requests fill the edge's queue."""
+    """A tier model that takes `delay_s` per text, so that a few requests fill the edge's queue (every text
+    request starts from its embedding layer output: `start`)."""
 
     def __init__(self, model: TierModel, delay_s: float) -> None:
         self._model, self.delay_s = model, delay_s
@@ -50,9 +51,9 @@ class SlowModel:
     def __getattr__(self, name):
         return getattr(self._model, name)
 
-    def classify(self, texts, pairs=None):
-        time.sleep(self.delay_s * len(texts))
-        return self._model.classify(texts, pairs)
+    def start(self, batch):
+        time.sleep(self.delay_s * len(batch))
+        return self._model.start(batch)
 
 
 @pytest.fixture(scope="module")
@@ -198,8 +199,9 @@ class FakeRemote:
     def classify(self, texts, pairs, ids, deadline_ms=None) -> RemoteResult:
         self.sent.append((list(ids), deadline_ms))
         probs = np.tile(np.array([[0.1, 0.9]], np.float32), (len(texts), 1))
-        layer = self.mobile.exit_layers[("mobile", "edge", "cloud").index(self.name)]
-        return RemoteResult(probs, layer, self.mobile.label_names, 1, {"advice": self.advice, "queue_ms": 0.0})
+        tier = ("mobile", "edge", "cloud").index(self.name)
+        return RemoteResult(probs, self.mobile.label_names, [self.name] * len(texts), [tier] * len(texts), 1,
+                            {"advice": self.advice, "queue_ms": 0.0})
 
 
 def test_client_honours_the_edges_advice_within_its_bound(models):
@@ -332,22 +334,100 @@ def test_bad_constraints_are_clear_errors(models, tmp_path, capsys):
     from dimec.cli import main
 
     package = str(models["mobile"].directory)
-    for args, message in ((["--max-latency-ms", "-5"], "max_latency_ms must be > 0"),
-                          (["--cloud-budget", "-1"], "cloud budget"),
-                          (["--budget-window", "0"], "budget-window"),
-                          (["--trusted", "moon"], "trusted tiers"),
+    # the options are the declared client settings (`dimec settings client`), checked by config.py's one path
+    for args, message in ((["--max-latency-ms", "-5"], "client.max_latency_ms must be a finite number > 0"),
+                          (["--cloud-budget", "-1"], "client.cloud_budget must be at least 0"),
+                          (["--budget-window", "0"], "client.budget_window must be a finite number > 0"),
+                          (["--trusted", "moon"], "client.trusted item 0 must be one of 'edge', 'cloud'"),
+                          (["--min-mobile-confidence", "2"], "client.min_mobile_confidence"),
                           (["--latency-profile", str(tmp_path / "none.json")], "latency profile")):
         code = main(["client", package, "good", "--edge-url", "http://127.0.0.1:9", "--backend", "torch", *args])
         assert code == 2 and message in capsys.readouterr().err, args
 
 
-def test_cascade_mobile_threshold_under_advice():
+def test_cascade_mobile_stage_under_advice():
     policy = FleetPolicy(min_mobile_confidence=0.7)
-    conf = np.linspace(0.5, 1.0, 101)
-    assert policy.mobile_threshold(0.95, conf) == 0.95  # no advice: unchanged
+    probs = np.stack([np.linspace(0.5, 1.0, 101), 1 - np.linspace(0.5, 1.0, 101)], 1)  # max-prob 0.5 .. 1
+    assert not policy.advised(probs).any()  # no advice: the plan's own thresholds alone
     policy._advice = (0.5, time.monotonic() + 30)  # the edge asks to keep half
-    assert policy.mobile_threshold(0.95, conf) == pytest.approx(0.75, abs=0.01)  # the median of the history
+    assert policy.advised(probs).mean() == pytest.approx(0.5, abs=0.02)  # at or above the median of the history
     policy._advice = (0.9, time.monotonic() + 30)
-    assert policy.mobile_threshold(0.95, conf) == 0.7  # never below the floor
-    assert policy.mobile_threshold(0.65, conf) == 0.65  # never above the policy's own threshold
+    assert policy.advised(probs).tolist() == (probs.max(-1) >= 0.7).tolist()  # never below the floor
 
+
+# ---- a task with more than two classes ---------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def three_class_mobile(tiny_encoder, tmp_path_factory):
+    """The mobile package of a 3-class run (exits at T = 1) whose router is a mobile -> edge cascade reading
+    the entropy (what calibration tries for more than two classes), with a mobile threshold no sample
+    reaches: without advice every text goes on to the edge."""
+    import csv
+    import random
+    import shutil
+
+    from conftest import FILLER, NEGATIVE, POSITIVE, tiny_run_config
+
+    from dimec.config import CostConfig
+    from dimec.costs import CostModel
+    from dimec.modeling.multi_exit import MODEL_CONFIG
+    from dimec.pipeline import run_all
+    from dimec.routing.base import save_router
+    from dimec.routing.cascade import CascadeRouter
+    from dimec.runtime.package import ROUTER_FILE, read_manifest, write_manifest
+
+    root = tmp_path_factory.mktemp("three_class")
+    rng = random.Random(0)
+    with (root / "task.csv").open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["text", "label"])
+        for i in range(300):
+            words = [POSITIVE, NEGATIVE, FILLER][i % 3]
+            w.writerow([" ".join(rng.choices(FILLER, k=rng.randint(2, 8)) + [rng.choice(words)]),
+                        ["pos", "neg", "neutral"][i % 3]])
+    run_all(tiny_run_config(tiny_encoder, root / "task.csv", epochs=1), root / "run")
+    config = root / "run" / "model" / MODEL_CONFIG
+    config.write_text(json.dumps(json.loads(config.read_text()) | {"temperatures": [1.0, 1.0, 1.0]}))
+    directory = export_packages(root / "run", root / "packages", tiers=("mobile",), onnx=False)["mobile"]
+    router = CascadeRouter()  # mobile@m -> edge@n -> cloud@l; minus the entropy is < 0: never on the mobile
+    router.set_thresholds((0.0, -1e-9), "entropy")
+    layers = tuple(read_manifest(directory)["exit_layers"])
+    save_router(router, directory / ROUTER_FILE, CostModel.from_config(CostConfig(), layers))
+    manifest = read_manifest(directory, verify=False)
+    manifest.pop("files")
+    write_manifest(directory, manifest)
+    shutil.rmtree(root / "run")
+    return TierModel(directory)
+
+
+class FakeEdge:
+    """An edge that continues hidden states and asks the client to keep half of its work."""
+
+    name = "edge"
+
+    def __init__(self, mobile: TierModel) -> None:
+        self.mobile, self.sent = mobile, 0
+
+    def available(self) -> bool:
+        return True
+
+    def continue_hidden(self, rows, layer, model_id, ids, plan=None, confidence="max_prob", dtype=None):
+        self.sent += len(rows)
+        probs = np.tile(np.array([[0.2, 0.2, 0.6]], np.float32), (len(rows), 1))
+        return RemoteResult(probs, self.mobile.label_names, ["edge"] * len(rows), [1] * len(rows), 1,
+                            {"advice": {"keep_fraction": 0.5, "valid_s": 30}, "queue_ms": 0.0})
+
+
+def test_advice_keeps_work_on_the_device_for_a_multi_class_entropy_cascade(three_class_mobile):
+    """The edge's advice lowers the mobile stage's bar on the max-probability scale `min_mobile_confidence` is
+    set on, whatever the plan's thresholds read (here minus the entropy of 3 classes, always < 0)."""
+    assert len(three_class_mobile.label_names) == 3
+    edge = FakeEdge(three_class_mobile)
+    policy = FleetPolicy(min_mobile_confidence=0.0)
+    with MobileClient(three_class_mobile, routing="router", remotes={"edge": edge}, fleet=policy) as client:
+        assert client.confidence == "entropy"
+        first = client.classify(TEXTS)  # no advice yet: the plan sends every text on
+        assert all(a.tier == "edge" for a in first) and edge.sent == len(TEXTS)
+        second = client.classify(TEXTS * 3)
+    kept = [a for a in second if a.tier == "mobile"]
+    assert all(a.routed == "mobile" and not a.degraded and a.exit_layer == client.mobile.exit_layer for a in kept)
+    assert 0.2 <= len(kept) / len(second) <= 0.8  # about the advised half

@@ -31,11 +31,11 @@ from dimec.textinput import check_args, decode_utf8, read_lines
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
 
-from dimec.serving.client import MobileClient  # noqa: E402
-from dimec.serving.export import export_packages  # noqa: E402
-from dimec.serving.local import ThreadServer  # noqa: E402
-from dimec.serving.server import Limits, create_app  # noqa: E402
-from dimec.serving.tier import TierModel  # noqa: E402
+from dimec.runtime.tier import TierModel  # noqa: E402
+from dimec.serving.deploy.export import export_packages  # noqa: E402
+from dimec.serving.deploy.local import ThreadServer  # noqa: E402
+from dimec.serving.phone.client import MobileClient  # noqa: E402
+from dimec.serving.servers.server import Limits, create_app  # noqa: E402
 
 TOKEN = "hardening-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}", "content-type": "application/json"}

@@ -17,13 +17,13 @@ pytest.importorskip("onnxruntime")
 
 from fastapi.testclient import TestClient  # noqa: E402
 
-from dimec.serving.client import MobileClient, Timeouts  # noqa: E402
-from dimec.serving.export import export_packages  # noqa: E402
+from dimec.runtime.tier import TierModel  # noqa: E402
+from dimec.serving.deploy.export import export_packages  # noqa: E402
+from dimec.serving.deploy.local import ThreadServer, free_port  # noqa: E402
 from dimec.serving.live.controller import LiveControl, LiveSettings  # noqa: E402
 from dimec.serving.live.http import PolicyFollower, ShadowSender, apply_policy, live_lines  # noqa: E402
-from dimec.serving.local import ThreadServer, free_port  # noqa: E402
-from dimec.serving.server import create_app  # noqa: E402
-from dimec.serving.tier import TierModel  # noqa: E402
+from dimec.serving.phone.client import MobileClient, Timeouts  # noqa: E402
+from dimec.serving.servers.server import create_app  # noqa: E402
 
 TOKEN = "live-token-123"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -215,7 +215,7 @@ def test_cloud_down_pauses_shadowing_and_timeouts_are_missing(models):
 
 
 def test_private_texts_are_never_shadowed_to_an_untrusted_cloud(run, models):
-    from dimec.serving.constraints import Constraints, FleetPolicy
+    from dimec.serving.phone.constraints import Constraints, FleetPolicy
 
     live = live_for(run, models, shadow_rate=1.0)
     cloud = ThreadServer(create_app(None, "cloud", TOKEN, model=models["cloud"], live=live)).start()

@@ -72,7 +72,7 @@ def test_auto_with_expected_control_reports_what_the_data_can_carry():
     assert carry["rows"] == 3000 and 0 < carry["smallest_certifiable_loss_pt"] < 100
     assert carry["point_cut_pct"] >= carry["expected_cut_pct"] >= 0
     assert "expected-loss control gives" in carry["text"]
-    point = ROUTERS["auto"].from_config(CalibrationConfig(max_loss=1.0, threshold_grid=8),
+    point = ROUTERS["auto"].from_config(CalibrationConfig(control="point", max_loss=1.0, threshold_grid=8),
                                         families=("cascade", "edge-only", "mobile-only", "cloud-only")).fit(val, CM)
     assert point.route(val, CM).cost.mean() <= router.route(val, CM).cost.mean() + 1e-9
 
@@ -99,7 +99,7 @@ def test_calibration_rows_beyond_validation_fit_pools_on_validation_and_score_on
     carto = Cartography(np.stack([np.where(easy, 0.95, 0.3)] * 3, 1), np.zeros((len(val), 3)),
                         np.stack([easy.astype(float)] * 3, 1))
     fams = ("cascade", "hybrid-centroid", "dimec-fixed", "cloud-only")
-    for cal in (CalibrationConfig(max_loss=1.0, threshold_grid=6),
+    for cal in (CalibrationConfig(control="point", max_loss=1.0, threshold_grid=6),
                 CalibrationConfig(max_loss=1.0, threshold_grid=6, control="expected")):
         router = ROUTERS["auto"].from_config(cal, families=fams).fit(rows, CM, carto)
         assert router.capacity_["rows"] == 3600

@@ -19,7 +19,6 @@ from dimec.experiments.ablations import CSV_FIELDS as ABLATION_FIELDS
 from dimec.experiments.ablations import FACTORS, cost_settings, run_ablations, write_ablations
 from dimec.experiments.compare import METHODS, SWEPT, compare_methods, threshold_sweeps
 from dimec.experiments.reproduce import (
-    _same_training,
     load_reproduce_config,
     reproduce,
     task_config,
@@ -113,12 +112,19 @@ def test_train_cap_caps_the_training_split_only():
     assert cfg.data.max_train_samples == 100 and cfg.data.max_samples is None  # evaluation rows uncapped
 
 
-def test_a_run_is_reused_only_with_the_same_training_settings(tiny_encoder, tiny_task_csv):
+def test_a_run_is_reused_only_with_the_same_training_settings(tiny_encoder, tiny_task_csv, tmp_path):
+    from dimec.pipeline import prepare_run_dir, training_differences
+
     cfg = tiny_run_config(tiny_encoder, tiny_task_csv)
-    assert _same_training(cfg, replace(cfg, train=replace(cfg.train, progress=True)))
-    assert not _same_training(cfg, replace(cfg, train=replace(cfg.train, epochs=9)))
-    assert not _same_training(cfg, with_train_cap(cfg, 50))
-    assert _same_training(cfg, replace(cfg, cost=replace(cfg.cost, offload_cloud=9.0)))  # costs need no training
+    assert not training_differences(cfg, replace(cfg, train=replace(cfg.train, progress=True)))
+    assert training_differences(cfg, replace(cfg, train=replace(cfg.train, epochs=9))) == ["train"]
+    assert training_differences(cfg, with_train_cap(cfg, 50)) == ["data"]
+    assert not training_differences(cfg, replace(cfg, cost=replace(cfg.cost, offload_cloud=9.0)))  # no training
+    # resuming (dimec train) gives the same answer: turning progress bars on does not block it
+    prepare_run_dir(cfg, tmp_path / "run")
+    prepare_run_dir(replace(cfg, train=replace(cfg.train, progress=True)), tmp_path / "run")
+    with pytest.raises(ConfigError, match="other train settings"):
+        prepare_run_dir(replace(cfg, train=replace(cfg.train, epochs=9)), tmp_path / "run")
 
 
 def test_reproduce_end_to_end_on_the_tiny_model(tiny_run, tiny_encoder, tiny_task_csv, tmp_path):

@@ -17,13 +17,13 @@ pytest.importorskip("onnxruntime")
 from fastapi.testclient import TestClient  # noqa: E402
 
 from dimec.errors import ArtifactError, ConfigError, DataError, TierAuthError  # noqa: E402
-from dimec.serving.client import Answer, MobileClient, RemoteResult, Timeouts  # noqa: E402
-from dimec.serving.export import export_packages  # noqa: E402
-from dimec.serving.links import LinkProfile, LinkTransport  # noqa: E402
-from dimec.serving.local import ThreadServer, free_port  # noqa: E402
-from dimec.serving.package import MANIFEST, read_manifest, resolve_package  # noqa: E402
-from dimec.serving.server import Limits, create_app  # noqa: E402
-from dimec.serving.tier import TierModel  # noqa: E402
+from dimec.runtime.package import MANIFEST, read_manifest, resolve_package  # noqa: E402
+from dimec.runtime.tier import TierModel  # noqa: E402
+from dimec.serving.deploy.export import export_packages  # noqa: E402
+from dimec.serving.deploy.local import ThreadServer, free_port  # noqa: E402
+from dimec.serving.phone.client import Answer, MobileClient, RemoteResult, Timeouts  # noqa: E402
+from dimec.serving.phone.links import LinkProfile, LinkTransport  # noqa: E402
+from dimec.serving.servers.server import Limits, create_app  # noqa: E402
 
 TOKEN = "test-token-123"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -155,7 +155,7 @@ def test_resolve_package_never_exports(tiny_run, tmp_path):
     with pytest.raises(ArtifactError, match="dimec export"):
         resolve_package(run, "edge")
     assert not (run / "packages").exists()
-    from dimec.serving.export import ensure_package
+    from dimec.serving.deploy.export import ensure_package
 
     said = []
     edge = ensure_package(run, "edge", log=said.append)  # exports on request, and says so
@@ -187,7 +187,9 @@ def test_classify_needs_the_bearer_token(http):
     r = http.post("/v1/classify", json={"text": "good movie", "text_pair": "fine"}, headers=AUTH)
     assert r.status_code == 200
     body = r.json()
-    assert body["tier"] == "edge" and body["exit_layer"] == 2 and body["labels"][0] in body["label_names"]
+    assert body["tier"] == "edge" and body["labels"][0] in body["label_names"]
+    # one answer shape: a plain request is the tier's own one-stage plan
+    assert body["tiers"] == ["edge"] and body["exits"] == [1] and body["exit_layers"] == [2]
     assert abs(sum(body["probs"][0]) - 1) < 1e-4
 
 
@@ -364,7 +366,7 @@ def test_dynamic_routing_moves_the_pool_means(models, servers, packages, tiny_ru
     from dimec.pipeline import load_cartography, load_cost_model, load_run_config, split_outputs
     from dimec.routing.base import save_router
     from dimec.routing.dimec import DimecFixedRouter
-    from dimec.serving.package import write_manifest
+    from dimec.runtime.package import write_manifest
 
     cfg = load_run_config(tiny_run)
     fixed = DimecFixedRouter.from_config(cfg.calibration).fit(
@@ -503,7 +505,8 @@ def test_client_refuses_a_tier_serving_another_model(models):
             return True
 
         def classify(self, texts, pairs, ids) -> RemoteResult:
-            return RemoteResult(np.full((len(texts), 2), 0.5, np.float32), 2, ["x", "y"], 1)
+            return RemoteResult(np.full((len(texts), 2), 0.5, np.float32), ["x", "y"], ["edge"] * len(texts),
+                                [1] * len(texts))
 
     with MobileClient(models["mobile"], routing="edge-only", remotes={"edge": OtherModel()}) as client:
         answer = client.classify(["good"])[0]
@@ -513,7 +516,7 @@ def test_client_refuses_a_tier_serving_another_model(models):
 # ---- profile and CLI --------------------------------------------------------------------------------------------
 def test_profile_writes_the_cost_model_file(tiny_run, servers, tmp_path, packages):
     from dimec.costs import CostModel
-    from dimec.serving.profile import PROFILE_KEYS, profile_run
+    from dimec.serving.ops.profile import PROFILE_KEYS, profile_run
 
     out = tmp_path / "profile.json"
     root = packages["mobile"].parent  # an export folder works as well as a run directory
@@ -572,3 +575,26 @@ def test_cli_serve_builds_the_app_on_loopback(packages, monkeypatch, capsys):
     assert r.status_code == 422 and "limit of 3" in r.json()["error"]
     assert main(["serve", "edge", str(packages["cloud"]), "--token", TOKEN]) == 2  # wrong package for the tier
     assert "is the cloud package" in capsys.readouterr().err
+
+
+# ---- what the phone loads ----------------------------------------------------------------------------------------
+PHONE_MODULES = {"dimec", "dimec.atomic", "dimec.config", "dimec.costs", "dimec.errors", "dimec.rundir",
+                 "dimec.textinput", "dimec.tiers", "dimec.serving", "dimec.serving.phone", "dimec.serving.phone.client",
+                 "dimec.serving.phone.constraints", "dimec.serving.phone.links"}
+
+
+def test_the_phone_client_loads_only_the_runtime_and_plan_data(packages):
+    """Importing the client, loading the int8 mobile package with its calibrated policy and answering a text
+    (no tier reachable: answered on the device) pulls in the runtime and the plan data of dimec, never a
+    router, the model code or training. (torch itself still comes in through transformers' AutoTokenizer,
+    which imports it whenever it is installed; the import alone does not.)"""
+    import subprocess
+    import sys
+
+    code = ("import sys, json; from dimec.serving.phone.client import MobileClient; "
+            f"c = MobileClient({str(packages['mobile'])!r}, backend='onnx-int8'); c.classify(['good movie']); "
+            "print(json.dumps(sorted(m for m in sys.modules if m.startswith('dimec'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    loaded = json.loads(out.stdout.strip().splitlines()[-1])
+    extra = [m for m in loaded if m not in PHONE_MODULES and not m.startswith("dimec.runtime")]
+    assert not extra, f"the phone client loads {extra}"

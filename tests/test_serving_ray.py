@@ -12,9 +12,9 @@ pytest.importorskip("fastapi")
 
 import httpx  # noqa: E402
 
-from dimec.serving.client import MobileClient  # noqa: E402
-from dimec.serving.export import export_packages  # noqa: E402
-from dimec.serving.local import free_port  # noqa: E402
+from dimec.serving.deploy.export import export_packages  # noqa: E402
+from dimec.serving.deploy.local import free_port  # noqa: E402
+from dimec.serving.phone.client import MobileClient  # noqa: E402
 
 TOKEN = "ray-test-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -37,7 +37,7 @@ def deadline(seconds: int):
 
 
 def test_three_tiers_on_ray_serve(tiny_run, tmp_path_factory):
-    from dimec.serving.ray_app import deploy_three_tiers, shutdown, start_ray
+    from dimec.serving.deploy.ray_app import deploy_three_tiers, shutdown, start_ray
 
     root = tmp_path_factory.mktemp("ray_packages")
     export_packages(tiny_run, root, onnx=False)

@@ -14,8 +14,8 @@ pytest.importorskip("onnxruntime")
 from dimec.modeling.multi_exit import MODEL_CONFIG  # noqa: E402
 from dimec.outputs import softmax  # noqa: E402
 from dimec.pipeline import route_texts  # noqa: E402
-from dimec.serving.export import export_packages  # noqa: E402
-from dimec.serving.tier import TierModel  # noqa: E402
+from dimec.runtime.tier import TierModel  # noqa: E402
+from dimec.serving.deploy.export import export_packages  # noqa: E402
 
 TEXTS = ["good movie", "the film was very boring", "a lovely plot and acting", "dull", "great fun", "poor acting",
          "the movie was quite weak and the plot dull", "superb", "the acting was fine", "awful and boring film"]

@@ -23,13 +23,13 @@ pytest.importorskip("onnxruntime")
 
 from conftest import FILLER, NEGATIVE, POSITIVE  # noqa: E402
 
-from dimec.serving.client import HttpRemote, MobileClient, Timeouts  # noqa: E402
-from dimec.serving.export import export_packages  # noqa: E402
-from dimec.serving.local import ThreadServer, free_port  # noqa: E402
-from dimec.serving.package import write_manifest  # noqa: E402
-from dimec.serving.server import create_app  # noqa: E402
-from dimec.serving.tier import TierModel  # noqa: E402
-from dimec.serving.web import WebConfig, create_web_app, default_dist  # noqa: E402
+from dimec.runtime.package import write_manifest  # noqa: E402
+from dimec.runtime.tier import TierModel  # noqa: E402
+from dimec.serving.deploy.export import export_packages  # noqa: E402
+from dimec.serving.deploy.local import ThreadServer, free_port  # noqa: E402
+from dimec.serving.deploy.web import WebConfig, create_web_app, default_dist  # noqa: E402
+from dimec.serving.phone.client import HttpRemote, MobileClient, Timeouts  # noqa: E402
+from dimec.serving.servers.server import create_app  # noqa: E402
 
 TOKEN = "web-test-token"
 INSTALL = ("apt-get install -y chromium && pip install playwright && (cd web && npm ci && npm run build)  "
@@ -387,7 +387,7 @@ def test_cli_demo_builds_the_page_on_loopback(packages, monkeypatch, capsys):
     from fastapi.testclient import TestClient
 
     import dimec.serving.cli as serving_cli
-    import dimec.serving.local as local
+    import dimec.serving.deploy.local as local
     from dimec.cli import main
 
     class FakeServer:

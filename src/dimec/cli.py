@@ -113,10 +113,11 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 def cmd_settings(args: argparse.Namespace) -> None:
     from dimec.config import describe_settings
 
-    rows = [r for r in describe_settings() if not args.section or r["key"].startswith(f"{args.section}.")]
+    rows = describe_settings() + _serving_settings()
+    rows = [r for r in rows if not args.section or r["key"].startswith(f"{args.section}.")]
     if not rows:
         raise DimecError(f"no settings in section {args.section!r}",
-                         "sections: data, model, train, cost, calibration")
+                         "sections: data, model, train, cost, calibration, client")
     if args.json:
         print(json.dumps(rows, indent=2))
         return
@@ -131,6 +132,12 @@ def cmd_route(args: argparse.Namespace) -> None:
     texts = texts_from_args(args.texts, args.file)
     for answer in route_texts(Path(args.run_dir), texts, mode=args.mode):
         print(json.dumps(answer))
+
+
+def _serving_settings() -> list[dict]:
+    """The serving settings declared so far (the client's fleet settings), when serving is installed."""
+    settings = _optional("dimec.serving.phone.settings")
+    return settings.describe() if settings is not None else []
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -171,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("settings", help="list every setting (--set SECTION.KEY=VALUE) with type, default, meaning")
-    p.add_argument("section", nargs="?", help="only this section: data, model, train, cost or calibration")
+    p.add_argument("section", nargs="?", help="only this section: data, model, train, cost, calibration or client")
     p.add_argument("--json", action="store_true", help="as JSON")
     p.set_defaults(func=cmd_settings)
 
@@ -188,21 +195,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _attach_optional(sub) -> None:
-    """Commands from the experiment and serving packages, attached when their modules are present."""
-    try:
-        from dimec.experiments.reproduce import add_reproduce_arguments, main_reproduce
-    except ImportError:
-        pass
-    else:
+    """Commands from the experiment and serving packages. They are left out only when an optional extra
+    they need is not installed; any other import error (a bug in dimec) is raised, not hidden."""
+    reproduce = _optional("dimec.experiments.reproduce")
+    if reproduce is not None:
         p = sub.add_parser("reproduce", help="every method on the paper's tasks: Table I, ablations, plots")
-        add_reproduce_arguments(p)
-        p.set_defaults(func=main_reproduce)
+        reproduce.add_reproduce_arguments(p)
+        p.set_defaults(func=reproduce.main_reproduce)
+    serving = _optional("dimec.serving.cli")
+    if serving is not None:
+        serving.attach_serving_commands(sub)
+
+
+def _optional(module: str):
+    """The module, or None when a third-party package it imports is missing (an extra not installed)."""
+    import importlib
+
     try:
-        from dimec.serving.cli import attach_serving_commands
-    except ImportError:
-        pass
-    else:
-        attach_serving_commands(sub)
+        return importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        if (exc.name or "dimec").split(".")[0] == "dimec":
+            raise
+        return None
 
 
 def main(argv: list[str] | None = None) -> int:

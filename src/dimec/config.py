@@ -541,15 +541,19 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
 # ---- listing every setting (`dimec settings`) ------------------------------------------------------------------
 def describe_settings() -> list[dict[str, Any]]:
     """Every setting as {"key", "type", "default", "help"}, generated from the dataclasses."""
+    return [row for section in fields(RunConfig)
+            for row in describe_section(section.name, section.default_factory)]  # type: ignore[misc]
+
+
+def describe_section(name: str, cls: type) -> list[dict[str, Any]]:
+    """One declared section's settings (any dataclass of `setting` fields, e.g. serving's)."""
+    hints = typing.get_type_hints(cls)
     rows = []
-    for section in fields(RunConfig):
-        cls = section.default_factory  # type: ignore[misc]
-        hints = typing.get_type_hints(cls)
-        for f in fields(cls):
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-            rows.append({"key": f"{section.name}.{f.name}", "type": type_name(hints[f.name]),
-                         "default": list(default) if isinstance(default, tuple) else default,
-                         "help": f.metadata.get("help", "")})
+    for f in fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        rows.append({"key": f"{name}.{f.name}", "type": type_name(hints[f.name]),
+                     "default": list(default) if isinstance(default, tuple) else default,
+                     "help": f.metadata.get("help", "")})
     return rows
 
 

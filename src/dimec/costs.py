@@ -111,19 +111,7 @@ class CostModel:
         running all l layers at the edge's per-layer time is worth `full_model_reward`. The profile's
         measured `hidden_state_factor` (hidden-state transfer time / raw offload time), when it has one,
         replaces the setting."""
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"cost profile not found: {path}", "run `dimec profile RUN_DIR` first")
-        try:
-            raw = json.loads(path.read_bytes().decode("utf-8"))
-            ms = {k: float(raw[k]) for k in ("lambda_m_ms", "lambda_e_ms", "o_e_ms", "o_c_ms", "cloud_layer_ms")}
-        except KeyError as exc:
-            raise ConfigError(f"cost profile {path} lacks {exc.args[0]}", "run `dimec profile RUN_DIR` again") from None
-        except (UnicodeDecodeError, ValueError, TypeError, AttributeError) as exc:
-            raise ConfigError(f"cost profile {path} is damaged ({type(exc).__name__}: {str(exc)[:200]})",
-                              "run `dimec profile RUN_DIR` again") from None
-        if not all(v >= 0 and v == v for v in ms.values()) or ms["lambda_e_ms"] <= 0:
-            raise ConfigError(f"cost profile {path} holds negative or zero times: {ms}", "run `dimec profile` again")
+        ms = read_profile(path)
         l = exit_layers[2]
         scale = full_model_reward / (l * ms["lambda_e_ms"])  # reward units per millisecond
         return cls(
@@ -133,7 +121,7 @@ class CostModel:
             o_c=ms["o_c_ms"] * scale,
             cloud_fee=ms["cloud_layer_ms"] * l * scale,
             exit_layers=tuple(exit_layers),
-            hidden_state_factor=float(raw.get("hidden_state_factor", hidden_state_offload)),
+            hidden_state_factor=ms.get("hidden_state_factor", hidden_state_offload),
         )
 
     def to_dict(self) -> dict:
@@ -142,3 +130,28 @@ class CostModel:
     @classmethod
     def from_dict(cls, raw: dict) -> CostModel:
         return cls(**{**raw, "exit_layers": tuple(raw["exit_layers"])})
+
+
+PROFILE_TIMES = ("lambda_m_ms", "lambda_e_ms", "o_e_ms", "o_c_ms", "cloud_layer_ms")
+
+
+def read_profile(path: str | Path, what: str = "cost profile") -> dict[str, float]:
+    """The one reader of profile.json (`dimec profile`): the five times in milliseconds and, when measured,
+    `hidden_state_factor`; a missing, damaged or impossible file is one clear error (naming it `what`: the
+    cost model's "cost profile", the planner's and the client's "latency profile")."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{what} not found: {path}", "run `dimec profile RUN_DIR` first")
+    try:
+        raw = json.loads(path.read_bytes().decode("utf-8"))
+        ms = {k: float(raw[k]) for k in PROFILE_TIMES}
+        if "hidden_state_factor" in raw:
+            ms["hidden_state_factor"] = float(raw["hidden_state_factor"])
+    except KeyError as exc:
+        raise ConfigError(f"{what} {path} lacks {exc.args[0]}", "run `dimec profile RUN_DIR` again") from None
+    except (OSError, UnicodeDecodeError, ValueError, TypeError, AttributeError) as exc:
+        raise ConfigError(f"{what} {path} is damaged ({type(exc).__name__}: {str(exc)[:200]})",
+                          "run `dimec profile RUN_DIR` again") from None
+    if not all(v >= 0 and v == v for v in ms.values()) or ms["lambda_e_ms"] <= 0:
+        raise ConfigError(f"{what} {path} holds negative or zero times: {ms}", "run `dimec profile` again")
+    return ms

@@ -17,25 +17,9 @@ from safetensors.numpy import load_file, save_file
 
 from dimec.atomic import write_with
 from dimec.errors import ArtifactError, ConfigError
+from dimec.runtime.plans import CONFIDENCES, confidence, softmax  # noqa: F401  (one definition; re-exported)
 
 FORMAT_VERSION = 2  # 1: probabilities only (no logits, no lengths); read as stale and recomputed
-CONFIDENCES = ("max_prob", "entropy")
-
-
-def softmax(logits: np.ndarray, axis: int = -1) -> np.ndarray:
-    z = np.exp(logits - logits.max(axis, keepdims=True))
-    return z / z.sum(axis, keepdims=True)
-
-
-def confidence(probs: np.ndarray, kind: str = "max_prob") -> np.ndarray:
-    """(..., C) -> (...): max-probability, or minus the entropy (so that higher is always more confident)."""
-    if kind == "max_prob":
-        return probs.max(-1)
-    if kind == "entropy":
-        return (probs * np.log(np.clip(probs, 1e-12, 1.0))).sum(-1)
-    raise ConfigError(f"unknown confidence {kind!r}", f"use one of {', '.join(CONFIDENCES)}")
-
-
 @dataclass(eq=False)
 class ExitOutputs:
     """Everything a router may look at for N samples, computed once by the model."""

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict
 from pathlib import Path
 
@@ -20,10 +21,10 @@ from dimec.atomic import read_json, write_json
 from dimec.config import CalibrationConfig, CostConfig, RunConfig, TrainConfig
 from dimec.costs import CostModel
 from dimec.data import Example, TaskData, load_task
-from dimec.errors import ArtifactError, ConfigError, DataError
+from dimec.errors import ArtifactError, ConfigError
 from dimec.evaluation import MethodResult, evaluate_methods
 from dimec.modeling.multi_exit import MultiExitConfig, MultiExitModel
-from dimec.outputs import ExitOutputs, confidence, softmax
+from dimec.outputs import ExitOutputs, softmax
 from dimec.routing import ROUTERS, make_router
 from dimec.routing.auto import AutoRouter
 from dimec.routing.base import TrainingSignal, load_router, save_router
@@ -32,6 +33,8 @@ from dimec.routing.dimec import DimecDynamicRouter, DimecFixedRouter
 from dimec.routing.plan import PlanRouter, plan_text
 from dimec.routing.targets import Target
 from dimec.rundir import CONFIG, MODEL_DIR, SPLITS, RunDir
+from dimec.runtime.executor import run_plan
+from dimec.textinput import check_batch
 from dimec.tiers import POOLS, TIERS
 from dimec.training.batching import encode
 from dimec.training.cartography import (
@@ -58,21 +61,29 @@ def prepare_run_dir(cfg: RunConfig, run_dir: Path) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     path = RunDir(run_dir).config
     if path.is_file():
-        old = load_run_config(run_dir)
-        for section in ("data", "model", "train"):
-            if _what_is_trained(asdict(getattr(old, section))) != _what_is_trained(asdict(getattr(cfg, section))):
-                raise ConfigError(
-                    f"{run_dir} holds a run with other {section} settings",
-                    "use a new --run-dir, or delete the old one to start over",
-                )
+        for section in training_differences(load_run_config(run_dir), cfg)[:1]:
+            raise ConfigError(
+                f"{run_dir} holds a run with other {section} settings",
+                "use a new --run-dir, or delete the old one to start over",
+            )
     cfg.save(path)
 
 
 RUNS_ANYWHERE = ("device", "mixed_precision")  # where and in what precision: a run may resume elsewhere
 
 
-def _what_is_trained(settings: dict) -> dict:
-    return {k: v for k, v in settings.items() if k not in RUNS_ANYWHERE}
+def training_differences(old: RunConfig, new: RunConfig) -> list[str]:
+    """The one answer to "was this run trained with these settings?": the sections among data, model and
+    train whose settings differ (progress bars aside: they do not change what is trained; nor do the device
+    and precision it runs in, so a run may resume on another device). Compared as saved (JSON), so a list
+    read back equals the tuple it was saved from."""
+    def saved(cfg: RunConfig, section: str) -> str:
+        raw = asdict(getattr(cfg, section))
+        if section == "train":
+            raw |= {"progress": None} | dict.fromkeys(RUNS_ANYWHERE)
+        return json.dumps(raw, sort_keys=True, default=list)
+
+    return [s for s in ("data", "model", "train") if saved(old, s) != saved(new, s)]
 
 
 def task_data(cfg: RunConfig) -> TaskData:
@@ -336,13 +347,7 @@ def route_texts(run_dir: Path, texts: list[str], pairs: list[str] | None = None,
     the calibrated router.json; "dimec-fixed"/"dimec-dynamic" the paper's routers, fitted on validation."""
     if mode not in ROUTE_MODES:
         raise ConfigError(f"routing mode must be one of {', '.join(ROUTE_MODES)}, got {mode!r}")
-    if not texts:
-        raise DataError("no texts to route", "give texts on the command line or --file FILE (one per line)")
-    if pairs is not None and len(pairs) != len(texts):
-        raise DataError(f"{len(texts)} texts but {len(pairs)} text pairs", "give one pair per text")
-    for i, text in enumerate(texts):
-        if not text.strip():
-            raise DataError(f"text {i + 1} is empty", "give non-empty texts")
+    texts, pairs, _ = check_batch(texts, pairs)
     run_dir = Path(run_dir)
     if mode == "policy":
         router, _ = load_router(RunDir(run_dir).router)
@@ -367,13 +372,26 @@ def route_texts(run_dir: Path, texts: list[str], pairs: list[str] | None = None,
         else:
             choice = int(router.choose_plans(emb, length)[0])
         plan = router.plans_[choice]
-        logits = model(**inputs, upto=plan[-1].exit)  # only layers 1..exit_layers[last exit of the plan]
-        for stage in plan:
-            probs = softmax(logits[stage.exit][0].numpy().astype(np.float64) / temperatures[stage.exit])
-            if stage.threshold is None or confidence(probs, router.confidence_) >= stage.threshold:
-                break
+        out = run_plan(plan, 1, len(model.config.label_names), set(range(len(TIERS))),
+                       _InProcessStages(model, inputs, plan, temperatures).run, router.confidence_)
+        probs, stage_exit, stage_tier = out.probs[0], int(out.exits[0]), int(out.tiers[0])
         label = int(probs.argmax())
-        answers.append({"text": text, "tier": TIERS[stage.tier], "exit_layer": model.config.exit_layers[stage.exit],
+        answers.append({"text": text, "tier": TIERS[stage_tier], "exit_layer": model.config.exit_layers[stage_exit],
                         "plan": plan_text(plan), "label": model.config.label_names[label],
                         "confidence": round(float(probs[label]), 4)})
     return answers
+
+
+class _InProcessStages:
+    """Every stage of a plan in this process (one text): the model runs once, up to the plan's last exit,
+    and each stage reads its exit at that exit's temperature."""
+
+    def __init__(self, model: MultiExitModel, inputs: dict, plan, temperatures: np.ndarray) -> None:
+        self.model, self.inputs, self.top, self.temperatures = model, inputs, plan[-1].exit, temperatures
+        self.logits = None
+
+    def run(self, stage, rows: np.ndarray) -> np.ndarray:
+        if self.logits is None:
+            self.logits = self.model(**self.inputs, upto=self.top)  # only layers 1..exit_layers[last exit]
+        z = self.logits[stage.exit].numpy().astype(np.float64)[rows]  # (R, C)
+        return softmax(z / self.temperatures[stage.exit])

@@ -12,7 +12,6 @@
     metrics.json                   test-split results (evaluate)
     packages/{tier}/               per-tier deployables (export)
     profile.json                   measured costs in milliseconds (profile)
-    policies.json                  candidate policies, router.json entries (calibrate; read by `dimec plan`)
     plan/plan.json, plan/plan.png  accuracy, latency, money, exposure of every policy; the pick (plan)
     drift_reference.json           validation distributions the drift monitor compares with (export; also
                                    copied into every package)
@@ -40,7 +39,6 @@ METRICS = "metrics.json"
 PACKAGES_DIR = "packages"
 PROFILE = "profile.json"
 DRIFT_REFERENCE = "drift_reference.json"
-POLICIES = "policies.json"
 PLAN_DIR = "plan"
 SPLITS = ("train", "validation", "test")
 
@@ -115,10 +113,6 @@ class RunDir:
     @property
     def drift_reference(self) -> Path:
         return self.root / DRIFT_REFERENCE
-
-    @property
-    def policies(self) -> Path:
-        return self.root / POLICIES
 
     @property
     def plan(self) -> Path:

@@ -41,6 +41,37 @@ def check_text(text: str, where: str, escaped_bytes: bool = False) -> str:
     return text
 
 
+def check_batch(texts, pairs=None, ids=None, max_batch: int | None = None, max_chars: int | None = None,
+                max_id_chars: int | None = None, unique_ids: bool = True) -> tuple[list[str], list[str] | None, list[str] | None]:
+    """The one check of a batch of texts to classify, wherever it comes from (`dimec route`, the phone client,
+    an HTTP body): a non-empty list of non-empty strings, one pair and one unique id per text when given, and
+    the limits when set (`unique_ids`: the phone matches answers by id; a server only echoes them). Texts are
+    numbered from 1 in messages. Returns (texts, pairs, ids) as lists."""
+    if isinstance(texts, str):
+        raise DataError("texts must be a list of strings, got one string", "wrap it in a list")
+    texts = list(texts)
+    if not texts:
+        raise DataError("no texts to classify: the list is empty", "give one text or more")
+    if max_batch is not None and len(texts) > max_batch:
+        raise DataError(f"batch of {len(texts)} texts is over the limit of {max_batch}", "send smaller batches")
+    pairs = None if pairs is None else list(pairs)
+    if pairs is not None and len(pairs) != len(texts):
+        raise DataError(f"{len(texts)} texts but {len(pairs)} text pairs", "give one pair per text")
+    for i, t in enumerate([*texts, *(pairs or [])]):
+        where = f"text {i % len(texts) + 1}" + (" (its pair)" if i >= len(texts) else "")
+        if not isinstance(t, str) or not t.strip():
+            raise DataError(f"{where} is empty or not a string", "give non-empty texts")
+        if max_chars is not None and len(t) > max_chars:
+            raise DataError(f"{where} has {len(t)} characters, over the limit of {max_chars}", "send shorter texts")
+    if ids is not None:
+        ids = [str(x) for x in ids]
+        if len(ids) != len(texts) or (unique_ids and len(set(ids)) != len(ids)):
+            raise DataError("request ids must be " + ("unique, " if unique_ids else "") + "one per text")
+        if max_id_chars is not None and any(len(x) > max_id_chars for x in ids):
+            raise DataError(f"request ids are limited to {max_id_chars} characters")
+    return texts, pairs, ids
+
+
 def check_args(texts: Iterable[str]) -> list[str]:
     """Texts given as command-line arguments ("text 1", "text 2", ... in messages)."""
     return [check_text(t, f"text {i}", escaped_bytes=True) for i, t in enumerate(texts, start=1)]

@@ -74,14 +74,6 @@ def load_reproduce_config(path: str | None, overrides: list[str], epochs: int | 
     return cfg, task_settings
 
 
-def _same_training(old: RunConfig, new: RunConfig) -> bool:
-    """Whether a saved run was trained with these data/model/training settings (progress bars aside)."""
-    def key(cfg: RunConfig) -> dict:
-        return {"data": asdict(cfg.data), "model": asdict(cfg.model), "train": asdict(cfg.train) | {"progress": None}}
-
-    return json.dumps(key(old), default=list) == json.dumps(key(new), default=list)
-
-
 def run_name(cfg: RunConfig) -> str:
     """A run's folder name: the task, or for custom data data.name, else the data file's (or folder's) name."""
     if cfg.data.task != "file":
@@ -108,6 +100,7 @@ def prepare_task(task: str, base_cfg: RunConfig, out_dir: Path, task_settings: d
         load_run_config,
         split_outputs,
         train_stage,
+        training_differences,
         training_signal,
     )
     from dimec.rundir import RunDir
@@ -115,7 +108,7 @@ def prepare_task(task: str, base_cfg: RunConfig, out_dir: Path, task_settings: d
     cfg = task_config(base_cfg, task, task_settings)
     task = run_name(cfg)
     run_dir = Path(out_dir) / "runs" / task
-    reused = RunDir(run_dir).train_result.is_file() and _same_training(load_run_config(run_dir), cfg) \
+    reused = RunDir(run_dir).train_result.is_file() and not training_differences(load_run_config(run_dir), cfg) \
         and _calibrated(run_dir)
     if not reused:
         train_stage(cfg, run_dir)  # resumes a half-finished run; refuses one with other settings

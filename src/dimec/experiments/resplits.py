@@ -94,7 +94,7 @@ def prerouter_diagnostics(val: ExitOutputs, val_carto, train: TrainingSignal | N
     from sklearn.metrics import roc_auc_score
 
     from dimec.routing.dimec import DimecFixedRouter
-    from dimec.routing.prerouters import LearnedPreRouter, cheapest_adequate
+    from dimec.runtime.prerouters import LearnedPreRouter, cheapest_adequate
     from dimec.tiers import EASY, HARD, MOBILE
 
     right = val.correct[:, MOBILE]

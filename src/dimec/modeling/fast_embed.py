@@ -5,6 +5,10 @@ time, call overhead dominates (about 0.7 ms against 3 ms for the whole mobile ti
 computes the same numbers (tests/test_model.py checks it against `MultiExitModel.embed`); `FastRouter`
 goes further and tabulates everything the nearest-centroid decision needs per token id and position, so
 the routing decision costs under 1% of the mobile tier.
+
+Not on the served path: the phone routes with the int8 graph's routing-embedding session and the served
+policy's pre-router (runtime/policy.py). This module is the reference `benchmarks/bench_core.py` times a
+DIMEC-DC decision against (what a table-based decision on the phone would cost).
 """
 
 from __future__ import annotations

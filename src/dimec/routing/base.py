@@ -110,7 +110,6 @@ def make_router(name: str, **params: Any) -> Router:
     return ROUTERS[name](**params)
 
 
-ROUTER_FORMAT = 2  # 1: dimec-fixed only, no cost model (dimec <= 0.1.0)
 
 
 def save_router(router: Router, path: str | Path, cost_model: CostModel, **extra: Any) -> None:
@@ -119,6 +118,8 @@ def save_router(router: Router, path: str | Path, cost_model: CostModel, **extra
 
     router.check_fitted()
     params = {k: list(v) if isinstance(v, tuple) else v for k, v in router.get_params().items()}
+    from dimec.runtime.policy import ROUTER_FORMAT
+
     write_json(path, {"format_version": ROUTER_FORMAT, "router": router.name, "params": params,
                       "state": router.state(), "cost_model": cost_model.to_dict(), **extra})
 
@@ -126,17 +127,9 @@ def save_router(router: Router, path: str | Path, cost_model: CostModel, **extra
 def load_router(path: str | Path) -> tuple[Router, dict[str, Any]]:
     """(router, the whole file) from router.json; an older or damaged file is one clear error."""
     import dimec.routing  # noqa: F401  (registers the built-in routers)
-    from dimec.atomic import read_json
+    from dimec.runtime.policy import read_router_file
 
-    path = Path(path)
-    if not path.is_file():
-        raise ArtifactError(f"router file not found: {path}", "run `dimec calibrate RUN_DIR` first")
-    raw = read_json(path, "run `dimec calibrate RUN_DIR` again (no retraining needed)")
-    if not isinstance(raw, dict) or raw.get("format_version") != ROUTER_FORMAT:
-        raise ArtifactError(f"{path} was written by an older dimec (router format "
-                            f"{raw.get('format_version', 1) if isinstance(raw, dict) else '?'}, "
-                            f"this version reads {ROUTER_FORMAT})",
-                            "run `dimec calibrate RUN_DIR` again (no retraining needed)")
+    raw = read_router_file(path)
     try:
         router = make_router(raw["router"], **raw["params"])
         router.load_state(raw["state"])

@@ -12,7 +12,7 @@ from dimec.outputs import ExitOutputs
 from dimec.routing.base import TrainingSignal, register
 from dimec.routing.plan import PlanRouter, Stage
 from dimec.routing.pools import PoolRouter
-from dimec.routing.prerouters import CentroidPreRouter
+from dimec.runtime.prerouters import CentroidPreRouter
 from dimec.tiers import TIERS
 from dimec.training.cartography import Cartography
 

@@ -27,7 +27,7 @@ from dimec.routing.base import TrainingSignal, register
 from dimec.routing.cascade import TunedPlanRouter, target_of, threshold_grid
 from dimec.routing.plan import Stage, check_plan
 from dimec.routing.pools import PoolRouter, pool_params_of
-from dimec.routing.prerouters import CachedChoice, CentroidPreRouter, LearnedPreRouter
+from dimec.runtime.prerouters import CachedChoice, CentroidPreRouter, LearnedPreRouter
 from dimec.tiers import CLOUD, EDGE, MOBILE
 from dimec.training.cartography import Cartography
 

@@ -12,7 +12,8 @@ layers) or on a tier further up (its hidden state is shipped there: a hop). The 
 
 A pre-router (DIMEC-DC's centroids, or a learned classifier) may choose one of several plans per sample
 before any transformer layer runs; "hybrid" sends the samples it predicts hard straight to the cloud and
-the others into the cascade. Cost of stopping at stage s (docs/cost-model.md):
+the others into the cascade. The plan data and the stop rule live in runtime/plans.py (the phone reads
+them without this module); this module prices plans and runs them on cached outputs. Cost of stopping at stage s (docs/cost-model.md):
 
     raw(first tier) + sum over stages <= s of layers run there * that tier's layer rate
                     + sum over tier changes of hop(previous tier, next tier)
@@ -25,51 +26,17 @@ from dataclasses import dataclass
 import numpy as np
 
 from dimec.costs import CostModel
-from dimec.errors import ConfigError
-from dimec.outputs import CONFIDENCES, ExitOutputs, confidence  # noqa: F401  (re-exported)
+from dimec.outputs import ExitOutputs
 from dimec.routing.base import Decisions, Router
-from dimec.tiers import CLOUD, TIERS
-
-
-@dataclass(frozen=True)
-class Stage:
-    tier: int  # where this stage runs: MOBILE, EDGE or CLOUD
-    exit: int  # the exit read here: 0 (after layer m), 1 (n) or 2 (l)
-    threshold: float | None = None  # answer here if confidence >= threshold; None: always answer
-
-    def to_list(self) -> list:
-        return [TIERS[self.tier], self.exit, self.threshold]
-
-    @classmethod
-    def from_list(cls, raw: list) -> Stage:
-        tier, exit_index, threshold = raw
-        return cls(TIERS.index(tier), int(exit_index), None if threshold is None else float(threshold))
-
-
-Plan = tuple[Stage, ...]
-
-
-def check_plan(plan: Plan) -> Plan:
-    """Tiers never go back down, exits strictly increase, only the last stage has no threshold, and a tier
-    runs only the exits its package holds (the mobile exit m, the edge m and n, the cloud all three)."""
-    if not plan:
-        raise ConfigError("a plan needs at least one stage")
-    for a, b in zip(plan, plan[1:], strict=False):
-        if b.tier < a.tier or b.exit <= a.exit:
-            raise ConfigError(f"plan stages must move up: {plan_text(plan)}")
-    for s in plan:
-        if s.exit > s.tier and s.tier != CLOUD:
-            raise ConfigError(f"the {TIERS[s.tier]} tier does not hold exit {s.exit}: {plan_text(plan)}")
-    if any(s.threshold is None for s in plan[:-1]) or plan[-1].threshold is not None:
-        raise ConfigError(f"every stage but the last needs a threshold: {plan_text(plan)}")
-    return plan
-
-
-def plan_text(plan: Plan) -> str:
-    """'mobile@m>=0.9 -> edge@n>=0.8 -> cloud@l'."""
-    names = "mnl"
-    return " -> ".join(f"{TIERS[s.tier]}@{names[s.exit]}" + ("" if s.threshold is None else f">={s.threshold:.4g}")
-                       for s in plan)
+from dimec.runtime.plans import (  # noqa: F401  (the plan data lives in the torch-free runtime; re-exported)
+    CONFIDENCES,
+    Plan,
+    Stage,
+    check_plan,
+    confidence,
+    plan_text,
+    stop_stages,
+)
 
 
 def stage_costs(plan: Plan, cost_model: CostModel) -> np.ndarray:
@@ -84,20 +51,6 @@ def stage_costs(plan: Plan, cost_model: CostModel) -> np.ndarray:
         done = layers[s.exit]
         costs.append(total)
     return np.asarray(costs, dtype=np.float64)
-
-
-def stop_stages(conf: np.ndarray, plan: Plan, rows: np.ndarray | None = None) -> np.ndarray:
-    """(N,) index of the stage at which each sample stops. conf: (N, 3) every exit's confidence; rows: (N,)
-    bool, the samples that take this plan (others get -1)."""
-    n = len(conf)
-    rows = np.ones(n, dtype=bool) if rows is None else rows
-    stop = np.where(rows, len(plan) - 1, -1)
-    open_ = rows.copy()
-    for i, s in enumerate(plan[:-1]):
-        ok = open_ & (conf[:, s.exit] >= s.threshold)
-        stop[ok] = i
-        open_ &= ~ok
-    return stop
 
 
 @dataclass
@@ -164,8 +117,6 @@ class PlanRouter(Router):
                 "prerouter": None if pre is None else pre.to_dict()}
 
     def load_state(self, state: dict) -> None:
-        from dimec.routing.prerouters import prerouter_from_dict
+        from dimec.runtime.policy import plans_from_state
 
-        self.plans_ = [check_plan(tuple(Stage.from_list(s) for s in p)) for p in state["plans"]]
-        self.confidence_ = str(state["confidence"])
-        self.prerouter_ = prerouter_from_dict(state.get("prerouter"))
+        self.plans_, self.confidence_, self.prerouter_ = plans_from_state(state)

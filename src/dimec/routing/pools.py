@@ -27,7 +27,7 @@ from dimec.costs import CostModel
 from dimec.errors import ConfigError
 from dimec.outputs import ExitOutputs
 from dimec.routing.base import Router, TrainingSignal
-from dimec.routing.prerouters import nearest_centroid  # noqa: F401  (re-exported)
+from dimec.runtime.prerouters import nearest_centroid  # noqa: F401  (re-exported)
 from dimec.tiers import EASY, HARD, MEDIUM
 from dimec.training.cartography import Cartography
 

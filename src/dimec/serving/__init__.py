@@ -1,14 +1,36 @@
-"""Real three-tier serving of a trained and calibrated run (docs/serving.md).
+"""Real three-tier serving of a trained and calibrated run (docs/serving.md). Layers, lowest first; imports
+point down only (`python ../shared/tools/import-graph.py src --layers=...`, order in docs/serving.md):
 
-- package:  the tier package format (manifest with sha256 and the model identity); finding a package
-- export:   `dimec export` -> one package per tier; onnx_export: the mobile tier as one int8 ONNX graph
-- tier:     TierModel, the one class that loads a package and runs its layers (used by FastAPI and Ray)
-- wire:     the hidden-state body of continuation requests (safetensors, fp16)
-- continuation: running the rest of a plan on the edge or cloud, forwarding edge -> cloud
-- server:   FastAPI app for the edge and cloud tiers (auth, limits, metrics)
-- links:    user-space emulation of mobile->edge / mobile->cloud links (latency, jitter, bandwidth, loss)
-- client:   MobileClient: route to a plan, run the mobile stage, answer or ship the hidden state, fallbacks
-- local:    start/stop servers on loopback (threads or subprocesses)
-- profile:  `dimec profile` -> the cost-model profile in milliseconds (with the hidden-state factor)
-- ray_app:  the same tiers on Ray Serve (optional extra)
+dimec/runtime/ (torch-free, below routing; the phone needs nothing else of dimec's model side)
+- plans:        plan data (Stage, Plan, check_plan, plan_text), softmax, confidence, the one stop rule
+- executor:     run_plan, the one plan executor (stages here, the rest handed on) and its Outcome
+- prerouters:   the pre-routers that choose a plan before any layer runs (centroids, learned)
+- policy:       router.json's one reader; ServedPolicy, what the phone serves
+- model_config: MultiExitConfig (dimec_model.json) and the one reader of exit temperatures
+- package:      the tier package format (manifest with sha256 and the model identity); finding a package
+- tier:         TierModel, the one class that loads a package and runs its layers (torch or onnxruntime)
+- wire:         the hidden-state body of continuation requests (safetensors, fp16)
+
+serving/ops/monitor   drift monitoring: the validation reference, live histograms, `dimec monitor`
+serving/phone/        the client side
+- links:        user-space emulation of mobile->edge / mobile->cloud links (latency, jitter, bandwidth, loss)
+- constraints:  FleetPolicy: privacy, the cloud budget, deadlines, the edge's advice, 429s
+- settings:     the client's fleet settings, declared like config.py's (`dimec settings client`)
+- client:       MobileClient: route to a plan, run it through the executor (mobile stage here, the rest on
+                the edge or cloud over HTTP: HttpRemote), fallbacks
+serving/servers/      the edge and cloud
+- sources:      sources file: tokens -> sources, priority classes, scheduling settings (FleetConfig)
+- scheduling:   admission, weighted fair queueing, PA-MDI allocation advice
+- continuation: PlanRunner, the tier side of a plan (stages here through the executor, forward to the cloud)
+- fleet:        the scheduler and metrics around a tier service
+- server:       the FastAPI app of a tier (auth, limits, metrics); every request answered as a plan
+serving/deploy/       getting tiers running
+- onnx_export:  the mobile tier as one int8 ONNX graph
+- export:       `dimec export` -> one package per tier
+- local:        start/stop servers on loopback (threads or subprocesses)
+- ray_app:      the same tiers on Ray Serve (optional extra)
+serving/ops/          measuring and planning
+- profile:      `dimec profile` -> the cost-model profile in milliseconds (with the hidden-state factor)
+- planning:     `dimec plan`: offline analysis of served policies under latency, money and exposure bounds
+serving/fleet_cli, serving/cli   the commands (`dimec serve`, `client`, `profile`, `plan`, `monitor`, ...)
 """

@@ -16,10 +16,10 @@ from typing import Any
 from dimec.cli_helpers import texts_from_args
 from dimec.config import SERVE_PRECISIONS, device_problem
 from dimec.errors import ConfigError
-from dimec.serving.batcher import BatchingConfig
-from dimec.serving.client import ROUTINGS
 from dimec.serving.fleet_cli import add_fleet_client_args, attach_fleet_commands, fleet_policy_from_args
 from dimec.serving.live import cli as live_cli
+from dimec.serving.phone.client import ROUTINGS
+from dimec.serving.servers.batcher import BatchingConfig
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 DEFAULT_PORTS = {"edge": 8101, "cloud": 8102}
@@ -165,7 +165,7 @@ def _token(args) -> str | None:
 
 
 def _links(args) -> dict:
-    from dimec.serving.links import LinkProfile
+    from dimec.serving.phone.links import LinkProfile
 
     return {"edge": LinkProfile.parse(args.link_edge), "cloud": LinkProfile.parse(args.link_cloud)}
 
@@ -180,7 +180,7 @@ def _say(message: str) -> None:
 
 # ---- commands -----------------------------------------------------------------------------------------------
 def cmd_export(args) -> None:
-    from dimec.serving.export import export_packages
+    from dimec.serving.deploy.export import export_packages
     from dimec.textinput import read_lines
 
     texts = read_lines(args.texts_file) if args.texts_file else None
@@ -189,9 +189,9 @@ def cmd_export(args) -> None:
 
 
 def cmd_serve(args) -> None:
-    from dimec.serving.export import ensure_package
-    from dimec.serving.server import Limits, create_app
-    from dimec.serving.sources import SourceTable
+    from dimec.serving.deploy.export import ensure_package
+    from dimec.serving.servers.server import Limits, create_app
+    from dimec.serving.servers.sources import SourceTable
 
     token = _token(args)
     sources = SourceTable.load(args.sources) if getattr(args, "sources", None) else None
@@ -210,12 +210,12 @@ def cmd_serve(args) -> None:
     if args.cloud_url:
         if args.tier != "edge":
             raise ConfigError("--cloud-url is for the edge (it forwards plans that go on to the cloud)")
-        from dimec.serving.client import HttpRemote
-        from dimec.serving.links import LinkProfile
+        from dimec.serving.phone.client import HttpRemote
+        from dimec.serving.phone.links import LinkProfile
 
         forward = HttpRemote("cloud", args.cloud_url, args.cloud_token or token, link=LinkProfile.parse(args.link_cloud))
     from dimec.devices import resolve_device, resolve_serving_precision
-    from dimec.serving.tier import TierModel
+    from dimec.runtime.tier import TierModel
 
     device = resolve_device(args.device, "--device")  # a missing GPU: one error before anything starts
     precision = resolve_serving_precision(args.precision, device)
@@ -274,8 +274,8 @@ def _url_host(host: str) -> str:
 
 
 def _client(args, mobile_path, edge_url, cloud_url, token):
-    from dimec.serving.client import MobileClient, Timeouts
-    from dimec.serving.export import ensure_package
+    from dimec.serving.deploy.export import ensure_package
+    from dimec.serving.phone.client import MobileClient, Timeouts
 
     fleet = fleet_policy_from_args(args)  # constraints, budget, advice: checked first
     package = ensure_package(mobile_path, "mobile", args.backend, log=_say)
@@ -309,8 +309,8 @@ def cmd_client(args) -> None:
 
 
 def cmd_serve_all(args) -> None:
-    from dimec.serving.export import ensure_package
-    from dimec.serving.local import ProcessServer
+    from dimec.serving.deploy.export import ensure_package
+    from dimec.serving.deploy.local import ProcessServer
 
     token = os.environ.get("DIMEC_TOKEN") or secrets.token_urlsafe(24)  # private to this demo
     texts = _texts(args)
@@ -333,9 +333,9 @@ def cmd_serve_all(args) -> None:
 
 
 def cmd_demo(args) -> None:
-    from dimec.serving.export import ensure_package
-    from dimec.serving.local import ProcessServer
-    from dimec.serving.web import WebConfig, create_web_app
+    from dimec.serving.deploy.export import ensure_package
+    from dimec.serving.deploy.local import ProcessServer
+    from dimec.serving.deploy.web import WebConfig, create_web_app
 
     token = os.environ.get("DIMEC_TOKEN") or secrets.token_urlsafe(24)  # the tiers' token: never sent to the page
     mobile = ensure_package(args.run_dir, "mobile", "onnx-int8", log=_say)
@@ -363,7 +363,7 @@ def cmd_demo(args) -> None:
 
 def cmd_profile(args) -> None:
     from dimec.rundir import RunDir
-    from dimec.serving.profile import profile_run
+    from dimec.serving.ops.profile import profile_run
 
     out = Path(args.out) if args.out else RunDir(args.run_dir).profile
     profile = profile_run(args.run_dir, args.edge_url, args.cloud_url, _token(args), args.backend, args.samples,

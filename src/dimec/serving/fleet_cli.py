@@ -7,38 +7,38 @@ import argparse
 import sys
 from pathlib import Path
 
-from dimec.errors import ConfigError
-
 
 # ---- `dimec client` / `serve-all`: constraints, budget, advice ----------------------------------------------------
 def add_fleet_client_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("constraints (docs/fleet.md)")
-    g.add_argument("--private", action="store_true", help="texts may not leave the device (except to --trusted)")
-    g.add_argument("--trusted", default="", help="tiers a private text may go to: 'edge', 'cloud' or 'edge,cloud'")
-    g.add_argument("--max-latency-ms", type=float, help="deadline per call: the cheapest tier whose measured "
-                                                         "latency fits (else the fastest, flagged)")
-    g.add_argument("--latency-profile", help="profile.json from `dimec profile`: first latency estimates")
-    g.add_argument("--cloud-budget", type=float, help="money units the cloud may bill per --budget-window")
-    g.add_argument("--budget-window", type=float, default=3600.0, help="seconds (default 3600)")
-    g.add_argument("--cloud-price", type=float, default=0.001, help="money units per text on the cloud")
-    g.add_argument("--min-mobile-confidence", type=float, default=0.6,
-                   help="the edge's advice never keeps a text on the device below this confidence")
-    g.add_argument("--ignore-advice", action="store_true", help="do not honour the edge's PA-MDI advice")
+    """The options of the client's fleet settings; defaults and help from their declarations
+    (serving/phone/settings.py, listed by `dimec settings client`)."""
+    from dimec.serving.phone.settings import default, help_of
+
+    g = p.add_argument_group("constraints (docs/fleet.md; `dimec settings client`)")
+    g.add_argument("--private", action="store_true", help=help_of("private"))
+    g.add_argument("--trusted", default="", help=help_of("trusted") + ", comma-separated")
+    g.add_argument("--max-latency-ms", type=float, help=help_of("max_latency_ms"))
+    g.add_argument("--latency-profile", help=help_of("latency_profile"))
+    g.add_argument("--cloud-budget", type=float, help=help_of("cloud_budget"))
+    for name in ("budget_window", "cloud_price", "min_mobile_confidence"):
+        g.add_argument(f"--{name.replace('_', '-')}", type=float, default=default(name),
+                       help=f"{help_of(name)} (default {default(name):g})")
+    g.add_argument("--ignore-advice", action="store_true", help="do not " + help_of("honour_advice").split(" (")[0])
+
+
+def fleet_settings_from_args(args):
+    """The client's fleet settings from the options."""
+    from dimec.serving.phone.settings import FleetClientSettings
+
+    trusted = tuple(t.strip() for t in (getattr(args, "trusted", "") or "").split(",") if t.strip())
+    return FleetClientSettings(args.private, trusted, args.max_latency_ms, args.latency_profile, args.cloud_budget,
+                               args.budget_window, args.cloud_price, args.min_mobile_confidence,
+                               not args.ignore_advice)
 
 
 def fleet_policy_from_args(args):
     """The client's FleetPolicy from the options, checked before any package is touched."""
-    from dimec.serving.constraints import CloudBudget, Constraints, FleetPolicy, LatencyTracker
-
-    trusted = tuple(t.strip() for t in (getattr(args, "trusted", "") or "").split(",") if t.strip())
-    budget = None
-    if getattr(args, "cloud_budget", None) is not None:
-        budget = CloudBudget(args.cloud_budget, args.budget_window, args.cloud_price)
-    elif args.budget_window <= 0 or args.cloud_price < 0:
-        raise ConfigError("--budget-window must be > 0 and --cloud-price >= 0")
-    latency = LatencyTracker.from_profile(args.latency_profile) if args.latency_profile else None
-    return FleetPolicy(Constraints(args.private, args.max_latency_ms), trusted, budget, latency,
-                       args.min_mobile_confidence, not args.ignore_advice)
+    return fleet_settings_from_args(args).policy()
 
 
 # ---- `dimec plan` and `dimec monitor` ------------------------------------------------------------------------------
@@ -50,8 +50,9 @@ def attach_fleet_commands(sub) -> None:
                                      "the cost model's units)")
     p.add_argument("--split", default="validation", choices=("validation", "test"),
                    help="where the figures are measured (choices are made on validation)")
-    p.add_argument("--policies", help="JSON file of candidate policies (router.json entries); default: the "
-                                      "run's calibration candidates if written, else every registered router")
+    p.add_argument("--policies", help="JSON file of candidate policies ({\"policies\": [router.json entries with "
+                                      "a name]}); default: what calibration chooses from (every configuration of "
+                                      "auto's families) plus the paper's other baselines")
     p.add_argument("--cloud-price", type=float, default=1.0, help="money per 1,000 texts through the whole cloud model")
     p.add_argument("--edge-price", type=float, default=0.0, help="money per 1,000 texts through the edge's layers")
     p.add_argument("--trusted", default="", help="tiers that do not count as exposure: 'edge' and/or 'cloud'")
@@ -77,7 +78,7 @@ def attach_fleet_commands(sub) -> None:
 
 
 def cmd_monitor(args) -> None:
-    from dimec.serving.monitor import monitor, read_reference
+    from dimec.serving.ops.monitor import monitor, read_reference
 
     reference = read_reference(args.reference) if args.reference else None
     status = monitor(args.urls, reference, args.threshold, args.min_samples, args.interval)
@@ -87,7 +88,7 @@ def cmd_monitor(args) -> None:
 
 def cmd_plan(args) -> None:
     from dimec.rundir import RunDir
-    from dimec.serving.planning import PlanConstraints, plan_run
+    from dimec.serving.ops.planning import PlanConstraints, plan_run
 
     trusted = tuple(t.strip() for t in args.trusted.split(",") if t.strip())
     constraints = PlanConstraints(max_loss=args.max_loss, max_latency_ms=args.max_latency_ms,

@@ -26,18 +26,19 @@ from typing import Any
 import httpx
 
 from dimec.atomic import write_json, write_text
+from dimec.costs import PROFILE_TIMES
 from dimec.errors import DimecError, TierUnavailableError
-from dimec.routing.plan import Stage
 from dimec.rundir import RunDir
-from dimec.serving import wire
-from dimec.serving.client import check_url
-from dimec.serving.export import check_texts_for, ensure_package
-from dimec.serving.links import LinkProfile, LinkTransport
-from dimec.serving.local import ProcessServer
-from dimec.serving.tier import TierModel
+from dimec.runtime import wire
+from dimec.runtime.plans import Stage
+from dimec.runtime.tier import TierModel
+from dimec.serving.deploy.export import check_texts_for, ensure_package
+from dimec.serving.deploy.local import ProcessServer
+from dimec.serving.phone.client import check_url
+from dimec.serving.phone.links import LinkProfile, LinkTransport
 from dimec.tiers import TIERS
 
-PROFILE_KEYS = ("lambda_m_ms", "lambda_e_ms", "o_e_ms", "o_c_ms", "cloud_layer_ms", "hidden_state_factor")
+PROFILE_KEYS = (*PROFILE_TIMES, "hidden_state_factor")  # what profile.json holds (costs.read_profile reads it)
 PING_BYTES = 256 * 1024
 
 

@@ -36,20 +36,23 @@ from typing import Any, Protocol
 import httpx
 import numpy as np
 
+from dimec.costs import CostModel
 from dimec.errors import (
     ConfigError,
-    DataError,
     DimecError,
     TierAuthError,
     TierBusyError,
     TierUnavailableError,
 )
-from dimec.routing.plan import Plan, Stage, check_plan, confidence, plan_text
-from dimec.serving import wire
-from dimec.serving.constraints import ANSWERED, Constraints, FleetPolicy
-from dimec.serving.links import LinkProfile, LinkTransport
-from dimec.serving.package import ROUTER_FILE
-from dimec.serving.tier import TierModel
+from dimec.runtime import wire
+from dimec.runtime.executor import Outcome, run_plan
+from dimec.runtime.package import ROUTER_FILE
+from dimec.runtime.plans import Plan, Stage, check_plan, own_plan, plan_text
+from dimec.runtime.policy import ServedPolicy, read_cost_model
+from dimec.runtime.tier import TierModel
+from dimec.serving.phone.constraints import ANSWERED, Constraints, FleetPolicy
+from dimec.serving.phone.links import LinkProfile, LinkTransport
+from dimec.textinput import check_batch
 from dimec.tiers import CLOUD, EDGE, MOBILE, TIERS
 
 # "router": the package's calibrated router.json, whatever policy it holds ("fixed" is its older name);
@@ -87,17 +90,25 @@ class Answer:
 
 @dataclass
 class RemoteResult:
+    """A remote tier's answer (one shape for every request, a plan's: per sample which exit of which tier)."""
+
     probs: np.ndarray  # (N, C)
-    exit_layer: int  # the exit layer of the answering tier (answers without a plan)
     label_names: list[str]
-    attempts: int
+    tiers: list[str]  # per sample: the tier whose exit answered
+    exits: list[int]  # per sample: the exit that answered (0: m, 1: n, 2: l)
+    attempts: int = 1
     meta: dict[str, Any] = field(default_factory=dict)  # the server's queue_ms, compute_ms, advice
-    # answers to a plan (continuations, or raw text with a plan): per sample, which exit of which tier answered
-    tiers: list[str] | None = None
-    exits: list[int] | None = None
-    exit_layers: list[int] | None = None
+    exit_layers: list[int] | None = None  # per sample, as the tier reports them (checked against this model)
     fallback: list[bool] | None = None  # the tier answered for the next one, which failed
     errors: list[str] = field(default_factory=list)
+
+    def outcome(self) -> Outcome:
+        """The executor's view: per sample, its probabilities, exit, tier, and the errors of a fallback."""
+        n = len(self.exits)
+        fallback = np.asarray(self.fallback if self.fallback is not None else [False] * n, dtype=bool)
+        return Outcome(np.asarray(self.probs, dtype=np.float64), np.asarray(self.exits, dtype=np.int64),
+                       np.array([TIERS.index(t) for t in self.tiers], dtype=np.int64), fallback, np.zeros(n, bool),
+                       [list(self.errors) if f else [] for f in fallback])
 
 
 class Remote(Protocol):
@@ -109,7 +120,8 @@ class Remote(Protocol):
 
     def classify(self, texts: list[str], pairs: list[str] | None, ids: list[str]) -> RemoteResult: ...
 
-    # optional: `classify(..., plan=, confidence=)` and `continue_hidden(...)` for model-distributed plans
+    # optional: `classify(..., plan=, confidence=)` and `continue_hidden(...)` for model-distributed plans;
+    # without a plan a tier answers at its own exit (the one-stage plan), in the same shape
 
 
 def check_url(name: str, url: str) -> str:
@@ -153,7 +165,7 @@ class HttpRemote:
 
     def classify(self, texts: list[str], pairs: list[str] | None, ids: list[str], plan: Plan | None = None,
                  confidence: str = "max_prob", deadline_ms: float | None = None) -> RemoteResult:
-        """Raw texts to this tier; with `plan`, the rest of a plan that starts here."""
+        """Raw texts to this tier with the rest of a plan that starts here (None: the tier's own exit)."""
         self._check_available()
         parts = []
         for start in range(0, len(texts), self.max_batch):
@@ -233,16 +245,14 @@ class HttpRemote:
 
     @staticmethod
     def _valid(response: httpx.Response, ids: list[str]) -> dict[str, Any] | None:
-        """The answer must be for exactly the ids we sent, one probability row each (and, for a plan, one
-        tier, exit and flag each)."""
+        """The answer must be for exactly the ids we sent, one probability row, tier, exit and flag each."""
         try:
             payload = response.json()
             n = len(ids)
             ok = payload["ids"] == ids and len(payload["probs"]) == n and \
-                all(len(p) == len(payload["label_names"]) for p in payload["probs"])
-            if "tiers" in payload:
-                ok = ok and all(len(payload[k]) == n for k in ("tiers", "exits", "exit_layers", "fallback")) and \
-                    all(t in TIERS for t in payload["tiers"])
+                all(len(p) == len(payload["label_names"]) for p in payload["probs"]) and \
+                all(len(payload[k]) == n for k in ("tiers", "exits", "exit_layers", "fallback")) and \
+                all(t in TIERS for t in payload["tiers"]) and all(e in (0, 1, 2) for e in payload["exits"])
         except (ValueError, KeyError, TypeError):
             return None
         return payload if ok else None
@@ -254,17 +264,15 @@ class HttpRemote:
 def _merge(parts: list[tuple[dict[str, Any], int]]) -> RemoteResult:
     """One RemoteResult from the answers to consecutive parts of one batch."""
     payloads = [p for p, _ in parts]
-    plan = "tiers" in payloads[0]
 
     def cat(key):
-        return [x for p in payloads for x in p[key]] if plan else None
+        return [x for p in payloads for x in p[key]]
 
     errors = sorted({e for p in payloads for e in p.get("errors", [])})
     meta = {k: payloads[-1].get(k) for k in ("queue_ms", "compute_ms", "advice", "source", "priority")}
     return RemoteResult(np.concatenate([np.asarray(p["probs"], dtype=np.float32) for p in payloads]),
-                        int(payloads[0].get("exit_layer", 0)), payloads[0]["label_names"],
-                        sum(tries for _, tries in parts), meta, tiers=cat("tiers"), exits=cat("exits"),
-                        exit_layers=cat("exit_layers"), fallback=cat("fallback"), errors=errors)
+                        payloads[0]["label_names"], cat("tiers"), cat("exits"), sum(tries for _, tries in parts),
+                        meta, exit_layers=cat("exit_layers"), fallback=cat("fallback"), errors=errors)
 
 
 def _retry_after(response: httpx.Response, default: float = 1.0) -> float:
@@ -314,22 +322,29 @@ class MobileClient:
         self.fleet = fleet or FleetPolicy()  # constraints, budget, the edge's advice (constraints.py)
         self.live = None  # a serving.live ShadowSender: the shadow sample of live control (docs/live-control.md)
 
-    def _load_router(self, routing: str) -> tuple[Any, list[Plan], str]:
+    def _load_router(self, routing: str) -> tuple[ServedPolicy | None, list[Plan], str]:
         if routing in SINGLE_TIER:
-            tier = SINGLE_TIER[routing]
-            return None, [(Stage(tier, tier),)], "max_prob"
-        from dimec.routing.base import load_router
-        from dimec.routing.plan import PlanRouter
+            return None, [own_plan(SINGLE_TIER[routing])], "max_prob"
+        policy = ServedPolicy.read(self.mobile.directory / ROUTER_FILE)
+        return policy, list(policy.plans_), policy.confidence_
 
-        router, _ = load_router(self.mobile.directory / ROUTER_FILE)
-        if not isinstance(router, PlanRouter):
-            raise ConfigError(f"router {router.name!r} in {self.mobile.directory} cannot be served (it is not a "
-                              "plan router)", "calibrate a servable policy, or use --routing cloud-only")
-        return router, list(router.plans_), router.confidence_
+    def cost_model(self) -> CostModel:
+        """The prices of the tiers (the FleetPolicy's deadline rule picks the cheapest tier that fits): the
+        cost model the served policy was fitted under. A single-tier routing reads it from the package's
+        router.json too; only a package without one (exported without a calibrated run) uses the documented
+        default costs. A damaged file is an error, never a silent fallback."""
+        if self.router is not None:
+            return self.router.cost_model
+        path = self.mobile.directory / ROUTER_FILE
+        if path.is_file():
+            return read_cost_model(path)
+        from dimec.config import CostConfig
+
+        return CostModel.from_config(CostConfig(), tuple(self.mobile.exit_layers))
 
     def _online_prerouter(self, routing: str):
         """The pre-router whose means move with the stream (DIMEC-DC Dynamic), or None."""
-        from dimec.routing.prerouters import CentroidPreRouter
+        from dimec.runtime.prerouters import CentroidPreRouter
 
         pre = getattr(self.router, "prerouter_", None)
         if routing == "dynamic":
@@ -342,20 +357,17 @@ class MobileClient:
     # ---- the one entry point --------------------------------------------------------------------------
     def classify(self, texts: list[str], pairs: list[str] | None = None, ids: list[str] | None = None,
                  constraints: Constraints | None = None) -> list[Answer]:
-        call = _Call(*_check_inputs(texts, pairs, ids))
+        texts, pairs, ids = check_batch(texts, pairs, ids)
+        call = _Call(texts, pairs, ids or [uuid.uuid4().hex for _ in texts])
         choice = self._route(call)
         routed = np.array([self.plans[c][0].tier for c in choice], dtype=np.int64)
         tiers = self.fleet.adjust(self, call, routed, constraints)  # privacy, budget, deadline, advice
-        plans = list(self.plans) + [(Stage(t, t),) for t in range(len(TIERS))]  # + one-tier plans for moved texts
+        plans = list(self.plans) + [own_plan(t) for t in range(len(TIERS))]  # + one-tier plans for moved texts
         effective = np.where(tiers == routed, choice, len(self.plans) + np.maximum(tiers, 0))
         for p, plan in enumerate(plans):
             rows = np.flatnonzero((effective == p) & (tiers != ANSWERED))  # ANSWERED: kept on the device by advice
-            if not len(rows):
-                continue
-            if plan[0].tier == MOBILE:
-                self._run_mobile_stage(call, rows, plan)
-            else:
-                self._offload(call, rows, plan, plan)
+            if len(rows):
+                self._run(call, rows, plan)
         answers = call.answers
         missing = [call.ids[i] for i, a in enumerate(answers) if a is None]
         if missing or len({a.id for a in answers}) != len(call.ids):  # a bug, never expected: say so loudly
@@ -390,30 +402,36 @@ class MobileClient:
         return self.route(call.batch(self.mobile))
 
     # ---- running a plan ----------------------------------------------------------------------------------
-    def _run_mobile_stage(self, call: _Call, rows: np.ndarray, plan: Plan) -> None:
-        """Layers 1..m and exit m here; answer the confident samples, ship the others' hidden states on."""
-        start = time.perf_counter()
-        logits, hidden = self.mobile.mobile_stage(call.batch(self.mobile).rows(rows))
-        self.fleet.observe_mobile((time.perf_counter() - start) * 1e3)
-        probs = self.mobile.exit_probs(logits, MOBILE)  # (R, C)
-        first = plan[0]
-        if first.threshold is None:
-            stop = np.ones(len(rows), bool)
-        else:
-            conf = confidence(probs, self.confidence)
-            stop = conf >= self.fleet.mobile_threshold(first.threshold, conf)  # lower under the edge's advice
-        text = plan_text(plan)
-        for j in np.flatnonzero(stop):
-            call.answers[rows[j]] = self._answer(call.ids[rows[j]], probs[j], "mobile", "mobile",
-                                                 self.mobile.exit_layer, plan=text)
-        ship = np.flatnonzero(~stop)
-        if len(ship):
-            with self._lock:
-                self.counts["escalated"] += len(ship)
-            self._ship(call, rows[ship], [hidden[j] for j in ship], plan[1:], probs[ship], plan)
+    def _run(self, call: _Call, rows: np.ndarray, plan: Plan) -> None:
+        """Run `plan` on the chosen rows of a call through the one executor: its mobile stage here (if it has
+        one), the rest on the edge or cloud (`_handoff`); one answer per row."""
+        stages = _MobileStages(self, call, rows)
 
-    def _ship(self, call: _Call, rows: np.ndarray, hidden: list[np.ndarray], stages: Plan, mobile_probs: np.ndarray,
-              plan: Plan) -> None:
+        def handoff(rest: Plan, open_rows: np.ndarray) -> Outcome:
+            if stages.hidden is None:  # nothing ran here: the raw text goes to the plan's first tier
+                return self._offload(call, rows[open_rows], rest)
+            with self._lock:
+                self.counts["escalated"] += len(open_rows)
+            return self._ship(call, rows[open_rows], [stages.hidden[j] for j in open_rows], rest,
+                              stages.probs[open_rows])
+
+        out = run_plan(plan, len(rows), len(self.mobile.label_names), {MOBILE}, stages.run, self.confidence,
+                       handoff, self._advised)
+        text, routed, layers = plan_text(plan), TIERS[plan[0].tier], self.mobile.exit_layers
+        for j, i in enumerate(rows):
+            call.answers[i] = self._answer(call.ids[i], out.probs[j], TIERS[out.tiers[j]], routed,
+                                           layers[out.exits[j]], bool(out.degraded[j]), out.errors[j],
+                                           bool(out.fallback[j]), text)
+
+    def _advised(self, stage: Stage, probs: np.ndarray) -> np.ndarray:
+        """(R,) bool: samples the mobile answers at its stage because the edge advised keeping work on the
+        device (FleetPolicy, on the max-probability scale whatever the plan's thresholds read)."""
+        if stage.tier != MOBILE or stage.threshold is None:
+            return np.zeros(len(probs), dtype=bool)
+        return self.fleet.advised(probs)
+
+    def _ship(self, call: _Call, rows: np.ndarray, hidden: list[np.ndarray], stages: Plan,
+              mobile_probs: np.ndarray) -> Outcome:
         """Send hidden states after layer m to the next stage's tier (or its substitute); else answer here."""
         ids = [call.ids[i] for i in rows]
         errors: list[str] = []
@@ -421,40 +439,34 @@ class MobileClient:
         if not attempts:  # private: the hidden state may not leave the device either
             for i in rows:
                 call.flags[i].append("private")
-            for j, i in enumerate(rows):
-                call.answers[i] = self._answer(call.ids[i], mobile_probs[j], "mobile", "mobile",
-                                               self.mobile.exit_layer, plan=plan_text(plan))
-            return
+            return self._on_device(mobile_probs, degraded=False, errors=[])
         for tier, substitute in attempts:
             target = TIERS[tier]
             result = self._exchange(call, rows, target, errors, lambda remote, s=substitute: remote.continue_hidden(
                 hidden, self.mobile.exit_layer, self.mobile.model_id, ids, s, self.confidence, self.hidden_dtype))
             if result is not None:
-                self._fill(call, rows, result, target, "mobile", tier != stages[0].tier, errors, plan)
-                return
-        self._answer_degraded(call, rows, mobile_probs, "mobile", errors, plan)
+                return self._remote_outcome(result, tier != stages[0].tier, errors)
+        return self._on_device(mobile_probs, degraded=True, errors=errors)
 
-    def _offload(self, call: _Call, rows: np.ndarray, stages: Plan, plan: Plan) -> None:
+    def _offload(self, call: _Call, rows: np.ndarray, stages: Plan) -> Outcome:
         """Raw text to the plan's first tier (or its substitute), with the rest of the plan when it has one."""
         sub_texts = [call.texts[i] for i in rows]
         sub_pairs = None if call.pairs is None else [call.pairs[i] for i in rows]
         sub_ids = [call.ids[i] for i in rows]
         errors: list[str] = []
-        routed = TIERS[stages[0].tier]
         for tier, substitute in self._allowed(call, stages):
             target = TIERS[tier]
 
             def send(remote, s=substitute, tier=tier, target=target):
                 options = self.fleet.remote_options(call, target, remote)  # the deadline, for remotes taking one
-                if s == (Stage(tier, tier),):  # the tier's own exit: the plain request any server takes
+                if s == own_plan(tier):  # the tier's own exit: the plain request any server takes
                     return remote.classify(sub_texts, sub_pairs, sub_ids, **options)
                 return remote.classify(sub_texts, sub_pairs, sub_ids, plan=s, confidence=self.confidence, **options)
 
             result = self._exchange(call, rows, target, errors, send)
             if result is not None:
-                self._fill(call, rows, result, target, routed, tier != stages[0].tier, errors, plan)
-                return
-        self._answer_degraded(call, rows, self.mobile_probs(call, rows), routed, errors, plan)
+                return self._remote_outcome(result, tier != stages[0].tier, errors)
+        return self._on_device(self.mobile_probs(call, rows), degraded=True, errors=errors)
 
     def _allowed(self, call: _Call, stages: Plan) -> list[tuple[int, Plan]]:
         """Where the rest of a plan may run, in order, among the tiers the fleet policy allows (privacy): a
@@ -491,23 +503,19 @@ class MobileClient:
         self.fleet.after_send(call, rows, target, reserved, (time.perf_counter() - start) * 1e3, result)
         return result
 
-    def _fill(self, call: _Call, rows: np.ndarray, result: RemoteResult, target: str, routed: str,
-              substituted: bool, errors: list[str], plan: Plan) -> None:
-        n = len(rows)
-        tiers = result.tiers or [target] * n
-        layers = result.exit_layers or [result.exit_layer] * n
-        fallback = result.fallback or [False] * n
-        extra = list(errors) + list(result.errors)
-        for j, i in enumerate(rows):
-            call.answers[i] = self._answer(call.ids[i], result.probs[j], tiers[j], routed, layers[j],
-                                           errors=extra if (substituted or fallback[j]) else list(errors),
-                                           fallback=substituted or fallback[j], plan=plan_text(plan))
+    @staticmethod
+    def _remote_outcome(result: RemoteResult, substituted: bool, errors: list[str]) -> Outcome:
+        """A remote tier's answers; `substituted`: another tier ran the stages (the planned one failed)."""
+        out = result.outcome()
+        out.fallback |= substituted
+        out.errors = [list(errors) + (list(result.errors) if f else []) for f in out.fallback]
+        return out
 
-    def _answer_degraded(self, call: _Call, rows: np.ndarray, probs: np.ndarray, routed: str, errors: list[str],
-                         plan: Plan) -> None:
-        for j, i in enumerate(rows):
-            call.answers[i] = self._answer(call.ids[i], probs[j], "mobile", routed, self.mobile.exit_layer,
-                                           degraded=True, errors=list(errors), fallback=True, plan=plan_text(plan))
+    def _on_device(self, probs: np.ndarray, degraded: bool, errors: list[str]) -> Outcome:
+        """Answers from the mobile exit: for private texts, or `degraded` when every remote tier failed."""
+        n = len(probs)
+        return Outcome(np.asarray(probs, dtype=np.float64), np.full(n, MOBILE), np.full(n, MOBILE),
+                       np.full(n, degraded), np.full(n, degraded), [list(errors) for _ in range(n)])
 
     def mobile_probs(self, call: _Call, rows: np.ndarray) -> np.ndarray:
         """(R, C) the mobile exit's probabilities (at its temperature) for the chosen rows of a call."""
@@ -518,13 +526,9 @@ class MobileClient:
 
     def _check_same_model(self, target: str, result: RemoteResult, n: int) -> None:
         """A tier serving another model (other labels or exit layers) must not answer for this one."""
-        layers = self.mobile.exit_layers
-        if result.tiers is None:
-            expected = [layers[TIERS.index(target)]] * n
-            got = [result.exit_layer] * n
-        else:
-            expected, got = [layers[e] for e in result.exits], result.exit_layers
-        if list(result.label_names) != self.mobile.label_names or list(got) != expected:
+        expected = [self.mobile.exit_layers[e] for e in result.exits]
+        got = expected if result.exit_layers is None else list(result.exit_layers)
+        if list(result.label_names) != self.mobile.label_names or got != expected or len(result.exits) != n:
             raise TierUnavailableError(
                 f"{target} serves another model (labels {result.label_names}, exit layers {sorted(set(got))}; "
                 f"expected {self.mobile.label_names}, exit layers {sorted(set(expected))}): deploy packages of "
@@ -584,6 +588,24 @@ def substitute_tier(stages: Plan, tier: int) -> Plan:
     return check_plan(tuple(out))
 
 
+class _MobileStages:
+    """Runs the mobile stage of a plan for some rows of a call (layers 1..m and exit m, on the device) and
+    keeps each row's hidden state after layer m, for the rows that go on."""
+
+    def __init__(self, client: MobileClient, call: _Call, rows: np.ndarray) -> None:
+        self.client, self.call, self.rows = client, call, rows
+        self.hidden: list[np.ndarray] | None = None  # (T_i, H) per row, once the stage ran
+        self.probs: np.ndarray | None = None  # (R, C)
+
+    def run(self, stage: Stage, open_rows: np.ndarray) -> np.ndarray:
+        mobile = self.client.mobile
+        start = time.perf_counter()
+        logits, self.hidden = mobile.mobile_stage(self.call.batch(mobile).rows(self.rows[open_rows]))
+        self.client.fleet.observe_mobile((time.perf_counter() - start) * 1e3)
+        self.probs = mobile.exit_probs(logits, MOBILE)  # (R, C)
+        return self.probs
+
+
 class _Call:
     """One classify call: its inputs, answers so far, and the tokens, made only if the mobile needs them
     (a cloud-only client never tokenises)."""
@@ -599,23 +621,6 @@ class _Call:
         if self._batch is None:
             self._batch = mobile.encode(self.texts, self.pairs)
         return self._batch
-
-
-def _check_inputs(texts, pairs, ids) -> tuple[list[str], list[str] | None, list[str]]:
-    if isinstance(texts, str):
-        raise DataError("texts must be a list of strings, got one string", "wrap it in a list")
-    texts = list(texts)
-    if not texts:
-        raise DataError("no texts to classify")
-    for i, t in enumerate(texts):
-        if not isinstance(t, str) or not t.strip():
-            raise DataError(f"text {i} is empty or not a string")
-    if pairs is not None and len(pairs) != len(texts):
-        raise DataError(f"{len(texts)} texts but {len(pairs)} text pairs", "give one pair per text")
-    ids = [uuid.uuid4().hex for _ in texts] if ids is None else [str(x) for x in ids]
-    if len(ids) != len(texts) or len(set(ids)) != len(ids):
-        raise DataError("request ids must be unique, one per text")
-    return texts, (list(pairs) if pairs is not None else None), ids
 
 
 def answers_jsonl(answers: list[Answer]) -> str:

@@ -95,8 +95,6 @@ class LatencyTracker:
     minus the server's queueing, plus the queueing the edge last announced (while its advice is valid).
     Seeded from a cost profile (`dimec profile`) when given; a tier never measured is assumed to fit."""
 
-    PROFILE_KEYS = ("lambda_m_ms", "lambda_e_ms", "o_e_ms", "o_c_ms", "cloud_layer_ms")
-
     def __init__(self, seed_ms: dict[str, float] | None = None, alpha: float = 0.2,
                  profile: dict[str, float] | None = None) -> None:
         self.base = dict(seed_ms or {})
@@ -107,14 +105,10 @@ class LatencyTracker:
 
     @classmethod
     def from_profile(cls, path: str | Path) -> LatencyTracker:
-        import json
+        from dimec.costs import PROFILE_TIMES, read_profile
 
-        try:
-            raw = json.loads(Path(path).read_text())
-            profile = {k: float(raw[k]) for k in cls.PROFILE_KEYS}
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise ConfigError(f"cannot read the latency profile {path} ({exc})", "run `dimec profile RUN_DIR`") from None
-        return cls(profile=profile)
+        ms = read_profile(path, "latency profile")
+        return cls(profile={k: ms[k] for k in PROFILE_TIMES})
 
     def seed(self, exit_layers: tuple[int, int, int]) -> None:
         """Turn the profile into first estimates for this model's exits (tiers measured already keep theirs)."""
@@ -200,19 +194,9 @@ class FleetPolicy:
         return tiers
 
     def _tier_costs(self, client) -> np.ndarray:
-        """(3,) the price of each tier under the cost model the router was fitted with (router.json), or the
-        documented defaults."""
+        """(3,) the price of each tier under the cost model the router was fitted with (client.cost_model)."""
         if getattr(self, "_costs", None) is None:
-            import json
-
-            from dimec.config import CostConfig
-            from dimec.costs import CostModel
-
-            try:
-                raw = json.loads((client.mobile.directory / "router.json").read_text())["cost_model"]
-                self._costs = CostModel.from_dict(raw).tier_costs
-            except (OSError, ValueError, KeyError, TypeError):
-                self._costs = CostModel.from_config(CostConfig(), tuple(client.mobile.exit_layers)).tier_costs
+            self._costs = client.cost_model().tier_costs
         return self._costs
 
     def _fit_deadline(self, tier: int, allowed: set[int], costs: np.ndarray, deadline: float, flags: list[str]) -> int:
@@ -244,18 +228,21 @@ class FleetPolicy:
                 call.answers[i] = client._answer(call.ids[i], probs[j], "mobile", "edge", client.mobile.exit_layer)
                 tiers[i] = ANSWERED
 
-    def mobile_threshold(self, threshold: float, confidences: np.ndarray) -> float:
-        """For a cascade: its mobile stage's threshold under the edge's advice. `confidences` (R,): the mobile
-        exit's confidences of the texts now at that stage (recorded as the recent history). Without advice
-        the threshold is unchanged; with keep fraction f it drops to the (1 - f)-quantile of the recent
-        confidences, never below `min_mobile_confidence` nor above the threshold itself."""
+    def advised(self, probs: np.ndarray) -> np.ndarray:
+        """For a plan's mobile stage: (R,) bool, the samples the device answers because the edge advised it.
+        `probs` (R, C): the mobile exit's probabilities of the texts now at that stage, whose max-probabilities
+        are recorded as the recent history (the scale `_keep_on_device` records and `min_mobile_confidence`
+        bounds, whatever the plan's own thresholds read: max_prob or minus the entropy). Without advice none;
+        with keep fraction f those at or above the (1 - f)-quantile of the history, never below
+        `min_mobile_confidence`. The plan's own stop rule still stops the others it clears."""
+        conf = np.asarray(probs).max(-1)
         with self._lock:
-            self._confidences.extend(float(x) for x in np.asarray(confidences).ravel())
+            self._confidences.extend(float(x) for x in conf)
             history = np.asarray(self._confidences)
         keep = self.keep_fraction()
         if keep <= 0 or not len(history):
-            return threshold
-        return min(threshold, max(self.min_mobile_confidence, float(np.quantile(history, 1 - keep))))
+            return np.zeros(len(conf), dtype=bool)
+        return conf >= max(self.min_mobile_confidence, float(np.quantile(history, 1 - keep)))
 
     def keep_fraction(self) -> float:
         keep, until = self._advice

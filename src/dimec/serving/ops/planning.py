@@ -16,11 +16,9 @@ For every candidate policy, on the cached exit outputs of a split (validation by
 A policy's path is re-priced exactly when it is a plan router (every stage priced through the cost model)
 or a bandit over fixed arms (the arms it chose, re-priced); other routers are re-routed under the new prices
 and kept when their decisions do not change, else priced as "answered on tier t at exit e" (marked
-approximate). Candidates: a `policies.json` in the run (router.json entries with a name) or `--policies FILE`; else what
-calibration chooses from, fitted on validation: every configuration of every family `auto` considers
-(cascades at each grid threshold, hybrids, DIMEC-DC, single tiers) plus the paper's other baselines; an
-older dimec without `auto` gets every registered router and threshold sweeps of three model-distributed plans
-(cascade mobile -> edge -> cloud, split mobile -> cloud, edge -> cloud) at validation quantiles. The Pareto front is over (accuracy up, latency, money, exposure down). The pick is made on
+approximate). Candidates: `--policies FILE` (router.json entries with a name); else what calibration
+chooses from, fitted on validation: every configuration of every family `auto` considers (cascades at each
+grid threshold, hybrids, DIMEC-DC, single tiers) plus the paper's other baselines. The Pareto front is over (accuracy up, latency, money, exposure down). The pick is made on
 validation figures, always: the most accurate (or cheapest, fastest, ...: `--objective`) policy that meets
 every constraint.
 """
@@ -35,14 +33,14 @@ from typing import Any
 
 import numpy as np
 
-from dimec.costs import CostModel
+from dimec.costs import CostModel, read_profile
 from dimec.errors import ArtifactError, ConfigError, DimecError
 from dimec.evaluation import score_decisions
 from dimec.outputs import ExitOutputs
 from dimec.routing.base import Decisions, Router
-from dimec.routing.plan import PlanRouter, Stage, plan_text, run_plans
+from dimec.routing.plan import PlanRouter, run_plans
 from dimec.rundir import RunDir
-from dimec.tiers import CLOUD, EDGE, MOBILE, TIERS
+from dimec.tiers import CLOUD, MOBILE, TIERS
 
 OBJECTIVES = ("cost", "accuracy", "latency", "money", "exposure")
 
@@ -77,18 +75,10 @@ class PlanConstraints:
 # ---- prices beyond the cost model -----------------------------------------------------------------------------------
 def latency_model(profile: str | Path, exit_layers: tuple[int, int, int], hidden_state_factor: float) -> CostModel:
     """The cost model's path formulas in milliseconds: per-layer times and offload times of the profile."""
-    path = Path(profile)
-    if not path.is_file():
-        raise ConfigError(f"latency profile not found: {path}", "measure one with `dimec profile RUN_DIR`, then "
-                                                                 "`dimec plan RUN_DIR --profile RUN_DIR/profile.json`")
-    try:
-        raw = json.loads(path.read_text())
-        ms = {k: float(raw[k]) for k in ("lambda_m_ms", "lambda_e_ms", "o_e_ms", "o_c_ms", "cloud_layer_ms")}
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ConfigError(f"{path} is not a cost profile ({exc})", "write it with `dimec profile RUN_DIR`") from None
+    ms = read_profile(profile, "latency profile")
     return CostModel(ms["lambda_m_ms"], ms["lambda_e_ms"], ms["o_e_ms"], ms["o_c_ms"],
                      ms["cloud_layer_ms"] * exit_layers[2], tuple(exit_layers),
-                     float(raw.get("hidden_state_factor", hidden_state_factor)))
+                     ms.get("hidden_state_factor", hidden_state_factor))
 
 
 def money_model(cloud_price: float, edge_price: float, exit_layers: tuple[int, int, int]) -> CostModel:
@@ -144,36 +134,12 @@ def router_candidate(name: str, router: Router, reward: CostModel) -> Candidate:
     return Candidate(name, "router", decide, getattr(router, "describe", lambda: "")())
 
 
-def plan_candidate(name: str, plan: tuple[Stage, ...], confidence: str = "max_prob") -> Candidate:
-    def decide(out: ExitOutputs, cm: CostModel) -> tuple[Decisions, bool]:
-        d = run_plans(out, [plan], np.zeros(len(out), dtype=np.int64), cm, confidence)
-        return Decisions(d.exit_index, d.tier, d.cost), True
-    return Candidate(name, "sweep", decide, plan_text(plan))
-
-
-def plan_sweeps(val: ExitOutputs, grid: int = 5) -> list[Candidate]:
-    """Cascade, split and edge-first plans with thresholds at validation quantiles of each exit's confidence."""
-    q = np.linspace(0.1, 0.9, grid)
-    t_m = np.unique(np.round(np.quantile(val.max_probs[:, 0], q), 4))
-    t_n = np.unique(np.round(np.quantile(val.max_probs[:, 1], q), 4))
-    out = []
-    for a in t_m:
-        out.append(plan_candidate(f"split m>={a:.3g}", (Stage(MOBILE, 0, float(a)), Stage(CLOUD, 2))))
-        for b in t_n:
-            out.append(plan_candidate(f"cascade m>={a:.3g} n>={b:.3g}",
-                                      (Stage(MOBILE, 0, float(a)), Stage(EDGE, 1, float(b)), Stage(CLOUD, 2))))
-    for b in t_n:
-        out.append(plan_candidate(f"edge-first n>={b:.3g}", (Stage(EDGE, 1, float(b)), Stage(CLOUD, 2))))
-    return out
-
-
 PAPER_BASELINES = ("random", "deebert", "adaee", "isplitee", "knn")  # not among calibration's families
 
 
 def registered_candidates(run_dir: Path, val: ExitOutputs, reward: CostModel, cfg) -> list[Candidate]:
     """What calibration chooses from: every configuration of every family `auto` fits on validation
-    (cascades at every grid threshold, hybrids, DIMEC-DC, single tiers), plus the paper's other baselines.
-    Without `auto` (an older dimec): every registered router but the oracle, plus plan sweeps."""
+    (cascades at every grid threshold, hybrids, DIMEC-DC, single tiers), plus the paper's other baselines."""
     from collections import Counter
 
     from dimec.pipeline import load_cartography
@@ -187,25 +153,21 @@ def registered_candidates(run_dir: Path, val: ExitOutputs, reward: CostModel, cf
         carto = None
     needs_carto = ("dimec-fixed", "dimec-dynamic", "knn", "hybrid-centroid")
     out: list[Candidate] = []
-    if "auto" in ROUTERS:
-        from dimec.pipeline import training_signal
+    from dimec.pipeline import training_signal
 
-        pairs, _skipped = ROUTERS["auto"].from_config(cfg.calibration).candidates(
-            val, reward, carto, training_signal(run_dir, cfg))
-        count: Counter[str] = Counter(family for family, _ in pairs)
-        seen: Counter[str] = Counter()
-        for family, router in pairs:
-            seen[family] += 1
-            name = family if count[family] == 1 else f"{family}#{seen[family]}"
-            out.append(router_candidate(name, router, reward))
-        names = PAPER_BASELINES
-    else:
-        names = tuple(sorted(n for n in ROUTERS if n != "oracle"))
-    for name in names:
-        if name in ROUTERS and not (carto is None and name in needs_carto):
+    pairs, _skipped = ROUTERS["auto"].from_config(cfg.calibration).candidates(
+        val, reward, carto, training_signal(run_dir, cfg))
+    count: Counter[str] = Counter(family for family, _ in pairs)
+    seen: Counter[str] = Counter()
+    for family, router in pairs:
+        seen[family] += 1
+        name = family if count[family] == 1 else f"{family}#{seen[family]}"
+        out.append(router_candidate(name, router, reward))
+    for name in PAPER_BASELINES:
+        if not (carto is None and name in needs_carto):
             router = ROUTERS[name].from_config(cfg.calibration, None)  # the run's settings, as calibrate does
             out.append(router_candidate(name, router.fit(val, reward, carto), reward))
-    return out if "auto" in ROUTERS else out + plan_sweeps(val)
+    return out
 
 
 def file_candidates(path: Path, reward: CostModel) -> list[Candidate]:
@@ -289,11 +251,10 @@ def plan_run(run_dir: Path, profile: str | None, constraints: PlanConstraints, o
     money = money_model(cloud_price, edge_price, reward.exit_layers)
     metric = json.loads(run.data.read_text())["metric"]
     val = split_outputs(run.root, "validation")
-    source = Path(policies) if policies else run.policies
-    if source.is_file():
-        candidates = file_candidates(source, reward)
-    elif policies:
-        raise ArtifactError(f"policies file not found: {source}")
+    if policies:
+        if not Path(policies).is_file():
+            raise ArtifactError(f"policies file not found: {policies}")
+        candidates = file_candidates(Path(policies), reward)
     else:
         candidates = registered_candidates(run.root, val, reward, cfg)
 

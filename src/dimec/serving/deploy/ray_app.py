@@ -10,7 +10,7 @@ TierModel, auth, limits, metrics), so nothing about a tier is implemented twice:
 Ray binds loopback only here: `ray.init(_node_ip_address="127.0.0.1")` with
 RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (otherwise Ray may pick another address and hang), HTTP on 127.0.0.1.
 
-    python -m dimec.serving.ray_app RUN_DIR_or_EXPORT_DIR [--port 8000]    (token: env DIMEC_TOKEN)
+    python -m dimec.serving.deploy.ray_app RUN_DIR_or_EXPORT_DIR [--port 8000]    (token: env DIMEC_TOKEN)
 """
 
 from __future__ import annotations
@@ -23,11 +23,11 @@ from pathlib import Path
 from typing import Any
 
 from dimec.errors import DimecError
-from dimec.serving.batched import TierBatcher
-from dimec.serving.batcher import BatchingConfig, Item, run_isolated
-from dimec.serving.export import ensure_package
-from dimec.serving.scheduling import Done
-from dimec.serving.server import Limits
+from dimec.serving.deploy.export import ensure_package
+from dimec.serving.servers.batched import TierBatcher
+from dimec.serving.servers.batcher import BatchingConfig, Item, run_isolated
+from dimec.serving.servers.scheduling import Done
+from dimec.serving.servers.server import Limits
 from dimec.tiers import TIERS
 
 # Replicas per tier follow the load: the cloud gets the most headroom (it runs every layer), the
@@ -57,10 +57,10 @@ class RayBatcher(TierBatcher):
     different kinds in one Ray batch run as one forward pass per kind. Ray's queue is first come, first
     served: priority classes and deadlines are the dimec batcher's only (docs/serving.md)."""
 
-    def __init__(self, service, config: BatchingConfig, response: type) -> None:
+    def __init__(self, service, config: BatchingConfig) -> None:
         from ray import serve
 
-        self.service, self.response, self.config = service, response, config.validate()
+        self.service, self.config = service, config.validate()
 
         async def run_items(items: list[Item]) -> list[tuple[Any, BaseException | None]]:
             return await asyncio.get_running_loop().run_in_executor(None, self._run_grouped, items)
@@ -100,21 +100,21 @@ def tier_application(tier: str, package: str | Path, token: str, limits: Limits 
     package = str(package)
     if tier == "mobile":
         def build():
-            from dimec.serving.client import MobileClient
-            from dimec.serving.server import create_gateway_app
+            from dimec.serving.phone.client import MobileClient
+            from dimec.serving.servers.server import create_gateway_app
 
             client = MobileClient(package, edge_url, cloud_url, token, backend=backend, routing=routing)
             return create_gateway_app(client, token, limits)
     else:
         def build():
-            from dimec.serving.client import HttpRemote
-            from dimec.serving.server import ClassifyResponse, create_app
+            from dimec.serving.phone.client import HttpRemote
+            from dimec.serving.servers.server import create_app
 
             # the edge forwards plans that go on to the cloud through Serve's proxy
             forward = HttpRemote("cloud", cloud_url, token) if tier == "edge" and cloud_url else None
             app = create_app(package, tier, token, limits, forward=forward)
             if batching is not None:
-                app.state.fleet.batcher = RayBatcher(app.state.service, batching, ClassifyResponse)
+                app.state.fleet.batcher = RayBatcher(app.state.service, batching)
             return app
 
     # a batch can only fill if the replica takes that many requests at once (Serve's default is 5)
@@ -159,7 +159,7 @@ def shutdown() -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m dimec.serving.ray_app", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m dimec.serving.deploy.ray_app", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("path", help="run directory or `dimec export` folder")
     parser.add_argument("--port", type=int, default=8000)

@@ -27,10 +27,10 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from dimec.serving.batcher import BatchRefused
-from dimec.serving.monitor import DriftRecorder
-from dimec.serving.scheduling import Scheduler, Shed
-from dimec.serving.sources import Source, SourceTable
+from dimec.serving.ops.monitor import DriftRecorder
+from dimec.serving.servers.batcher import BatchRefused
+from dimec.serving.servers.scheduling import Scheduler, Shed
+from dimec.serving.servers.sources import Source, SourceTable
 from dimec.tiers import TIERS
 
 LATENCY_BUCKETS = (.0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10)

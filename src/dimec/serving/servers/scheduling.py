@@ -34,7 +34,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from dimec.serving.sources import AllocationConfig, Source, SourceTable
+from dimec.serving.servers.sources import AllocationConfig, Source, SourceTable
 
 
 class Shed(Exception):

@@ -10,7 +10,7 @@ Each holds manifest.json: tier, exit layers, label names, the model's identity (
 package of one export: continuation requests must name it) and every file with its size and sha256, checked
 again when a package is loaded, so a tier never serves half-copied or mixed-up weights.
 
-Writing packages is `dimec.serving.export`; this module only reads and describes them.
+Writing packages is `dimec.serving.deploy.export`; this module only reads and describes them.
 """
 
 from __future__ import annotations
@@ -113,7 +113,7 @@ def find_package(path: str | Path, tier: str) -> Path | None:
 def resolve_package(path: str | Path, tier: str, backend: str | None = None) -> Path:
     """The `tier` package from a package folder, an export folder or a run directory. Never exports: a run
     directory without packages (or without the file `backend` needs) is an error that says what to run;
-    `dimec.serving.export.ensure_package` exports on request."""
+    `dimec.serving.deploy.export.ensure_package` exports on request."""
     found = find_package(path, tier)
     if found is None:
         if (Path(path) / MODEL_SUBDIR).is_dir() and RunDir(path).config.is_file():

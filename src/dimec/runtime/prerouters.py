@@ -7,8 +7,7 @@ then: the embedding layer's output mean-pooled over real tokens (H numbers) and 
               exit that is right in at least `adequate` of the epochs; the cloud when none is). Two
               thresholds on its probabilities pick the plan: P(cloud) >= t_cloud -> plan 2 (straight to the
               cloud); else P(edge) + P(cloud) >= t_edge -> plan 1 (start on the edge); else plan 0.
-Both are linear in the pooled embedding, so a phone can score them from per-token tables
-(modeling/fast_embed.py) as cheaply as DIMEC-DC's centroid distances.
+Both read the pooled routing embedding the phone's int8 graph computes (its embedding layer only).
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ from typing import Any
 from dimec.atomic import atomic_dir
 from dimec.errors import ArtifactError
 from dimec.rundir import PACKAGES_DIR, RunDir
-from dimec.serving.package import (
+from dimec.runtime.package import (
     FORMAT_VERSION,
     MODEL_SUBDIR,
     ROUTER_FILE,
@@ -47,7 +47,7 @@ def export_packages(
     from transformers.utils import logging as hf_logging
 
     from dimec.modeling.multi_exit import MultiExitModel
-    from dimec.serving.monitor import write_reference
+    from dimec.serving.ops.monitor import write_reference
 
     hf_logging.disable_progress_bar()
     run_dir = Path(run_dir)
@@ -80,7 +80,7 @@ def export_packages(
             write_manifest(directory, manifest)
         written[tier] = out / tier
         if log:
-            from dimec.serving.package import read_manifest
+            from dimec.runtime.package import read_manifest
 
             size = package_bytes(read_manifest(out / tier, verify=False))
             log(f"{tier:<6} package: layers 1..{cfg.exit_layers[index]}, {size / 1e6:.1f} MB -> {out / tier}")
@@ -90,7 +90,7 @@ def export_packages(
 def _export_mobile_onnx(run_dir: Path, sliced, directory: Path, manifest: dict, full: bool, texts, pairs,
                         limit: int, log) -> None:
     """The ONNX graphs, their check against PyTorch, then (unless `full`) the PyTorch weights removed."""
-    from dimec.serving.onnx_export import check_agreement, export_mobile_onnx
+    from dimec.serving.deploy.onnx_export import check_agreement, export_mobile_onnx
 
     manifest["onnx"] = export_mobile_onnx(sliced, directory, full=full)
     write_manifest(directory, manifest)  # the check loads the package
@@ -106,7 +106,7 @@ def _export_mobile_onnx(run_dir: Path, sliced, directory: Path, manifest: dict, 
 def ensure_package(path: str | Path, tier: str, backend: str | None = None, log=None) -> Path:
     """The `tier` package of `path`, exporting it first (and saying so) when `path` is a run directory
     without one: what `dimec serve/client/serve-all/profile RUN_DIR` do. `resolve_package` never exports."""
-    from dimec.serving.package import resolve_package
+    from dimec.runtime.package import resolve_package
 
     found = find_package(path, tier)
     needed = backend_file(backend)

@@ -1,6 +1,6 @@
 """Drift monitoring: what the served traffic looks like against what the router was calibrated on.
 
-Three distributions, each per model (the `model` label is `model_id(manifest)`, the same for every package
+Three distributions, each per model (the `model` label is `model_label(manifest)`, the same for every package
 of one export):
 
     dimec_drift_routing_distance{model}      histogram: distance of a text's routing embedding (the pooled
@@ -45,7 +45,7 @@ DISTANCE, ROUTED, CONFIDENCE = "dimec_drift_routing_distance", "dimec_drift_rout
 EXIT_NAMES = ("m", "n", "l")
 
 
-def model_id(manifest: dict[str, Any]) -> str:
+def model_label(manifest: dict[str, Any]) -> str:
     """One id per export, the same in every tier package: the manifest's own `model_id` when it has one,
     else a hash over what all packages of one export share."""
     if manifest.get("model_id"):
@@ -126,7 +126,7 @@ def write_reference(run_dir: str | Path, package_dir: str | Path, manifest: dict
     run = RunDir(run_dir)
     if not run.router.is_file():  # an uncalibrated run: nothing to compare with (monitor says so)
         return None
-    model = model_id(manifest)
+    model = model_label(manifest)
     reference = None
     if run.drift_reference.is_file():
         reference = json.loads(run.drift_reference.read_text())

@@ -35,7 +35,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 
 from dimec.errors import ConfigError
-from dimec.serving.package import MANIFEST, read_manifest
+from dimec.runtime.package import MANIFEST, read_manifest
 
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
 PROXIED = {("POST", "v1/classify"), ("POST", "v1/continue"), ("GET", "healthz"), ("GET", "metrics")}
@@ -259,7 +259,7 @@ def _drift_reference(package: Path) -> dict[str, Any] | None:
 def _drift_rows(reference: dict[str, Any] | None, tiers: dict[str, str]) -> list[dict[str, Any]]:
     """PSI verdicts per tier (monitor.compare on each tier's scrape); a tier that does not answer says so."""
     from dimec.errors import DimecError
-    from dimec.serving.monitor import compare, scrape
+    from dimec.serving.ops.monitor import compare, scrape
 
     rows = []
     for name, url in sorted(tiers.items()):

@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from dimec.errors import ArtifactError, ConfigError
-from dimec.rundir import MODEL_CONFIG
-from dimec.serving.package import (
+from dimec.runtime.model_config import MultiExitConfig
+from dimec.runtime.package import (
     FORMAT_VERSION,
     MODEL_SUBDIR,
     ONNX_FILES,
@@ -90,7 +90,8 @@ class TierModel:
         self.max_length: int = int(self.manifest["max_length"])
         self.model_id: str | None = self.manifest.get("model_id")  # None: exported by an older dimec
         self.backend = backend
-        self.temperatures = exit_temperatures(self.directory / MODEL_SUBDIR)  # (3,)
+        model_dir = self.directory / MODEL_SUBDIR
+        self.temperatures = MultiExitConfig.load(model_dir).exit_temperatures(str(model_dir))  # (3,)
         self._lock = threading.Lock()  # tokenizers' fast backend is not safe to share across threads
         self.device, self.precision, self.chunk = None, "fp32", CHUNK  # torch: set below
         needed = backend_file(backend)
@@ -270,22 +271,6 @@ class TierModel:
 def _numpy(tensor) -> np.ndarray:
     """A result as float32 numpy on the host, whatever device and precision computed it."""
     return tensor.float().cpu().numpy()
-
-
-def exit_temperatures(model_dir: Path) -> np.ndarray:
-    """(3,) each exit's fitted temperature from dimec_model.json ("temperatures", written by training once
-    temperatures are fitted); 1.0 each (the raw softmax) for a model without them."""
-    import json
-
-    try:
-        raw = json.loads((model_dir / MODEL_CONFIG).read_text()).get("temperatures")
-    except (OSError, ValueError) as exc:
-        raise ArtifactError(f"{model_dir / MODEL_CONFIG} is missing or damaged ({exc})",
-                            "export the package again") from None
-    temperatures = np.ones(3) if raw is None else np.asarray(raw, dtype=np.float64).reshape(3)
-    if not (temperatures > 0).all():
-        raise ArtifactError(f"{model_dir / MODEL_CONFIG} has invalid temperatures {raw}", "export the package again")
-    return temperatures
 
 
 def prune(model, outputs: list[str]):

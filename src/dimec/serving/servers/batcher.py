@@ -29,7 +29,7 @@ from typing import Any
 
 from dimec.config import at_least, build_config, raise_problems, section_problems, setting
 from dimec.devices import is_out_of_memory
-from dimec.serving.scheduling import Done, Shed
+from dimec.serving.servers.scheduling import Done, Shed
 
 
 @dataclass

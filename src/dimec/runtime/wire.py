@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from dimec.errors import ConfigError
-from dimec.routing.plan import CONFIDENCES, Plan, Stage, check_plan
+from dimec.runtime.plans import CONFIDENCES, Plan, Stage, check_plan
 from dimec.tiers import TIERS
 
 CONTENT_TYPE = "application/vnd.dimec.hidden+safetensors"

@@ -1,10 +1,11 @@
 """Model-distributed paths on the edge and cloud: run the rest of a plan from a hidden state (or from raw text).
 
-A tier receives either a hidden state after layer k (POST /v1/continue, wire.py) or raw text with the rest of
-a plan (POST /v1/classify with "plan"). It runs the plan's stages that are on this tier, in order: layers up
-to the stage's exit, then the exit; a sample stops at the first stage whose confidence (softmax at the exit's
-temperature, read as the plan says: max_prob or entropy) clears its threshold, and the last stage always
-answers. If the plan goes on to a higher tier (edge -> cloud), the edge forwards the hidden state of the
+A tier receives either a hidden state after layer k (POST /v1/continue, wire.py) or raw text (POST
+/v1/classify) with the rest of a plan; a request without a plan is the one-stage plan of this tier's own exit,
+so every answer has one shape (PlanAnswer). The plan's stages on this tier run through the one executor
+(runtime/executor.py): layers up to the stage's exit, then the exit; a sample stops at the first stage whose
+confidence (softmax at the exit's temperature, read as the plan says: max_prob or entropy) clears its
+threshold, and the last stage always answers. If the plan goes on to a higher tier (edge -> cloud), the edge forwards the hidden state of the
 samples still open to the cloud as a continuation request; if the cloud cannot be reached, the edge answers
 them at its own last exit, marked `fallback` with the error (nothing is lost).
 
@@ -20,10 +21,11 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from dimec.routing.plan import Plan, Stage, confidence, plan_text
-from dimec.serving import wire
-from dimec.serving.tier import TierModel
-from dimec.serving.wire import HiddenState, WireError
+from dimec.runtime import wire
+from dimec.runtime.executor import Outcome, run_plan
+from dimec.runtime.plans import Plan, Stage, own_plan, plan_text
+from dimec.runtime.tier import TierModel
+from dimec.runtime.wire import HiddenState, WireError
 from dimec.tiers import CLOUD, TIERS
 
 
@@ -67,10 +69,9 @@ class PlanRunner:
 
     # ---- checks ------------------------------------------------------------------------------------------
     def own_plan(self) -> Plan:
-        m = self.model
-        return (Stage(m.tier_index, m.tier_index),)
+        return own_plan(self.model.tier_index)
 
-    def check_plan(self, plan: Plan, layer: int) -> Plan:
+    def check_here(self, plan: Plan, layer: int) -> Plan:
         """The plan's first stage must run here; exits at or above `layer`; this tier holds layers 1..L."""
         m = self.model
         if plan[0].tier != m.tier_index:
@@ -104,7 +105,7 @@ class PlanRunner:
         expected = self._hidden_size()
         if size != expected:
             raise WireError(422, f"hidden size {size} does not match the model's {expected}")
-        return self.check_plan(state.plan or self.own_plan(), state.layer)
+        return self.check_here(state.plan or self.own_plan(), state.layer)
 
     def _hidden_size(self) -> int:
         if self.hidden_size is None:
@@ -121,7 +122,7 @@ class PlanRunner:
     def classify(self, texts: list[str], pairs: list[str] | None, ids: list[str] | None, plan: Plan,
                  kind: str) -> PlanAnswer:
         """Raw text with the rest of a plan: embed here, then run the plan from layer 0."""
-        plan = self.check_plan(plan, 0)
+        plan = self.check_here(plan, 0)
         start = time.perf_counter()
         batch = self.model.encode(texts, pairs)
         hidden = self.model.start(batch)
@@ -135,48 +136,28 @@ class PlanRunner:
              ids: list[str] | None, dtype=np.float16) -> PlanAnswer:
         """`dtype`: of hidden states forwarded on (the precision the request came in; fp16 for raw text)."""
         m = self.model
-        n = len(hidden)
-        probs = np.zeros((n, len(m.label_names)))
-        exit_index = np.zeros(n, dtype=np.int64)
-        answered_on = np.full(n, m.tier_index)
-        fallback = np.zeros(n, dtype=bool)
-        errors: list[str] = []
-        open_rows = np.arange(n)
-        here = [s for s in plan if s.tier == m.tier_index]
-        rest = plan[len(here):]
-        start = time.perf_counter()
-        for stage in here:
-            logits, hidden = m.continue_from(hidden, mask[open_rows], layer, stage.exit)
-            layer = m.exit_layers[stage.exit]
-            p = m.exit_probs(logits, stage.exit)  # (open, C)
-            probs[open_rows], exit_index[open_rows] = p, stage.exit  # the answer if the sample stops here
-            if stage.threshold is None:  # the plan's last stage (check_plan): everyone still open answers
-                open_rows = open_rows[:0]
-                break
-            stop = confidence(p, kind) >= stage.threshold
-            hidden, open_rows = hidden[~stop], open_rows[~stop]
-            if not len(open_rows):
-                break
-        compute_ms = (time.perf_counter() - start) * 1e3
-        forward_ms = 0.0
-        if len(open_rows) and rest:
+        stages = TierStages(m, hidden, mask, layer)
+        forward_ms = [0.0]
+
+        def handoff(rest: Plan, rows: np.ndarray) -> Outcome | str:
             start = time.perf_counter()
-            error = self._forward(hidden, mask[open_rows], layer, rest, kind, open_rows, ids, probs, exit_index,
-                                  answered_on, dtype)
-            forward_ms = (time.perf_counter() - start) * 1e3
-            if error:
-                fallback[open_rows] = True  # answered here, at the last exit this tier ran
-                errors.append(error)
-        label_ids = probs.argmax(-1)
+            try:
+                return self._forward(stages.hidden[rows], mask[rows], stages.layer, rest, kind, rows, ids, dtype)
+            finally:
+                forward_ms[0] = (time.perf_counter() - start) * 1e3
+
+        start = time.perf_counter()
+        out = run_plan(plan, len(hidden), len(m.label_names), {m.tier_index}, stages.run, kind, handoff)
+        compute_ms = (time.perf_counter() - start) * 1e3 - forward_ms[0]
+        label_ids = out.probs.argmax(-1)
         return PlanAnswer(
             tier=m.tier, label_names=m.label_names, ids=ids, labels=[m.label_names[i] for i in label_ids],
-            label_ids=label_ids.tolist(), probs=probs.round(6).tolist(), tiers=[TIERS[t] for t in answered_on],
-            exits=exit_index.tolist(), exit_layers=[m.exit_layers[e] for e in exit_index], fallback=fallback.tolist(), errors=errors,
-            compute_ms=compute_ms, forward_ms=forward_ms)
+            label_ids=label_ids.tolist(), probs=out.probs.round(6).tolist(), tiers=[TIERS[t] for t in out.tiers],
+            exits=out.exits.tolist(), exit_layers=[m.exit_layers[e] for e in out.exits],
+            fallback=out.fallback.tolist(), errors=out.error_list(), compute_ms=compute_ms, forward_ms=forward_ms[0])
 
-    def _forward(self, hidden, mask, layer, rest: Plan, kind, rows, ids, probs, exit_index, answered_on,
-                 dtype) -> str | None:
-        """Ship the open rows' hidden state to the next tier; fill their answers. Returns an error or None."""
+    def _forward(self, hidden, mask, layer, rest: Plan, kind, rows, ids, dtype) -> Outcome | str:
+        """Ship the open rows' hidden state to the next tier: their answers, or why they could not be had."""
         from dimec.errors import TierUnavailableError
 
         if self.forward is None:
@@ -189,10 +170,22 @@ class PlanRunner:
             return exc.message
         if list(result.label_names) != self.model.label_names:
             return f"the {self.forward.name} serves another model (labels {result.label_names})"
-        probs[rows] = result.probs
-        exit_index[rows] = result.exits
-        answered_on[rows] = [TIERS.index(t) for t in result.tiers]
-        return None
+        return result.outcome()
+
+
+class TierStages:
+    """Runs a plan's stages on one tier in this process (PyTorch backend), from the hidden state after
+    `layer`; keeps every row's hidden state, so the rows still open can go on (or be shipped) from it."""
+
+    def __init__(self, model: TierModel, hidden: np.ndarray, mask: np.ndarray, layer: int) -> None:
+        self.model, self.mask, self.layer = model, mask, layer
+        self.hidden = hidden  # (N, T, H) float32, this runner's own copy: open rows are updated in place
+
+    def run(self, stage: Stage, rows: np.ndarray) -> np.ndarray:
+        logits, hidden = self.model.continue_from(self.hidden[rows], self.mask[rows], self.layer, stage.exit)
+        self.hidden[rows] = hidden
+        self.layer = self.model.exit_layers[stage.exit]
+        return self.model.exit_probs(logits, stage.exit)  # (R, C)
 
 
 def request_plan(raw: list[Any] | None) -> Plan | None:

@@ -1,7 +1,8 @@
 """HTTP service of the edge and cloud tiers (FastAPI; run with uvicorn, bound to 127.0.0.1 by default).
 
-    POST /v1/classify   one text (or pair) or a batch -> labels, probs, tier, exit layer   (bearer token)
-                        with "plan": the rest of a routing plan that starts on this tier (continuation.py)
+    POST /v1/classify   one text (or pair) or a batch -> labels, probs, per sample the tier and exit that
+                        answered (bearer token); with "plan": the rest of a routing plan that starts on
+                        this tier, else this tier's own exit (one answer shape: PlanAnswer, continuation.py)
     POST /v1/continue   a hidden state after layer k (safetensors body, wire.py): run the plan on from there
     POST /v1/ping       echo the body size: lets `dimec profile` measure a link's throughput (bearer token)
     GET  /healthz       liveness and what this tier serves
@@ -37,15 +38,15 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from starlette.exceptions import HTTPException
 
-from dimec.errors import ConfigError, TierAuthError
-from dimec.serving import wire
-from dimec.serving.batched import TierBatcher
-from dimec.serving.batcher import BatchingConfig
-from dimec.serving.continuation import PlanAnswer, PlanRunner, PlanStage, request_plan
-from dimec.serving.fleet import Fleet, attach_gateway_drift
-from dimec.serving.sources import Source, SourceTable
-from dimec.serving.tier import TierModel
-from dimec.textinput import text_problem
+from dimec.errors import ConfigError, DataError, TierAuthError
+from dimec.runtime import wire
+from dimec.runtime.tier import TierModel
+from dimec.serving.servers.batched import TierBatcher
+from dimec.serving.servers.batcher import BatchingConfig
+from dimec.serving.servers.continuation import PlanAnswer, PlanRunner, PlanStage, request_plan
+from dimec.serving.servers.fleet import Fleet, attach_gateway_drift
+from dimec.serving.servers.sources import Source, SourceTable
+from dimec.textinput import check_batch, text_problem
 
 log = logging.getLogger("dimec.serving")
 KNOWN_PATHS = ("/v1/classify", "/v1/continue", "/v1/ping", "/healthz", "/metrics", "/openapi.json", "/docs",
@@ -84,8 +85,8 @@ class ClassifyRequest(BaseModel):
     text_pairs: list[str] | None = None
     ids: list[str] | None = Field(None, description="request ids, one per text, echoed in the answer")
     deadline_ms: float | None = Field(None, ge=0, description="answer within this many ms or refuse at once (429)")
-    plan: list[PlanStage] | None = Field(None, description="the rest of a routing plan, starting on this tier; "
-                                         "the answer is then a PlanAnswer (per sample: the tier and exit)")
+    plan: list[PlanStage] | None = Field(None, description="the rest of a routing plan, starting on this tier "
+                                         "(default: this tier's own exit)")
     confidence: Literal["max_prob", "entropy"] = Field("max_prob", description="what the plan's thresholds read")
 
     @model_validator(mode="after")
@@ -118,21 +119,6 @@ class ClassifyRequest(BaseModel):
         return list(self.texts or []), self.text_pairs
 
 
-class ClassifyResponse(BaseModel):
-    tier: str
-    exit_layer: int
-    label_names: list[str]
-    ids: list[str] | None
-    labels: list[str]
-    label_ids: list[int]
-    probs: list[list[float]]
-    compute_ms: float = Field(description="model time on the server, so clients can separate link time")
-    queue_ms: float | None = Field(None, description="time waiting for the model (sources mode)")
-    source: str | None = Field(None, description="the source the token maps to")
-    priority: str | None = Field(None, description="the source's priority class")
-    advice: dict[str, Any] | None = Field(None, description="PA-MDI allocation advice (docs/fleet.md)")
-
-
 class ErrorBody(BaseModel):
     """Every refusal: what is wrong, and for an invalid body each problem's location and message."""
 
@@ -152,10 +138,10 @@ class TierService:
     """Auth, limits and classification for one tier; shared by the FastAPI app and Ray Serve."""
 
     def __init__(self, model: TierModel, token: str | None, limits: Limits = Limits(),
-                 sources: SourceTable | None = None) -> None:
+                 sources: SourceTable | None = None, forward=None) -> None:
         self.model, self.limits = model, limits
         self.sources = sources or SourceTable.single(token)  # one token, one source "default"
-        self.plans: PlanRunner | None = None  # set by create_app on the edge and cloud
+        self.plans = PlanRunner(model, limits.max_batch, forward)  # `forward`: the edge's cloud
 
     def authorize(self, authorization: str | None) -> Source:
         """`authorization`: the raw Authorization header -> the source its token maps to (constant time)."""
@@ -171,34 +157,20 @@ class TierService:
     def check(self, request: ClassifyRequest) -> tuple[list[str], list[str] | None]:
         texts, pairs = request.batch()
         lim = self.limits
-        if len(texts) > lim.max_batch:
-            raise RequestError(422, f"batch of {len(texts)} texts is over the limit of {lim.max_batch}")
-        for i, t in enumerate([*texts, *(pairs or [])]):
-            if not t.strip():
-                raise RequestError(422, f"text {i % len(texts)} is empty")
-            if len(t) > lim.max_text_chars:
-                raise RequestError(422, f"text {i % len(texts)} has {len(t)} characters, over the limit of "
-                                        f"{lim.max_text_chars}")
-        if request.ids and any(len(x) > MAX_ID_CHARS for x in request.ids):
-            raise RequestError(422, f"request ids are limited to {MAX_ID_CHARS} characters")
-        if not texts:
-            raise RequestError(422, "'texts' is empty")
+        try:
+            check_batch(texts, pairs, request.ids, lim.max_batch, lim.max_text_chars, MAX_ID_CHARS, unique_ids=False)
+        except DataError as exc:
+            raise RequestError(422, exc.message) from None
         return texts, pairs
 
-    def classify(self, request: ClassifyRequest) -> ClassifyResponse | PlanAnswer:
+    def classify(self, request: ClassifyRequest) -> PlanAnswer:
+        """Every request is a plan: the one it carries, or this tier's own exit (continuation.py)."""
         texts, pairs = self.check(request)
-        if request.plan is not None and self.plans is not None:  # model-distributed: the rest of a plan
-            try:
-                return self.plans.classify(texts, pairs, request.ids, request_plan(request.plan), request.confidence)
-            except wire.WireError as exc:
-                raise RequestError(exc.status, exc.message) from None
-        start = time.perf_counter()
-        pred = self.model.classify(texts, pairs)
-        return ClassifyResponse(
-            tier=self.model.tier, exit_layer=self.model.exit_layer, label_names=self.model.label_names,
-            ids=request.ids, labels=pred.labels, label_ids=pred.label_ids.tolist(),
-            probs=pred.probs.round(6).tolist(), compute_ms=(time.perf_counter() - start) * 1e3,
-        )
+        try:
+            plan = request_plan(request.plan) or self.plans.own_plan()
+            return self.plans.classify(texts, pairs, request.ids, plan, request.confidence)
+        except wire.WireError as exc:
+            raise RequestError(exc.status, exc.message) from None
 
     def health(self) -> dict[str, Any]:
         m = self.model
@@ -220,22 +192,21 @@ def create_app(package_dir: str | Path | None, tier: str, token: str | None, lim
                           f"serve it as `dimec serve {model.tier}` or give the {tier} package")
     if tier == "mobile":
         raise ConfigError("the mobile tier runs in the client, not as a server", "serve edge or cloud")
-    service = TierService(model, token, limits or Limits(), sources)
-    service.plans = PlanRunner(model, service.limits.max_batch, forward)
+    service = TierService(model, token, limits or Limits(), sources, forward)
     app, metrics = _base_app(f"dimec {tier} tier", service)
     fleet = app.state.fleet = Fleet(service, app.state.registry, service.sources)  # sources, queue, metrics
     fleet.attach(app)
     if batching is not None:  # requests share forward passes; priorities and deadlines move to the batcher
-        fleet.use_batcher(TierBatcher(service, batching, ClassifyResponse, on_shed=fleet.on_batch_shed),
+        fleet.use_batcher(TierBatcher(service, batching, on_shed=fleet.on_batch_shed),
                           app.state.registry)
     if live is not None:  # live control: /v1/shadow, /v1/feedback, /v1/policy, /v1/live, gauges
         from dimec.serving.live.http import attach_live
 
         attach_live(app, live, model, [Depends(_authorized)], app.state.registry)
 
-    @app.post("/v1/classify", response_model=ClassifyResponse | PlanAnswer, dependencies=[Depends(_authorized)],
+    @app.post("/v1/classify", response_model=PlanAnswer, dependencies=[Depends(_authorized)],
               responses=_errors(401, 413, 422, 429, 500))
-    async def classify(body: ClassifyRequest, request: Request) -> ClassifyResponse | PlanAnswer:
+    async def classify(body: ClassifyRequest, request: Request) -> PlanAnswer:
         answer = await fleet.classify(service, request.state.source, body)
         _count(metrics, tier, answer)
         return answer
@@ -245,7 +216,7 @@ def create_app(package_dir: str | Path | None, tier: str, token: str | None, lim
               openapi_extra={"requestBody": {"required": True, "content": {wire.CONTENT_TYPE: {
                   "schema": {"type": "string", "format": "binary"}}}}})
     async def continue_(request: Request) -> PlanAnswer:
-        """Continue from a hidden state: a safetensors body (see dimec.serving.wire) with the hidden state
+        """Continue from a hidden state: a safetensors body (see dimec.runtime.wire) with the hidden state
         after layer k, its attention mask, k, the model identity, request ids and the rest of the plan."""
         kind = request.headers.get("content-type", "").split(";")[0].strip()
         if kind not in (wire.CONTENT_TYPE, "application/octet-stream"):
@@ -264,9 +235,9 @@ def create_app(package_dir: str | Path | None, tier: str, token: str | None, lim
     return app
 
 
-def _count(metrics: dict[str, Any], tier: str, answer: ClassifyResponse | PlanAnswer) -> None:
+def _count(metrics: dict[str, Any], tier: str, answer: PlanAnswer) -> None:
     """Samples answered, by the tier whose exit answered (a plan's samples may be answered further up)."""
-    for t in getattr(answer, "tiers", None) or [tier] * len(answer.labels):
+    for t in answer.tiers:
         metrics["samples"].labels(t).inc()
 
 

@@ -1,11 +1,9 @@
 """A tier's requests as batcher items, and the batched forward pass that answers them (batcher.py).
 
-Three kinds of request share forward passes, each only with its own kind:
+Two kinds of request share forward passes, each only with its own kind (every request is a plan: the one
+it carries, or the tier's own one-stage plan, continuation.py):
 
-    ("classify", pairs?)                         POST /v1/classify without a plan: the texts of all requests
-                                                 in one TierModel.classify call (which runs them in chunks of
-                                                 similar length), each request answered with its rows
-    ("plan", plan, confidence, pairs?)           POST /v1/classify with a plan: one PlanRunner.classify call
+    ("plan", plan, confidence, pairs?)           POST /v1/classify: one PlanRunner.classify call
     ("continue", layer, plan, confidence, dtype) POST /v1/continue: the hidden states padded to the widest,
                                                  one PlanRunner pass from layer k
 
@@ -21,31 +19,27 @@ from typing import Any
 
 import numpy as np
 
-from dimec.serving.batcher import Batcher, BatchingConfig, BatchRefused, Item
-from dimec.serving.continuation import request_plan
-from dimec.serving.wire import HiddenState, WireError
+from dimec.runtime.wire import HiddenState, WireError
+from dimec.serving.servers.batcher import Batcher, BatchingConfig, BatchRefused, Item
+from dimec.serving.servers.continuation import request_plan
 
 
 class TierBatcher:
-    """Items for a tier service's requests, and `run` for its Batcher. `response` is the class of a plain
-    classification answer (server.ClassifyResponse, handed in: this module sits below the server)."""
+    """Items for a tier service's requests, and `run` for its Batcher."""
 
-    def __init__(self, service, config: BatchingConfig, response: type, on_shed=None) -> None:
-        self.service, self.response = service, response
+    def __init__(self, service, config: BatchingConfig, on_shed=None) -> None:
+        self.service = service
         self.batcher = Batcher(self.run, config, on_shed)
 
     # ---- items ---------------------------------------------------------------------------------------------------
     def classify_item(self, body, texts: list[str], pairs: list[str] | None, rank: int = 0,
                       deadline_ms: float | None = None) -> Item:
         length = max(len(t) for t in [*texts, *(pairs or [])])
-        if body.plan is not None:
-            try:  # a plan this tier cannot run is refused before it waits
-                plan = self.service.plans.check_plan(request_plan(body.plan), 0)
-            except WireError as exc:
-                raise BatchRefused(exc.status, exc.message) from None
-            key: Hashable = ("plan", plan, body.confidence, pairs is not None)
-        else:
-            key = ("classify", pairs is not None)
+        try:  # a plan this tier cannot run is refused before it waits
+            plan = self.service.plans.check_here(request_plan(body.plan) or self.service.plans.own_plan(), 0)
+        except WireError as exc:
+            raise BatchRefused(exc.status, exc.message) from None
+        key: Hashable = ("plan", plan, body.confidence, pairs is not None)
         return Item(key, (body, texts, pairs), len(texts), length, rank, _deadline(deadline_ms))
 
     def continue_item(self, state: HiddenState, rank: int = 0) -> Item:
@@ -62,30 +56,11 @@ class TierBatcher:
     # ---- the batched forward pass (the batcher's thread) ----------------------------------------------------------
     def run(self, key: Hashable, payloads: list[Any]) -> list[Any]:
         try:
-            if key[0] == "classify":
-                return self._classify(payloads)
             if key[0] == "plan":
                 return self._plan(key, payloads)
             return self._continue(key, payloads)
         except WireError as exc:  # a plan this tier cannot run: the request's fault, 4xx
             raise BatchRefused(exc.status, exc.message) from None
-
-    def _classify(self, payloads: list[Any]) -> list[Any]:
-        model = self.service.model
-        texts = [t for _, ts, _ in payloads for t in ts]
-        pairs = None if payloads[0][2] is None else [p for _, _, ps in payloads for p in ps]
-        start = time.perf_counter()
-        pred = model.classify(texts, pairs)
-        compute_ms = (time.perf_counter() - start) * 1e3
-        answers, row = [], 0
-        for body, ts, _ in payloads:
-            rows = slice(row, row + len(ts))
-            row += len(ts)
-            answers.append(self.response(
-                tier=model.tier, exit_layer=model.exit_layer, label_names=model.label_names, ids=body.ids,
-                labels=pred.labels[rows], label_ids=pred.label_ids[rows].tolist(),
-                probs=pred.probs[rows].round(6).tolist(), compute_ms=compute_ms))
-        return answers
 
     def _plan(self, key: Hashable, payloads: list[Any]) -> list[Any]:
         _, plan, kind, _ = key

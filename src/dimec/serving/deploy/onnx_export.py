@@ -29,9 +29,9 @@ from torch import nn
 
 from dimec.modeling import hf_adapter
 from dimec.modeling.multi_exit import masked_mean
-from dimec.routing.plan import confidence
-from dimec.serving.package import ONNX_FILES, ROUTER_FILE, has_file
-from dimec.serving.tier import TierModel
+from dimec.runtime.package import ONNX_FILES, ROUTER_FILE, has_file
+from dimec.runtime.plans import confidence
+from dimec.runtime.tier import TierModel
 from dimec.tiers import MOBILE
 
 OPSET = 17
