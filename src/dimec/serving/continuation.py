@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from dimec.routing.plan import Plan, Stage, confidence, plan_text
 from dimec.serving import wire
 from dimec.serving.tier import TierModel
+from dimec.serving.validate import NON_FINITE
 from dimec.serving.wire import HiddenState, WireError
 from dimec.tiers import CLOUD, TIERS
 
@@ -149,6 +150,8 @@ class PlanRunner:
             logits, hidden = m.continue_from(hidden, mask[open_rows], layer, stage.exit)
             layer = m.exit_layers[stage.exit]
             p = m.exit_probs(logits, stage.exit)  # (open, C)
+            if not np.isfinite(p).all():  # never an answer, and never forwarded on as if it were one
+                raise WireError(422, NON_FINITE)
             probs[open_rows], exit_index[open_rows] = p, stage.exit  # the answer if the sample stops here
             if stage.threshold is None:  # the plan's last stage (check_plan): everyone still open answers
                 open_rows = open_rows[:0]

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import numpy as np
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
@@ -41,6 +42,7 @@ from dimec.serving.continuation import PlanAnswer, PlanRunner, PlanStage, reques
 from dimec.serving.fleet import Fleet, attach_gateway_drift
 from dimec.serving.sources import Source, SourceTable
 from dimec.serving.tier import TierModel
+from dimec.serving.validate import NON_FINITE
 from dimec.textinput import text_problem
 
 log = logging.getLogger("dimec.serving")
@@ -189,6 +191,8 @@ class TierService:
                 raise RequestError(exc.status, exc.message) from None
         start = time.perf_counter()
         pred = self.model.classify(texts, pairs)
+        if not np.isfinite(pred.probs).all():
+            raise RequestError(422, NON_FINITE)
         return ClassifyResponse(
             tier=self.model.tier, exit_layer=self.model.exit_layer, label_names=self.model.label_names,
             ids=request.ids, labels=pred.labels, label_ids=pred.label_ids.tolist(),
@@ -343,6 +347,10 @@ def _base_app(title: str, service: TierService) -> tuple[FastAPI, dict[str, Any]
     async def _request_error(_request: Request, exc: RequestError):
         headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
         return JSONResponse({"error": exc.message}, exc.status, headers=headers)
+
+    @app.exception_handler(wire.WireError)  # raised while the model runs (a non-finite result): still a 4xx
+    async def _wire_error(_request: Request, exc: wire.WireError):
+        return JSONResponse({"error": exc.message}, exc.status)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_request: Request, exc: RequestValidationError):

@@ -1,0 +1,81 @@
+"""Checks of what crosses a tier's boundary, each a small function that says what is wrong (or None).
+
+Request ids are inert: they are echoed in answers, written into the next hop's X-Request-ID header and shown
+in logs, so they are held to a charset every one of those places carries unchanged: 1..128 visible ASCII
+characters (0x21..0x7E, no space, no control character, nothing non-ASCII), unique within one call. A caller
+that wants a richer id (a name with accents) sends it as its own field and maps it back itself.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+MAX_ID_CHARS = 128
+ID_RULE = f"1..{MAX_ID_CHARS} visible ASCII characters (0x21..0x7E), unique within a call"
+
+
+def id_problem(value: Any) -> str | None:
+    """What is wrong with one request id, or None."""
+    if not isinstance(value, str):
+        return f"a request id must be a string, got {type(value).__name__}"
+    if not 1 <= len(value) <= MAX_ID_CHARS:
+        return f"request id of {len(value)} characters: ids are {ID_RULE}"  # "unique" in the rule: old callers
+    bad = next((c for c in value if not 0x21 <= ord(c) <= 0x7E), None)
+    if bad is not None:
+        return f"request id {value.encode('ascii', 'backslashreplace').decode()[:40]!r} holds U+{ord(bad):04X}: " \
+               f"ids are {ID_RULE}"
+    return None
+
+
+def ids_problem(ids: Any, count: int | None = None) -> str | None:
+    """What is wrong with a list of request ids (charset, length, one per row, unique), or None."""
+    if not isinstance(ids, list):
+        return "request ids must be a list of strings"
+    if count is not None and len(ids) != count:
+        return f"must be a list of {count} strings, one per row (got {len(ids)})"
+    for i, x in enumerate(ids):
+        problem = id_problem(x)
+        if problem:
+            return f"id {i}: {problem}"
+    if len(set(ids)) != len(ids):
+        dup = next(x for x in ids if ids.count(x) > 1)
+        return f"request id {dup!r} is given twice: ids must be unique within a call"
+    return None
+
+
+def finite_number(value: Any) -> bool:
+    """A JSON number (not a bool) that is finite as a float: 1e400 and 10**400 are not."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False
+
+
+def natural(value: Any) -> bool:
+    """A JSON integer >= 0 (not a bool)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+NON_FINITE = ("the model's output for this input is not finite (NaN or infinity): a non-finite result is never "
+              "an answer")
+
+
+def probs_problem(probs: Any, classes: int | None = None) -> str | None:
+    """What is wrong with a (N, C) array of answer probabilities (NaN, outside [0, 1], rows not summing to
+    ~1, wrong width), or None. Used on what a tier computes and on what a client receives."""
+    try:
+        p = np.asarray(probs, dtype=np.float64)
+    except (TypeError, ValueError, OverflowError):
+        return "probabilities are not a numeric (N, C) array"
+    if p.ndim != 2 or (classes is not None and p.shape[1] != classes):
+        return f"probabilities have shape {p.shape}, not (N, {classes or 'C'})"
+    if not np.isfinite(p).all():
+        return NON_FINITE
+    if (p < 0).any() or (p > 1 + 1e-6).any() or (len(p) and np.abs(p.sum(1) - 1).max() > 1e-3):
+        return "probabilities must lie in [0, 1] and sum to 1 per row"
+    return None
