@@ -166,3 +166,45 @@ def test_attention_mask_with_holes_is_refused(models, cloud_http):
                         headers=HIDDEN)
     assert_refused(r)
     assert "padding" in r.json()["error"]
+
+
+# ---- 6. request ids are inert --------------------------------------------------------------------------------------
+TO_CLOUD = [{"tier": "edge", "exit": 1, "threshold": 1.01}, {"tier": "cloud", "exit": 2, "threshold": None}]
+
+
+@pytest.fixture()
+def edge_with_slow_cooldown(models, servers):
+    """An edge (in-process) whose cloud link cools down for a minute after a failure."""
+    forward = HttpRemote("cloud", servers["cloud"].url, TOKEN, Timeouts(0.5, 5), retries=2, cooldown_s=60.0)
+    return TestClient(create_app(None, "edge", TOKEN, model=models["edge"], forward=forward))
+
+
+@pytest.mark.parametrize("ids", [["café-1"], ["a\nb"], ["a b"], ["x" * 129], ["\x00"], ["dup", "dup"], [""]])
+def test_bad_request_ids_are_refused_at_the_boundary(edge_with_slow_cooldown, ids):
+    texts = ["good movie"] * len(ids)
+    for body in ({"texts": texts, "ids": ids}, {"texts": texts, "ids": ids, "plan": TO_CLOUD}):
+        r = edge_with_slow_cooldown.post("/v1/classify", json=body, headers=AUTH)
+        assert_refused(r)
+        assert "id" in r.json()["error"]
+
+
+def test_one_callers_ids_never_change_another_callers_answer(edge_with_slow_cooldown):
+    for ids in (["café-1"], ["a\nb"], ["x\r\nX-Evil: 1"]):
+        edge_with_slow_cooldown.post("/v1/classify", json={"texts": ["dull"], "ids": ids, "plan": TO_CLOUD},
+                                     headers=AUTH)
+    r = edge_with_slow_cooldown.post("/v1/classify", json={"texts": ["dull"], "ids": ["ok-1"], "plan": TO_CLOUD},
+                                     headers=AUTH)
+    assert r.status_code == 200, r.text
+    assert r.json()["tiers"] == ["cloud"] and r.json()["fallback"] == [False], r.json()
+
+
+def test_mobile_client_refuses_bad_ids_clearly(models, servers):
+    from dimec.errors import DataError
+    from dimec.serving.client import MobileClient
+
+    with MobileClient(models["mobile"], servers["edge"].url, servers["cloud"].url, TOKEN,
+                      routing="cloud-only") as client:
+        for ids in (["café-1"], ["a\nb"], ["d", "d"]):
+            with pytest.raises(DataError, match="id"):
+                client.classify(["good movie"] * len(ids), ids=ids)
+        assert client.classify(["good movie"], ids=["fine-1"])[0].tier == "cloud"

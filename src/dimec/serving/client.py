@@ -50,6 +50,7 @@ from dimec.serving.constraints import ANSWERED, Constraints, FleetPolicy
 from dimec.serving.links import LinkProfile, LinkTransport
 from dimec.serving.package import ROUTER_FILE
 from dimec.serving.tier import TierModel
+from dimec.serving.validate import ID_RULE, id_problem, ids_problem
 from dimec.tiers import CLOUD, EDGE, MOBILE, TIERS
 
 # "router": the package's calibrated router.json, whatever policy it holds ("fixed" is its older name);
@@ -204,9 +205,11 @@ class HttpRemote:
             with self._lock:
                 self.bytes_sent[kind] += len(content)
                 self.requests_sent[kind] += 1
+            headers = {"Content-Type": content_type}
+            if id_problem(ids[0]) is None:  # only an inert id goes into a header (validate.ID_RULE)
+                headers["X-Request-ID"] = ids[0]
             try:
-                response = self.http.post(f"{self.url}{path}", content=content,
-                                          headers={"Content-Type": content_type, "X-Request-ID": ids[0]})
+                response = self.http.post(f"{self.url}{path}", content=content, headers=headers)
             except httpx.TransportError as exc:  # refused, reset, timeout, emulated loss
                 error = f"{type(exc).__name__}: {exc}"
                 continue
@@ -608,8 +611,9 @@ def _check_inputs(texts, pairs, ids) -> tuple[list[str], list[str] | None, list[
     if pairs is not None and len(pairs) != len(texts):
         raise DataError(f"{len(texts)} texts but {len(pairs)} text pairs", "give one pair per text")
     ids = [uuid.uuid4().hex for _ in texts] if ids is None else [str(x) for x in ids]
-    if len(ids) != len(texts) or len(set(ids)) != len(ids):
-        raise DataError("request ids must be unique, one per text")
+    problem = ids_problem(ids, len(texts))
+    if problem:  # the tiers refuse the same ids (422): say so before anything is sent
+        raise DataError(f"request ids: {problem}", f"ids are {ID_RULE}")
     return texts, (list(pairs) if pairs is not None else None), ids
 
 

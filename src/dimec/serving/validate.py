@@ -22,7 +22,7 @@ def id_problem(value: Any) -> str | None:
     if not isinstance(value, str):
         return f"a request id must be a string, got {type(value).__name__}"
     if not 1 <= len(value) <= MAX_ID_CHARS:
-        return f"request id of {len(value)} characters: ids are {ID_RULE}"  # "unique" in the rule: old callers
+        return f"request ids are 1..{MAX_ID_CHARS} characters, got {len(value)} (ids are {ID_RULE})"
     bad = next((c for c in value if not 0x21 <= ord(c) <= 0x7E), None)
     if bad is not None:
         return f"request id {value.encode('ascii', 'backslashreplace').decode()[:40]!r} holds U+{ord(bad):04X}: " \
