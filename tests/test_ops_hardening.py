@@ -57,3 +57,105 @@ def test_a_good_sources_file_still_loads(tmp_path):
     path.write_text(json.dumps({**GOOD_SOURCES, "scheduling": {"retry_after_s": 2, "queue_capacity": 64}}))
     table = SourceTable.load(path)
     assert table.scheduled and [s.name for s in table.sources] == ["a", "b"]
+
+
+# ---- 10. `dimec monitor`: never a traceback -------------------------------------------------------------------------
+class FakeTier:
+    """A loopback HTTP server that answers /metrics and /v1/drift/reference with whatever a test sets."""
+
+    def __init__(self) -> None:
+        import http.server
+        import threading
+
+        self.metrics, self.reference = "", "{}"
+        owner = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802
+                body = (owner.metrics if self.path == "/metrics" else owner.reference).encode()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+REFERENCE = {"format_version": 2, "model": "m0", "samples": 100, "router": "fixed", "anchors": [[0.0, 0.0]],
+             "routing_distance": {"edges": [0.5, 1.0], "counts": [30, 40, 30]},
+             "routed": {"counts": [50, 30, 20]},
+             "confidence": {"edges": [0.6, 0.9], "counts": {"m": [10, 20, 30], "n": [5, 5, 5], "l": [1, 2, 3]}}}
+GOOD_METRICS = """# TYPE dimec_drift_routed_total counter
+dimec_drift_routed_total{model="m0",tier="mobile"} 5.0
+# TYPE dimec_drift_confidence histogram
+dimec_drift_confidence_bucket{model="m0",exit="m",le="0.6"} 1.0
+dimec_drift_confidence_bucket{model="m0",exit="m",le="0.9"} 2.0
+dimec_drift_confidence_bucket{model="m0",exit="m",le="+Inf"} 3.0
+"""
+
+
+@pytest.fixture()
+def fake_tier():
+    tier = FakeTier()
+    yield tier
+    tier.close()
+
+
+def _deep(n: int) -> str:
+    return "[" * n + "]" * n
+
+
+@pytest.mark.parametrize("metrics, reference, extra", [
+    (GOOD_METRICS, REFERENCE, ["--interval", "inf"]),
+    (GOOD_METRICS, REFERENCE, ["--interval", "nan"]),
+    (GOOD_METRICS, REFERENCE, ["--threshold", "nan"]),
+    (GOOD_METRICS, {k: v for k, v in REFERENCE.items() if k != "routed"}, []),
+    (GOOD_METRICS, {**REFERENCE, "samples": "many"}, []),
+    (GOOD_METRICS, {**REFERENCE, "confidence": {"edges": "x", "counts": []}}, []),
+    (GOOD_METRICS, {**REFERENCE, "routed": {"counts": [1, 2]}}, []),
+    (GOOD_METRICS, {**REFERENCE, "routing_distance": {"edges": [1.0, 0.5], "counts": [1, 2, 3]}}, []),
+    (GOOD_METRICS, _deep(100_000), []),
+    (GOOD_METRICS, "not json", []),
+    ("this is { not prometheus", REFERENCE, []),
+    (GOOD_METRICS.replace('tier="mobile"', 'tier="moon"'), REFERENCE, []),
+    (GOOD_METRICS.replace(',tier="mobile"', ""), REFERENCE, []),
+    (GOOD_METRICS.replace('le="0.6"', 'le="abc"'), REFERENCE, []),
+    (GOOD_METRICS.replace("} 2.0", "} NaN"), REFERENCE, []),
+    (GOOD_METRICS.replace("} 5.0", "} -5.0"), REFERENCE, []),
+])
+def test_monitor_bad_inputs_exit_2_without_traceback(capsys, fake_tier, metrics, reference, extra):
+    fake_tier.metrics = metrics
+    fake_tier.reference = reference if isinstance(reference, str) else json.dumps(reference)
+    code, out, err = run_cli(capsys, ["monitor", fake_tier.url, *extra])
+    assert code == 2, (out, err)
+    assert "dimec: error:" in err
+
+
+@pytest.mark.parametrize("url", ["http://[::1", "ftp://x", "http://", "::::", "http://127.0.0.1:99999"])
+def test_monitor_bad_urls_exit_2(capsys, url):
+    code, _, err = run_cli(capsys, ["monitor", url])
+    assert code == 2 and "dimec: error:" in err
+
+
+def test_monitor_bad_reference_file_exits_2(capsys, fake_tier, tmp_path):
+    fake_tier.metrics = GOOD_METRICS
+    for bad in ({**REFERENCE, "anchors": "x"}, {**REFERENCE, "model": 5}, {"format_version": 2}):
+        path = tmp_path / "ref.json"
+        path.write_text(json.dumps(bad))
+        code, _, err = run_cli(capsys, ["monitor", fake_tier.url, "--reference", str(path)])
+        assert code == 2, err
+
+
+def test_monitor_good_inputs_still_work(capsys, fake_tier):
+    fake_tier.metrics, fake_tier.reference = GOOD_METRICS, json.dumps(REFERENCE)
+    code, out, _ = run_cli(capsys, ["monitor", fake_tier.url, "--min-samples", "1"])
+    assert code in (0, 1) and "routed" in out
