@@ -4,6 +4,8 @@ everything else: every problem at once, exit 2, never a traceback, never a wrong
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 
@@ -159,3 +161,70 @@ def test_monitor_good_inputs_still_work(capsys, fake_tier):
     fake_tier.metrics, fake_tier.reference = GOOD_METRICS, json.dumps(REFERENCE)
     code, out, _ = run_cli(capsys, ["monitor", fake_tier.url, "--min-samples", "1"])
     assert code in (0, 1) and "routed" in out
+
+
+# ---- 11. `dimec route` on a tampered run directory -------------------------------------------------------------------
+def _tamper_router(run: Path, change) -> None:
+    path = run / "router.json"
+    raw = json.loads(path.read_text())
+    change(raw["state"])
+    path.write_text(json.dumps(raw))  # NaN is written as NaN, as a careless editor would
+
+
+def _tamper_temperatures(run: Path, value) -> None:
+    from dimec.modeling.multi_exit import MODEL_CONFIG
+
+    path = run / "model" / MODEL_CONFIG
+    path.write_text(json.dumps(json.loads(path.read_text()) | {"temperatures": value}))
+
+
+def _shorten_prerouter(state) -> None:
+    """A learned pre-router one feature short of what the model's embedding gives (or, if the run has none,
+    one for another model: 5 features)."""
+    if not state.get("prerouter"):
+        state["plans"] = [[["mobile", 0, 0.9], ["edge", 1, 0.9], ["cloud", 2, None]],
+                          [["edge", 1, 0.9], ["cloud", 2, None]], [["cloud", 2, None]]]
+        state["prerouter"] = {"kind": "learned", "mean": [0.0] * 5, "scale": [1.0] * 5, "coef": [[0.1] * 5] * 3,
+                              "intercept": [0.0, 0.0, 0.0], "t_cloud": 0.5, "t_edge": 0.5}
+        return
+    pre = state["prerouter"]
+    longest = max((k for k, v in pre.items() if isinstance(v, list)), key=lambda k: len(pre[k]))
+    pre[longest] = pre[longest][:-1]
+
+
+def _nan_threshold(state) -> None:
+    for plan in state["plans"]:
+        for stage in plan[:-1]:
+            stage[2] = float("nan")
+    state["plans"].append([["edge", 1, float("nan")], ["cloud", 2, None]])
+
+
+ROUTE_TAMPERING = {
+    "no plans": lambda run: _tamper_router(run, lambda s: s.update(plans=[])),
+    "plans not a list": lambda run: _tamper_router(run, lambda s: s.update(plans="x")),
+    "pre-router of the wrong length": lambda run: _tamper_router(run, _shorten_prerouter),
+    "NaN threshold": lambda run: _tamper_router(run, _nan_threshold),
+    "temperatures x": lambda run: _tamper_temperatures(run, ["x", 1, 1]),
+    "temperatures NaN": lambda run: _tamper_temperatures(run, [float("nan")] * 3),
+    "temperatures 0": lambda run: _tamper_temperatures(run, [0, 0, 0]),
+    "temperatures -1": lambda run: _tamper_temperatures(run, [-1, -1, -1]),
+    "temperatures inf": lambda run: _tamper_temperatures(run, [float("inf")] * 3),
+    "temperatures short": lambda run: _tamper_temperatures(run, [1.0]),
+}
+
+
+@pytest.mark.parametrize("name", list(ROUTE_TAMPERING))
+def test_route_refuses_a_tampered_run_dir(capsys, tiny_run, tmp_path, name):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("packages", "outputs", "dynamics"))
+    ROUTE_TAMPERING[name](run)
+    code, out, err = run_cli(capsys, ["route", str(run), "a good movie", "a dull film"])
+    assert code == 2, (out, err)
+    assert "dimec: error:" in err and out == ""
+
+
+def test_route_on_an_intact_run_dir_prints_json(capsys, tiny_run):
+    code, out, err = run_cli(capsys, ["route", str(tiny_run), "a good movie"])
+    assert code == 0, err
+    answer = json.loads(out)  # strict JSON: no NaN
+    assert 0.5 <= answer["confidence"] <= 1.0

@@ -96,7 +96,7 @@ class MultiExitConfig(ModelConfig):
         """(3,) the temperature each exit's confidence is read at. A model trained before temperatures
         existed has none: T = 1 (the raw softmax), said once per model folder."""
         if self.temperatures is not None:
-            return np.asarray(self.temperatures, dtype=np.float64)
+            return checked_temperatures(self.temperatures, where)
         if where not in _NOTICED:
             _NOTICED.add(where)
             print(f"dimec: notice: {where or 'this model'} has no fitted exit temperatures (trained by an older "
@@ -106,6 +106,21 @@ class MultiExitConfig(ModelConfig):
 
 
 _NOTICED: set[str] = set()
+
+
+def checked_temperatures(raw, where: str = "") -> np.ndarray:
+    """(3,) temperatures from a model config: three finite numbers > 0 (T <= 0 flips or breaks every
+    confidence, NaN or inf makes them meaningless); anything else is an ArtifactError."""
+    from dimec.errors import ArtifactError
+
+    try:
+        temperatures = np.asarray(raw, dtype=np.float64)
+    except (TypeError, ValueError):
+        temperatures = np.empty(0)
+    if temperatures.shape != (3,) or not np.isfinite(temperatures).all() or not (temperatures > 0).all():
+        raise ArtifactError(f"{where or 'the model'}: exit temperatures must be three finite numbers > 0, got "
+                            f"{ascii(raw)[:80]}", "train again, or restore the model folder from its export")
+    return temperatures
 
 
 class ExitHead(nn.Module):

@@ -20,6 +20,7 @@ the others into the cascade. Cost of stopping at stage s (docs/cost-model.md):
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -62,6 +63,8 @@ def check_plan(plan: Plan) -> Plan:
             raise ConfigError(f"the {TIERS[s.tier]} tier does not hold exit {s.exit}: {plan_text(plan)}")
     if any(s.threshold is None for s in plan[:-1]) or plan[-1].threshold is not None:
         raise ConfigError(f"every stage but the last needs a threshold: {plan_text(plan)}")
+    if any(not math.isfinite(s.threshold) for s in plan[:-1]):  # NaN never clears: the stage could never answer
+        raise ConfigError(f"plan thresholds must be finite numbers: {plan_text(plan)}")
     return plan
 
 
@@ -166,6 +169,8 @@ class PlanRouter(Router):
     def load_state(self, state: dict) -> None:
         from dimec.routing.prerouters import prerouter_from_dict
 
+        if not isinstance(state["plans"], list) or not state["plans"]:
+            raise ConfigError("a plan router needs a non-empty list of plans")
         self.plans_ = [check_plan(tuple(Stage.from_list(s) for s in p)) for p in state["plans"]]
         self.confidence_ = str(state["confidence"])
         self.prerouter_ = prerouter_from_dict(state.get("prerouter"))
