@@ -228,3 +228,70 @@ def test_route_on_an_intact_run_dir_prints_json(capsys, tiny_run):
     assert code == 0, err
     answer = json.loads(out)  # strict JSON: no NaN
     assert 0.5 <= answer["confidence"] <= 1.0
+
+
+# ---- 12. `dimec plan` inputs ------------------------------------------------------------------------------------------
+PROFILE = {"lambda_m_ms": 2.0, "lambda_e_ms": 1.0, "o_e_ms": 5.0, "o_c_ms": 40.0, "cloud_layer_ms": 0.5}
+
+
+def _policies(tiny_run) -> dict:
+    raw = json.loads((tiny_run / "router.json").read_text())
+    return {"policies": [{"name": "served", "router": raw["router"], "params": raw["params"], "state": raw["state"]},
+                         {"name": "cloud", "router": "cascade", "params": {},
+                          "state": {"plans": [[["cloud", 2, None]]], "confidence": "max_prob", "prerouter": None}}]}
+
+
+def _nan_policy(tiny_run) -> dict:
+    p = _policies(tiny_run)
+    p["policies"][1]["state"]["plans"] = [[["edge", 1, float("nan")], ["cloud", 2, None]]]
+    return p
+
+
+PLAN_CASES = {
+    "profile NaN": ({**PROFILE, "o_e_ms": float("nan")}, None, []),
+    "profile negative": ({**PROFILE, "lambda_m_ms": -1.0}, None, []),
+    "profile inf": ({**PROFILE, "o_c_ms": float("inf")}, None, []),
+    "profile hidden factor NaN": ({**PROFILE, "hidden_state_factor": float("nan")}, None, []),
+    "profile deep": ("[" * 100_000 + "]" * 100_000, None, []),
+    "cloud price inf": (PROFILE, None, ["--cloud-price", "inf"]),
+    "edge price NaN": (PROFILE, None, ["--edge-price", "nan"]),
+    "no policies": (PROFILE, {"policies": []}, []),
+    "policies deep": (PROFILE, "[" * 100_000 + "]" * 100_000, []),
+    "policies not a list": (PROFILE, {"policies": 5}, []),
+    "policy NaN threshold": (PROFILE, "nan-policy", []),
+}
+
+
+@pytest.mark.parametrize("name", list(PLAN_CASES))
+def test_plan_refuses_bad_inputs_with_exit_2(capsys, tiny_run, tmp_path, name):
+    profile, policies, extra = PLAN_CASES[name]
+    (tmp_path / "profile.json").write_text(profile if isinstance(profile, str) else json.dumps(profile))
+    policies = _nan_policy(tiny_run) if policies == "nan-policy" else (policies or _policies(tiny_run))
+    (tmp_path / "policies.json").write_text(policies if isinstance(policies, str) else json.dumps(policies))
+    code, out, err = run_cli(capsys, ["plan", str(tiny_run), "--profile", str(tmp_path / "profile.json"),
+                                      "--policies", str(tmp_path / "policies.json"), "--out", str(tmp_path / "o"),
+                                      *extra])
+    assert code == 2, (out, err)
+    assert "dimec: error:" in err
+
+
+def test_plan_help_and_code_agree_on_the_missing_profile(capsys, tiny_run, tmp_path):
+    """Decision: no fallback. Latency is in milliseconds, which only a measured profile gives; --help says so
+    and a run without profile.json exits 2 naming `dimec profile`."""
+    from dimec.cli import build_parser
+
+    help_text = " ".join(build_parser()._subparsers._group_actions[0].choices["plan"].format_help().split())
+    assert "cost model's units" not in help_text and "dimec profile" in help_text
+    (tmp_path / "policies.json").write_text(json.dumps(_policies(tiny_run)))
+    code, _, err = run_cli(capsys, ["plan", str(tiny_run), "--policies", str(tmp_path / "policies.json"),
+                                    "--out", str(tmp_path / "o")])
+    assert code == 2 and "dimec profile" in err
+
+
+def test_plan_with_good_inputs_works(capsys, tiny_run, tmp_path):
+    (tmp_path / "profile.json").write_text(json.dumps(PROFILE))
+    (tmp_path / "policies.json").write_text(json.dumps(_policies(tiny_run)))
+    code, out, err = run_cli(capsys, ["plan", str(tiny_run), "--profile", str(tmp_path / "profile.json"),
+                                      "--policies", str(tmp_path / "policies.json"), "--out", str(tmp_path / "o")])
+    assert code == 0, err
+    assert json.loads((tmp_path / "o" / "plan.json").read_text())["pick"] in ("served", "cloud")

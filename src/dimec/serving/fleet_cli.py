@@ -46,8 +46,9 @@ def attach_fleet_commands(sub) -> None:
     p = sub.add_parser("plan", help="accuracy, latency, money and exposure of every policy; Pareto front; the "
                                     "policy a set of constraints picks")
     p.add_argument("run_dir")
-    p.add_argument("--profile", help="cost profile in ms (`dimec profile`; default RUN_DIR/profile.json, else "
-                                     "the cost model's units)")
+    p.add_argument("--profile", help="cost profile in ms (default RUN_DIR/profile.json); required: latency is "
+                                     "reported in milliseconds, which only a measured profile gives (measure one "
+                                     "with `dimec profile RUN_DIR`)")
     p.add_argument("--split", default="validation", choices=("validation", "test"),
                    help="where the figures are measured (choices are made on validation)")
     p.add_argument("--policies", help="JSON file of candidate policies (router.json entries); default: the "

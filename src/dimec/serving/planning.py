@@ -28,6 +28,7 @@ every constraint.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -84,17 +85,23 @@ def latency_model(profile: str | Path, exit_layers: tuple[int, int, int], hidden
     try:
         raw = json.loads(path.read_text())
         ms = {k: float(raw[k]) for k in ("lambda_m_ms", "lambda_e_ms", "o_e_ms", "o_c_ms", "cloud_layer_ms")}
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ConfigError(f"{path} is not a cost profile ({exc})", "write it with `dimec profile RUN_DIR`") from None
+        ms["hidden_state_factor"] = float(raw.get("hidden_state_factor", hidden_state_factor))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
+        raise ConfigError(f"{path} is not a cost profile ({type(exc).__name__}: {str(exc)[:200]})",
+                          "write it with `dimec profile RUN_DIR`") from None
+    bad = {k: v for k, v in ms.items() if not (math.isfinite(v) and v >= 0)}
+    if bad:  # a NaN or negative time would rank policies by nonsense, with exit 0
+        raise ConfigError(f"{path}: times and factors must be finite numbers >= 0, got {bad}",
+                          "measure the profile again with `dimec profile RUN_DIR`")
     return CostModel(ms["lambda_m_ms"], ms["lambda_e_ms"], ms["o_e_ms"], ms["o_c_ms"],
-                     ms["cloud_layer_ms"] * exit_layers[2], tuple(exit_layers),
-                     float(raw.get("hidden_state_factor", hidden_state_factor)))
+                     ms["cloud_layer_ms"] * exit_layers[2], tuple(exit_layers), ms["hidden_state_factor"])
 
 
 def money_model(cloud_price: float, edge_price: float, exit_layers: tuple[int, int, int]) -> CostModel:
     """Money per text: the cloud bills its layers pro rata, the edge its own; moving bytes is free."""
-    if not cloud_price >= 0 or not edge_price >= 0:
-        raise ConfigError(f"prices must be >= 0, got cloud {cloud_price}, edge {edge_price}")
+    if not all(math.isfinite(p) and p >= 0 for p in (cloud_price, edge_price)):
+        raise ConfigError(f"--cloud-price and --edge-price must be finite numbers >= 0, got cloud {cloud_price}, "
+                          f"edge {edge_price}")
     n = exit_layers[1]
     return CostModel(0.0, edge_price / 1000 / n, 0.0, 0.0, cloud_price / 1000, tuple(exit_layers), 0.0)
 
@@ -214,12 +221,14 @@ def file_candidates(path: Path, reward: CostModel) -> list[Candidate]:
 
     try:
         entries = json.loads(path.read_text())["policies"]
+        if not isinstance(entries, list) or not entries:
+            raise ValueError("'policies' must be a non-empty list")
         out = []
         for i, e in enumerate(entries):
             router = make_router(e["router"], **e.get("params", {}))
             router.load_state(e.get("state", {}))
             out.append(router_candidate(str(e.get("name", f"{e['router']}#{i}")), router, reward))
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
         raise ArtifactError(f"{path} is not a list of policies ({type(exc).__name__}: {exc})",
                             'write {"policies": [router.json entries with a "name"]}') from None
     return out
