@@ -208,3 +208,129 @@ def test_mobile_client_refuses_bad_ids_clearly(models, servers):
             with pytest.raises(DataError, match="id"):
                 client.classify(["good movie"] * len(ids), ids=ids)
         assert client.classify(["good movie"], ids=["fine-1"])[0].tier == "cloud"
+
+
+# ---- 8. a misbehaving edge costs a fallback, never an exception or a wrong answer ------------------------------------
+class FakeEdge:
+    """A loopback HTTP server answering POST /v1/classify with `self.answer(ids)` (a dict, or bytes to drip)."""
+
+    def __init__(self) -> None:
+        import http.server
+        import threading
+
+        self.answer = None
+        self.drip_s = 0.0
+        owner = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self):  # noqa: N802
+                import time
+
+                ids = json.loads(self.rfile.read(int(self.headers["Content-Length"])))["ids"]
+                body = json.dumps(owner.answer(ids)).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                try:
+                    if owner.drip_s:
+                        for i in range(len(body)):
+                            self.wfile.write(body[i : i + 1])
+                            self.wfile.flush()
+                            time.sleep(owner.drip_s)
+                    else:
+                        self.wfile.write(body)
+                except OSError:  # the client gave up: what it should do
+                    pass
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _edge_answer(ids, **change):
+    answer = {"tier": "edge", "exit_layer": 2, "label_names": ["neg", "pos"], "ids": ids, "labels": ["pos"] * len(ids),
+              "label_ids": [1] * len(ids), "probs": [[0.25, 0.75]] * len(ids), "compute_ms": 1.0, "queue_ms": 0.0,
+              "advice": {"class": "default", "keep_fraction": 0.0, "valid_s": 2.0, "capacity_texts_per_s": None,
+                         "expected_wait_ms": 0.0}}
+    for key, value in change.items():
+        if key.startswith("advice."):
+            answer["advice"][key[7:]] = value
+        else:
+            answer[key] = value
+    return answer
+
+
+BAD_EDGE_ANSWERS = {
+    "keep_fraction 5": {"advice.keep_fraction": 5},
+    "valid_s soon": {"advice.valid_s": "soon"},
+    "valid_s inf": {"advice.valid_s": 1e309},
+    "expected_wait_ms x": {"advice.expected_wait_ms": "x"},
+    "advice a list": {"advice": [1]},
+    "queue_ms x": {"queue_ms": "x"},
+    "exit_layer three": {"exit_layer": "three"},
+    "exits 7": {"tiers": ["edge"], "exits": [7], "exit_layers": [2], "fallback": [False]},
+    "exit_layers x": {"tiers": ["edge"], "exits": [1], "exit_layers": ["x"], "fallback": [False]},
+    "fallback 3": {"tiers": ["edge"], "exits": [1], "exit_layers": [2], "fallback": [3]},
+    "null probs": {"probs": [[None, None]]},
+    "negative probs": {"probs": [[-0.5, 1.5]]},
+    "probs not summing to 1": {"probs": [[0.9, 0.9]]},
+    "label_names numbers": {"label_names": [1, 2]},
+    "errors a string": {"errors": "x"},
+}
+
+
+@pytest.fixture()
+def fake_edge():
+    edge = FakeEdge()
+    yield edge
+    edge.close()
+
+
+@pytest.mark.parametrize("name", list(BAD_EDGE_ANSWERS))
+def test_a_misbehaving_edge_costs_a_fallback(models, servers, fake_edge, name):
+    from dimec.serving.client import MobileClient
+
+    fake_edge.answer = lambda ids: _edge_answer(ids, **BAD_EDGE_ANSWERS[name])
+    with MobileClient(models["mobile"], fake_edge.url, servers["cloud"].url, TOKEN, Timeouts(1.0, 5.0), retries=0,
+                      routing="edge-only") as client:
+        answer = client.classify(["good movie"], ids=["e1"])[0]
+        assert answer.tier == "cloud" and answer.fallback, answer
+        assert all(0 <= p <= 1 for p in answer.probs) and abs(sum(answer.probs) - 1) < 1e-3
+        answer = client.classify(["dull"], ids=["e2"])[0]  # the advice (if any was taken) broke nothing
+        assert answer.tier in ("cloud", "mobile", "edge")
+
+
+def test_a_good_fake_edge_answers(models, servers, fake_edge):
+    from dimec.serving.client import MobileClient
+
+    fake_edge.answer = lambda ids: _edge_answer(ids)
+    with MobileClient(models["mobile"], fake_edge.url, servers["cloud"].url, TOKEN, retries=0,
+                      routing="edge-only") as client:
+        answer = client.classify(["good movie"], ids=["g1"])[0]
+    assert answer.tier == "edge" and not answer.fallback and answer.probs == [0.25, 0.75]
+
+
+def test_a_dripping_edge_cannot_hold_a_call_past_its_deadline(models, servers, fake_edge):
+    import time
+
+    from dimec.serving.client import MobileClient
+
+    fake_edge.answer, fake_edge.drip_s = (lambda ids: _edge_answer(ids)), 0.3  # ~300 bytes: 90 s in all
+    with MobileClient(models["mobile"], fake_edge.url, servers["cloud"].url, TOKEN, Timeouts(1.0, 2.0, total_s=3.0),
+                      retries=1, routing="edge-only") as client:
+        start = time.monotonic()
+        answer = client.classify(["good movie"], ids=["d1"])[0]
+        took = time.monotonic() - start
+    assert took < 8.0, took  # the deadline (3 s) plus the cloud's answer, not 60 s of drip
+    assert answer.fallback

@@ -118,6 +118,8 @@ def _client_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--link-cloud", help="emulated mobile->cloud link, e.g. '4g' or 'latency=80,loss=0.01'")
     p.add_argument("--connect-timeout", type=SECONDS, default=1.0, help="seconds")
     p.add_argument("--timeout", type=SECONDS, default=10.0, help="read timeout, seconds")
+    p.add_argument("--call-timeout", type=SECONDS, default=30.0,
+                   help="seconds one classify call may take, every exchange and retry together (default 30)")
     p.add_argument("--retries", type=_bounded(int, 0, 10, "--retries"), default=2,
                    help="extra attempts per tier (0..10)")
     add_fleet_client_args(p)
@@ -231,7 +233,7 @@ def _client(args, mobile_path, edge_url, cloud_url, token):
 
     fleet = fleet_policy_from_args(args)  # constraints, budget, advice: checked first
     package = ensure_package(mobile_path, "mobile", args.backend, log=_say)
-    return MobileClient(package, edge_url, cloud_url, token, Timeouts(args.connect_timeout, args.timeout),
+    return MobileClient(package, edge_url, cloud_url, token, Timeouts(args.connect_timeout, args.timeout, args.call_timeout),
                         args.retries, _links(args), args.backend, args.routing, fleet=fleet)
 
 

@@ -23,7 +23,9 @@ and a tier that refuses the token (401/403) raises TierAuthError from `classify`
 
 from __future__ import annotations
 
+import contextvars
 import json
+import math
 import random
 import threading
 import time
@@ -50,7 +52,7 @@ from dimec.serving.constraints import ANSWERED, Constraints, FleetPolicy
 from dimec.serving.links import LinkProfile, LinkTransport
 from dimec.serving.package import ROUTER_FILE
 from dimec.serving.tier import TierModel
-from dimec.serving.validate import ID_RULE, id_problem, ids_problem
+from dimec.serving.validate import ID_RULE, answer_problem, id_problem, ids_problem
 from dimec.tiers import CLOUD, EDGE, MOBILE, TIERS
 
 # "router": the package's calibrated router.json, whatever policy it holds ("fixed" is its older name);
@@ -59,12 +61,23 @@ from dimec.tiers import CLOUD, EDGE, MOBILE, TIERS
 ROUTINGS = ("router", "fixed", "dynamic", "cloud-only", "edge-only", "mobile-only")
 SINGLE_TIER = {"cloud-only": CLOUD, "edge-only": EDGE, "mobile-only": MOBILE}
 MAX_HIDDEN_BYTES = 4_000_000  # per continuation request (the servers accept 8 MB by default)
+MAX_ANSWER_BYTES = 8_000_000  # an answer is ids, labels and probabilities: far below this
 
 
 @dataclass(frozen=True)
 class Timeouts:
     connect_s: float = 1.0
-    read_s: float = 10.0
+    read_s: float = 10.0  # between two reads of an answer
+    total_s: float = 30.0  # one classify call, every exchange and retry together: a tier that drips its
+    # answer (each read inside read_s) cannot hold a call longer; what is left then falls back or degrades
+
+    def __post_init__(self) -> None:
+        if not all(math.isfinite(t) and t > 0 for t in (self.connect_s, self.read_s, self.total_s)):
+            raise ConfigError(f"timeouts must be finite numbers > 0, got {self}")
+
+
+# The deadline of the classify call running in this thread (time.monotonic()), read by every exchange it makes.
+_CALL_DEADLINE: contextvars.ContextVar[float | None] = contextvars.ContextVar("dimec_call_deadline", default=None)
 
 
 @dataclass
@@ -136,6 +149,7 @@ class HttpRemote:
         if retries < 0 or retries > 10:
             raise ConfigError(f"retries must be in 0..10, got {retries}")
         self.name, self.url = name, check_url(name, url)
+        self.total_s = timeouts.total_s
         self.retries, self.cooldown_s, self.backoff_s, self.max_batch = retries, cooldown_s, backoff_s, max_batch
         transport = httpx.HTTPTransport()
         if link is not None and not link.is_ideal:
@@ -196,12 +210,18 @@ class HttpRemote:
     def _post(self, path: str, ids: list[str], content: bytes, content_type: str,
               kind: str) -> tuple[dict[str, Any], int]:
         error = "no attempt"
+        call_deadline = _CALL_DEADLINE.get()
+        deadline = time.monotonic() + self.total_s
+        deadline = deadline if call_deadline is None else min(deadline, call_deadline)
         for attempt in range(self.retries + 1):
             if attempt:
                 with self._lock:
                     self.retry_count += 1
                     pause = min(1.0, self.backoff_s * 2 ** (attempt - 1)) * (0.5 + self._rng.random())
-                time.sleep(pause)
+                time.sleep(min(pause, max(0.0, deadline - time.monotonic())))
+            if time.monotonic() >= deadline:
+                error = f"the call's deadline passed ({error})"
+                break
             with self._lock:
                 self.bytes_sent[kind] += len(content)
                 self.requests_sent[kind] += 1
@@ -209,46 +229,45 @@ class HttpRemote:
             if id_problem(ids[0]) is None:  # only an inert id goes into a header (validate.ID_RULE)
                 headers["X-Request-ID"] = ids[0]
             try:
-                response = self.http.post(f"{self.url}{path}", content=content, headers=headers)
-            except httpx.TransportError as exc:  # refused, reset, timeout, emulated loss
+                status, body, retry_after = self._exchange(f"{self.url}{path}", content, headers, deadline)
+            except httpx.TransportError as exc:  # refused, reset, timeout, emulated loss, the deadline
                 error = f"{type(exc).__name__}: {exc}"
                 continue
-            if response.status_code == 200:
-                payload = self._valid(response, ids)
-                if payload is not None:
+            if status == 200:
+                payload, problem = _json(body), None
+                problem = answer_problem(payload, ids)
+                if problem is None:
                     return payload, attempt + 1
-                error = "malformed answer"
+                error = f"malformed answer: {problem}"
                 continue
-            error = f"HTTP {response.status_code}: {_error_text(response)}"
-            if response.status_code in (401, 403):  # a wrong token: no tier will accept it, say so loudly
-                raise TierAuthError(f"{self.name} at {self.url} refused this client's token ({error})",
+            error = f"HTTP {status}: {_error_text(body)}"
+            if status in (401, 403):  # a wrong token: no tier will accept it, say so loudly
+                raise TierAuthError(f"{self.name} refused this client's token ({error})",
                                     "give the client and every tier the same token (--token or DIMEC_TOKEN)")
-            if response.status_code == 429:  # busy for this source's class: skip it for its Retry-After
-                retry_after = _retry_after(response)
+            if status == 429:  # busy for this source's class: skip it for its Retry-After
                 self._down_until, self._busy = time.monotonic() + retry_after, True
-                raise TierBusyError(f"{self.name} at {self.url} is busy: {error}", retry_after)
-            if response.status_code in (409, 413, 415, 422):  # this request's fault, not the tier's: no retry or cooldown
-                raise TierUnavailableError(f"{self.name} at {self.url} refused the request: {error}")
-            if response.status_code not in self.RETRY_STATUS:
+                raise TierBusyError(f"{self.name} is busy: {error}", retry_after)
+            if status in (409, 413, 415, 422):  # this request's fault, not the tier's: no retry or cooldown
+                raise TierUnavailableError(f"{self.name} refused the request: {error}")
+            if status not in self.RETRY_STATUS:
                 break  # 404 and the like: a retry will not help
         self._down_until, self._busy = time.monotonic() + self.cooldown_s, False
-        raise TierUnavailableError(f"{self.name} at {self.url} failed after {attempt + 1} attempt(s): {error}")
+        raise TierUnavailableError(f"{self.name} failed after {attempt + 1} attempt(s): {error}")
 
-    @staticmethod
-    def _valid(response: httpx.Response, ids: list[str]) -> dict[str, Any] | None:
-        """The answer must be for exactly the ids we sent, one probability row each (and, for a plan, one
-        tier, exit and flag each)."""
-        try:
-            payload = response.json()
-            n = len(ids)
-            ok = payload["ids"] == ids and len(payload["probs"]) == n and \
-                all(len(p) == len(payload["label_names"]) for p in payload["probs"])
-            if "tiers" in payload:
-                ok = ok and all(len(payload[k]) == n for k in ("tiers", "exits", "exit_layers", "fallback")) and \
-                    all(t in TIERS for t in payload["tiers"])
-        except (ValueError, KeyError, TypeError):
-            return None
-        return payload if ok else None
+    def _exchange(self, url: str, content: bytes, headers: dict[str, str], deadline: float) -> tuple[int, bytes, float]:
+        """(status, body, Retry-After) of one POST, read chunk by chunk so that the deadline bounds it whole."""
+        left = max(0.01, deadline - time.monotonic())
+        timeout = httpx.Timeout(min(self.http.timeout.read or left, left), connect=min(self.http.timeout.connect or left, left))
+        with self.http.stream("POST", url, content=content, headers=headers, timeout=timeout) as response:
+            chunks, size = [], 0
+            for chunk in response.iter_bytes():
+                chunks.append(chunk)
+                size += len(chunk)
+                if time.monotonic() > deadline:
+                    raise httpx.ReadTimeout("the answer was still arriving at the call's deadline", request=None)
+                if size > MAX_ANSWER_BYTES:
+                    raise httpx.RemoteProtocolError(f"an answer over {MAX_ANSWER_BYTES} bytes", request=None)
+            return response.status_code, b"".join(chunks), _retry_after(response)
 
     def close(self) -> None:
         self.http.close()
@@ -277,11 +296,18 @@ def _retry_after(response: httpx.Response, default: float = 1.0) -> float:
         return default
 
 
-def _error_text(response: httpx.Response) -> str:
+def _json(body: bytes) -> Any:
     try:
-        return str(response.json().get("error", response.text[:200]))
-    except (ValueError, AttributeError):
-        return response.text[:200]
+        return json.loads(body)
+    except (ValueError, RecursionError):
+        return None
+
+
+def _error_text(body: bytes) -> str:
+    """The `error` of a refusal, short; a tier's own URLs or internals are not repeated to the caller."""
+    payload = _json(body)
+    text = payload.get("error") if isinstance(payload, dict) else None
+    return (text if isinstance(text, str) else body.decode("utf-8", "replace"))[:200]
 
 
 class MobileClient:
@@ -300,6 +326,7 @@ class MobileClient:
         if hidden_dtype not in ("float16", "float32"):
             raise ConfigError(f"hidden_dtype must be float16 or float32, got {hidden_dtype!r}")
         self.hidden_dtype = np.dtype(hidden_dtype)  # of hidden states on the wire: fp16 halves the bytes
+        self.timeouts = timeouts
         self.routing = routing
         self.router, self.plans, self.confidence = self._load_router(routing)
         self.online = self._online_prerouter(routing)  # serving an online pre-router moves its means
@@ -345,6 +372,13 @@ class MobileClient:
     def classify(self, texts: list[str], pairs: list[str] | None = None, ids: list[str] | None = None,
                  constraints: Constraints | None = None) -> list[Answer]:
         call = _Call(*_check_inputs(texts, pairs, ids))
+        deadline = _CALL_DEADLINE.set(time.monotonic() + self.timeouts.total_s)  # every exchange of this call
+        try:
+            return self._classify(call, constraints)
+        finally:
+            _CALL_DEADLINE.reset(deadline)
+
+    def _classify(self, call: _Call, constraints: Constraints | None) -> list[Answer]:
         choice = self._route(call)
         routed = np.array([self.plans[c][0].tier for c in choice], dtype=np.int64)
         tiers = self.fleet.adjust(self, call, routed, constraints)  # privacy, budget, deadline, advice

@@ -79,3 +79,63 @@ def probs_problem(probs: Any, classes: int | None = None) -> str | None:
     if (p < 0).any() or (p > 1 + 1e-6).any() or (len(p) and np.abs(p.sum(1) - 1).max() > 1e-3):
         return "probabilities must lie in [0, 1] and sum to 1 per row"
     return None
+
+
+MAX_ADVICE_S = 3600.0  # an advice or a queue estimate is valid an hour at most (sources.MAX_SECONDS)
+
+
+def answer_problem(payload: Any, ids: list[str]) -> str | None:
+    """What is wrong with a tier's 200 answer to a request for `ids` (every field a client reads: ids, labels,
+    probabilities, per-sample tiers/exits/layers/flags, timings and the advice), or None. An answer with a
+    problem is treated like a failed exchange: the client falls back, it never raises or passes it on."""
+    from dimec.tiers import TIERS
+
+    if not isinstance(payload, dict):
+        return "the answer is not a JSON object"
+    n = len(ids)
+    if payload.get("ids") != ids:
+        return "the answer is for other request ids"
+    names = payload.get("label_names")
+    if not isinstance(names, list) or not names or not all(isinstance(x, str) for x in names):
+        return "'label_names' is not a list of strings"
+    probs = payload.get("probs")
+    if not isinstance(probs, list) or len(probs) != n:
+        return f"'probs' does not have {n} rows"
+    problem = probs_problem(probs, len(names))
+    if problem:
+        return f"'probs': {problem}"
+    if "tiers" in payload:  # the answer to a plan: per sample, where it was answered
+        for key, ok in (("tiers", lambda t: isinstance(t, str) and t in TIERS),
+                        ("exits", lambda e: natural(e) and e <= 2), ("exit_layers", lambda k: natural(k) and k < 10_000),
+                        ("fallback", lambda f: isinstance(f, bool))):
+            values = payload.get(key)
+            if not isinstance(values, list) or len(values) != n or not all(ok(v) for v in values):
+                return f"'{key}' is not {n} valid values"
+    elif not (natural(payload.get("exit_layer")) and payload["exit_layer"] < 10_000):
+        return "'exit_layer' is not a layer number"
+    errors = payload.get("errors", [])
+    if not isinstance(errors, list) or not all(isinstance(e, str) for e in errors):
+        return "'errors' is not a list of strings"
+    for key in ("queue_ms", "compute_ms", "forward_ms"):
+        value = payload.get(key)
+        if value is not None and not (finite_number(value) and value >= 0):
+            return f"'{key}' is not a time in ms"
+    return advice_problem(payload.get("advice"))
+
+
+def advice_problem(advice: Any) -> str | None:
+    """What is wrong with the edge's PA-MDI advice (None is no advice), or None."""
+    if advice is None:
+        return None
+    if not isinstance(advice, dict):
+        return "'advice' is not an object"
+    keep, valid = advice.get("keep_fraction", 0.0), advice.get("valid_s", 0.0)
+    if not (finite_number(keep) and 0 <= keep <= 1):
+        return "advice 'keep_fraction' is not a share in [0, 1]"
+    if not (finite_number(valid) and 0 <= valid <= MAX_ADVICE_S):
+        return f"advice 'valid_s' is not a number of seconds in [0, {MAX_ADVICE_S:g}]"
+    for key in ("expected_wait_ms", "capacity_texts_per_s"):
+        value = advice.get(key)
+        if value is not None and not (finite_number(value) and value >= 0):
+            return f"advice '{key}' is not a number >= 0"
+    return None
