@@ -334,3 +334,70 @@ def test_a_dripping_edge_cannot_hold_a_call_past_its_deadline(models, servers, f
         took = time.monotonic() - start
     assert took < 8.0, took  # the deadline (3 s) plus the cloud's answer, not 60 s of drip
     assert answer.fallback
+
+
+# ---- 4. the cloud budget: every cloud stage booked, wherever it is reached from ---------------------------------------
+def mobile_with_plan(packages, tmp_path, plan_json):
+    """A copy of the mobile package whose router.json serves one plan (a cascade router)."""
+    import shutil
+
+    from dimec.config import CostConfig
+    from dimec.costs import CostModel
+    from dimec.routing.base import make_router, save_router
+    from dimec.serving.package import ROUTER_FILE, read_manifest, write_manifest
+
+    directory = tmp_path / "mobile"
+    shutil.copytree(packages["mobile"], directory)
+    router = make_router("cascade")
+    router.load_state({"plans": [plan_json], "confidence": "max_prob", "prerouter": None})
+    layers = tuple(read_manifest(directory)["exit_layers"])
+    save_router(router, directory / ROUTER_FILE, CostModel.from_config(CostConfig(), layers))
+    manifest = read_manifest(directory, verify=False)
+    manifest.pop("files")
+    write_manifest(directory, manifest)
+    return directory
+
+
+@pytest.mark.parametrize("plan", [
+    [["edge", 1, 1.01], ["cloud", 2, None]],  # raw text to the edge, which forwards to the cloud
+    [["mobile", 0, 1.01], ["edge", 1, 1.01], ["cloud", 2, None]],  # a hidden state via the edge
+])
+def test_a_zero_cloud_budget_keeps_every_text_off_the_cloud(packages, servers, tmp_path, plan):
+    from dimec.serving.client import MobileClient
+    from dimec.serving.constraints import CloudBudget, FleetPolicy
+
+    budget = CloudBudget(0.0, 3600.0, 0.001)
+    with MobileClient(mobile_with_plan(packages, tmp_path, plan), servers["edge"].url, servers["cloud"].url, TOKEN,
+                      backend="torch", fleet=FleetPolicy(budget=budget)) as client:
+        answers = client.classify(TEXTS, ids=[f"b{i}" for i in range(len(TEXTS))])
+    assert [a.tier for a in answers] == ["edge"] * len(TEXTS), [a.to_dict() for a in answers]
+    assert all("budget" in a.flags for a in answers)
+    assert budget.spent() == 0.0
+
+
+def test_a_budget_allows_the_cloud_via_the_edge_and_books_it(packages, servers, tmp_path):
+    from dimec.serving.client import MobileClient
+    from dimec.serving.constraints import CloudBudget, FleetPolicy
+
+    budget = CloudBudget(0.003, 3600.0, 0.001)  # three texts
+    with MobileClient(mobile_with_plan(packages, tmp_path, [["edge", 1, 1.01], ["cloud", 2, None]]),
+                      servers["edge"].url, servers["cloud"].url, TOKEN, backend="torch",
+                      fleet=FleetPolicy(budget=budget)) as client:
+        answers = [client.classify([t], ids=[f"c{i}"])[0] for i, t in enumerate(TEXTS)]
+    assert [a.tier for a in answers].count("cloud") == 3
+    assert abs(budget.spent() - 0.003) < 1e-9
+
+
+def test_a_refund_never_outlives_its_charge():
+    import time
+
+    from dimec.serving.constraints import CloudBudget
+
+    budget = CloudBudget(0.001, 0.3, 0.001)  # one text per 0.3 s
+    booked = budget.reserve(1)
+    assert booked is not None and budget.reserve(1) is None
+    time.sleep(0.2)  # a slow exchange
+    budget.refund(booked)
+    time.sleep(0.15)  # the charge left the window; its refund must have left with it
+    assert budget.spent() == 0.0
+    assert budget.reserve(1) is not None and budget.reserve(1) is None

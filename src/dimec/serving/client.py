@@ -451,7 +451,7 @@ class MobileClient:
         """Send hidden states after layer m to the next stage's tier (or its substitute); else answer here."""
         ids = [call.ids[i] for i in rows]
         errors: list[str] = []
-        attempts = self._allowed(call, stages)
+        attempts = self._allowed(call, stages, rows)
         if not attempts:  # private: the hidden state may not leave the device either
             for i in rows:
                 call.flags[i].append("private")
@@ -462,7 +462,8 @@ class MobileClient:
         for tier, substitute in attempts:
             target = TIERS[tier]
             result = self._exchange(call, rows, target, errors, lambda remote, s=substitute: remote.continue_hidden(
-                hidden, self.mobile.exit_layer, self.mobile.model_id, ids, s, self.confidence, self.hidden_dtype))
+                hidden, self.mobile.exit_layer, self.mobile.model_id, ids, s, self.confidence, self.hidden_dtype),
+                substitute)
             if result is not None:
                 self._fill(call, rows, result, target, "mobile", tier != stages[0].tier, errors, plan)
                 return
@@ -475,7 +476,7 @@ class MobileClient:
         sub_ids = [call.ids[i] for i in rows]
         errors: list[str] = []
         routed = TIERS[stages[0].tier]
-        for tier, substitute in self._allowed(call, stages):
+        for tier, substitute in self._allowed(call, stages, rows):
             target = TIERS[tier]
 
             def send(remote, s=substitute, tier=tier, target=target):
@@ -484,16 +485,20 @@ class MobileClient:
                     return remote.classify(sub_texts, sub_pairs, sub_ids, **options)
                 return remote.classify(sub_texts, sub_pairs, sub_ids, plan=s, confidence=self.confidence, **options)
 
-            result = self._exchange(call, rows, target, errors, send)
+            result = self._exchange(call, rows, target, errors, send, substitute)
             if result is not None:
                 self._fill(call, rows, result, target, routed, tier != stages[0].tier, errors, plan)
                 return
         self._answer_degraded(call, rows, self.mobile_probs(call, rows), routed, errors, plan)
 
-    def _allowed(self, call: _Call, stages: Plan) -> list[tuple[int, Plan]]:
-        """Where the rest of a plan may run, in order, among the tiers the fleet policy allows (privacy): a
-        plan is cut before any stage on a tier it may not reach (the edge would forward it there)."""
+    def _allowed(self, call: _Call, stages: Plan, rows: np.ndarray) -> list[tuple[int, Plan]]:
+        """Where the rest of a plan may run, in order, among the tiers the fleet policy allows (privacy, and
+        the cloud budget: a cloud stage the budget cannot pay for is cut even when the edge would reach it):
+        a plan is cut before any stage on a tier it may not reach (the edge would forward it there)."""
         allowed = set(self.fleet.targets(call, stages[0].tier))
+        if stages[0].tier != CLOUD and any(s.tier == CLOUD for s in stages) and \
+                not self.fleet.cloud_affordable(call, rows):
+            allowed.discard("cloud")
         out = []
         for tier, plan in _attempts(stages):
             kept = [s for s in plan if TIERS[s.tier] in allowed]
@@ -501,14 +506,15 @@ class MobileClient:
                 out.append((tier, (*kept[:-1], Stage(kept[-1].tier, kept[-1].exit, None))))
         return out
 
-    def _exchange(self, call: _Call, rows: np.ndarray, target: str, errors: list[str], send) -> RemoteResult | None:
+    def _exchange(self, call: _Call, rows: np.ndarray, target: str, errors: list[str], send,
+                  plan: Plan | None = None) -> RemoteResult | None:
         """One exchange with `target` under the fleet policy (budget, latency, advice, 429s); None if it failed
-        (the reason appended to `errors`)."""
+        (the reason appended to `errors`). `plan`: the stages sent (a cloud stage in it is booked)."""
         remote = self.remotes.get(target)
         if remote is None:
             errors.append(f"no {target} tier configured")
             return None
-        refused, reserved = self.fleet.before_send(call, rows, target)
+        refused, reserved = self.fleet.before_send(call, rows, target, plan)
         if refused:
             errors.append(refused)
             return None
