@@ -401,3 +401,35 @@ def test_a_refund_never_outlives_its_charge():
     time.sleep(0.15)  # the charge left the window; its refund must have left with it
     assert budget.spent() == 0.0
     assert budget.reserve(1) is not None and budget.reserve(1) is None
+
+
+# ---- 5. edge misconfiguration: a fallback with a reason, never a 500; checked at start-up -----------------------------
+def test_a_wrong_cloud_token_is_a_fallback_with_a_reason_not_a_500(models, servers):
+    forward = HttpRemote("cloud", servers["cloud"].url, "not-the-cloud-token", Timeouts(0.5, 5), retries=0,
+                         cooldown_s=0.0)
+    edge = TestClient(create_app(None, "edge", TOKEN, model=models["edge"], forward=forward))
+    r = edge.post("/v1/classify", json={"texts": ["dull", "fun"], "ids": ["t1", "t2"], "plan": TO_CLOUD}, headers=AUTH)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["fallback"] == [True, True] and body["tiers"] == ["edge", "edge"]
+    assert "token" in body["errors"][0] and servers["cloud"].url not in r.text
+    state = wire.encode(state_of(models, ["dull"]), 0, models["edge"].model_id, ["t3"], wire.plan_from_json(TO_CLOUD))
+    r = edge.post("/v1/continue", content=state, headers=HIDDEN)
+    assert r.status_code == 200 and r.json()["fallback"] == [True], r.text
+
+
+def test_serve_checks_the_cloud_link_at_start_up(servers, tmp_path, capsys):
+    from dimec.cli import main
+    from dimec.serving.local import free_port
+
+    sources = tmp_path / "fleet.json"
+    sources.write_text(json.dumps({"classes": [{"name": "high"}],
+                                   "sources": [{"name": "a", "token": "token-aaaa-1", "priority": "high"}]}))
+    cases = [  # (argv, what the error names)
+        (["--sources", str(sources), "--cloud-url", servers["cloud"].url], "--cloud-token"),
+        (["--token", TOKEN, "--cloud-url", servers["cloud"].url, "--cloud-token", "wrong-token-1"], "refused"),
+    ]
+    for extra, expected in cases:
+        code = main(["serve", "edge", str(tmp_path / "no-package"), "--port", str(free_port()), *extra])
+        err = capsys.readouterr().err
+        assert code == 2 and expected in err and "Traceback" not in err, err

@@ -63,7 +63,9 @@ def attach_serving_commands(sub) -> None:
     p.add_argument("--sources", help="YAML/JSON file: tokens -> sources and priority classes, scheduling and "
                                      "allocation settings (docs/fleet.md); replaces --token")
     p.add_argument("--cloud-url", help="edge only: the cloud tier that plans going on to the cloud are forwarded to")
-    p.add_argument("--cloud-token", help="bearer token for --cloud-url (default: this server's token)")
+    p.add_argument("--cloud-token", help="bearer token for --cloud-url (default: env DIMEC_CLOUD_TOKEN, else this "
+                                         "server's token). Visible in `ps`: prefer --cloud-token-file or the env")
+    p.add_argument("--cloud-token-file", help="file whose first line is the --cloud-token (not visible in `ps`)")
     p.add_argument("--link-cloud", help="edge only: emulated edge->cloud link, e.g. 'wan' or 'latency=30'")
     p.set_defaults(func=cmd_serve)
 
@@ -77,7 +79,7 @@ def attach_serving_commands(sub) -> None:
     p.add_argument("path", help="the mobile package, or a run directory")
     p.add_argument("--edge-url")
     p.add_argument("--cloud-url")
-    p.add_argument("--token", help="bearer token (default: env DIMEC_TOKEN)")
+    _token_args(p, "bearer token")
     _client_args(p)
     p.set_defaults(func=cmd_client)
 
@@ -85,7 +87,7 @@ def attach_serving_commands(sub) -> None:
     p.add_argument("run_dir")
     p.add_argument("--edge-url", help="default: start a local edge server")
     p.add_argument("--cloud-url", help="default: start a local cloud server")
-    p.add_argument("--token", help="bearer token for given servers (default: env DIMEC_TOKEN)")
+    _token_args(p, "bearer token for given servers")
     p.add_argument("--backend", default="onnx-int8", choices=("onnx-int8", "onnx", "torch"))
     p.add_argument("--samples", type=POSITIVE_INT, default=50)
     p.add_argument("--link-edge", help="emulated link, e.g. 'wifi' or 'latency=20,jitter=5,bandwidth=50,loss=0'")
@@ -97,7 +99,7 @@ def attach_serving_commands(sub) -> None:
 
 
 def _server_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--token", help="bearer token clients must send (default: env DIMEC_TOKEN)")
+    _token_args(p, "bearer token clients must send")
     p.add_argument("--threads", type=POSITIVE_INT, help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--max-body-bytes", type=POSITIVE_INT, default=1_000_000)
     p.add_argument("--max-text-chars", type=POSITIVE_INT, default=20_000)
@@ -125,8 +127,30 @@ def _client_args(p: argparse.ArgumentParser) -> None:
     add_fleet_client_args(p)
 
 
+def _token_args(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--token", help=f"{what} (default: --token-file, else env DIMEC_TOKEN). A token on the command "
+                                   "line is visible to every user of this machine in `ps`: prefer the file or the "
+                                   "environment")
+    p.add_argument("--token-file", help="file whose first line is the token (keep it mode 600)")
+
+
+def _secret(value: str | None, path: str | None, env: str) -> str | None:
+    """A token from the option, else the first line of its file, else the environment; None if none is set."""
+    if value:
+        return value
+    if path:
+        try:
+            lines = Path(path).read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"cannot read the token file {path} ({exc})") from None
+        if not lines or not lines[0].strip():
+            raise ConfigError(f"the token file {path} is empty", "write the token on its first line")
+        return lines[0].strip()
+    return os.environ.get(env) or None
+
+
 def _token(args) -> str | None:
-    return getattr(args, "token", None) or os.environ.get("DIMEC_TOKEN") or None
+    return _secret(getattr(args, "token", None), getattr(args, "token_file", None), "DIMEC_TOKEN")
 
 
 def _links(args) -> dict:
@@ -178,7 +202,15 @@ def cmd_serve(args) -> None:
         from dimec.serving.client import HttpRemote
         from dimec.serving.links import LinkProfile
 
+        args.cloud_token = _secret(args.cloud_token, args.cloud_token_file, "DIMEC_CLOUD_TOKEN")
+        if not (args.cloud_token or token):  # with --sources there is no token of its own to lend the link
+            raise ConfigError("--cloud-url needs --cloud-token (or DIMEC_CLOUD_TOKEN) when the edge runs with "
+                              "--sources", "give the token of a source the cloud accepts (docs/fleet.md)")
         forward = HttpRemote("cloud", args.cloud_url, args.cloud_token or token, link=LinkProfile.parse(args.link_cloud))
+        problem = forward.probe()  # a wrong token refuses the start; an unreachable cloud is only a warning
+        if problem:
+            print(f"dimec: warning: {problem}; plans going on to the cloud are answered here (fallback) until it "
+                  "answers", file=sys.stderr)
     port = args.port or DEFAULT_PORTS[args.tier]
     sock = bind_port(args.host, port)  # before the model loads: a taken port fails fast, and no other
     try:                               # server can take it between this check and serving

@@ -201,6 +201,20 @@ class HttpRemote:
             start = stop
         return _merge(parts)
 
+    def probe(self) -> str | None:
+        """One POST /v1/ping at start-up: None if the tier takes this token, a warning if it cannot be reached,
+        a ConfigError if it refuses the token (a deployment error to fix before serving)."""
+        try:
+            response = self.http.post(f"{self.url}/v1/ping", content=b"probe")
+        except httpx.TransportError as exc:
+            return f"the {self.name} at {self.url} cannot be reached ({type(exc).__name__})"
+        if response.status_code in (401, 403):
+            raise ConfigError(f"the {self.name} at {self.url} refused the token this server would send it "
+                              f"(HTTP {response.status_code})", "give --cloud-token a token the cloud accepts")
+        if response.status_code != 200:
+            return f"the {self.name} at {self.url} answered HTTP {response.status_code} to a ping"
+        return None
+
     def _check_available(self) -> None:
         if not self.available():
             if self._busy:  # it answered 429: honour its Retry-After

@@ -14,6 +14,7 @@ k this tier cannot continue from, or a plan whose next stage is not on this tier
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any, Literal
 
@@ -26,6 +27,8 @@ from dimec.serving.tier import TierModel
 from dimec.serving.validate import NON_FINITE
 from dimec.serving.wire import HiddenState, WireError
 from dimec.tiers import CLOUD, TIERS
+
+log = logging.getLogger("dimec.serving")
 
 
 class PlanStage(BaseModel):
@@ -180,7 +183,7 @@ class PlanRunner:
     def _forward(self, hidden, mask, layer, rest: Plan, kind, rows, ids, probs, exit_index, answered_on,
                  dtype) -> str | None:
         """Ship the open rows' hidden state to the next tier; fill their answers. Returns an error or None."""
-        from dimec.errors import TierUnavailableError
+        from dimec.errors import TierAuthError, TierUnavailableError
 
         if self.forward is None:
             return f"no {TIERS[rest[0].tier]} tier configured on this {self.model.tier} (dimec serve --cloud-url)"
@@ -190,6 +193,10 @@ class PlanRunner:
             result = self.forward.continue_hidden(trimmed, layer, self.model.model_id, sub_ids, rest, kind, dtype)
         except TierUnavailableError as exc:
             return exc.message
+        except TierAuthError:  # this edge's deployment is wrong, not the request: answer here, say why
+            log.error("the %s refuses this edge's --cloud-token", self.forward.name)
+            return f"the {self.forward.name} refused this {self.model.tier}'s token (a deployment error): answered " \
+                   f"at this {self.model.tier}'s exit"
         if list(result.label_names) != self.model.label_names:
             return f"the {self.forward.name} serves another model (labels {result.label_names})"
         probs[rows] = result.probs
