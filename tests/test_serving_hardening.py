@@ -433,3 +433,81 @@ def test_serve_checks_the_cloud_link_at_start_up(servers, tmp_path, capsys):
         code = main(["serve", "edge", str(tmp_path / "no-package"), "--port", str(free_port()), *extra])
         err = capsys.readouterr().err
         assert code == 2 and expected in err and "Traceback" not in err, err
+
+
+# ---- 3. memory: authenticate before reading a body; bounded in-flight bytes per server and per source -------------
+def _open_post(url: str, path: str, token: str, length: int, sent: int = 1000):
+    """A raw POST whose headers announce `length` body bytes, of which only `sent` are sent (the connection
+    stays open, as a slow or hostile client's would)."""
+    import socket
+
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=5)
+    head = (f"POST {path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {token}\r\n"
+            f"Content-Type: {wire.CONTENT_TYPE}\r\nContent-Length: {length}\r\n\r\n")
+    sock.sendall(head.encode() + b"\0" * sent)
+    return sock
+
+
+def _status(sock, timeout: float = 5.0) -> int | None:
+    """The status of the answer on `sock`, or None if none came within `timeout` (the server is still reading)."""
+    import socket
+
+    sock.settimeout(timeout)
+    try:
+        data = sock.recv(200)
+    except socket.timeout:
+        return None
+    return int(data.split()[1]) if data.startswith(b"HTTP/1.1") else None
+
+
+@pytest.fixture()
+def bounded_server(models):
+    from dimec.serving.server import Limits
+
+    limits = Limits(max_hidden_bytes=1_000_000, max_inflight_bytes=3_000_000, max_source_inflight_bytes=2_000_000)
+    server = ThreadServer(create_app(None, "cloud", TOKEN, limits, model=models["cloud"])).start()
+    yield server
+    server.stop()
+
+
+def test_a_body_is_never_read_before_the_token_is_checked(bounded_server):
+    sock = _open_post(bounded_server.url, "/v1/continue", "wrong-token", 900_000)
+    try:
+        assert _status(sock, 5.0) == 401  # at once, without waiting for the 900 kB it announced
+    finally:
+        sock.close()
+
+
+def test_in_flight_bytes_are_bounded_per_source(bounded_server, models):
+    import httpx
+
+    held = [_open_post(bounded_server.url, "/v1/continue", TOKEN, 900_000) for _ in range(2)]  # 1.8 of 2 MB
+    try:
+        third = _open_post(bounded_server.url, "/v1/continue", TOKEN, 900_000)
+        try:
+            assert _status(third, 5.0) == 429
+        finally:
+            third.close()
+    finally:
+        for sock in held:
+            sock.close()
+    ok = wire.encode(state_of(models, ["good movie"]), 0, models["edge"].model_id, ["after-1"])
+    for _ in range(50):  # the held bytes are released once their connections close (bounded wait)
+        r = httpx.post(f"{bounded_server.url}/v1/continue", content=ok, headers=HIDDEN, timeout=10)
+        if r.status_code == 200:
+            break
+        import time
+
+        time.sleep(0.1)
+    assert r.status_code == 200, r.text
+
+
+def test_limits_state_a_consistent_bound():
+    from dimec.errors import ConfigError
+    from dimec.serving.server import Limits
+
+    with pytest.raises(ConfigError):
+        Limits(max_hidden_bytes=8_000_000, max_source_inflight_bytes=4_000_000)  # one body could never fit
+    with pytest.raises(ConfigError):
+        Limits(max_inflight_bytes=10_000_000, max_source_inflight_bytes=20_000_000)

@@ -105,6 +105,10 @@ def _server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-text-chars", type=POSITIVE_INT, default=20_000)
     p.add_argument("--max-batch", type=POSITIVE_INT, default=64)
     p.add_argument("--max-hidden-bytes", type=POSITIVE_INT, default=8_000_000, help="body limit of /v1/continue")
+    p.add_argument("--max-inflight-bytes", type=POSITIVE_INT, default=32_000_000,
+                   help="request bytes the server holds at once, all sources together; over it: 429 (docs/serving.md)")
+    p.add_argument("--max-source-inflight-bytes", type=POSITIVE_INT, default=16_000_000,
+                   help="request bytes the server holds at once for one source (token)")
     p.add_argument("--log-level", default="warning", choices=LOG_LEVELS)
 
 
@@ -194,7 +198,8 @@ def cmd_serve(args) -> None:
     if args.host not in LOOPBACK_HOSTS:
         print(f"dimec: warning: binding {args.host}: plain HTTP, put TLS in front of it beyond a trusted network",
               file=sys.stderr)
-    limits = Limits(args.max_body_bytes, args.max_text_chars, args.max_batch, args.max_hidden_bytes)
+    limits = Limits(args.max_body_bytes, args.max_text_chars, args.max_batch, args.max_hidden_bytes,
+                    args.max_inflight_bytes, args.max_source_inflight_bytes)
     forward = None
     if args.cloud_url:
         if args.tier != "edge":

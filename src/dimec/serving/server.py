@@ -38,6 +38,7 @@ from starlette.exceptions import HTTPException
 
 from dimec.errors import ConfigError, TierAuthError
 from dimec.serving import wire
+from dimec.serving.bounds import InFlight
 from dimec.serving.continuation import PlanAnswer, PlanRunner, PlanStage, request_plan
 from dimec.serving.fleet import Fleet, attach_gateway_drift
 from dimec.serving.sources import Source, SourceTable
@@ -55,6 +56,8 @@ class Limits:
     max_text_chars: int = 20_000  # per text (or pair member)
     max_batch: int = 64  # texts (or hidden states) per request
     max_hidden_bytes: int = 8_000_000  # body of a continuation request (POST /v1/continue)
+    max_inflight_bytes: int = 32_000_000  # request bytes held at once by the whole server (bounds.py)
+    max_source_inflight_bytes: int = 16_000_000  # ... by the requests of one source (one token)
 
     MIN_BODY_BYTES = 1024  # below this no real request fits: a limit that refuses everything is a mistake
 
@@ -62,8 +65,10 @@ class Limits:
         return self.max_hidden_bytes if path == "/v1/continue" else self.max_body_bytes
 
     def __post_init__(self) -> None:
+        biggest = max(self.max_body_bytes, self.max_hidden_bytes)  # one request of the largest kind must fit
         for name, low in (("max_body_bytes", self.MIN_BODY_BYTES), ("max_text_chars", 1), ("max_batch", 1),
-                          ("max_hidden_bytes", self.MIN_BODY_BYTES)):
+                          ("max_hidden_bytes", self.MIN_BODY_BYTES), ("max_source_inflight_bytes", biggest),
+                          ("max_inflight_bytes", self.max_source_inflight_bytes)):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ConfigError(f"limit {name} must be an integer >= {low}, got {value!r}",
@@ -341,7 +346,7 @@ def _base_app(title: str, service: TierService) -> tuple[FastAPI, dict[str, Any]
     }
     app = FastAPI(title=title, version="1", description=__doc__, responses=_errors(413))
     app.state.service, app.state.registry = service, registry
-    app.add_middleware(_Guard, limits=service.limits, metrics=metrics)
+    app.add_middleware(_Guard, limits=service.limits, metrics=metrics, service=service)
 
     @app.exception_handler(RequestError)
     async def _request_error(_request: Request, exc: RequestError):
@@ -387,11 +392,15 @@ def _base_app(title: str, service: TierService) -> tuple[FastAPI, dict[str, Any]
 
 
 class _Guard:
-    """Outermost ASGI layer: counts every request (even ones refused early) and enforces the body limit
-    while reading, so an oversized body is never buffered whole."""
+    """Outermost ASGI layer: counts every request (even ones refused early), checks the token of a protected
+    path before reading a byte of its body, holds the request's bytes against the in-flight bounds
+    (bounds.py) and enforces the body limit while reading, so an oversized body is never buffered whole."""
 
-    def __init__(self, app, limits: Limits, metrics: dict) -> None:
-        self.app, self.limits, self.metrics = app, limits, metrics
+    PROTECTED = ("/v1/classify", "/v1/continue", "/v1/ping")
+
+    def __init__(self, app, limits: Limits, metrics: dict, service: TierService) -> None:
+        self.app, self.limits, self.metrics, self.service = app, limits, metrics, service
+        self.inflight = InFlight(limits.max_inflight_bytes, limits.max_source_inflight_bytes)
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -406,11 +415,31 @@ class _Guard:
                 status[0] = message["status"]
             await send(message)
 
+        held = [0]
+        source = ""
         try:
+            if path in self.PROTECTED:  # the token first: an unknown caller never gets a byte read
+                try:
+                    source = self.service.authorize(_header(scope, b"authorization")).name
+                except RequestError as exc:
+                    await _send_json(tracked_send, 401, {"error": exc.message},
+                                     [(b"www-authenticate", b"Bearer")])
+                    return
             limit = self.limits.body_limit(path)
-            body = await self._read_body(scope, receive, limit)
+            declared = _header(scope, b"content-length")
+            declared = int(declared) if declared and declared.isascii() and declared.isdigit() else None
+            if declared is not None and declared > limit:
+                await _send_json(tracked_send, 413, {"error": f"request body is over the limit of {limit} bytes"})
+                return
+            if not self._hold(source, declared or 0, held):
+                await self._busy(tracked_send)
+                return
+            body = await self._read_body(receive, limit, source, held)
             if body is None:
                 await _send_json(tracked_send, 413, {"error": f"request body is over the limit of {limit} bytes"})
+                return
+            if body is False:
+                await self._busy(tracked_send)
                 return
             replayed = [False]
 
@@ -422,13 +451,27 @@ class _Guard:
 
             await self.app(scope, replay, tracked_send)
         finally:
+            self.inflight.release(source, held[0])
             self.metrics["requests"].labels(path, str(status[0])).inc()
             self.metrics["latency"].labels(path).observe(time.perf_counter() - start)
 
-    async def _read_body(self, scope, receive, limit: int) -> bytes | None:
-        for name, value in scope.get("headers", ()):
-            if name == b"content-length" and value.isdigit() and int(value) > limit:
-                return None
+    def _hold(self, source: str, nbytes: int, held: list[int]) -> bool:
+        if nbytes <= 0:
+            return True
+        if not self.inflight.acquire(source, nbytes):
+            return False
+        held[0] += nbytes
+        return True
+
+    async def _busy(self, send) -> None:
+        lim = self.limits
+        await _send_json(send, 429, {"error": f"this server holds its bound of request bytes in flight "
+                                              f"({lim.max_inflight_bytes} in all, {lim.max_source_inflight_bytes} "
+                                              "per source): try again shortly", "reason": "memory"},
+                         [(b"retry-after", b"1")])
+
+    async def _read_body(self, receive, limit: int, source: str, held: list[int]) -> bytes | None | bool:
+        """The body; None when it is over `limit`; False when holding it would go over an in-flight bound."""
         chunks, size = [], 0
         while True:
             message = await receive()
@@ -438,13 +481,23 @@ class _Guard:
             size += len(chunks[-1])
             if size > limit:
                 return None
+            if size > held[0] and not self._hold(source, size - held[0], held):  # no (or a short) Content-Length
+                return False
             if not message.get("more_body", False):
                 break
         return b"".join(chunks)
 
 
-async def _send_json(send, status: int, payload: dict) -> None:
+def _header(scope, name: bytes) -> str | None:
+    for key, value in scope.get("headers", ()):
+        if key == name:
+            return value.decode("latin-1")
+    return None
+
+
+async def _send_json(send, status: int, payload: dict, headers: list | None = None) -> None:
     body = json.dumps(payload).encode()
     await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            *(headers or [])]})
     await send({"type": "http.response.body", "body": body})
