@@ -451,12 +451,10 @@ def _open_post(url: str, path: str, token: str, length: int, sent: int = 1000):
 
 def _status(sock, timeout: float = 5.0) -> int | None:
     """The status of the answer on `sock`, or None if none came within `timeout` (the server is still reading)."""
-    import socket
-
     sock.settimeout(timeout)
     try:
         data = sock.recv(200)
-    except socket.timeout:
+    except TimeoutError:
         return None
     return int(data.split()[1]) if data.startswith(b"HTTP/1.1") else None
 
@@ -511,3 +509,59 @@ def test_limits_state_a_consistent_bound():
         Limits(max_hidden_bytes=8_000_000, max_source_inflight_bytes=4_000_000)  # one body could never fit
     with pytest.raises(ConfigError):
         Limits(max_inflight_bytes=10_000_000, max_source_inflight_bytes=20_000_000)
+
+
+# ---- 13. a client that goes away while queued is dropped and counted as abandoned -------------------------------------
+class CountingSlowModel:
+    """A tier model that takes `delay_s` per call and counts its calls."""
+
+    def __init__(self, model, delay_s: float) -> None:
+        self._model, self.delay_s, self.calls = model, delay_s, 0
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+    def classify(self, texts, pairs=None):
+        import time
+
+        self.calls += 1
+        time.sleep(self.delay_s)
+        return self._model.classify(texts, pairs)
+
+
+def test_a_request_whose_client_left_while_queued_is_not_run(models):
+    import socket
+    import threading
+    import time
+
+    import httpx
+
+    from dimec.config import build_config
+    from dimec.serving.sources import FleetConfig, SourceTable
+
+    table = SourceTable.from_config(build_config(FleetConfig, {
+        "classes": [{"name": "high"}], "sources": [{"name": "a", "token": TOKEN, "priority": "high"}],
+        "scheduling": {"queue_capacity": 8, "workers": 1}}))
+    model = CountingSlowModel(models["edge"], 1.0)
+    server = ThreadServer(create_app(None, "edge", None, model=model, sources=table)).start()
+    try:
+        first = threading.Thread(target=lambda: httpx.post(f"{server.url}/v1/classify", json={"texts": ["fun"]},
+                                                           headers=AUTH, timeout=20))
+        first.start()
+        time.sleep(0.3)  # the first request runs; the next one waits in the queue
+        body = json.dumps({"texts": ["dull"]}).encode()
+        sock = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+        sock.sendall(f"POST /v1/classify HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\nContent-Type: "
+                     f"application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+        time.sleep(0.2)
+        sock.shutdown(socket.SHUT_RDWR)
+        sock.close()  # the client goes away while its request waits
+        first.join(20)
+        time.sleep(1.5)  # long enough for the queued request to have run, had it been kept
+        metrics = httpx.get(f"{server.url}/metrics", timeout=5).text
+    finally:
+        server.stop()
+        server.app.state.fleet.close()
+    assert model.calls == 1
+    assert 'dimec_source_requests_total{class="high",outcome="abandoned",source="a"} 1.0' in metrics, metrics
+    assert 'dimec_source_requests_total{class="high",outcome="answered",source="a"} 1.0' in metrics

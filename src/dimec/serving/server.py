@@ -20,6 +20,7 @@ exactly like this app.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -41,6 +42,7 @@ from dimec.serving import wire
 from dimec.serving.bounds import InFlight
 from dimec.serving.continuation import PlanAnswer, PlanRunner, PlanStage, request_plan
 from dimec.serving.fleet import Fleet, attach_gateway_drift
+from dimec.serving.scheduling import CLIENT_GONE
 from dimec.serving.sources import Source, SourceTable
 from dimec.serving.tier import TierModel
 from dimec.serving.validate import NON_FINITE, ids_problem
@@ -441,15 +443,26 @@ class _Guard:
             if body is False:
                 await self._busy(tracked_send)
                 return
-            replayed = [False]
+            replayed, gone = [False], asyncio.Event()
 
             async def replay():
                 if not replayed[0]:
                     replayed[0] = True
                     return {"type": "http.request", "body": body, "more_body": False}
-                return await receive()
+                await gone.wait()
+                return {"type": "http.disconnect"}
 
-            await self.app(scope, replay, tracked_send)
+            async def watch() -> None:  # the body is read: the next message is the client leaving
+                while (await receive())["type"] != "http.disconnect":
+                    pass
+                gone.set()
+
+            watcher, context = asyncio.ensure_future(watch()), CLIENT_GONE.set(gone)
+            try:
+                await self.app(scope, replay, tracked_send)
+            finally:
+                watcher.cancel()
+                CLIENT_GONE.reset(context)
         finally:
             self.inflight.release(source, held[0])
             self.metrics["requests"].labels(path, str(status[0])).inc()
