@@ -565,3 +565,39 @@ def test_a_request_whose_client_left_while_queued_is_not_run(models):
     assert model.calls == 1
     assert 'dimec_source_requests_total{class="high",outcome="abandoned",source="a"} 1.0' in metrics, metrics
     assert 'dimec_source_requests_total{class="high",outcome="answered",source="a"} 1.0' in metrics
+
+
+# ---- 14. exposure: decided, documented (docs/serving.md), tested -----------------------------------------------------
+def test_metrics_and_drift_reference_need_the_metrics_token_when_one_is_set(models):
+    app = TestClient(create_app(None, "edge", TOKEN, model=models["edge"], metrics_token="metrics-secret-1"))
+    for path in ("/metrics", "/v1/drift/reference"):
+        assert app.get(path).status_code == 401
+        assert app.get(path, headers=AUTH).status_code == 401  # a client's token is not the metrics token
+        assert app.get(path, headers={"Authorization": "Bearer metrics-secret-1"}).status_code in (200, 404)
+    assert app.get("/healthz").status_code == 200  # liveness stays open: it names the tier and model only
+    open_app = TestClient(create_app(None, "edge", TOKEN, model=models["edge"]))
+    assert open_app.get("/metrics").status_code == 200  # unset (the loopback default): open, as documented
+
+
+def test_tokens_can_come_from_a_file_and_help_says_why(tmp_path, capsys):
+    from dimec.cli import build_parser, main
+
+    serve = build_parser()._subparsers._group_actions[0].choices["serve"]
+    assert "ps" in serve.format_help() and "--token-file" in serve.format_help()
+    empty = tmp_path / "empty"
+    empty.write_text("")
+    assert main(["serve", "edge", str(tmp_path / "no-package"), "--token-file", str(empty)]) == 2
+    assert "empty" in capsys.readouterr().err
+    good = tmp_path / "token"
+    good.write_text("file-token-123\n")
+    assert main(["serve", "edge", str(tmp_path / "no-package"), "--token-file", str(good)]) == 2
+    err = capsys.readouterr().err
+    assert "no bearer token" not in err and "file-token-123" not in err and "no-package" in err  # read, not shown
+
+
+def test_edge_errors_do_not_show_clients_the_clouds_url(models, servers):
+    forward = HttpRemote("cloud", "http://127.0.0.1:9", TOKEN, Timeouts(0.2, 1), retries=0, cooldown_s=0.0)
+    edge = TestClient(create_app(None, "edge", TOKEN, model=models["edge"], forward=forward))
+    r = edge.post("/v1/classify", json={"texts": ["dull"], "ids": ["u1"], "plan": TO_CLOUD}, headers=AUTH)
+    assert r.status_code == 200 and r.json()["fallback"] == [True]
+    assert "127.0.0.1:9" not in r.text and r.json()["errors"]

@@ -63,8 +63,8 @@ def check_plan(plan: Plan) -> Plan:
             raise ConfigError(f"the {TIERS[s.tier]} tier does not hold exit {s.exit}: {plan_text(plan)}")
     if any(s.threshold is None for s in plan[:-1]) or plan[-1].threshold is not None:
         raise ConfigError(f"every stage but the last needs a threshold: {plan_text(plan)}")
-    if any(not math.isfinite(s.threshold) for s in plan[:-1]):  # NaN never clears: the stage could never answer
-        raise ConfigError(f"plan thresholds must be finite numbers: {plan_text(plan)}")
+    if any(math.isnan(s.threshold) for s in plan[:-1]):  # NaN compares false: a silent "never" (inf says it)
+        raise ConfigError(f"plan thresholds must be numbers, not NaN: {plan_text(plan)}")
     return plan
 
 

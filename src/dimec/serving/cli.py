@@ -66,6 +66,9 @@ def attach_serving_commands(sub) -> None:
     p.add_argument("--cloud-token", help="bearer token for --cloud-url (default: env DIMEC_CLOUD_TOKEN, else this "
                                          "server's token). Visible in `ps`: prefer --cloud-token-file or the env")
     p.add_argument("--cloud-token-file", help="file whose first line is the --cloud-token (not visible in `ps`)")
+    p.add_argument("--metrics-token-file", help="file whose first line is the token /metrics and "
+                                                "/v1/drift/reference then need (default: env DIMEC_METRICS_TOKEN; "
+                                                "unset: they are open, as on loopback; docs/serving.md)")
     p.add_argument("--link-cloud", help="edge only: emulated edge->cloud link, e.g. 'wan' or 'latency=30'")
     p.set_defaults(func=cmd_serve)
 
@@ -195,9 +198,14 @@ def cmd_serve(args) -> None:
         import torch
 
         torch.set_num_threads(args.threads)
+    metrics_token = _secret(None, args.metrics_token_file, "DIMEC_METRICS_TOKEN")
     if args.host not in LOOPBACK_HOSTS:
         print(f"dimec: warning: binding {args.host}: plain HTTP, put TLS in front of it beyond a trusted network",
               file=sys.stderr)
+        if not metrics_token:
+            print("dimec: warning: /metrics (source names and their traffic) and /v1/drift/reference are open to "
+                  "anyone who reaches this address; set DIMEC_METRICS_TOKEN or --metrics-token-file",
+                  file=sys.stderr)
     limits = Limits(args.max_body_bytes, args.max_text_chars, args.max_batch, args.max_hidden_bytes,
                     args.max_inflight_bytes, args.max_source_inflight_bytes)
     forward = None
@@ -220,7 +228,7 @@ def cmd_serve(args) -> None:
     sock = bind_port(args.host, port)  # before the model loads: a taken port fails fast, and no other
     try:                               # server can take it between this check and serving
         app = create_app(ensure_package(args.path, args.tier, log=_say), args.tier, token, limits, sources=sources,
-                         forward=forward)
+                         forward=forward, metrics_token=metrics_token)
         print(f"dimec {args.tier} tier on http://{_url_host(args.host)}:{port} "
               f"(exit layer {app.state.service.model.exit_layer})", flush=True)
         run_server(app, sock, args.log_level)

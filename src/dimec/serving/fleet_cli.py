@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -74,6 +75,8 @@ def attach_fleet_commands(sub) -> None:
     p.add_argument("--threshold", type=float, default=0.25, help="PSI above which a distribution has drifted")
     p.add_argument("--min-samples", type=int, default=100, help="live samples needed for a verdict")
     p.add_argument("--interval", type=float, help="seconds: compare only the traffic of this interval")
+    p.add_argument("--metrics-token-file", help="file whose first line is the servers' metrics token (default: env "
+                                                "DIMEC_METRICS_TOKEN; needed when they were started with one)")
     p.set_defaults(func=cmd_monitor)
 
 
@@ -81,7 +84,13 @@ def cmd_monitor(args) -> None:
     from dimec.serving.monitor import monitor, read_reference
 
     reference = read_reference(args.reference) if args.reference else None
-    status = monitor(args.urls, reference, args.threshold, args.min_samples, args.interval)
+    token = os.environ.get("DIMEC_METRICS_TOKEN") or None
+    if args.metrics_token_file:
+        try:
+            token = Path(args.metrics_token_file).read_text(encoding="utf-8").splitlines()[0].strip()
+        except (OSError, UnicodeDecodeError, IndexError) as exc:
+            raise ConfigError(f"cannot read the metrics token from {args.metrics_token_file} ({exc})") from None
+    status = monitor(args.urls, reference, args.threshold, args.min_samples, args.interval, token=token)
     if status:
         sys.exit(status)
 

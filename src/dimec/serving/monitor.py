@@ -260,13 +260,17 @@ def psi(live: list[float], reference: list[float]) -> float:
     return float(((p - q) * np.log(p / q)).sum())
 
 
-def scrape(url: str, timeout_s: float = 5.0) -> dict[tuple[str, str, str], list[float]]:
+def _auth(token: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def scrape(url: str, timeout_s: float = 5.0, token: str | None = None) -> dict[tuple[str, str, str], list[float]]:
     """{(family, model, label): counts per bin} of the drift metrics at URL/metrics (bins, not cumulative)."""
     import httpx
     from prometheus_client.parser import text_string_to_metric_families
 
     try:
-        response = httpx.get(f"{url.rstrip('/')}/metrics", timeout=timeout_s)
+        response = httpx.get(f"{url.rstrip('/')}/metrics", timeout=timeout_s, headers=_auth(token))
     except (httpx.HTTPError, httpx.InvalidURL, ValueError) as exc:
         raise DimecError(f"cannot scrape {url}/metrics: {type(exc).__name__}: {exc}",
                          "check the URL (a running edge, cloud or gateway)") from None
@@ -337,7 +341,7 @@ def compare(reference: dict[str, Any], live: dict[tuple[str, str, str], list[flo
 
 
 def monitor(urls: list[str], reference: dict[str, Any] | None = None, threshold: float = 0.25,
-            min_samples: int = 100, interval_s: float | None = None, log=print) -> int:
+            min_samples: int = 100, interval_s: float | None = None, log=print, token: str | None = None) -> int:
     """Scrape, compare, print; returns the exit status: 1 when a distribution drifted, else 0."""
     if not urls:
         raise ConfigError("no URL to monitor", "give the edge, cloud or gateway URL(s)")
@@ -347,11 +351,11 @@ def monitor(urls: list[str], reference: dict[str, Any] | None = None, threshold:
                           f"(0, {MAX_INTERVAL_S:g}] seconds")
     for url in urls:
         _check_url(url)
-    reference = reference or fetch_reference(urls)
-    live = snapshot(urls)
+    reference = reference or fetch_reference(urls, token)
+    live = snapshot(urls, token)
     if interval_s:  # only what arrived during the interval
         time.sleep(interval_s)
-        live = difference(snapshot(urls), live)
+        live = difference(snapshot(urls, token), live)
     rows = compare(reference, live, threshold, min_samples)
     if not rows:
         raise DimecError(f"no drift metrics for model {reference['model']} at {', '.join(urls)}",
@@ -390,9 +394,9 @@ def _check_url(url: str) -> None:
                           "e.g. http://127.0.0.1:8101 (an edge, cloud or gateway)")
 
 
-def snapshot(urls: list[str]) -> dict[tuple[str, str, str], list[float]]:
+def snapshot(urls: list[str], token: str | None = None) -> dict[tuple[str, str, str], list[float]]:
     """The drift counts of all URLs together (a tier's exits are disjoint from the gateway's)."""
-    return _merged([scrape(u) for u in urls])
+    return _merged([scrape(u, token=token) for u in urls])
 
 
 def difference(after: dict, before: dict) -> dict[tuple[str, str, str], list[float]]:
@@ -400,12 +404,12 @@ def difference(after: dict, before: dict) -> dict[tuple[str, str, str], list[flo
     return {k: [a - b for a, b in zip(v, before.get(k, [0.0] * len(v)), strict=True)] for k, v in after.items()}
 
 
-def fetch_reference(urls: list[str]) -> dict[str, Any]:
+def fetch_reference(urls: list[str], token: str | None = None) -> dict[str, Any]:
     import httpx
 
     for url in urls:
         try:
-            response = httpx.get(f"{url.rstrip('/')}/v1/drift/reference", timeout=5.0)
+            response = httpx.get(f"{url.rstrip('/')}/v1/drift/reference", timeout=5.0, headers=_auth(token))
         except (httpx.HTTPError, httpx.InvalidURL, ValueError):
             continue
         if response.status_code == 200:

@@ -100,7 +100,7 @@ def latency_model(profile: str | Path, exit_layers: tuple[int, int, int], hidden
 def money_model(cloud_price: float, edge_price: float, exit_layers: tuple[int, int, int]) -> CostModel:
     """Money per text: the cloud bills its layers pro rata, the edge its own; moving bytes is free."""
     if not all(math.isfinite(p) and p >= 0 for p in (cloud_price, edge_price)):
-        raise ConfigError(f"--cloud-price and --edge-price must be finite numbers >= 0, got cloud {cloud_price}, "
+        raise ConfigError(f"prices must be >= 0 and finite (--cloud-price, --edge-price), got cloud {cloud_price}, "
                           f"edge {edge_price}")
     n = exit_layers[1]
     return CostModel(0.0, edge_price / 1000 / n, 0.0, 0.0, cloud_price / 1000, tuple(exit_layers), 0.0)

@@ -49,7 +49,8 @@ from dimec.serving.validate import NON_FINITE, ids_problem
 from dimec.textinput import text_problem
 
 log = logging.getLogger("dimec.serving")
-KNOWN_PATHS = ("/v1/classify", "/v1/continue", "/v1/ping", "/healthz", "/metrics", "/openapi.json", "/docs")
+KNOWN_PATHS = ("/v1/classify", "/v1/continue", "/v1/ping", "/healthz", "/metrics", "/openapi.json", "/docs",
+               "/v1/drift/reference")
 
 
 @dataclass(frozen=True)
@@ -159,6 +160,7 @@ class TierService:
         self.model, self.limits = model, limits
         self.sources = sources or SourceTable.single(token)  # one token, one source "default"
         self.plans: PlanRunner | None = None  # set by create_app on the edge and cloud
+        self.metrics_token: str | None = None  # set: /metrics and /v1/drift/reference need it (the guard checks)
 
     def authorize(self, authorization: str | None) -> Source:
         """`authorization`: the raw Authorization header -> the source its token maps to (constant time)."""
@@ -213,9 +215,11 @@ class TierService:
 
 
 def create_app(package_dir: str | Path | None, tier: str, token: str | None, limits: Limits | None = None,
-               model: TierModel | None = None, sources: SourceTable | None = None, forward=None) -> FastAPI:
+               model: TierModel | None = None, sources: SourceTable | None = None, forward=None,
+               metrics_token: str | None = None) -> FastAPI:
     """The FastAPI app of the edge or cloud tier. `model` may be given to share a loaded TierModel;
     `sources` (a SourceTable from a sources file) replaces the single token with sources and priorities;
+    `metrics_token`: when given, /metrics and /v1/drift/reference need it (docs/serving.md, exposure);
     `forward` (the edge's cloud, a client.HttpRemote) receives the hidden states of plans that go on to the
     cloud."""
     model = model or TierModel(package_dir)
@@ -225,6 +229,7 @@ def create_app(package_dir: str | Path | None, tier: str, token: str | None, lim
     if tier == "mobile":
         raise ConfigError("the mobile tier runs in the client, not as a server", "serve edge or cloud")
     service = TierService(model, token, limits or Limits(), sources)
+    service.metrics_token = metrics_token
     service.plans = PlanRunner(model, service.limits.max_batch, forward)
     app, metrics = _base_app(f"dimec {tier} tier", service)
     fleet = app.state.fleet = Fleet(service, app.state.registry, service.sources)  # sources, queue, metrics
@@ -399,6 +404,7 @@ class _Guard:
     (bounds.py) and enforces the body limit while reading, so an oversized body is never buffered whole."""
 
     PROTECTED = ("/v1/classify", "/v1/continue", "/v1/ping")
+    OBSERVED = ("/metrics", "/v1/drift/reference")  # need the metrics token when the server has one
 
     def __init__(self, app, limits: Limits, metrics: dict, service: TierService) -> None:
         self.app, self.limits, self.metrics, self.service = app, limits, metrics, service
@@ -427,6 +433,11 @@ class _Guard:
                     await _send_json(tracked_send, 401, {"error": exc.message},
                                      [(b"www-authenticate", b"Bearer")])
                     return
+            elif path in self.OBSERVED and self.service.metrics_token and not _bearer_is(
+                    _header(scope, b"authorization"), self.service.metrics_token):
+                await _send_json(tracked_send, 401, {"error": "this server's metrics need its metrics token"},
+                                 [(b"www-authenticate", b"Bearer")])
+                return
             limit = self.limits.body_limit(path)
             declared = _header(scope, b"content-length")
             declared = int(declared) if declared and declared.isascii() and declared.isdigit() else None
@@ -499,6 +510,14 @@ class _Guard:
             if not message.get("more_body", False):
                 break
         return b"".join(chunks)
+
+
+def _bearer_is(authorization: str | None, token: str) -> bool:
+    import hmac
+
+    scheme, _, given = (authorization or "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode("utf-8", "surrogatepass"),
+                                                              token.encode("utf-8", "surrogatepass"))
 
 
 def _header(scope, name: bytes) -> str | None:
