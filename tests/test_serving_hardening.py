@@ -87,9 +87,7 @@ def test_continue_malformed_headers_and_metadata_are_4xx_on_both_tiers(models, s
     import httpx
 
     header, data = good_header(models)
-    cases = []
-    huge = dict(header)
-    cases.append(raw_body(header, data).replace(b'"dimec"', b'"x":' + b"9" * 5000 + b',"dimec"', 1))
+    cases = [raw_body(header, data).replace(b'"dimec"', b'"x": ' + b"9" * 5000 + b', "dimec"', 1)]  # 5000 digits
     for dtype in (["F16"], {"a": 1}):
         h = json.loads(json.dumps(header))
         h["hidden"]["dtype"] = dtype
@@ -113,7 +111,6 @@ def test_continue_malformed_headers_and_metadata_are_4xx_on_both_tiers(models, s
     h = json.loads(json.dumps(header))
     h["__metadata__"]["ids"] = '["\\ud800"]'
     cases.append(raw_body(h, data))
-    assert huge
     with httpx.Client(timeout=20) as http:
         for url in (servers["edge"].url, servers["cloud"].url):
             for body in cases:
