@@ -109,7 +109,7 @@ def make_clients(mobile, tokens: dict[str, str], urls: dict[str, str], advice: b
     from dimec.serving.phone.client import MobileClient, Timeouts
     from dimec.serving.phone.constraints import FleetPolicy
 
-    return {s: MobileClient(mobile, urls["edge"], urls["cloud"], t, Timeouts(connect_s=2, read_s=60), retries=1,
+    return {s: MobileClient(mobile, urls["edge"], urls["cloud"], t, Timeouts(connect_s=2, read_s=60, total_s=120), retries=1,
                             routing="edge-only", fleet=FleetPolicy(honour_advice=advice, min_mobile_confidence=0.8))
             for s, t in tokens.items()}
 

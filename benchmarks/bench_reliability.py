@@ -7,7 +7,11 @@ BERT, hidden 64, on a separable toy sentiment CSV: every figure below is about r
    wrong token or URL): exit status, traceback or not, and whether the run directory was left alone;
 2. faults: SIGKILL of `dimec calibrate` at random moments, then the artifacts are checked and calibrate is
    run again; SIGKILL of `dimec train` at random moments and at the moment a checkpoint write begins, then
-   `dimec train` resumes; SIGKILL of the edge, then of the cloud server, during a burst of client requests.
+   `dimec train` resumes; SIGKILL of the edge, then of the cloud server, during a burst of client requests;
+3. the serving surface (issue 17, reliability_serving.py): hostile continuation bodies and request ids against
+   a real edge -> cloud pair, mutated sources files, bad `dimec monitor` / `route` / `plan` inputs, and the
+   memory attacks with the cloud's RSS against the stated in-flight bound (--serving-cases; --only-serving
+   runs just this part, --no-save for a smoke run).
 
     python benchmarks/bench_reliability.py [--workdir DIR] [--kills 8] [--fuzz 1000] [--requests 400] [--doc]
 
@@ -534,6 +538,10 @@ def render(result: dict) -> str:
             when = "at a checkpoint write" if t["checkpoint_write"] else f"at {t['kill_at_s']} s"
             lines.append(f"- killed {when} after {t['epochs_checkpointed_at_kill']} checkpointed epoch(s): resume "
                          f"exit {t['resume']['exit']}, {t['resume']['message'][:120]}; log epochs {t['log_epochs']}")
+    if "serving_surface" in result:
+        import reliability_serving
+
+        lines += reliability_serving.render(result["serving_surface"])
     return "\n".join(lines)
 
 
@@ -566,6 +574,10 @@ def main() -> int:
                         help="what code was measured, for the report")
     parser.add_argument("--doc", action="store_true", help="also rewrite the measured section of docs/reliability.md")
     parser.add_argument("--render", action="store_true", help="only re-render docs/reliability.md from the JSON")
+    parser.add_argument("--serving-cases", type=int, default=200, help="cases per serving-surface input kind")
+    parser.add_argument("--only-serving", action="store_true",
+                        help="run only the serving surface (merged into the existing reliability.json)")
+    parser.add_argument("--no-save", action="store_true", help="print, write nothing (a smoke run)")
     args = parser.parse_args()
     if args.render:
         write_doc(render(json.loads(RESULT.read_text())["data"]))
@@ -586,6 +598,21 @@ def main() -> int:
                     "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
                     "model": "random 4-layer BERT (hidden 64, exits 1/2/4) on a 1,000-row toy sentiment CSV, "
                              "4 epochs, 1 torch thread", "inputs": {}, "faults": {}}
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import reliability_serving
+
+    if args.only_serving:
+        print("the serving surface (issue 17)", flush=True)
+        surface = reliability_serving.run_all(packages, paths["reference"], work, args.serving_cases, args.seed)
+        if not args.no_save and RESULT.is_file():
+            from report import save
+
+            result = json.loads(RESULT.read_text())["data"] | {"serving_surface": surface}
+            save("reliability", TITLE, COMMAND, "bench_reliability.py", result)
+        print("\n".join(reliability_serving.render(surface)))
+        if not args.workdir:
+            shutil.rmtree(work, ignore_errors=True)
+        return 0
     print("inputs: HTTP fuzz and bad command lines", flush=True)
     with ProcessServer("edge", packages["edge"], TOKEN) as edge:
         result["inputs"]["http_fuzz"] = fuzz_http(edge.url, args.fuzz, args.seed)
@@ -599,11 +626,14 @@ def main() -> int:
     result["faults"]["train_checkpoint"] = kill_train(paths, work, args.kills, rng, at_checkpoint=True)
     print("faults: servers killed mid-burst", flush=True)
     result["faults"]["serving"] = kill_servers(packages, texts, args.requests)
+    print("the serving surface (issue 17)", flush=True)
+    result["serving_surface"] = reliability_serving.run_all(packages, paths["reference"], work, args.serving_cases,
+                                                            args.seed)
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     from report import save
 
-    save("reliability", TITLE, COMMAND, "bench_reliability.py", result)
+    if not args.no_save:
+        save("reliability", TITLE, COMMAND, "bench_reliability.py", result)
     body = render(result)
     print("\n" + body)
     if args.doc:

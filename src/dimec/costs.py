@@ -17,6 +17,7 @@ price adds to the edge's. docs/cost-model.md gives every path's formula.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -149,9 +150,9 @@ def read_profile(path: str | Path, what: str = "cost profile") -> dict[str, floa
             ms["hidden_state_factor"] = float(raw["hidden_state_factor"])
     except KeyError as exc:
         raise ConfigError(f"{what} {path} lacks {exc.args[0]}", "run `dimec profile RUN_DIR` again") from None
-    except (OSError, UnicodeDecodeError, ValueError, TypeError, AttributeError) as exc:
+    except (OSError, UnicodeDecodeError, ValueError, TypeError, AttributeError, RecursionError) as exc:
         raise ConfigError(f"{what} {path} is damaged ({type(exc).__name__}: {str(exc)[:200]})",
                           "run `dimec profile RUN_DIR` again") from None
-    if not all(v >= 0 and v == v for v in ms.values()) or ms["lambda_e_ms"] <= 0:
+    if not all(math.isfinite(v) and v >= 0 for v in ms.values()) or ms["lambda_e_ms"] <= 0:
         raise ConfigError(f"{what} {path} holds negative or zero times: {ms}", "run `dimec profile` again")
     return ms

@@ -367,11 +367,16 @@ def route_texts(run_dir: Path, texts: list[str], pairs: list[str] | None = None,
         inputs = {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
         emb = model.embed(**inputs).numpy()  # (1, H)
         length = np.array([int(inputs["attention_mask"].sum())])
-        if isinstance(router, DimecDynamicRouter):
-            choice = router.update(emb[0])
-        else:
-            choice = int(router.choose_plans(emb, length)[0])
-        plan = router.plans_[choice]
+        try:  # router.json's pre-router must fit this model's embedding (a tampered file may not)
+            if isinstance(router, DimecDynamicRouter):
+                choice = router.update(emb[0])
+            else:
+                choice = int(router.choose_plans(emb, length)[0])
+            plan = router.plans_[choice]
+        except (ValueError, IndexError, TypeError) as exc:
+            raise ArtifactError(f"{RunDir(run_dir).router} does not fit the model in {run_dir} "
+                                f"({type(exc).__name__}: {str(exc)[:200]})", "run `dimec calibrate RUN_DIR` again") \
+                from None
         out = run_plan(plan, 1, len(model.config.label_names), set(range(len(TIERS))),
                        _InProcessStages(model, inputs, plan, temperatures).run, router.confidence_)
         probs, stage_exit, stage_tier = out.probs[0], int(out.exits[0]), int(out.tiers[0])

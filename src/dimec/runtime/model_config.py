@@ -63,11 +63,14 @@ class MultiExitConfig(ModelConfig):
         """(3,) the temperature each exit's confidence is read at (the one reader: `dimec route`, evaluation and
         every tier package). A model trained before temperatures existed has none: T = 1 (the raw softmax),
         said once per model folder; three positive numbers, or one clear error."""
-        if self.temperatures is not None:
-            temperatures = np.asarray(self.temperatures, dtype=np.float64)
-            if temperatures.shape != (3,) or not (temperatures > 0).all():
-                raise ArtifactError(f"{where or 'this model'} has invalid exit temperatures {list(self.temperatures)}",
-                                    "train (or export) the model again")
+        if self.temperatures is not None:  # three finite numbers > 0: T <= 0 flips every confidence, NaN breaks it
+            try:
+                temperatures = np.asarray(self.temperatures, dtype=np.float64)
+            except (TypeError, ValueError):
+                temperatures = np.empty(0)
+            if temperatures.shape != (3,) or not np.isfinite(temperatures).all() or not (temperatures > 0).all():
+                raise ArtifactError(f"{where or 'this model'}: exit temperatures must be three finite numbers > 0, "
+                                    f"got {ascii(self.temperatures)[:80]}", "train (or export) the model again")
             return temperatures
         if where not in _NOTICED:
             _NOTICED.add(where)

@@ -9,6 +9,7 @@ every tier use it); `stop_stages` applies it to cached confidences of every exit
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -64,6 +65,8 @@ def check_plan(plan: Plan) -> Plan:
             raise ConfigError(f"the {TIERS[s.tier]} tier does not hold exit {s.exit}: {plan_text(plan)}")
     if any(s.threshold is None for s in plan[:-1]) or plan[-1].threshold is not None:
         raise ConfigError(f"every stage but the last needs a threshold: {plan_text(plan)}")
+    if any(math.isnan(s.threshold) for s in plan[:-1]):  # NaN compares false: a silent "never" (inf says it)
+        raise ConfigError(f"plan thresholds must be numbers, not NaN: {plan_text(plan)}")
     return plan
 
 

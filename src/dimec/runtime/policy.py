@@ -42,6 +42,8 @@ def read_router_file(path: str | Path) -> dict[str, Any]:
 
 def plans_from_state(state: dict[str, Any]) -> tuple[list[Plan], str, Any]:
     """(plans, confidence kind, pre-router or None) of a plan router's saved state."""
+    if not isinstance(state["plans"], list) or not state["plans"]:
+        raise ConfigError("a plan router needs a non-empty list of plans")
     plans = [check_plan(tuple(Stage.from_list(s) for s in p)) for p in state["plans"]]
     kind = str(state["confidence"])
     if kind not in CONFIDENCES:

@@ -8,7 +8,7 @@ unpickled when it is read), sent as `Content-Type: application/vnd.dimec.hidden+
     metadata  dimec            "1"                                    wire format version
               model            the model's identity (manifest `model_id`, sha256 hex) the state comes from
               layer            "k": how many transformer layers produced the state (0 = the embedding layer)
-              ids              JSON list of B request ids (unique strings of at most 128 characters)
+              ids              JSON list of B request ids (validate.ID_RULE: 1..128 visible ASCII, unique)
               plan             JSON list of the stages still to run, the first on the receiving tier:
                                [{"tier": "edge", "exit": 1, "threshold": 0.8}, {"tier": "cloud", "exit": 2,
                                "threshold": null}]; absent: answer at the receiving tier's own exit
@@ -22,6 +22,7 @@ ids, plan syntax); the receiving tier checks the rest against its model (identit
 from __future__ import annotations
 
 import json
+import re
 import struct
 from dataclasses import dataclass
 
@@ -29,14 +30,15 @@ import numpy as np
 
 from dimec.errors import ConfigError
 from dimec.runtime.plans import CONFIDENCES, Plan, Stage, check_plan
+from dimec.runtime.validate import finite_number, ids_problem, natural
 from dimec.tiers import TIERS
 
 CONTENT_TYPE = "application/vnd.dimec.hidden+safetensors"
 WIRE_VERSION = "1"
-MAX_ID_CHARS = 128
 HIDDEN_DTYPES = {"F16": np.float16, "F32": np.float32}
 MASK_DTYPES = ("U8", "I8", "BOOL")
 MAX_HEADER_BYTES = 1 << 20  # a header holds names, shapes, ids and a plan: far below this
+MAX_ABS_HIDDEN = 65504.0  # the fp16 range every tier ships in: a state beyond it overflows the model's arithmetic
 
 
 class WireError(Exception):
@@ -75,12 +77,11 @@ def plan_from_json(raw) -> Plan:
         if not isinstance(s, dict) or set(s) - {"tier", "exit", "threshold"} or not {"tier", "exit"} <= set(s):
             raise ConfigError(f"plan stage {i} must be an object with 'tier', 'exit' and 'threshold'")
         tier, exit_index, threshold = s["tier"], s["exit"], s.get("threshold")
-        if tier not in TIERS:
+        if not isinstance(tier, str) or tier not in TIERS:
             raise ConfigError(f"plan stage {i}: unknown tier {tier!r} (use one of {', '.join(TIERS)})")
         if isinstance(exit_index, bool) or not isinstance(exit_index, int) or not 0 <= exit_index <= 2:
             raise ConfigError(f"plan stage {i}: 'exit' must be 0 (m), 1 (n) or 2 (l), got {exit_index!r}")
-        if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, int | float)
-                                      or not np.isfinite(threshold)):
+        if threshold is not None and not finite_number(threshold):
             raise ConfigError(f"plan stage {i}: 'threshold' must be a finite number or null, got {threshold!r}")
         stages.append(Stage(TIERS.index(tier), exit_index, None if threshold is None else float(threshold)))
     return check_plan(tuple(stages))
@@ -111,12 +112,16 @@ def decode(body: bytes) -> HiddenState:
     meta = header.pop("__metadata__", None)
     if set(header) != {"hidden", "attention_mask"}:
         raise WireError(422, f"the body must hold exactly the tensors 'hidden' and 'attention_mask', got "
-                             f"{sorted(header)[:5]}")
+                             f"{[_short(k) for k in sorted(header)[:5]]}")
     h, m = header["hidden"], header["attention_mask"]
-    if h.get("dtype") not in HIDDEN_DTYPES:
-        raise WireError(422, f"'hidden' must be F16 or F32, got {h.get('dtype')!r}")
-    if m.get("dtype") not in MASK_DTYPES:
-        raise WireError(422, f"'attention_mask' must be U8, I8 or BOOL, got {m.get('dtype')!r}")
+    if not isinstance(h.get("dtype"), str) or h["dtype"] not in HIDDEN_DTYPES:
+        raise WireError(422, f"'hidden' must be F16 or F32, got {_short(h.get('dtype'))}")
+    if not isinstance(m.get("dtype"), str) or m["dtype"] not in MASK_DTYPES:
+        raise WireError(422, f"'attention_mask' must be U8, I8 or BOOL, got {_short(m.get('dtype'))}")
+    shapes = h.get("shape"), m.get("shape")
+    if not all(isinstance(s, list) and all(natural(d) and d < 2**31 for d in s) for s in shapes):
+        raise WireError(422, f"tensor shapes must be lists of integers, got {_short(shapes[0])} and "
+                             f"{_short(shapes[1])}")
     if len(h.get("shape", ())) != 3 or len(m.get("shape", ())) != 2 or list(h["shape"][:2]) != list(m["shape"]):
         raise WireError(422, f"'hidden' must be (B, T, H) and 'attention_mask' (B, T), got {h.get('shape')} and "
                              f"{m.get('shape')}")
@@ -133,10 +138,16 @@ def decode(body: bytes) -> HiddenState:
     hidden, mask = tensors["hidden"], tensors["attention_mask"].astype(np.int64)
     if not np.isfinite(hidden).all():
         raise WireError(422, "'hidden' holds NaN or infinite values")
+    if np.abs(hidden).max() > MAX_ABS_HIDDEN:
+        raise WireError(422, f"'hidden' holds values beyond +-{MAX_ABS_HIDDEN:g} (the fp16 range): no layer of the "
+                             "model produces them, and they overflow its arithmetic")
     if ((mask != 0) & (mask != 1)).any():
         raise WireError(422, "'attention_mask' must hold only 0 and 1")
     if (mask.sum(1) == 0).any():
         raise WireError(422, "every row of 'attention_mask' needs at least one real token")
+    if (mask[:, 1:] > mask[:, :-1]).any():  # a hole: the tiers forward and compact by the first sum(mask) rows
+        raise WireError(422, "each row of 'attention_mask' must be its real tokens first, then padding "
+                             "(1...1 0...0): a 0 before a 1 is refused")
     return HiddenState(hidden, mask, meta["layer"], meta["model"], meta["ids"], meta["plan"], meta["confidence"])
 
 
@@ -149,7 +160,7 @@ def _header(body: bytes) -> dict:
                              "the size field")
     try:
         header = json.loads(body[8 : 8 + size].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+    except (ValueError, RecursionError) as exc:  # bad UTF-8, bad JSON, a number of 5000 digits, deep nesting
         raise WireError(422, f"the safetensors header is not valid JSON ({str(exc)[:200]})") from None
     if not isinstance(header, dict) or not all(isinstance(v, dict) for v in header.values()):
         raise WireError(422, "the safetensors header must be a JSON object of tensor entries")
@@ -164,16 +175,20 @@ def _metadata(meta, batch: int) -> dict:
     model = meta.get("model")
     if not isinstance(model, str) or not model:
         raise WireError(422, "metadata 'model' (the model identity) is missing")
+    if not all(isinstance(meta.get(k, ""), str) for k in ("layer", "ids", "plan", "confidence")):
+        raise WireError(422, "metadata values must be strings (safetensors metadata is a string map)")
     try:
-        layer = int(meta.get("layer", ""))
+        layer_text = meta.get("layer", "")
+        if not re.fullmatch(r"-?[0-9]{1,4}", layer_text):  # int() also takes " 1_0 " and 5000 digits
+            raise ValueError(layer_text)
+        layer = int(layer_text)
         ids = json.loads(meta.get("ids", ""))
         plan_raw = json.loads(meta["plan"]) if "plan" in meta else None
     except (ValueError, RecursionError):
         raise WireError(422, "metadata 'layer' must be an integer and 'ids' (and 'plan') JSON") from None
-    if not isinstance(ids, list) or len(ids) != batch or not all(isinstance(x, str) for x in ids):
-        raise WireError(422, f"metadata 'ids' must be a list of {batch} strings, one per row")
-    if len(set(ids)) != len(ids) or any(not x or len(x) > MAX_ID_CHARS for x in ids):
-        raise WireError(422, f"request ids must be unique and 1..{MAX_ID_CHARS} characters")
+    problem = ids_problem(ids, batch)
+    if problem:
+        raise WireError(422, f"metadata 'ids': {problem}")
     confidence = meta.get("confidence", "max_prob")
     if confidence not in CONFIDENCES:
         raise WireError(422, f"metadata 'confidence' must be one of {', '.join(CONFIDENCES)}, got {confidence!r}")
@@ -182,3 +197,8 @@ def _metadata(meta, batch: int) -> dict:
     except ConfigError as exc:
         raise WireError(422, f"metadata 'plan': {exc.message}") from None
     return {"model": model, "layer": layer, "ids": ids, "plan": plan, "confidence": confidence}
+
+
+def _short(value) -> str:
+    """A value from a client's header, safe and short enough to quote in an error."""
+    return ascii(value)[:80]

@@ -73,7 +73,12 @@ def attach_serving_commands(sub) -> None:
     p.add_argument("--sources", help="YAML/JSON file: tokens -> sources and priority classes, scheduling and "
                                      "allocation settings (docs/fleet.md); replaces --token")
     p.add_argument("--cloud-url", help="edge only: the cloud tier that plans going on to the cloud are forwarded to")
-    p.add_argument("--cloud-token", help="bearer token for --cloud-url (default: this server's token)")
+    p.add_argument("--cloud-token", help="bearer token for --cloud-url (default: env DIMEC_CLOUD_TOKEN, else this "
+                                         "server's token). Visible in `ps`: prefer --cloud-token-file or the env")
+    p.add_argument("--cloud-token-file", help="file whose first line is the --cloud-token (not visible in `ps`)")
+    p.add_argument("--metrics-token-file", help="file whose first line is the token /metrics and "
+                                                "/v1/drift/reference then need (default: env DIMEC_METRICS_TOKEN; "
+                                                "unset: they are open, as on loopback; docs/serving.md)")
     p.add_argument("--link-cloud", help="edge only: emulated edge->cloud link, e.g. 'wan' or 'latency=30'")
     live_cli.add_server_args(p)
     p.add_argument("--device", type=_device, default="auto",
@@ -113,7 +118,7 @@ def attach_serving_commands(sub) -> None:
     p.add_argument("path", help="the mobile package, or a run directory")
     p.add_argument("--edge-url")
     p.add_argument("--cloud-url")
-    p.add_argument("--token", help="bearer token (default: env DIMEC_TOKEN)")
+    _token_args(p, "bearer token")
     _client_args(p)
     live_cli.add_client_args(p)
     p.set_defaults(func=cmd_client)
@@ -122,7 +127,7 @@ def attach_serving_commands(sub) -> None:
     p.add_argument("run_dir")
     p.add_argument("--edge-url", help="default: start a local edge server")
     p.add_argument("--cloud-url", help="default: start a local cloud server")
-    p.add_argument("--token", help="bearer token for given servers (default: env DIMEC_TOKEN)")
+    _token_args(p, "bearer token for given servers")
     p.add_argument("--backend", default="onnx-int8", choices=("onnx-int8", "onnx", "torch"))
     p.add_argument("--samples", type=POSITIVE_INT, default=50)
     p.add_argument("--link-edge", help="emulated link, e.g. 'wifi' or 'latency=20,jitter=5,bandwidth=50,loss=0'")
@@ -134,12 +139,16 @@ def attach_serving_commands(sub) -> None:
 
 
 def _server_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--token", help="bearer token clients must send (default: env DIMEC_TOKEN)")
+    _token_args(p, "bearer token clients must send")
     p.add_argument("--threads", type=POSITIVE_INT, help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--max-body-bytes", type=POSITIVE_INT, default=1_000_000)
     p.add_argument("--max-text-chars", type=POSITIVE_INT, default=20_000)
     p.add_argument("--max-batch", type=POSITIVE_INT, default=64)
     p.add_argument("--max-hidden-bytes", type=POSITIVE_INT, default=8_000_000, help="body limit of /v1/continue")
+    p.add_argument("--max-inflight-bytes", type=POSITIVE_INT, default=32_000_000,
+                   help="request bytes the server holds at once, all sources together; over it: 429 (docs/serving.md)")
+    p.add_argument("--max-source-inflight-bytes", type=POSITIVE_INT, default=16_000_000,
+                   help="request bytes the server holds at once for one source (token)")
     p.add_argument("--log-level", default="warning", choices=LOG_LEVELS)
 
 
@@ -155,13 +164,37 @@ def _client_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--link-cloud", help="emulated mobile->cloud link, e.g. '4g' or 'latency=80,loss=0.01'")
     p.add_argument("--connect-timeout", type=SECONDS, default=1.0, help="seconds")
     p.add_argument("--timeout", type=SECONDS, default=10.0, help="read timeout, seconds")
+    p.add_argument("--call-timeout", type=SECONDS, default=30.0,
+                   help="seconds one classify call may take, every exchange and retry together (default 30)")
     p.add_argument("--retries", type=_bounded(int, 0, 10, "--retries"), default=2,
                    help="extra attempts per tier (0..10)")
     add_fleet_client_args(p)
 
 
+def _token_args(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--token", help=f"{what} (default: --token-file, else env DIMEC_TOKEN). A token on the command "
+                                   "line is visible to every user of this machine in `ps`: prefer the file or the "
+                                   "environment")
+    p.add_argument("--token-file", help="file whose first line is the token (keep it mode 600)")
+
+
+def _secret(value: str | None, path: str | None, env: str) -> str | None:
+    """A token from the option, else the first line of its file, else the environment; None if none is set."""
+    if value:
+        return value
+    if path:
+        try:
+            lines = Path(path).read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"cannot read the token file {path} ({exc})") from None
+        if not lines or not lines[0].strip():
+            raise ConfigError(f"the token file {path} is empty", "write the token on its first line")
+        return lines[0].strip()
+    return os.environ.get(env) or None
+
+
 def _token(args) -> str | None:
-    return getattr(args, "token", None) or os.environ.get("DIMEC_TOKEN") or None
+    return _secret(getattr(args, "token", None), getattr(args, "token_file", None), "DIMEC_TOKEN")
 
 
 def _links(args) -> dict:
@@ -202,10 +235,16 @@ def cmd_serve(args) -> None:
         import torch
 
         torch.set_num_threads(args.threads)
+    metrics_token = _secret(None, args.metrics_token_file, "DIMEC_METRICS_TOKEN")
     if args.host not in LOOPBACK_HOSTS:
         print(f"dimec: warning: binding {args.host}: plain HTTP, put TLS in front of it beyond a trusted network",
               file=sys.stderr)
-    limits = Limits(args.max_body_bytes, args.max_text_chars, args.max_batch, args.max_hidden_bytes)
+        if not metrics_token:
+            print("dimec: warning: /metrics (source names and their traffic) and /v1/drift/reference are open to "
+                  "anyone who reaches this address; set DIMEC_METRICS_TOKEN or --metrics-token-file",
+                  file=sys.stderr)
+    limits = Limits(args.max_body_bytes, args.max_text_chars, args.max_batch, args.max_hidden_bytes,
+                    args.max_inflight_bytes, args.max_source_inflight_bytes)
     forward = None
     if args.cloud_url:
         if args.tier != "edge":
@@ -213,7 +252,15 @@ def cmd_serve(args) -> None:
         from dimec.serving.phone.client import HttpRemote
         from dimec.serving.phone.links import LinkProfile
 
+        args.cloud_token = _secret(args.cloud_token, args.cloud_token_file, "DIMEC_CLOUD_TOKEN")
+        if not (args.cloud_token or token):  # with --sources there is no token of its own to lend the link
+            raise ConfigError("--cloud-url needs --cloud-token (or DIMEC_CLOUD_TOKEN) when the edge runs with "
+                              "--sources", "give the token of a source the cloud accepts (docs/fleet.md)")
         forward = HttpRemote("cloud", args.cloud_url, args.cloud_token or token, link=LinkProfile.parse(args.link_cloud))
+        problem = forward.probe()  # a wrong token refuses the start; an unreachable cloud is only a warning
+        if problem:
+            print(f"dimec: warning: {problem}; plans going on to the cloud are answered here (fallback) until it "
+                  "answers", file=sys.stderr)
     from dimec.devices import resolve_device, resolve_serving_precision
     from dimec.runtime.tier import TierModel
 
@@ -227,7 +274,7 @@ def cmd_serve(args) -> None:
         live = live_cli.live_from_args(args)  # --live RUN_DIR: shadows, feedback, the versioned policy
         model = TierModel(ensure_package(args.path, args.tier, log=_say), device=str(device), precision=precision)
         app = create_app(None, args.tier, token, limits, model=model, sources=sources, forward=forward,
-                         batching=batching, live=live)
+                         batching=batching, live=live, metrics_token=metrics_token)
         print(f"dimec {args.tier} tier on http://{_url_host(args.host)}:{port} "
               f"(exit layer {model.exit_layer}, {device} {precision}"
               f"{f', batching {batching.max_batch} texts / {batching.max_wait_ms:g} ms' if batching else ''})",
@@ -279,7 +326,7 @@ def _client(args, mobile_path, edge_url, cloud_url, token):
 
     fleet = fleet_policy_from_args(args)  # constraints, budget, advice: checked first
     package = ensure_package(mobile_path, "mobile", args.backend, log=_say)
-    return MobileClient(package, edge_url, cloud_url, token, Timeouts(args.connect_timeout, args.timeout),
+    return MobileClient(package, edge_url, cloud_url, token, Timeouts(args.connect_timeout, args.timeout, args.call_timeout),
                         args.retries, _links(args), args.backend, args.routing, fleet=fleet)
 
 

@@ -4,8 +4,11 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
+
+from dimec.errors import ConfigError
 
 
 # ---- `dimec client` / `serve-all`: constraints, budget, advice ----------------------------------------------------
@@ -46,8 +49,9 @@ def attach_fleet_commands(sub) -> None:
     p = sub.add_parser("plan", help="accuracy, latency, money and exposure of every policy; Pareto front; the "
                                     "policy a set of constraints picks")
     p.add_argument("run_dir")
-    p.add_argument("--profile", help="cost profile in ms (`dimec profile`; default RUN_DIR/profile.json, else "
-                                     "the cost model's units)")
+    p.add_argument("--profile", help="cost profile in ms (default RUN_DIR/profile.json); required: latency is "
+                                     "reported in milliseconds, which only a measured profile gives (measure one "
+                                     "with `dimec profile RUN_DIR`)")
     p.add_argument("--split", default="validation", choices=("validation", "test"),
                    help="where the figures are measured (choices are made on validation)")
     p.add_argument("--policies", help="JSON file of candidate policies ({\"policies\": [router.json entries with "
@@ -74,6 +78,8 @@ def attach_fleet_commands(sub) -> None:
     p.add_argument("--threshold", type=float, default=0.25, help="PSI above which a distribution has drifted")
     p.add_argument("--min-samples", type=int, default=100, help="live samples needed for a verdict")
     p.add_argument("--interval", type=float, help="seconds: compare only the traffic of this interval")
+    p.add_argument("--metrics-token-file", help="file whose first line is the servers' metrics token (default: env "
+                                                "DIMEC_METRICS_TOKEN; needed when they were started with one)")
     p.set_defaults(func=cmd_monitor)
 
 
@@ -81,7 +87,13 @@ def cmd_monitor(args) -> None:
     from dimec.serving.ops.monitor import monitor, read_reference
 
     reference = read_reference(args.reference) if args.reference else None
-    status = monitor(args.urls, reference, args.threshold, args.min_samples, args.interval)
+    token = os.environ.get("DIMEC_METRICS_TOKEN") or None
+    if args.metrics_token_file:
+        try:
+            token = Path(args.metrics_token_file).read_text(encoding="utf-8").splitlines()[0].strip()
+        except (OSError, UnicodeDecodeError, IndexError) as exc:
+            raise ConfigError(f"cannot read the metrics token from {args.metrics_token_file} ({exc})") from None
+    status = monitor(args.urls, reference, args.threshold, args.min_samples, args.interval, token=token)
     if status:
         sys.exit(status)
 

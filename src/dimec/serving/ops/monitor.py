@@ -149,14 +149,72 @@ def read_reference(path: str | Path) -> dict[str, Any]:
         if candidate.is_file():
             try:
                 reference = json.loads(candidate.read_text())
-            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            except (OSError, ValueError, RecursionError) as exc:  # bad UTF-8 or JSON, huge numbers, deep nesting
                 raise ArtifactError(f"{candidate} is not valid JSON ({exc})", "export the packages again") from None
             if not isinstance(reference, dict) or reference.get("format_version") != REFERENCE_FORMAT:
                 raise ArtifactError(f"{candidate} is not a drift reference of format {REFERENCE_FORMAT}",
                                     "export the packages again with this version")
-            return reference
+            return check_reference(reference, str(candidate))
     raise ArtifactError(f"no drift reference at {path}", "export the packages (`dimec export RUN_DIR`) after "
                                                          "calibrating; the reference is written at export")
+
+
+def check_reference(reference: Any, where: str) -> dict[str, Any]:
+    """A drift reference whose every field has the type and length the monitor and the servers read (edges
+    increasing and finite, one count per bin, counts >= 0); anything else is an ArtifactError naming it."""
+    def edge_problem(edges: Any, name: str) -> list[str]:
+        if not isinstance(edges, list) or len(edges) > 1000 or not all(_finite(e) for e in edges) or \
+                any(b <= a for a, b in zip(edges, edges[1:], strict=False)):
+            return [f"{name}.edges must be an increasing list of finite numbers"]
+        return []
+
+    def get(section: Any, key: str) -> Any:
+        return section.get(key) if isinstance(section, dict) else None
+
+    problems = []
+    if not isinstance(reference, dict):
+        problems.append("not a JSON object")
+    else:
+        if reference.get("format_version") != REFERENCE_FORMAT:
+            problems.append(f"format_version is not {REFERENCE_FORMAT}")
+        if not isinstance(reference.get("model"), str) or not reference["model"]:
+            problems.append("'model' must be a non-empty string")
+        samples = reference.get("samples")
+        if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+            problems.append("'samples' must be an integer >= 1")
+        anchors = reference.get("anchors")
+        try:
+            a = np.asarray(anchors, dtype=np.float64)
+            if a.ndim != 2 or not len(a) or not np.isfinite(a).all():
+                raise ValueError
+        except (TypeError, ValueError):
+            problems.append("'anchors' must be a non-empty (K, H) list of finite numbers")
+        distance, conf = reference.get("routing_distance"), reference.get("confidence")
+        for name, section in (("routing_distance", distance), ("confidence", conf)):
+            problems += edge_problem(get(section, "edges"), name)
+        if not edge_problem(get(distance, "edges"), "") and not _counts(get(distance, "counts"),
+                                                                         len(distance["edges"]) + 1):
+            problems.append("routing_distance.counts must hold one count >= 0 per bin")
+        if not _counts(get(reference.get("routed"), "counts"), len(TIERS)):
+            problems.append(f"routed.counts must be {len(TIERS)} counts >= 0")
+        counts = get(conf, "counts")
+        if not isinstance(counts, dict) or set(counts) - set(EXIT_NAMES):
+            problems.append(f"confidence.counts must map exits ({', '.join(EXIT_NAMES)}) to counts")
+        elif not edge_problem(conf["edges"], ""):
+            problems += [f"confidence.counts.{k} must hold one count >= 0 per bin" for k, c in counts.items()
+                         if not _counts(c, len(conf["edges"]) + 1)]
+    if problems:
+        raise ArtifactError(f"{where} is not a valid drift reference: " + "; ".join(problems[:10]),
+                            "export the packages again (`dimec export RUN_DIR`), or give --reference")
+    return reference
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _counts(counts: Any, n: int) -> bool:
+    return isinstance(counts, list) and len(counts) == n and all(_finite(c) and c >= 0 for c in counts)
 
 
 # ---- live histograms, on servers and clients -------------------------------------------------------------------
@@ -202,33 +260,56 @@ def psi(live: list[float], reference: list[float]) -> float:
     return float(((p - q) * np.log(p / q)).sum())
 
 
-def scrape(url: str, timeout_s: float = 5.0) -> dict[tuple[str, str, str], list[float]]:
+def _auth(token: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def scrape(url: str, timeout_s: float = 5.0, token: str | None = None) -> dict[tuple[str, str, str], list[float]]:
     """{(family, model, label): counts per bin} of the drift metrics at URL/metrics (bins, not cumulative)."""
     import httpx
     from prometheus_client.parser import text_string_to_metric_families
 
     try:
-        response = httpx.get(f"{url.rstrip('/')}/metrics", timeout=timeout_s)
-    except httpx.HTTPError as exc:
+        response = httpx.get(f"{url.rstrip('/')}/metrics", timeout=timeout_s, headers=_auth(token))
+    except (httpx.HTTPError, httpx.InvalidURL, ValueError) as exc:
         raise DimecError(f"cannot scrape {url}/metrics: {type(exc).__name__}: {exc}",
                          "check the URL (a running edge, cloud or gateway)") from None
     if response.status_code != 200:
         raise DimecError(f"{url}/metrics answered {response.status_code}", "check the URL")
+    try:
+        return _drift_counts(text_string_to_metric_families(response.text))
+    except (ValueError, KeyError, TypeError, IndexError) as exc:  # whatever a non-dimec server or proxy sends
+        raise DimecError(f"{url}/metrics is not what a dimec tier exposes ({type(exc).__name__}: "
+                         f"{str(exc)[:200]})", "point the monitor at a dimec edge, cloud or gateway") from None
+
+
+def _drift_counts(families) -> dict[tuple[str, str, str], list[float]]:
+    """The drift samples of parsed Prometheus families; a value that is not a count, a tier dimec does not
+    know, a missing label or a bucket bound that is not a number is a ValueError/KeyError."""
     out: dict[tuple[str, str, str], list[float]] = {}
     cumulative: dict[tuple[str, str, str], list[tuple[float, float]]] = {}
-    for family in text_string_to_metric_families(response.text):
+    for family in families:
         for s in family.samples:
+            if s.name not in (f"{ROUTED}_total", f"{DISTANCE}_bucket", f"{CONFIDENCE}_bucket"):
+                continue
+            if not (math.isfinite(s.value) and s.value >= 0):
+                raise ValueError(f"{s.name} holds {s.value}, not a count")
             model = s.labels.get("model", "")
             if s.name == f"{ROUTED}_total":
                 key = (ROUTED, model, "")
                 counts = out.setdefault(key, [0.0] * len(TIERS))
                 counts[TIERS.index(s.labels["tier"])] += s.value
-            elif s.name in (f"{DISTANCE}_bucket", f"{CONFIDENCE}_bucket"):
+            else:
                 base = s.name[: -len("_bucket")]
                 key = (base, model, s.labels.get("exit", ""))
-                cumulative.setdefault(key, []).append((float(s.labels["le"]), s.value))
+                bound = float(s.labels["le"])
+                if math.isnan(bound):
+                    raise ValueError(f"{s.name} has the bucket bound le={s.labels['le']!r}")
+                cumulative.setdefault(key, []).append((bound, s.value))
     for key, buckets in cumulative.items():
         values = [v for _, v in sorted(buckets)]
+        if any(b < a for a, b in zip(values, values[1:], strict=False)):
+            raise ValueError(f"{key[0]} buckets are not cumulative")
         out[key] = [values[0], *np.diff(values).tolist()]
     return out
 
@@ -260,17 +341,21 @@ def compare(reference: dict[str, Any], live: dict[tuple[str, str, str], list[flo
 
 
 def monitor(urls: list[str], reference: dict[str, Any] | None = None, threshold: float = 0.25,
-            min_samples: int = 100, interval_s: float | None = None, log=print) -> int:
+            min_samples: int = 100, interval_s: float | None = None, log=print, token: str | None = None) -> int:
     """Scrape, compare, print; returns the exit status: 1 when a distribution drifted, else 0."""
     if not urls:
         raise ConfigError("no URL to monitor", "give the edge, cloud or gateway URL(s)")
-    if not threshold > 0 or min_samples < 1 or (interval_s is not None and not interval_s > 0):
-        raise ConfigError("--threshold must be > 0, --min-samples >= 1 and --interval > 0")
-    reference = reference or fetch_reference(urls)
-    live = snapshot(urls)
+    if not (math.isfinite(threshold) and threshold > 0) or min_samples < 1 or \
+            (interval_s is not None and not 0 < interval_s <= MAX_INTERVAL_S):
+        raise ConfigError(f"--threshold must be a finite number > 0, --min-samples >= 1 and --interval in "
+                          f"(0, {MAX_INTERVAL_S:g}] seconds")
+    for url in urls:
+        _check_url(url)
+    reference = reference or fetch_reference(urls, token)
+    live = snapshot(urls, token)
     if interval_s:  # only what arrived during the interval
         time.sleep(interval_s)
-        live = difference(snapshot(urls), live)
+        live = difference(snapshot(urls, token), live)
     rows = compare(reference, live, threshold, min_samples)
     from dimec.serving.live.http import live_lines
 
@@ -296,9 +381,26 @@ def monitor(urls: list[str], reference: dict[str, Any] | None = None, threshold:
     return 0
 
 
-def snapshot(urls: list[str]) -> dict[tuple[str, str, str], list[float]]:
+MAX_INTERVAL_S = 86_400.0  # a day: the monitor sleeps this long at most
+
+
+def _check_url(url: str) -> None:
+    import httpx
+
+    try:
+        parsed = httpx.URL(url)
+        ok = parsed.scheme in ("http", "https") and bool(parsed.host)
+        _ = parsed.port  # a port out of range is refused here, not in the middle of a scrape
+    except (httpx.InvalidURL, TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ConfigError(f"{url!r} is not an http:// or https:// URL with a host",
+                          "e.g. http://127.0.0.1:8101 (an edge, cloud or gateway)")
+
+
+def snapshot(urls: list[str], token: str | None = None) -> dict[tuple[str, str, str], list[float]]:
     """The drift counts of all URLs together (a tier's exits are disjoint from the gateway's)."""
-    return _merged([scrape(u) for u in urls])
+    return _merged([scrape(u, token=token) for u in urls])
 
 
 def difference(after: dict, before: dict) -> dict[tuple[str, str, str], list[float]]:
@@ -306,16 +408,20 @@ def difference(after: dict, before: dict) -> dict[tuple[str, str, str], list[flo
     return {k: [a - b for a, b in zip(v, before.get(k, [0.0] * len(v)), strict=True)] for k, v in after.items()}
 
 
-def fetch_reference(urls: list[str]) -> dict[str, Any]:
+def fetch_reference(urls: list[str], token: str | None = None) -> dict[str, Any]:
     import httpx
 
     for url in urls:
         try:
-            response = httpx.get(f"{url.rstrip('/')}/v1/drift/reference", timeout=5.0)
-        except httpx.HTTPError:
+            response = httpx.get(f"{url.rstrip('/')}/v1/drift/reference", timeout=5.0, headers=_auth(token))
+        except (httpx.HTTPError, httpx.InvalidURL, ValueError):
             continue
         if response.status_code == 200:
-            return response.json()
+            try:
+                reference = response.json()
+            except (ValueError, RecursionError):
+                reference = None
+            return check_reference(reference, f"the drift reference served by {url}")
     raise DimecError(f"none of {', '.join(urls)} serves a drift reference",
                      "pass --reference RUN_DIR_or_PACKAGE (written by `dimec export`)")
 

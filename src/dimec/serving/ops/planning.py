@@ -26,6 +26,7 @@ every constraint.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -83,8 +84,9 @@ def latency_model(profile: str | Path, exit_layers: tuple[int, int, int], hidden
 
 def money_model(cloud_price: float, edge_price: float, exit_layers: tuple[int, int, int]) -> CostModel:
     """Money per text: the cloud bills its layers pro rata, the edge its own; moving bytes is free."""
-    if not cloud_price >= 0 or not edge_price >= 0:
-        raise ConfigError(f"prices must be >= 0, got cloud {cloud_price}, edge {edge_price}")
+    if not all(math.isfinite(p) and p >= 0 for p in (cloud_price, edge_price)):
+        raise ConfigError(f"prices must be >= 0 and finite (--cloud-price, --edge-price), got cloud {cloud_price}, "
+                          f"edge {edge_price}")
     n = exit_layers[1]
     return CostModel(0.0, edge_price / 1000 / n, 0.0, 0.0, cloud_price / 1000, tuple(exit_layers), 0.0)
 
@@ -176,12 +178,14 @@ def file_candidates(path: Path, reward: CostModel) -> list[Candidate]:
 
     try:
         entries = json.loads(path.read_text())["policies"]
+        if not isinstance(entries, list) or not entries:
+            raise ValueError("'policies' must be a non-empty list")
         out = []
         for i, e in enumerate(entries):
             router = make_router(e["router"], **e.get("params", {}))
             router.load_state(e.get("state", {}))
             out.append(router_candidate(str(e.get("name", f"{e['router']}#{i}")), router, reward))
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
         raise ArtifactError(f"{path} is not a list of policies ({type(exc).__name__}: {exc})",
                             'write {"policies": [router.json entries with a "name"]}') from None
     return out

@@ -23,7 +23,9 @@ and a tier that refuses the token (401/403) raises TierAuthError from `classify`
 
 from __future__ import annotations
 
+import contextvars
 import json
+import math
 import random
 import threading
 import time
@@ -39,6 +41,7 @@ import numpy as np
 from dimec.costs import CostModel
 from dimec.errors import (
     ConfigError,
+    DataError,
     DimecError,
     TierAuthError,
     TierBusyError,
@@ -50,6 +53,7 @@ from dimec.runtime.package import ROUTER_FILE
 from dimec.runtime.plans import Plan, Stage, check_plan, own_plan, plan_text
 from dimec.runtime.policy import ServedPolicy, read_cost_model
 from dimec.runtime.tier import TierModel
+from dimec.runtime.validate import ID_RULE, answer_problem, id_problem, ids_problem
 from dimec.serving.phone.constraints import ANSWERED, Constraints, FleetPolicy
 from dimec.serving.phone.links import LinkProfile, LinkTransport
 from dimec.textinput import check_batch
@@ -61,12 +65,23 @@ from dimec.tiers import CLOUD, EDGE, MOBILE, TIERS
 ROUTINGS = ("router", "fixed", "dynamic", "cloud-only", "edge-only", "mobile-only")
 SINGLE_TIER = {"cloud-only": CLOUD, "edge-only": EDGE, "mobile-only": MOBILE}
 MAX_HIDDEN_BYTES = 4_000_000  # per continuation request (the servers accept 8 MB by default)
+MAX_ANSWER_BYTES = 8_000_000  # an answer is ids, labels and probabilities: far below this
 
 
 @dataclass(frozen=True)
 class Timeouts:
     connect_s: float = 1.0
-    read_s: float = 10.0
+    read_s: float = 10.0  # between two reads of an answer
+    total_s: float = 30.0  # one classify call, every exchange and retry together: a tier that drips its
+    # answer (each read inside read_s) cannot hold a call longer; what is left then falls back or degrades
+
+    def __post_init__(self) -> None:
+        if not all(math.isfinite(t) and t > 0 for t in (self.connect_s, self.read_s, self.total_s)):
+            raise ConfigError(f"timeouts must be finite numbers > 0, got {self}")
+
+
+# The deadline of the classify call running in this thread (time.monotonic()), read by every exchange it makes.
+_CALL_DEADLINE: contextvars.ContextVar[float | None] = contextvars.ContextVar("dimec_call_deadline", default=None)
 
 
 @dataclass
@@ -147,6 +162,7 @@ class HttpRemote:
         if retries < 0 or retries > 10:
             raise ConfigError(f"retries must be in 0..10, got {retries}")
         self.name, self.url = name, check_url(name, url)
+        self.total_s = timeouts.total_s
         self.retries, self.cooldown_s, self.backoff_s, self.max_batch = retries, cooldown_s, backoff_s, max_batch
         transport = httpx.HTTPTransport()
         if link is not None and not link.is_ideal:
@@ -198,6 +214,20 @@ class HttpRemote:
             start = stop
         return _merge(parts)
 
+    def probe(self) -> str | None:
+        """One POST /v1/ping at start-up: None if the tier takes this token, a warning if it cannot be reached,
+        a ConfigError if it refuses the token (a deployment error to fix before serving)."""
+        try:
+            response = self.http.post(f"{self.url}/v1/ping", content=b"probe")
+        except httpx.TransportError as exc:
+            return f"the {self.name} at {self.url} cannot be reached ({type(exc).__name__})"
+        if response.status_code in (401, 403):
+            raise ConfigError(f"the {self.name} at {self.url} refused the token this server would send it "
+                              f"(HTTP {response.status_code})", "give --cloud-token a token the cloud accepts")
+        if response.status_code != 200:
+            return f"the {self.name} at {self.url} answered HTTP {response.status_code} to a ping"
+        return None
+
     def _check_available(self) -> None:
         if not self.available():
             if self._busy:  # it answered 429: honour its Retry-After
@@ -207,55 +237,64 @@ class HttpRemote:
     def _post(self, path: str, ids: list[str], content: bytes, content_type: str,
               kind: str) -> tuple[dict[str, Any], int]:
         error = "no attempt"
+        call_deadline = _CALL_DEADLINE.get()
+        deadline = time.monotonic() + self.total_s
+        deadline = deadline if call_deadline is None else min(deadline, call_deadline)
         for attempt in range(self.retries + 1):
             if attempt:
                 with self._lock:
                     self.retry_count += 1
                     pause = min(1.0, self.backoff_s * 2 ** (attempt - 1)) * (0.5 + self._rng.random())
-                time.sleep(pause)
+                time.sleep(min(pause, max(0.0, deadline - time.monotonic())))
+            if time.monotonic() >= deadline:
+                error = f"the call's deadline passed ({error})"
+                break
             with self._lock:
                 self.bytes_sent[kind] += len(content)
                 self.requests_sent[kind] += 1
+            headers = {"Content-Type": content_type}
+            if id_problem(ids[0]) is None:  # only an inert id goes into a header (validate.ID_RULE)
+                headers["X-Request-ID"] = ids[0]
             try:
-                response = self.http.post(f"{self.url}{path}", content=content,
-                                          headers={"Content-Type": content_type, "X-Request-ID": ids[0]})
-            except httpx.TransportError as exc:  # refused, reset, timeout, emulated loss
+                status, body, retry_after = self._exchange(f"{self.url}{path}", content, headers, deadline)
+            except httpx.TransportError as exc:  # refused, reset, timeout, emulated loss, the deadline
                 error = f"{type(exc).__name__}: {exc}"
                 continue
-            if response.status_code == 200:
-                payload = self._valid(response, ids)
-                if payload is not None:
+            if status == 200:
+                payload, problem = _json(body), None
+                problem = answer_problem(payload, ids)
+                if problem is None:
                     return payload, attempt + 1
-                error = "malformed answer"
+                error = f"malformed answer: {problem}"
                 continue
-            error = f"HTTP {response.status_code}: {_error_text(response)}"
-            if response.status_code in (401, 403):  # a wrong token: no tier will accept it, say so loudly
-                raise TierAuthError(f"{self.name} at {self.url} refused this client's token ({error})",
+            error = f"HTTP {status}: {_error_text(body)}"
+            if status in (401, 403):  # a wrong token: no tier will accept it, say so loudly
+                raise TierAuthError(f"{self.name} refused this client's token ({error})",
                                     "give the client and every tier the same token (--token or DIMEC_TOKEN)")
-            if response.status_code == 429:  # busy for this source's class: skip it for its Retry-After
-                retry_after = _retry_after(response)
+            if status == 429:  # busy for this source's class: skip it for its Retry-After
                 self._down_until, self._busy = time.monotonic() + retry_after, True
-                raise TierBusyError(f"{self.name} at {self.url} is busy: {error}", retry_after)
-            if response.status_code in (409, 413, 415, 422):  # this request's fault, not the tier's: no retry or cooldown
-                raise TierUnavailableError(f"{self.name} at {self.url} refused the request: {error}")
-            if response.status_code not in self.RETRY_STATUS:
+                raise TierBusyError(f"{self.name} is busy: {error}", retry_after)
+            if status in (409, 413, 415, 422):  # this request's fault, not the tier's: no retry or cooldown
+                raise TierUnavailableError(f"{self.name} refused the request: {error}")
+            if status not in self.RETRY_STATUS:
                 break  # 404 and the like: a retry will not help
         self._down_until, self._busy = time.monotonic() + self.cooldown_s, False
-        raise TierUnavailableError(f"{self.name} at {self.url} failed after {attempt + 1} attempt(s): {error}")
+        raise TierUnavailableError(f"{self.name} failed after {attempt + 1} attempt(s): {error}")
 
-    @staticmethod
-    def _valid(response: httpx.Response, ids: list[str]) -> dict[str, Any] | None:
-        """The answer must be for exactly the ids we sent, one probability row, tier, exit and flag each."""
-        try:
-            payload = response.json()
-            n = len(ids)
-            ok = payload["ids"] == ids and len(payload["probs"]) == n and \
-                all(len(p) == len(payload["label_names"]) for p in payload["probs"]) and \
-                all(len(payload[k]) == n for k in ("tiers", "exits", "exit_layers", "fallback")) and \
-                all(t in TIERS for t in payload["tiers"]) and all(e in (0, 1, 2) for e in payload["exits"])
-        except (ValueError, KeyError, TypeError):
-            return None
-        return payload if ok else None
+    def _exchange(self, url: str, content: bytes, headers: dict[str, str], deadline: float) -> tuple[int, bytes, float]:
+        """(status, body, Retry-After) of one POST, read chunk by chunk so that the deadline bounds it whole."""
+        left = max(0.01, deadline - time.monotonic())
+        timeout = httpx.Timeout(min(self.http.timeout.read or left, left), connect=min(self.http.timeout.connect or left, left))
+        with self.http.stream("POST", url, content=content, headers=headers, timeout=timeout) as response:
+            chunks, size = [], 0
+            for chunk in response.iter_bytes():
+                chunks.append(chunk)
+                size += len(chunk)
+                if time.monotonic() > deadline:
+                    raise httpx.ReadTimeout("the answer was still arriving at the call's deadline", request=None)
+                if size > MAX_ANSWER_BYTES:
+                    raise httpx.RemoteProtocolError(f"an answer over {MAX_ANSWER_BYTES} bytes", request=None)
+            return response.status_code, b"".join(chunks), _retry_after(response)
 
     def close(self) -> None:
         self.http.close()
@@ -282,11 +321,18 @@ def _retry_after(response: httpx.Response, default: float = 1.0) -> float:
         return default
 
 
-def _error_text(response: httpx.Response) -> str:
+def _json(body: bytes) -> Any:
     try:
-        return str(response.json().get("error", response.text[:200]))
-    except (ValueError, AttributeError):
-        return response.text[:200]
+        return json.loads(body)
+    except (ValueError, RecursionError):
+        return None
+
+
+def _error_text(body: bytes) -> str:
+    """The `error` of a refusal, short; a tier's own URLs or internals are not repeated to the caller."""
+    payload = _json(body)
+    text = payload.get("error") if isinstance(payload, dict) else None
+    return (text if isinstance(text, str) else body.decode("utf-8", "replace"))[:200]
 
 
 class MobileClient:
@@ -305,6 +351,7 @@ class MobileClient:
         if hidden_dtype not in ("float16", "float32"):
             raise ConfigError(f"hidden_dtype must be float16 or float32, got {hidden_dtype!r}")
         self.hidden_dtype = np.dtype(hidden_dtype)  # of hidden states on the wire: fp16 halves the bytes
+        self.timeouts = timeouts
         self.routing = routing
         self.router, self.plans, self.confidence = self._load_router(routing)
         self.online = self._online_prerouter(routing)  # serving an online pre-router moves its means
@@ -358,7 +405,18 @@ class MobileClient:
     def classify(self, texts: list[str], pairs: list[str] | None = None, ids: list[str] | None = None,
                  constraints: Constraints | None = None) -> list[Answer]:
         texts, pairs, ids = check_batch(texts, pairs, ids)
-        call = _Call(texts, pairs, ids or [uuid.uuid4().hex for _ in texts])
+        ids = [uuid.uuid4().hex for _ in texts] if ids is None else [str(x) for x in ids]
+        problem = ids_problem(ids, len(texts))
+        if problem:  # the tiers refuse the same ids (422): say so before anything is sent
+            raise DataError(f"request ids: {problem}", f"ids are {ID_RULE}")
+        call = _Call(texts, pairs, ids)
+        deadline = _CALL_DEADLINE.set(time.monotonic() + self.timeouts.total_s)  # every exchange of this call
+        try:
+            return self._classify(call, constraints)
+        finally:
+            _CALL_DEADLINE.reset(deadline)
+
+    def _classify(self, call: _Call, constraints: Constraints | None) -> list[Answer]:
         choice = self._route(call)
         routed = np.array([self.plans[c][0].tier for c in choice], dtype=np.int64)
         tiers = self.fleet.adjust(self, call, routed, constraints)  # privacy, budget, deadline, advice
@@ -435,7 +493,7 @@ class MobileClient:
         """Send hidden states after layer m to the next stage's tier (or its substitute); else answer here."""
         ids = [call.ids[i] for i in rows]
         errors: list[str] = []
-        attempts = self._allowed(call, stages)
+        attempts = self._allowed(call, stages, rows)
         if not attempts:  # private: the hidden state may not leave the device either
             for i in rows:
                 call.flags[i].append("private")
@@ -443,7 +501,8 @@ class MobileClient:
         for tier, substitute in attempts:
             target = TIERS[tier]
             result = self._exchange(call, rows, target, errors, lambda remote, s=substitute: remote.continue_hidden(
-                hidden, self.mobile.exit_layer, self.mobile.model_id, ids, s, self.confidence, self.hidden_dtype))
+                hidden, self.mobile.exit_layer, self.mobile.model_id, ids, s, self.confidence, self.hidden_dtype),
+                substitute)
             if result is not None:
                 return self._remote_outcome(result, tier != stages[0].tier, errors)
         return self._on_device(mobile_probs, degraded=True, errors=errors)
@@ -454,7 +513,7 @@ class MobileClient:
         sub_pairs = None if call.pairs is None else [call.pairs[i] for i in rows]
         sub_ids = [call.ids[i] for i in rows]
         errors: list[str] = []
-        for tier, substitute in self._allowed(call, stages):
+        for tier, substitute in self._allowed(call, stages, rows):
             target = TIERS[tier]
 
             def send(remote, s=substitute, tier=tier, target=target):
@@ -463,15 +522,19 @@ class MobileClient:
                     return remote.classify(sub_texts, sub_pairs, sub_ids, **options)
                 return remote.classify(sub_texts, sub_pairs, sub_ids, plan=s, confidence=self.confidence, **options)
 
-            result = self._exchange(call, rows, target, errors, send)
+            result = self._exchange(call, rows, target, errors, send, substitute)
             if result is not None:
                 return self._remote_outcome(result, tier != stages[0].tier, errors)
         return self._on_device(self.mobile_probs(call, rows), degraded=True, errors=errors)
 
-    def _allowed(self, call: _Call, stages: Plan) -> list[tuple[int, Plan]]:
-        """Where the rest of a plan may run, in order, among the tiers the fleet policy allows (privacy): a
-        plan is cut before any stage on a tier it may not reach (the edge would forward it there)."""
+    def _allowed(self, call: _Call, stages: Plan, rows: np.ndarray) -> list[tuple[int, Plan]]:
+        """Where the rest of a plan may run, in order, among the tiers the fleet policy allows (privacy, and
+        the cloud budget: a cloud stage the budget cannot pay for is cut even when the edge would reach it):
+        a plan is cut before any stage on a tier it may not reach (the edge would forward it there)."""
         allowed = set(self.fleet.targets(call, stages[0].tier))
+        if stages[0].tier != CLOUD and any(s.tier == CLOUD for s in stages) and \
+                not self.fleet.cloud_affordable(call, rows):
+            allowed.discard("cloud")
         out = []
         for tier, plan in _attempts(stages):
             kept = [s for s in plan if TIERS[s.tier] in allowed]
@@ -479,14 +542,15 @@ class MobileClient:
                 out.append((tier, (*kept[:-1], Stage(kept[-1].tier, kept[-1].exit, None))))
         return out
 
-    def _exchange(self, call: _Call, rows: np.ndarray, target: str, errors: list[str], send) -> RemoteResult | None:
+    def _exchange(self, call: _Call, rows: np.ndarray, target: str, errors: list[str], send,
+                  plan: Plan | None = None) -> RemoteResult | None:
         """One exchange with `target` under the fleet policy (budget, latency, advice, 429s); None if it failed
-        (the reason appended to `errors`)."""
+        (the reason appended to `errors`). `plan`: the stages sent (a cloud stage in it is booked)."""
         remote = self.remotes.get(target)
         if remote is None:
             errors.append(f"no {target} tier configured")
             return None
-        refused, reserved = self.fleet.before_send(call, rows, target)
+        refused, reserved = self.fleet.before_send(call, rows, target, plan)
         if refused:
             errors.append(refused)
             return None

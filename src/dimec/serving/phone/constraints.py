@@ -57,37 +57,54 @@ class Constraints:
                               "give the deadline in milliseconds, e.g. --max-latency-ms 200")
 
 
+@dataclass(eq=False)
+class Booking:
+    """One charge on the cloud budget; a refund lowers it in place, so it leaves the window with the charge."""
+
+    at: float
+    amount: float
+
+
 class CloudBudget:
-    """At most `limit` money units spent on the cloud in any `window_s` seconds (a sliding window)."""
+    """At most `limit` money units spent on the cloud in any `window_s` seconds (a sliding window). Every
+    text that may reach a cloud stage is booked before it is sent, whichever tier it is sent to (the edge
+    forwards plans to the cloud); what did not reach the cloud is refunded on the booking itself."""
 
     def __init__(self, limit: float, window_s: float = 3600.0, price_per_text: float = 0.001) -> None:
         if not limit >= 0 or not window_s > 0 or not price_per_text >= 0:
             raise ConfigError(f"cloud budget: limit must be >= 0, window > 0 and price >= 0; got limit={limit}, "
                               f"window={window_s}, price={price_per_text}")
         self.limit, self.window_s, self.price = limit, window_s, price_per_text
-        self._spent: deque[tuple[float, float]] = deque()
+        self._spent: deque[Booking] = deque()
         self._lock = threading.Lock()
 
     def spent(self, now: float | None = None) -> float:
         now = time.monotonic() if now is None else now
         with self._lock:
-            while self._spent and self._spent[0][0] <= now - self.window_s:
+            while self._spent and self._spent[0].at <= now - self.window_s:
                 self._spent.popleft()
-            return sum(amount for _, amount in self._spent)
+            return sum(b.amount for b in self._spent)
 
-    def reserve(self, texts: int) -> float | None:
+    def affordable(self, texts: int) -> bool:
+        return self.spent() + texts * self.price <= self.limit + 1e-12
+
+    def reserve(self, texts: int) -> Booking | None:
         """Book the cloud's price for `texts`; None if it would overspend the window."""
         amount = texts * self.price
-        if self.spent() + amount > self.limit + 1e-12:
-            return None
         with self._lock:
-            self._spent.append((time.monotonic(), amount))
-        return amount
+            now = time.monotonic()
+            while self._spent and self._spent[0].at <= now - self.window_s:
+                self._spent.popleft()
+            if sum(b.amount for b in self._spent) + amount > self.limit + 1e-12:
+                return None
+            booking = Booking(now, amount)
+            self._spent.append(booking)
+        return booking
 
-    def refund(self, amount: float) -> None:
-        """The exchange failed: the cloud did not bill it."""
+    def refund(self, booking: Booking, amount: float | None = None) -> None:
+        """The cloud did not bill (all or `amount` of) a booking: lowered in place, never below zero."""
         with self._lock:
-            self._spent.append((time.monotonic(), -amount))
+            booking.amount = max(0.0, booking.amount - (booking.amount if amount is None else amount))
 
 
 class LatencyTracker:
@@ -255,23 +272,37 @@ class FleetPolicy:
         order = (routed, CLOUD if routed == EDGE else EDGE)
         return [TIERS[t] for t in order if t in allowed]
 
-    def before_send(self, call, rows: np.ndarray, target: str) -> tuple[str | None, float]:
-        """(why not, money reserved): a refusal reason, or None and the amount booked on the budget."""
-        if target == "cloud" and self.budget is not None:
+    def cloud_affordable(self, call, rows: np.ndarray) -> bool:
+        """Whether the budget can pay for `rows` on the cloud now; if not, they are flagged "budget"."""
+        if self.budget is None or self.budget.affordable(len(rows)):
+            return True
+        for i in rows:
+            if "budget" not in call.flags[i]:
+                call.flags[i].append("budget")
+        return False
+
+    def before_send(self, call, rows: np.ndarray, target: str, plan=None) -> tuple[str | None, Booking | None]:
+        """(why not, booking): a refusal reason, or None and what was booked on the budget: the cloud's price
+        for every text sent to the cloud, or sent to the edge with a plan that goes on to the cloud."""
+        reaches_cloud = target == "cloud" or any(s.tier == CLOUD for s in plan or ())
+        if reaches_cloud and self.budget is not None:
             amount = self.budget.reserve(len(rows))
             if amount is None:
                 for i in rows:
                     if "budget" not in call.flags[i]:
                         call.flags[i].append("budget")
-                return f"cloud budget spent ({self.budget.limit:g} per {self.budget.window_s:g} s)", 0.0
+                return f"cloud budget spent ({self.budget.limit:g} per {self.budget.window_s:g} s)", None
             return None, amount
-        return None, 0.0
+        return None, None
 
-    def after_send(self, call, rows: np.ndarray, target: str, reserved: float, elapsed_ms: float,
+    def after_send(self, call, rows: np.ndarray, target: str, reserved: Booking | None, elapsed_ms: float,
                    result=None, error: Exception | None = None) -> None:
+        if reserved is not None and self.budget is not None:  # bill only the texts the cloud answered
+            tiers = None if error is not None else getattr(result, "tiers", None)
+            if error is not None or tiers is not None:
+                on_cloud = 0 if tiers is None else sum(t == "cloud" for t in tiers)
+                self.budget.refund(reserved, self.budget.price * (len(rows) - on_cloud))
         if error is not None:
-            if reserved and self.budget is not None:
-                self.budget.refund(reserved)
             if isinstance(error, TierBusyError):
                 for i in rows:
                     call.flags[i].append("shed")

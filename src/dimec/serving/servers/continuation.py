@@ -15,6 +15,7 @@ k this tier cannot continue from, or a plan whose next stage is not on this tier
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any, Literal
 
@@ -25,8 +26,11 @@ from dimec.runtime import wire
 from dimec.runtime.executor import Outcome, run_plan
 from dimec.runtime.plans import Plan, Stage, own_plan, plan_text
 from dimec.runtime.tier import TierModel
+from dimec.runtime.validate import NON_FINITE
 from dimec.runtime.wire import HiddenState, WireError
 from dimec.tiers import CLOUD, TIERS
+
+log = logging.getLogger("dimec.serving")
 
 
 class PlanStage(BaseModel):
@@ -158,7 +162,7 @@ class PlanRunner:
 
     def _forward(self, hidden, mask, layer, rest: Plan, kind, rows, ids, dtype) -> Outcome | str:
         """Ship the open rows' hidden state to the next tier: their answers, or why they could not be had."""
-        from dimec.errors import TierUnavailableError
+        from dimec.errors import TierAuthError, TierUnavailableError
 
         if self.forward is None:
             return f"no {TIERS[rest[0].tier]} tier configured on this {self.model.tier} (dimec serve --cloud-url)"
@@ -168,6 +172,10 @@ class PlanRunner:
             result = self.forward.continue_hidden(trimmed, layer, self.model.model_id, sub_ids, rest, kind, dtype)
         except TierUnavailableError as exc:
             return exc.message
+        except TierAuthError:  # this edge's deployment is wrong, not the request: answer here, say why
+            log.error("the %s refuses this edge's --cloud-token", self.forward.name)
+            return f"the {self.forward.name} refused this {self.model.tier}'s token (a deployment error): answered " \
+                   f"at this {self.model.tier}'s exit"
         if list(result.label_names) != self.model.label_names:
             return f"the {self.forward.name} serves another model (labels {result.label_names})"
         return result.outcome()
@@ -185,7 +193,10 @@ class TierStages:
         logits, hidden = self.model.continue_from(self.hidden[rows], self.mask[rows], self.layer, stage.exit)
         self.hidden[rows] = hidden
         self.layer = self.model.exit_layers[stage.exit]
-        return self.model.exit_probs(logits, stage.exit)  # (R, C)
+        probs = self.model.exit_probs(logits, stage.exit)  # (R, C)
+        if not np.isfinite(probs).all():  # never an answer, and never forwarded on as if it were one
+            raise WireError(422, NON_FINITE)
+        return probs
 
 
 def request_plan(raw: list[Any] | None) -> Plan | None:

@@ -5,7 +5,8 @@ one (single-token mode) it runs as before, straight in the request's thread.
 
 Metrics (one registry per app, beside the server's own):
 
-    dimec_source_requests_total{source,class,outcome}   outcome: answered, shed
+    dimec_source_requests_total{source,class,outcome}   outcome: answered, shed, abandoned (the client left
+                                                        while its request was queued: dropped, never run)
     dimec_source_shed_total{source,class,reason}        reason: full, evicted, deadline
     dimec_source_latency_seconds{source,class}          histogram: time in the server (queue + model)
     dimec_queue_wait_seconds{class}                     histogram: time waiting for a worker
@@ -29,7 +30,7 @@ from starlette.concurrency import run_in_threadpool
 
 from dimec.serving.ops.monitor import DriftRecorder
 from dimec.serving.servers.batcher import BatchRefused
-from dimec.serving.servers.scheduling import Scheduler, Shed
+from dimec.serving.servers.scheduling import Abandoned, Scheduler, Shed
 from dimec.serving.servers.sources import Source, SourceTable
 from dimec.tiers import TIERS
 
@@ -50,8 +51,8 @@ class SourceMetrics:
         self.wait = Histogram("dimec_queue_wait_seconds", "Time waiting for a worker", ["class"],
                               registry=registry, buckets=LATENCY_BUCKETS)
         for s in table.sources:  # every known source shows up, at zero, from the start
-            self.requests.labels(s.name, s.priority, "answered")
-            self.requests.labels(s.name, s.priority, "shed")
+            for outcome in ("answered", "shed", "abandoned"):
+                self.requests.labels(s.name, s.priority, outcome)
         if scheduler is None:
             return
         depth = Gauge("dimec_queue_depth", "Requests waiting for a worker", ["class"], registry=registry)
@@ -124,7 +125,11 @@ class Fleet:
         elif self.scheduler is None:
             answer, queue_ms = await run_in_threadpool(work), 0.0
         else:
-            done = await self.scheduler.run(source, size, work, deadline)
+            try:
+                done = await self.scheduler.run(source, size, work, deadline)
+            except Abandoned:
+                self.metrics.requests.labels(source.name, source.priority, "abandoned").inc()
+                raise
             answer, queue_ms = done.value, done.queue_ms
         elapsed = time.perf_counter() - start
         self.metrics.requests.labels(source.name, source.priority, "answered").inc()
@@ -154,6 +159,10 @@ class Fleet:
         @app.exception_handler(BatchRefused)
         async def _refused(_request: Request, exc: BatchRefused):
             return JSONResponse({"error": exc.message}, exc.status)
+
+        @app.exception_handler(Abandoned)
+        async def _abandoned(_request: Request, exc: Abandoned):  # nobody reads it: nginx's "client closed"
+            return JSONResponse({"error": str(exc)}, 499)
 
         add_reference_route(app, self.drift)
 

@@ -25,6 +25,7 @@ shed at once if the expected wait plus its compute would miss it.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import itertools
 import math
 import threading
@@ -35,6 +36,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from dimec.serving.servers.sources import AllocationConfig, Source, SourceTable
+
+# Set by the server's guard for each request: an Event set when the client disconnects (the connection closed).
+CLIENT_GONE: contextvars.ContextVar[asyncio.Event | None] = contextvars.ContextVar("dimec_client_gone", default=None)
+
+
+class Abandoned(Exception):
+    """The client went away while its request waited in the queue: it is dropped, never run."""
 
 
 class Shed(Exception):
@@ -163,11 +171,33 @@ class Scheduler:
                 "evicted", f"shed from the edge's queue to make room for a request of class {source.priority!r}",
                 self.retry_after_s))
         try:
+            await self._wait(job)
             return await job.future
         except asyncio.CancelledError:  # the client went away: do not run it for nobody
             with self._cond:
                 self._remove(job)
             raise
+
+    async def _wait(self, job: _Job) -> None:
+        """Until the job is done, or its client has gone while it still waits (then it is dropped: Abandoned).
+        A job a worker already runs is waited for: its thread cannot be stopped halfway."""
+        gone = CLIENT_GONE.get()
+        if gone is None:
+            return
+        watcher = asyncio.ensure_future(gone.wait())
+        try:
+            await asyncio.wait({job.future, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watcher.cancel()
+        if job.future.done() or not gone.is_set():
+            return
+        with self._cond:
+            queued = job in self._queues[job.source.priority]
+            if queued:
+                self._remove(job)
+        if queued:
+            job.future.cancel()
+            raise Abandoned(f"the client of a {job.source.priority!r} request went away while it was queued")
 
     def _admit(self, job: _Job, deadline_ms: float | None) -> _Job | None:
         """Queue `job` (returns a request shed to make room, or None) or raise Shed."""

@@ -23,6 +23,7 @@ exactly like this app.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -41,17 +42,19 @@ from starlette.exceptions import HTTPException
 from dimec.errors import ConfigError, DataError, TierAuthError
 from dimec.runtime import wire
 from dimec.runtime.tier import TierModel
+from dimec.runtime.validate import ids_problem
 from dimec.serving.servers.batched import TierBatcher
 from dimec.serving.servers.batcher import BatchingConfig
+from dimec.serving.servers.bounds import InFlight
 from dimec.serving.servers.continuation import PlanAnswer, PlanRunner, PlanStage, request_plan
 from dimec.serving.servers.fleet import Fleet, attach_gateway_drift
+from dimec.serving.servers.scheduling import CLIENT_GONE
 from dimec.serving.servers.sources import Source, SourceTable
 from dimec.textinput import check_batch, text_problem
 
 log = logging.getLogger("dimec.serving")
 KNOWN_PATHS = ("/v1/classify", "/v1/continue", "/v1/ping", "/healthz", "/metrics", "/openapi.json", "/docs",
-               "/v1/shadow", "/v1/feedback", "/v1/policy", "/v1/live")
-MAX_ID_CHARS = 128
+               "/v1/drift/reference", "/v1/shadow", "/v1/feedback", "/v1/policy", "/v1/live")
 
 
 @dataclass(frozen=True)
@@ -60,6 +63,8 @@ class Limits:
     max_text_chars: int = 20_000  # per text (or pair member)
     max_batch: int = 64  # texts (or hidden states) per request
     max_hidden_bytes: int = 8_000_000  # body of a continuation request (POST /v1/continue)
+    max_inflight_bytes: int = 32_000_000  # request bytes held at once by the whole server (bounds.py)
+    max_source_inflight_bytes: int = 16_000_000  # ... by the requests of one source (one token)
 
     MIN_BODY_BYTES = 1024  # below this no real request fits: a limit that refuses everything is a mistake
 
@@ -67,8 +72,10 @@ class Limits:
         return self.max_hidden_bytes if path == "/v1/continue" else self.max_body_bytes
 
     def __post_init__(self) -> None:
+        biggest = max(self.max_body_bytes, self.max_hidden_bytes)  # one request of the largest kind must fit
         for name, low in (("max_body_bytes", self.MIN_BODY_BYTES), ("max_text_chars", 1), ("max_batch", 1),
-                          ("max_hidden_bytes", self.MIN_BODY_BYTES)):
+                          ("max_hidden_bytes", self.MIN_BODY_BYTES), ("max_source_inflight_bytes", biggest),
+                          ("max_inflight_bytes", self.max_source_inflight_bytes)):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ConfigError(f"limit {name} must be an integer >= {low}, got {value!r}",
@@ -142,6 +149,7 @@ class TierService:
         self.model, self.limits = model, limits
         self.sources = sources or SourceTable.single(token)  # one token, one source "default"
         self.plans = PlanRunner(model, limits.max_batch, forward)  # `forward`: the edge's cloud
+        self.metrics_token: str | None = None  # set: /metrics and /v1/drift/reference need it (the guard checks)
 
     def authorize(self, authorization: str | None) -> Source:
         """`authorization`: the raw Authorization header -> the source its token maps to (constant time)."""
@@ -158,9 +166,12 @@ class TierService:
         texts, pairs = request.batch()
         lim = self.limits
         try:
-            check_batch(texts, pairs, request.ids, lim.max_batch, lim.max_text_chars, MAX_ID_CHARS, unique_ids=False)
+            check_batch(texts, pairs, None, lim.max_batch, lim.max_text_chars)
         except DataError as exc:
             raise RequestError(422, exc.message) from None
+        problem = None if request.ids is None else ids_problem(request.ids, len(texts))
+        if problem:  # ids go into the next hop's X-Request-ID and into logs: held to validate.ID_RULE
+            raise RequestError(422, f"'ids': {problem}")
         return texts, pairs
 
     def classify(self, request: ClassifyRequest) -> PlanAnswer:
@@ -180,9 +191,10 @@ class TierService:
 
 def create_app(package_dir: str | Path | None, tier: str, token: str | None, limits: Limits | None = None,
                model: TierModel | None = None, sources: SourceTable | None = None, forward=None,
-               batching: BatchingConfig | None = None, live=None) -> FastAPI:
+               batching: BatchingConfig | None = None, live=None, metrics_token: str | None = None) -> FastAPI:
     """The FastAPI app of the edge or cloud tier. `model` may be given to share a loaded TierModel;
     `sources` (a SourceTable from a sources file) replaces the single token with sources and priorities;
+    `metrics_token`: when given, /metrics and /v1/drift/reference need it (docs/serving.md, exposure);
     `forward` (the edge's cloud, a client.HttpRemote) receives the hidden states of plans that go on to the
     cloud; `batching` turns on dynamic batching across requests (batcher.py). `live` (a serving.live
     LiveControl, on the cloud) adds shadow answers, feedback and the versioned policy (docs/live-control.md)."""
@@ -193,6 +205,7 @@ def create_app(package_dir: str | Path | None, tier: str, token: str | None, lim
     if tier == "mobile":
         raise ConfigError("the mobile tier runs in the client, not as a server", "serve edge or cloud")
     service = TierService(model, token, limits or Limits(), sources, forward)
+    service.metrics_token = metrics_token
     app, metrics = _base_app(f"dimec {tier} tier", service)
     fleet = app.state.fleet = Fleet(service, app.state.registry, service.sources)  # sources, queue, metrics
     fleet.attach(app)
@@ -324,12 +337,16 @@ def _base_app(title: str, service: TierService) -> tuple[FastAPI, dict[str, Any]
     }
     app = FastAPI(title=title, version="1", description=__doc__, responses=_errors(413))
     app.state.service, app.state.registry = service, registry
-    app.add_middleware(_Guard, limits=service.limits, metrics=metrics)
+    app.add_middleware(_Guard, limits=service.limits, metrics=metrics, service=service)
 
     @app.exception_handler(RequestError)
     async def _request_error(_request: Request, exc: RequestError):
         headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
         return JSONResponse({"error": exc.message}, exc.status, headers=headers)
+
+    @app.exception_handler(wire.WireError)  # raised while the model runs (a non-finite result): still a 4xx
+    async def _wire_error(_request: Request, exc: wire.WireError):
+        return JSONResponse({"error": exc.message}, exc.status)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_request: Request, exc: RequestValidationError):
@@ -366,11 +383,16 @@ def _base_app(title: str, service: TierService) -> tuple[FastAPI, dict[str, Any]
 
 
 class _Guard:
-    """Outermost ASGI layer: counts every request (even ones refused early) and enforces the body limit
-    while reading, so an oversized body is never buffered whole."""
+    """Outermost ASGI layer: counts every request (even ones refused early), checks the token of a protected
+    path before reading a byte of its body, holds the request's bytes against the in-flight bounds
+    (bounds.py) and enforces the body limit while reading, so an oversized body is never buffered whole."""
 
-    def __init__(self, app, limits: Limits, metrics: dict) -> None:
-        self.app, self.limits, self.metrics = app, limits, metrics
+    PROTECTED = ("/v1/classify", "/v1/continue", "/v1/ping")
+    OBSERVED = ("/metrics", "/v1/drift/reference")  # need the metrics token when the server has one
+
+    def __init__(self, app, limits: Limits, metrics: dict, service: TierService) -> None:
+        self.app, self.limits, self.metrics, self.service = app, limits, metrics, service
+        self.inflight = InFlight(limits.max_inflight_bytes, limits.max_source_inflight_bytes)
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -385,29 +407,79 @@ class _Guard:
                 status[0] = message["status"]
             await send(message)
 
+        held = [0]
+        source = ""
         try:
+            if path in self.PROTECTED:  # the token first: an unknown caller never gets a byte read
+                try:
+                    source = self.service.authorize(_header(scope, b"authorization")).name
+                except RequestError as exc:
+                    await _send_json(tracked_send, 401, {"error": exc.message},
+                                     [(b"www-authenticate", b"Bearer")])
+                    return
+            elif path in self.OBSERVED and self.service.metrics_token and not _bearer_is(
+                    _header(scope, b"authorization"), self.service.metrics_token):
+                await _send_json(tracked_send, 401, {"error": "this server's metrics need its metrics token"},
+                                 [(b"www-authenticate", b"Bearer")])
+                return
             limit = self.limits.body_limit(path)
-            body = await self._read_body(scope, receive, limit)
+            declared = _header(scope, b"content-length")
+            declared = int(declared) if declared and declared.isascii() and declared.isdigit() else None
+            if declared is not None and declared > limit:
+                await _send_json(tracked_send, 413, {"error": f"request body is over the limit of {limit} bytes"})
+                return
+            if not self._hold(source, declared or 0, held):
+                await self._busy(tracked_send)
+                return
+            body = await self._read_body(receive, limit, source, held)
             if body is None:
                 await _send_json(tracked_send, 413, {"error": f"request body is over the limit of {limit} bytes"})
                 return
-            replayed = [False]
+            if body is False:
+                await self._busy(tracked_send)
+                return
+            replayed, gone = [False], asyncio.Event()
 
             async def replay():
                 if not replayed[0]:
                     replayed[0] = True
                     return {"type": "http.request", "body": body, "more_body": False}
-                return await receive()
+                await gone.wait()
+                return {"type": "http.disconnect"}
 
-            await self.app(scope, replay, tracked_send)
+            async def watch() -> None:  # the body is read: the next message is the client leaving
+                while (await receive())["type"] != "http.disconnect":
+                    pass
+                gone.set()
+
+            watcher, context = asyncio.ensure_future(watch()), CLIENT_GONE.set(gone)
+            try:
+                await self.app(scope, replay, tracked_send)
+            finally:
+                watcher.cancel()
+                CLIENT_GONE.reset(context)
         finally:
+            self.inflight.release(source, held[0])
             self.metrics["requests"].labels(path, str(status[0])).inc()
             self.metrics["latency"].labels(path).observe(time.perf_counter() - start)
 
-    async def _read_body(self, scope, receive, limit: int) -> bytes | None:
-        for name, value in scope.get("headers", ()):
-            if name == b"content-length" and value.isdigit() and int(value) > limit:
-                return None
+    def _hold(self, source: str, nbytes: int, held: list[int]) -> bool:
+        if nbytes <= 0:
+            return True
+        if not self.inflight.acquire(source, nbytes):
+            return False
+        held[0] += nbytes
+        return True
+
+    async def _busy(self, send) -> None:
+        lim = self.limits
+        await _send_json(send, 429, {"error": f"this server holds its bound of request bytes in flight "
+                                              f"({lim.max_inflight_bytes} in all, {lim.max_source_inflight_bytes} "
+                                              "per source): try again shortly", "reason": "memory"},
+                         [(b"retry-after", b"1")])
+
+    async def _read_body(self, receive, limit: int, source: str, held: list[int]) -> bytes | None | bool:
+        """The body; None when it is over `limit`; False when holding it would go over an in-flight bound."""
         chunks, size = [], 0
         while True:
             message = await receive()
@@ -417,13 +489,31 @@ class _Guard:
             size += len(chunks[-1])
             if size > limit:
                 return None
+            if size > held[0] and not self._hold(source, size - held[0], held):  # no (or a short) Content-Length
+                return False
             if not message.get("more_body", False):
                 break
         return b"".join(chunks)
 
 
-async def _send_json(send, status: int, payload: dict) -> None:
+def _bearer_is(authorization: str | None, token: str) -> bool:
+    import hmac
+
+    scheme, _, given = (authorization or "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode("utf-8", "surrogatepass"),
+                                                              token.encode("utf-8", "surrogatepass"))
+
+
+def _header(scope, name: bytes) -> str | None:
+    for key, value in scope.get("headers", ()):
+        if key == name:
+            return value.decode("latin-1")
+    return None
+
+
+async def _send_json(send, status: int, payload: dict, headers: list | None = None) -> None:
     body = json.dumps(payload).encode()
     await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            *(headers or [])]})
     await send({"type": "http.response.body", "body": body})

@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from dimec.config import build_config, read_config_file
 from dimec.errors import ConfigError
@@ -120,8 +122,19 @@ class SourceTable:
 
     @classmethod
     def load(cls, path: str | Path) -> SourceTable:
-        raw = read_config_file(path)
-        return cls.from_config(build_config(FleetConfig, raw, ""), str(path))
+        """The table of a sources file: its shape checked first (SCHEMA), then its meaning; every problem of
+        the file is reported at once, as one ConfigError (exit 2 on the command line)."""
+        try:
+            raw = read_config_file(path)
+        except ValueError as exc:  # a number of 5000 digits in a JSON file
+            raise ConfigError(f"cannot parse {path}: {str(exc)[:200]}") from None
+        problems = sources_file_problems(raw)
+        if not problems:
+            config = build_config(FleetConfig, raw, "")
+            problems = fleet_problems(config)
+        if problems:
+            raise ConfigError(f"{path}: " + "; ".join(problems[:50]), "see docs/fleet.md for the sources file")
+        return cls.from_config(config, str(path))
 
     def lookup(self, token: str) -> Source | None:
         given = _digest(token)
@@ -158,8 +171,83 @@ def _source_digest(s: SourceConfig, where: str) -> bytes:
     return _digest(s.token or "")
 
 
+# ---- the sources file's schema: every key, its type and its range (checked before anything is built) -----------
+MAX_QUEUE_CAPACITY = 10_000  # requests waiting at one tier; each holds its body (server.Limits bounds those)
+MAX_SECONDS = 3600.0  # retry_after_s, horizon_s, valid_s: an hour at most (a client must come back, advice expire)
+_NUMBER, _INT, _STR, _BOOL = "number", "integer", "string", "true or false"
+SCHEMA: dict[str, dict[str, tuple[str, float | None, float | None]]] = {  # section -> key -> (type, low, high)
+    "classes": {"name": (_STR, None, None), "weight": (_NUMBER, 1e-6, 1e6), "max_queue": (_INT, 1, MAX_QUEUE_CAPACITY)},
+    "sources": {"name": (_STR, None, None), "priority": (_STR, None, None), "token": (_STR, None, None),
+                "token_env": (_STR, None, None), "token_sha256": (_STR, None, None)},
+    "scheduling": {"policy": (_STR, None, None), "queue_capacity": (_INT, 1, MAX_QUEUE_CAPACITY),
+                   "workers": (_INT, 1, 64), "reserved_workers": (_INT, 0, 63),
+                   "retry_after_s": (_NUMBER, 1e-3, MAX_SECONDS)},
+    "allocation": {"enabled": (_BOOL, None, None), "target_utilization": (_NUMBER, 1e-6, 1.0),
+                   "horizon_s": (_NUMBER, 1e-3, MAX_SECONDS), "smoothing": (_NUMBER, 1e-6, 1.0),
+                   "valid_s": (_NUMBER, 1e-3, MAX_SECONDS)},
+}
+_REQUIRED = {"classes": ("name",), "sources": ("name", "priority")}
+
+
+def sources_file_problems(raw: Any) -> list[str]:
+    """Every problem with the shape of a sources file (unknown keys, wrong types, values out of range,
+    lists of things that are not mappings), all of them; [] when the file can be built."""
+    if not isinstance(raw, dict):
+        return ["the file must hold a mapping with 'classes', 'sources', 'scheduling' and 'allocation'"]
+    problems = [f"unknown config key (section) {_show(k)} (known: {', '.join(SCHEMA)})" for k in raw if k not in SCHEMA]
+    for section, keys in SCHEMA.items():
+        if section not in raw:
+            continue
+        value = raw[section]
+        if section in _REQUIRED:  # lists of entries
+            if not isinstance(value, list):
+                problems.append(f"'{section}' must be a list of mappings, got {_show(value)}")
+                continue
+            for i, item in enumerate(value):
+                problems += _entry_problems(f"{section}[{i}]", item, keys, _REQUIRED[section])
+        else:
+            problems += _entry_problems(section, value, keys, ())
+    return problems
+
+
+def _entry_problems(where: str, item: Any, keys: dict, required: tuple[str, ...]) -> list[str]:
+    if not isinstance(item, dict):
+        return [f"{where} must be a mapping, got {_show(item)}"]
+    problems = [f"{where}: unknown config key {_show(k)} (known: {', '.join(keys)})" for k in item if k not in keys]
+    problems += [f"{where}: '{k}' is required" for k in required if item.get(k) is None]
+    for key, (kind, low, high) in keys.items():
+        value = item.get(key)
+        if value is None:
+            continue
+        if kind == _STR:
+            ok = isinstance(value, str) and value.strip() != "" and len(value) <= 256
+        elif kind == _BOOL:
+            ok = isinstance(value, bool)
+        elif kind == _INT:
+            ok = isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+        else:
+            ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) \
+                and low <= value <= high
+        if not ok:
+            bounds = f" in [{low:g}, {high:g}]" if low is not None else (" of 1..256 characters" if kind == _STR
+                                                                          else "")
+            problems.append(f"{where}.{key} must be a {kind}{bounds}, got {_show(value)}")
+    return problems
+
+
+def _show(value: Any) -> str:
+    return ascii(value)[:60]
+
+
 def check_fleet_config(config: FleetConfig, where: str = "sources") -> None:
     """Every value checked before a server starts; one message per problem, all of them at once."""
+    problems = fleet_problems(config)
+    if problems:
+        raise ConfigError(f"{where}: " + "; ".join(problems), "see docs/fleet.md for the sources file")
+
+
+def fleet_problems(config: FleetConfig) -> list[str]:
+    """What is wrong with a built FleetConfig (names, references, ranges), every problem."""
     problems: list[str] = []
     names = [c.name for c in config.classes]
     if not names:
@@ -193,13 +281,16 @@ def check_fleet_config(config: FleetConfig, where: str = "sources") -> None:
         problems.append(f"scheduling.workers must be in 1..64, got {sc.workers}")
     if not 0 <= sc.reserved_workers < max(1, sc.workers):
         problems.append(f"scheduling.reserved_workers must be in 0..workers-1, got {sc.reserved_workers}")
-    if not sc.retry_after_s > 0:
-        problems.append(f"scheduling.retry_after_s must be > 0, got {sc.retry_after_s}")
+    if not 0 < sc.retry_after_s <= MAX_SECONDS:
+        problems.append(f"scheduling.retry_after_s must be in (0, {MAX_SECONDS:g}], got {sc.retry_after_s}")
+    if sc.queue_capacity > MAX_QUEUE_CAPACITY:
+        problems.append(f"scheduling.queue_capacity must be at most {MAX_QUEUE_CAPACITY}, got {sc.queue_capacity}")
     if not 0 < al.target_utilization <= 1:
         problems.append(f"allocation.target_utilization must be in (0, 1], got {al.target_utilization}")
-    if not al.horizon_s > 0 or not al.valid_s > 0:
-        problems.append("allocation.horizon_s and allocation.valid_s must be > 0")
+    if not 0 < al.horizon_s <= MAX_SECONDS or not 0 < al.valid_s <= MAX_SECONDS:
+        problems.append(f"allocation.horizon_s and allocation.valid_s must be in (0, {MAX_SECONDS:g}]")
     if not 0 < al.smoothing <= 1:
         problems.append(f"allocation.smoothing must be in (0, 1], got {al.smoothing}")
-    if problems:
-        raise ConfigError(f"{where}: " + "; ".join(problems), "see docs/fleet.md for the sources file")
+    if any(not math.isfinite(c.weight) or c.weight > 1e6 for c in config.classes):
+        problems.append("class weights must be finite and at most 1e6")
+    return problems
