@@ -133,6 +133,12 @@ def _open_unit(value: Any) -> str | None:
     return None
 
 
+def _folds(value: Any) -> str | None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0 or value == 1:
+        return f"must be 0 (off) or a number of folds >= 2, got {value!r}"
+    return None
+
+
 def _seed(value: Any) -> str | None:
     if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_SEED:
         return f"must be an integer in [0, {MAX_SEED}], got {value!r}"
@@ -220,6 +226,9 @@ class TrainConfig:
     max_grad_norm: float = setting(1.0, "gradient clipping norm", above(0))
     num_threads: int | None = setting(None, "torch intra-op threads (null: torch's default)", optional(at_least(1)))
     seed: int = setting(42, "seed of initialisation and batch order", _seed)
+    cross_fit: int = setting(0, "K >= 2: after the deployed model, K fold models over the training split give "
+                                "every training row an out-of-fold answer from each exit, used as calibration "
+                                "rows (outputs/oof.safetensors); 0: off", _folds)
     progress: bool = setting(True, "progress bars and one line per epoch")
 
 
@@ -278,6 +287,9 @@ class CalibrationConfig:
                                       "the rest tests them", _open_unit)
     threshold_grid: int = setting(20, "confidence thresholds tried per exit (quantiles of validation "
                                       "confidences)", at_least(1))
+    spare_rows: bool = setting(False, "training rows dropped by data.max_train_samples (never seen by the "
+                                      "model) join validation as calibration rows (outputs/spare.safetensors); "
+                                      "the exit temperatures are then fitted on both")
     prerouter_adequate: float = setting(0.5, "learned pre-router: an exit is adequate for a training sample if "
                                              "it was right in at least this share of epochs", between(0, 1))
 

@@ -8,8 +8,8 @@ copied out (`fold_K.safetensors` in the work folder) and the fold model is delet
 fold it stopped in: finished folds are read back, a half-trained fold resumes from its own checkpoint.
 
 The result file holds the raw logits of all rows in their original order, the fold of each row, the
-temperatures each fold model fitted on its own held-out fold, and (when recorded) each row's per-epoch
-true-label probability; its metadata carry a fingerprint (model, train settings, K, seed, a hash of the
+temperatures each fold model fitted on its own held-out fold, and each row's per-epoch true-label
+probability and correctness (its fold model's held-out dynamics, recorded as validation's are for a run); its metadata carry a fingerprint (model, train settings, K, seed, a hash of the
 rows) so a file made for other rows or another model is refused, never silently reused.
 """
 
@@ -97,6 +97,7 @@ class CrossFit:
     fold_temperatures: np.ndarray  # (K, 3) per fold model, fitted by NLL on its own held-out fold
     fingerprint: dict
     dynamics: np.ndarray | None = None  # (E, N, 3) per-epoch true-label probability (T = 1), if recorded
+    dynamics_correct: np.ndarray | None = None  # (E, N, 3) bool: per epoch, whether the exit was right
 
     def calibrated(self) -> ExitOutputs:
         """The outputs with each row's logits divided by its fold model's temperatures, read at T = 1: each
@@ -112,8 +113,9 @@ class CrossFit:
                    "fold_temperatures": np.asarray(self.fold_temperatures, dtype=np.float64)}
         if o.lengths is not None:
             tensors["lengths"] = o.lengths
-        if self.dynamics is not None:
+        if self.dynamics is not None and self.dynamics_correct is not None:
             tensors["dynamics"] = np.asarray(self.dynamics, dtype=np.float32)
+            tensors["dynamics_correct"] = np.asarray(self.dynamics_correct, dtype=np.uint8)
         meta = {"format_version": str(FORMAT_VERSION), "fingerprint": json.dumps(self.fingerprint, sort_keys=True)}
         write_with(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
@@ -129,7 +131,9 @@ class CrossFit:
                 raise ValueError(f"format {meta.get('format_version')}, expected {FORMAT_VERSION}")
             outputs = ExitOutputs(tensors["logits"], tensors["labels"], tensors["embeddings"],
                                   tensors.get("lengths"), tensors["temperatures"])
-            result = cls(outputs, tensors["folds"], tensors["fold_temperatures"], found, tensors.get("dynamics"))
+            correct = tensors.get("dynamics_correct")
+            result = cls(outputs, tensors["folds"], tensors["fold_temperatures"], found, tensors.get("dynamics"),
+                         None if correct is None else correct.astype(bool))
         except (OSError, SafetensorError, KeyError, ValueError, json.JSONDecodeError) as exc:
             raise ArtifactError(f"{path} is not a valid cross-fit outputs file ({exc})",
                                 "delete it; the next `dimec train` computes it again") from None
@@ -215,10 +219,10 @@ def train_fold(model, enc: Encoded, rest: np.ndarray, held: np.ndarray, train_cf
     run = RunDir(fold_dir)
     outputs = ExitOutputs.load(run.outputs("validation"))  # the kept epoch on the held-out fold
     temperatures = outputs.temperatures.copy()
-    probs, _ = read_dynamics(fold_dir)  # (E, n, 3)
+    probs, correct = read_dynamics(fold_dir)  # (E, n, 3) each
     folds = np.full(len(held), fold, dtype=np.int64)
     raw = outputs.with_temperatures(np.ones(3))
-    return CrossFit(raw, folds, temperatures[None, :], expected, probs)
+    return CrossFit(raw, folds, temperatures[None, :], expected, probs, correct)
 
 
 def assemble(parts: list[CrossFit], folds: np.ndarray, expected: dict) -> CrossFit:
@@ -229,9 +233,10 @@ def assemble(parts: list[CrossFit], folds: np.ndarray, expected: dict) -> CrossF
     labels = np.zeros(n, dtype=np.int64)
     emb = np.zeros((n, first.embeddings.shape[1]), dtype=np.float32)
     lengths = np.zeros(n, dtype=np.int64)
-    epochs = {p.dynamics.shape[0] for p in parts if p.dynamics is not None}
-    dynamics = np.zeros((epochs.pop(), n, 3)) if len(epochs) == 1 and all(
-        p.dynamics is not None for p in parts) else None
+    epochs = {p.dynamics.shape[0] for p in parts if p.dynamics is not None and p.dynamics_correct is not None}
+    complete = len(epochs) == 1 and all(p.dynamics is not None and p.dynamics_correct is not None for p in parts)
+    dynamics = np.zeros((epochs.pop(), n, 3)) if complete else None  # (E, N, 3)
+    correct = np.zeros(dynamics.shape, dtype=bool) if dynamics is not None else None
     temps = np.zeros((len(parts), 3))
     for fold, part in enumerate(parts):
         rows = np.flatnonzero(folds == fold)
@@ -243,9 +248,9 @@ def assemble(parts: list[CrossFit], folds: np.ndarray, expected: dict) -> CrossF
         lengths[rows] = o.lengths if o.lengths is not None else 0
         temps[fold] = part.fold_temperatures[0]
         if dynamics is not None:
-            dynamics[:, rows] = part.dynamics
+            dynamics[:, rows], correct[:, rows] = part.dynamics, part.dynamics_correct
     outputs = ExitOutputs(logits, labels, emb, lengths, np.ones(3))
-    return CrossFit(outputs, folds.astype(np.int64), temps, expected, dynamics)
+    return CrossFit(outputs, folds.astype(np.int64), temps, expected, dynamics, correct)
 
 
 def cross_fit_to(path: Path, work_dir: Path, examples: list[Example], model_config: MultiExitConfig,
