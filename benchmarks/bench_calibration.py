@@ -300,7 +300,7 @@ def stage_gap(args: argparse.Namespace) -> None:
     print(f"wrote {path}")
 
 
-GAP_COMMAND = ("dimec train --config configs/default.yaml --set data.max_train_samples=1000 --set train.epochs=2 "
+GAP_COMMAND = ("dimec train --config configs/default.yaml --set data.max_train_samples=600 --set train.epochs=2 "
                "--set train.num_threads=1 --cross-fit 5 --run-dir runs/crossfit-gap && "
                "python benchmarks/bench_calibration.py --stage gap --run-dir runs/crossfit-gap")
 

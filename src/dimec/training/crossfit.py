@@ -156,7 +156,7 @@ def cross_fit(examples: list[Example], model_config: MultiExitConfig, train_cfg:
               log=print) -> CrossFit:
     """K fold models over `examples`, each trained on K-1 folds (at most `max_train_rows` of them, a
     stratified seeded sample) and predicting the held-out fold. `work_dir` holds the fold files while it
-    runs (resume state) and is removed by the caller once the result is saved (`finish`)."""
+    runs (resume state) and is removed by the caller once the result is saved (`cross_fit_to`)."""
     seed = train_cfg.seed if seed is None else seed
     labels = np.asarray([e.label for e in examples], dtype=np.int64)
     check_folds(k, len(examples))
