@@ -172,6 +172,15 @@ def build_pool_outputs(task: str, out: Path, glue_dir: str, k: int = K, seed: in
     return report
 
 
+def load_pool(out: Path, task: str):
+    """(outputs, folds) of a finished pool: every row's out-of-fold outputs, each fold model's temperatures
+    applied (read at T = 1; `CrossFit.outputs` holds the raw logits), and the (N,) fold ids."""
+    from dimec.training.crossfit import CrossFit
+
+    pool = CrossFit.load(Path(out) / task / "pool.safetensors")
+    return pool.calibrated(), pool.folds
+
+
 def stage_outputs(args: argparse.Namespace) -> None:
     from dimec.errors import DimecError
 
