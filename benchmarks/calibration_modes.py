@@ -140,11 +140,6 @@ SIZES = (500, 1000, 2000, 5000, 10000)
 EPS_PT, DELTA = 0.5, 0.1
 
 
-def load_pool(path):
-    """A pool file of bench_calibration's outputs stage: exit outputs of every row (out of fold)."""
-    return ExitOutputs.load(path)
-
-
 def analyse(pool_dir, tasks, repeats: int = 200, sizes=SIZES, seed: int = 0) -> dict:
     """Per task: the pool's size and exits, the oracle's cut, each candidate count, and `draws` per size."""
     import json
@@ -155,8 +150,10 @@ def analyse(pool_dir, tasks, repeats: int = 200, sizes=SIZES, seed: int = 0) -> 
 
     out = {}
     for task in tasks:
+        from bench_calibration import load_pool
+
         folder = Path(pool_dir) / task
-        pool = load_pool(folder / "pool.safetensors")
+        pool, _ = load_pool(Path(pool_dir), task)
         info = json.loads((folder / "pool.json").read_text()) if (folder / "pool.json").is_file() else {}
         cost_model = CostModel.from_config(CostConfig(), (2, 3, 6))
         start = time.perf_counter()
@@ -166,8 +163,7 @@ def analyse(pool_dir, tasks, repeats: int = 200, sizes=SIZES, seed: int = 0) -> 
                      "exit_accuracy": [float(a) for a in pool.correct.mean(0)],
                      "oracle_cut_pct": float(100 * (1 - m.oracle_cost.mean() / m.cloud_only)),
                      "in_sample_best_cut_pct": in_sample_best(m, EPS_PT),
-                     "pool": {k: info[k] for k in ("source", "train_rows_per_fold", "epochs", "folds", "max_length",
-                                                   "pool_cap", "note") if k in info},
+                     "pool": {k: info[k] for k in ("k", "caps", "rows_before_cap", "model") if k in info},
                      "seconds": round(time.perf_counter() - start, 1), "sizes": result}
         print(f"{task}: {len(pool)} rows, {len(m.families)} candidates, {out[task]['seconds']} s", flush=True)
     return out

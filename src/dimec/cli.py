@@ -18,12 +18,17 @@ def _config_args(p: argparse.ArgumentParser) -> None:
                    help="override one setting, e.g. --set train.epochs=2 (repeatable)")
     p.add_argument("--task", help="shortcut for --set data.task=TASK")
     p.add_argument("--model", help="shortcut for --set model.name_or_path=PATH")
+    p.add_argument("--cross-fit", type=int, metavar="K",
+                   help="shortcut for --set train.cross_fit=K: K fold models give every training row an "
+                        "out-of-fold answer, used as calibration rows (K >= 2; 0: off)")
 
 
 def _run_config(args: argparse.Namespace):
     from dimec.config import load_run_config
 
     overrides = list(args.overrides)
+    if getattr(args, "cross_fit", None) is not None:
+        overrides.insert(0, f"train.cross_fit={args.cross_fit}")
     if getattr(args, "task", None):
         overrides.insert(0, f"data.task={args.task}")
     if getattr(args, "model", None):
@@ -98,9 +103,12 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
     winner = f" (auto chose {s['winner']})" if "winner" in s else ""
     if s.get("what_the_data_can_carry"):
         print(f"what the data can carry: {s['what_the_data_can_carry']['text']}")
+    rows = {k: n for k, n in s.get("calibration_rows", {}).items() if n}
+    where = "validation" if set(rows) <= {"validation"} else \
+        "calibration rows: " + " + ".join(f"{n} {k}" for k, n in rows.items())
     print(f"policy {s['policy']}{winner}: {s['describe']}\n"
           f"target: {s['target']}; {s.get('how', '')}\n"
-          f"on validation ({v['samples']} samples): {v['accuracy_change_pt']['estimate']:+.2f} pt, "
+          f"on {where} ({v['samples']} samples): {v['accuracy_change_pt']['estimate']:+.2f} pt, "
           f"cost {v['cost_change_pct']:+.1f}% against cloud-only; router in {args.run_dir}/router.json")
 
 

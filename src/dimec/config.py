@@ -145,6 +145,12 @@ def device_problem(value: Any) -> str | None:
     return f"must be auto, cpu, cuda, cuda:N or mps; got {value!r}"
 
 
+def _folds(value: Any) -> str | None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0 or value == 1:
+        return f"must be 0 (off) or a number of folds >= 2, got {value!r}"
+    return None
+
+
 def _seed(value: Any) -> str | None:
     if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_SEED:
         return f"must be an integer in [0, {MAX_SEED}], got {value!r}"
@@ -236,6 +242,9 @@ class TrainConfig:
     mixed_precision: str = setting("auto", "auto (bf16 on a GPU that has it, else no), no, bf16, or fp16 (CUDA "
                                    "only, with loss scaling)", one_of(*TRAIN_PRECISIONS))
     seed: int = setting(42, "seed of initialisation and batch order", _seed)
+    cross_fit: int = setting(0, "K >= 2: after the deployed model, K fold models over the training split give "
+                                "every training row an out-of-fold answer from each exit, used as calibration "
+                                "rows (outputs/oof.safetensors); 0: off", _folds)
     progress: bool = setting(True, "progress bars and one line per epoch")
 
 
@@ -297,6 +306,9 @@ class CalibrationConfig:
                                       "the rest tests them", _open_unit)
     threshold_grid: int = setting(20, "confidence thresholds tried per exit (quantiles of validation "
                                       "confidences)", at_least(1))
+    spare_rows: bool = setting(False, "training rows dropped by data.max_train_samples (never seen by the "
+                                      "model) join validation as calibration rows (outputs/spare.safetensors); "
+                                      "the exit temperatures are then fitted on both")
     prerouter_adequate: float = setting(0.5, "learned pre-router: an exit is adequate for a training sample if "
                                              "it was right in at least this share of epochs", between(0, 1))
 

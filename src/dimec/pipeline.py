@@ -1,6 +1,7 @@
 """The stages of a run, each reading and writing one run directory:
 
-    train      -> config.json, data.json, model/, dynamics/epoch_*.jsonl, train_log.jsonl, checkpoint/
+    train      -> config.json, data.json, model/, dynamics/epoch_*.jsonl, train_log.jsonl, checkpoint/,
+                  outputs/oof.safetensors (train.cross_fit), outputs/spare.safetensors (calibration.spare_rows)
     calibrate  -> outputs/validation.safetensors, router.json, calibration.json, data_map.png
     evaluate   -> outputs/test.safetensors, metrics.json
     route      -> tiers and labels for new texts
@@ -11,13 +12,13 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from dimec.atomic import read_json, write_json
+from dimec.atomic import read_json, write_json, write_text
 from dimec.config import CalibrationConfig, CostConfig, RunConfig, TrainConfig
 from dimec.costs import CostModel
 from dimec.data import Example, TaskData, load_task
@@ -32,7 +33,7 @@ from dimec.routing.cascade import target_of
 from dimec.routing.dimec import DimecDynamicRouter, DimecFixedRouter
 from dimec.routing.plan import PlanRouter, plan_text
 from dimec.routing.targets import Target
-from dimec.rundir import CONFIG, MODEL_DIR, SPLITS, RunDir
+from dimec.rundir import CONFIG, MODEL_CONFIG, MODEL_DIR, OOF, SPARE, SPLITS, RunDir
 from dimec.runtime.executor import run_plan
 from dimec.textinput import check_batch
 from dimec.tiers import POOLS, TIERS
@@ -44,6 +45,8 @@ from dimec.training.cartography import (
     plot_data_map,
     read_dynamics,
 )
+from dimec.training.crossfit import CrossFit, check_folds, cross_fit_to, fingerprint
+from dimec.training.temperature import fit_temperatures
 from dimec.training.trainer import TrainResult, new_model, predict_exit_outputs, train
 
 
@@ -101,8 +104,9 @@ def train_stage(cfg: RunConfig, run_dir: Path) -> TrainResult:
     data = task_data(cfg)
     dynamics_of = dynamics_sample(np.array([e.label for e in data.train]), cfg.train.train_dynamics_samples,
                                   cfg.train.seed)  # training rows whose dynamics are recorded
-    config = MultiExitConfig(**asdict(cfg.model), label_names=data.label_names, task=data.name,
-                             metric=data.metric, max_length=cfg.data.max_length)
+    if cfg.train.cross_fit:
+        check_folds(cfg.train.cross_fit, len(data.train), "training rows")
+    config = model_config(cfg, data)
     model = new_model(config, cfg.train.seed)
     positions = getattr(model.encoder.config, "max_position_embeddings", None)
     if positions is not None and cfg.data.max_length > positions:
@@ -116,8 +120,24 @@ def train_stage(cfg: RunConfig, run_dir: Path) -> TrainResult:
     train_enc = encode(model.tokenizer, data.train, cfg.data.max_length)
     val_enc = encode(model.tokenizer, data.validation, cfg.data.max_length)
     result = train(model, train_enc, val_enc, cfg.train, run_dir, dynamics_of)
+    del model
+    if cfg.calibration.spare_rows and data.spare:
+        result.calibration["with_spare_rows"] = refit_temperatures_with_spare(run_dir, cfg, data)
+    if cfg.train.cross_fit:
+        oof = cross_fit_to(RunDir(run_dir).outputs(OOF), RunDir(run_dir).crossfit, data.train,
+                           model_config(cfg, data), cfg.train, cfg.train.cross_fit,
+                           log=print if cfg.train.progress else lambda _: None)
+        result.calibration["cross_fit"] = {"k": cfg.train.cross_fit, "rows": len(oof.outputs),
+                                           "fold_temperatures": oof.fold_temperatures.round(4).tolist(),
+                                           "oof_exit_accuracy": oof.outputs.correct.mean(0).round(4).tolist()}
     write_json(RunDir(run_dir).train_result, asdict(result))
     return result
+
+
+def model_config(cfg: RunConfig, data: TaskData) -> MultiExitConfig:
+    """The untrained model's configuration: the deployed model and every cross-fit fold model start here."""
+    return MultiExitConfig(**asdict(cfg.model), label_names=data.label_names, task=data.name,
+                           metric=data.metric, max_length=cfg.data.max_length)
 
 
 def load_model(run_dir: Path) -> MultiExitModel:
@@ -168,6 +188,113 @@ def split_outputs(run_dir: Path, split: str) -> ExitOutputs:
     outputs = outputs.with_temperatures(temperatures)
     outputs.save(cache)
     return outputs
+
+
+def spare_outputs(run_dir: Path, cfg: RunConfig, data: TaskData | None = None) -> ExitOutputs:
+    """The deployed model's outputs on the training rows data.max_train_samples dropped (rows it never saw),
+    computed once and cached as outputs/spare.safetensors; read at the model's temperatures."""
+    rd = RunDir(run_dir)
+    temperatures = load_model_config(run_dir).exit_temperatures(str(rd.model))
+    if rd.outputs(SPARE).is_file():
+        try:
+            return ExitOutputs.load(rd.outputs(SPARE)).with_temperatures(temperatures)
+        except ArtifactError as exc:
+            print(f"dimec: {exc.message}; recomputing it", flush=True)
+    rows = (data or task_data(cfg)).spare
+    if not rows:
+        raise ConfigError("calibration.spare_rows is on but data.max_train_samples drops no training rows",
+                          "set calibration.spare_rows=false (or cap the training split)")
+    model = load_model(run_dir)
+    outputs = predict_exit_outputs(model, encode(model.tokenizer, rows, cfg.data.max_length),
+                                   cfg.train.eval_batch_size, progress=cfg.train.progress)
+    outputs = outputs.with_temperatures(temperatures)
+    outputs.save(rd.outputs(SPARE))
+    return outputs
+
+
+def refit_temperatures_with_spare(run_dir: Path, cfg: RunConfig, data: TaskData) -> dict:
+    """The deployed model's exit temperatures fitted (NLL) on validation and the spare rows together, saved
+    in its dimec_model.json: more rows, the same unseen-by-the-model kind as validation."""
+    rd = RunDir(run_dir)
+    both = ExitOutputs.concat([split_outputs(run_dir, "validation"), spare_outputs(run_dir, cfg, data)])
+    temperatures = fit_temperatures(both)  # from the raw logits
+    model_cfg = load_model_config(run_dir)
+    model_cfg.temperatures = tuple(float(t) for t in temperatures)
+    write_text(rd.model / MODEL_CONFIG, model_cfg.to_json() + "\n")
+    return {"rows": len(both), "temperatures": [round(float(t), 4) for t in temperatures]}
+
+
+# ---- calibration rows: validation, spare rows, out-of-fold rows -----------------------------------------
+CALIBRATION_SOURCES = ("validation", "spare", "oof")
+
+
+@dataclass
+class CalibrationRows:
+    """The labelled rows everything chosen on data is fitted on, and where each came from."""
+
+    outputs: ExitOutputs  # (N, 3, C); see `calibration_outputs` for how temperatures are carried
+    source: np.ndarray  # (N,) str, one of CALIBRATION_SOURCES
+    fold: np.ndarray  # (N,) int: the fold model that answered an "oof" row (0..K-1), -1 for the deployed model
+
+    @property
+    def n_validation(self) -> int:
+        return int((self.source == "validation").sum())
+
+
+def oof_outputs(run_dir: Path, cfg: RunConfig, data: TaskData | None = None) -> CrossFit:
+    """The cross-fitted outputs train wrote, checked against this run's model, settings and training rows
+    (a file from another model or split is an ArtifactError, exit 2)."""
+    rd = RunDir(run_dir)
+    if not rd.outputs(OOF).is_file():
+        raise ArtifactError(f"{run_dir} has no cross-fitted outputs ({rd.outputs(OOF).relative_to(rd.root)})",
+                            f"run `dimec train --run-dir {run_dir} --cross-fit {cfg.train.cross_fit}` to add them")
+    data = data or task_data(cfg)
+    expected = fingerprint(data.train, model_config(cfg, data), cfg.train, cfg.train.cross_fit, cfg.train.seed)
+    return CrossFit.load(rd.outputs(OOF), expected)
+
+
+def calibration_outputs(run_dir: Path, cfg: RunConfig) -> CalibrationRows:
+    """The calibration rows, in this order: the validation rows FIRST and IN ORDER (validation dynamics,
+    cartography and everything indexed by validation row align with the first `n_validation` rows), then
+    the spare rows (calibration.spare_rows), then the out-of-fold training rows (train.cross_fit = K).
+
+    Temperatures: with validation alone the outputs are `split_outputs(run_dir, "validation")` unchanged.
+    With other rows, each row's logits are divided by its own model's temperatures and the result is read at
+    T = 1 (`temperatures` all ones): the deployed model's rows by the deployed model's (fitted on validation,
+    and on the spare rows when they are used); an out-of-fold row by the deployed model's too, not by its fold
+    model's own: fitted on one fold's few hundred held-out rows those spread widely (0.33 to 1.52 on the
+    measured run) and moved the out-of-fold confidences further from the deployed model's, not closer
+    (docs/routing.md, "Cross-fitted calibration rows"). Call `with_temperatures` on these outputs only to
+    scale further, never to undo a model's temperature.
+
+    Embeddings: an out-of-fold row's routing embedding comes from its fold model's embedding layer (with
+    train.freeze_word_embeddings the word vectors are the deployed model's; positions and LayerNorm differ).
+    Cartography: validation's covers the first `n_validation` rows (`Cartography.rows_of`): DIMEC-DC's pools
+    (and the hybrid that uses them) are fitted on validation alone, and every candidate is scored on all rows.
+
+    Cached files: outputs/validation.safetensors, outputs/spare.safetensors (computed here if missing),
+    outputs/oof.safetensors (written by `dimec train --cross-fit K`; an ArtifactError if missing or made for
+    another model, other settings or other training rows)."""
+    run_dir = Path(run_dir)
+    val = split_outputs(run_dir, "validation")
+    parts, sources, folds = [val], [np.full(len(val), "validation")], [np.full(len(val), -1)]
+    data = task_data(cfg) if (cfg.calibration.spare_rows or cfg.train.cross_fit) else None
+    if cfg.calibration.spare_rows:
+        spare = spare_outputs(run_dir, cfg, data)
+        parts.append(spare)
+        sources.append(np.full(len(spare), "spare"))
+        folds.append(np.full(len(spare), -1))
+    if cfg.train.cross_fit:
+        oof = oof_outputs(run_dir, cfg, data)
+        parts.append(oof.outputs.with_temperatures(val.temperatures))  # the deployed model's (see above)
+        sources.append(np.full(len(oof.folds), "oof"))
+        folds.append(oof.folds)
+    if len(parts) == 1:
+        return CalibrationRows(val, sources[0].astype(object), folds[0].astype(np.int64))
+    scaled = [ExitOutputs(p.logits / p.temperatures[None, :, None], p.labels, p.embeddings, p.lengths, np.ones(3))
+              for p in parts]
+    return CalibrationRows(ExitOutputs.concat(scaled), np.concatenate(sources).astype(object),
+                           np.concatenate(folds).astype(np.int64))
 
 
 def load_cartography(run_dir: Path, cfg: CalibrationConfig) -> Cartography:
@@ -238,17 +365,22 @@ def calibrate_stage(run_dir: Path, cfg: RunConfig | None = None) -> dict:
     if len(carto.confidence) != len(val):
         raise ArtifactError(f"dynamics cover {len(carto.confidence)} samples but validation has {len(val)}",
                             "the run directory mixes two runs: train again in a fresh --run-dir")
+    # the policy is fitted on the calibration rows (validation, then spare and out-of-fold rows when there are
+    # any); the cartography covers their validation prefix: DIMEC-DC's pools and the data map stay on it
+    rows = calibration_outputs(run_dir, cfg)
+    cal, cal_carto = rows.outputs, carto
     train = training_signal(run_dir, cfg)
     if target.budgeted and target.cost_cap(cost_model.cloud_only) < cost_model.tier_costs.min() - 1e-12:
         raise ConfigError(f"a mean cost of {target.cost_cap(cost_model.cloud_only):.4g} is below mobile-only's "
                           f"{cost_model.tier_costs.min():.4g}: no policy is that cheap",
                           "raise --budget (mobile-only is the cheapest policy)")
-    policy = servable_policy(c.policy).from_config(c).fit(val, cost_model, carto, train)
+    policy = servable_policy(c.policy).from_config(c).fit(cal, cost_model, cal_carto, train)
     paper = DimecFixedRouter.from_config(c).fit(val, cost_model, carto)
-    val_scores = evaluate_methods({"cloud-only": make_router("cloud-only"), c.policy: policy}, val, cost_model,
+    val_scores = evaluate_methods({"cloud-only": make_router("cloud-only"), c.policy: policy}, cal, cost_model,
                                   "accuracy", resamples=500)[1]
     report = {"policy": c.policy, "describe": policy.describe(), "target": target.describe(),
-              "validation": {"samples": len(val), "accuracy_change_pt": val_scores.accuracy_change_pt.to_dict(),
+              "calibration_rows": {s: int((rows.source == s).sum()) for s in CALIBRATION_SOURCES},
+              "validation": {"samples": len(cal), "accuracy_change_pt": val_scores.accuracy_change_pt.to_dict(),
                              "cost_change_pct": val_scores.cost_change_pct,
                              "tier_shares": list(val_scores.tier_shares)},
               "training_signal": None if train is None else len(train.lengths)}

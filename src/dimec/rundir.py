@@ -8,6 +8,12 @@
     train_log.jsonl, train_result.json, checkpoint/   progress, result and resume state (train)
     outputs/{split}.safetensors    every exit's logits, temperatures and the routing embeddings (train writes
                                    validation's; calibrate/evaluate compute what is missing)
+    outputs/oof.safetensors        out-of-fold outputs of every training row, with fold ids and each fold
+                                   model's temperatures (train, with train.cross_fit = K)
+    outputs/spare.safetensors      the deployed model's outputs on the training rows data.max_train_samples
+                                   dropped (train or calibrate, with calibration.spare_rows)
+    crossfit/                      the cross-fit's resume state while it runs: fold_N.safetensors per finished
+                                   fold, fold_N/ for the fold in training (removed once oof is written)
     router.json, calibration.json, data_map.png       the fitted routers and their report (calibrate)
     metrics.json                   test-split results (evaluate)
     packages/{tier}/               per-tier deployables (export)
@@ -32,6 +38,9 @@ CHECKPOINT_DIR = "checkpoint"
 TRAIN_LOG = "train_log.jsonl"
 TRAIN_RESULT = "train_result.json"
 OUTPUTS_DIR = "outputs"
+OOF = "oof"  # outputs/oof.safetensors: cross-fitted rows (not a split: RunDir.outputs(OOF))
+SPARE = "spare"  # outputs/spare.safetensors: training rows the cap dropped
+CROSSFIT_DIR = "crossfit"
 ROUTER = "router.json"
 CALIBRATION = "calibration.json"
 DATA_MAP = "data_map.png"
@@ -85,6 +94,10 @@ class RunDir:
 
     def outputs(self, split: str) -> Path:
         return self.root / OUTPUTS_DIR / f"{split}.safetensors"
+
+    @property
+    def crossfit(self) -> Path:
+        return self.root / CROSSFIT_DIR
 
     @property
     def router(self) -> Path:

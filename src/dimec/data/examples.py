@@ -31,6 +31,7 @@ class TaskData:
     validation: list[Example]
     test: list[Example]
     skipped_rows: int = 0  # malformed rows dropped while reading (QQP only)
+    spare: list[Example] = field(default_factory=list)  # training rows data.max_train_samples dropped
 
     @property
     def is_pair(self) -> bool:

@@ -25,25 +25,27 @@ def split_task(raw: RawTask, cfg: DataConfig) -> TaskData:
                               cfg.max_samples)
     else:
         splits = own_split(raw, cfg.seed, cfg.max_samples)
-    splits = cap_splits(splits, cfg)
+    splits, spare = cap_splits(splits, cfg)
     for name, rows in zip(SPLIT_NAMES, splits, strict=True):
         if not rows:
             raise DataError(f"the {name} split of task {raw.name!r} is empty",
                             "use more rows (data.max_samples) or other data.split_ratios")
-    return TaskData(raw.name, list(raw.label_names), raw.metric, *splits, skipped_rows=raw.skipped_rows)
+    return TaskData(raw.name, list(raw.label_names), raw.metric, *splits, skipped_rows=raw.skipped_rows, spare=spare)
 
 
 def cap_splits(splits: tuple[list[Example], list[Example], list[Example]], cfg: DataConfig
-               ) -> tuple[list[Example], list[Example], list[Example]]:
+               ) -> tuple[tuple[list[Example], list[Example], list[Example]], list[Example]]:
     """data.max_train_samples caps the training split alone, data.max_eval_samples validation and test each:
-    training rows cost CPU time, evaluation rows are cheap and make every threshold and interval tighter."""
+    training rows cost CPU time, evaluation rows are cheap and make every threshold and interval tighter.
+    Returns the splits and the training rows the cap dropped (labelled rows no model sees: "spare" rows)."""
     train, validation, test = splits
+    spare: list[Example] = []
     if cfg.max_train_samples is not None:
-        train = stratified_sample(train, cfg.max_train_samples, cfg.seed)
+        train, spare = stratified_partition(train, cfg.max_train_samples, cfg.seed)
     if cfg.max_eval_samples is not None:
         validation = stratified_sample(validation, cfg.max_eval_samples, cfg.seed)
         test = stratified_sample(test, cfg.max_eval_samples, cfg.seed)
-    return train, validation, test
+    return (train, validation, test), spare
 
 
 def pooled_split(pool: list[Example], ratios: tuple[float, float, float], seed: int,
@@ -103,15 +105,21 @@ def stratified_split(rows: list[Example], n_second: int, seed: int, what: str
 
 def stratified_sample(rows: list[Example], n: int, seed: int) -> list[Example]:
     """A seeded, label-stratified sample of `n` rows, kept in their original order."""
+    return stratified_partition(rows, n, seed)[0]
+
+
+def stratified_partition(rows: list[Example], n: int, seed: int) -> tuple[list[Example], list[Example]]:
+    """`stratified_sample`'s `n` rows and the rows it leaves out, each in their original order."""
     if n >= len(rows):
-        return rows
+        return rows, []
     try:
         keep, _ = train_test_split(list(range(len(rows))), train_size=n, stratify=[e.label for e in rows],
                                    random_state=seed)
     except ValueError as exc:
         raise DataError(f"cannot take a stratified sample of {n} of {len(rows)} rows "
                         f"(rows per label id: {label_distribution(rows)}): {exc}", _STRATIFY_HINT) from None
-    return [rows[i] for i in sorted(keep)]
+    kept = set(keep)
+    return [rows[i] for i in sorted(kept)], [rows[i] for i in range(len(rows)) if i not in kept]
 
 
 def _cap_parts(parts: dict[str, list[Example]], max_samples: int, seed: int) -> dict[str, list[Example]]:

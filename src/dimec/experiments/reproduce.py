@@ -286,6 +286,9 @@ def add_reproduce_arguments(parser: argparse.ArgumentParser) -> argparse.Argumen
     parser.add_argument("--methods", default=None, help=f"comma list (default all: {','.join(METHODS)})")
     parser.add_argument("--multipliers", default=",".join(f"{m:g}" for m in MULTIPLIERS),
                         help="cost multipliers for the ablations (comma list)")
+    parser.add_argument("--cross-fit", type=int, default=None, metavar="K",
+                        help="K fold models per task give every training row an out-of-fold answer "
+                             "(outputs/oof.safetensors; shortcut for --set train.cross_fit=K)")
     parser.add_argument("--config", help="YAML/JSON base config (its data.task is replaced per task; an optional "
                         "tasks: section holds per-task settings, which win over the base and --epochs, not --set)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
@@ -309,7 +312,8 @@ def with_train_cap(cfg: RunConfig, max_train_samples: int) -> RunConfig:
 
 
 def main_reproduce(args: argparse.Namespace) -> None:
-    cfg, task_settings = load_reproduce_config(args.config, list(args.overrides), args.epochs)
+    cross_fit = [] if args.cross_fit is None else [f"train.cross_fit={args.cross_fit}"]
+    cfg, task_settings = load_reproduce_config(args.config, cross_fit + list(args.overrides), args.epochs)
     meta = {}
     if args.max_train_samples is not None:
         cfg = with_train_cap(cfg, args.max_train_samples)

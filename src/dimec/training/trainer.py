@@ -25,7 +25,7 @@ from dimec.devices import autocast, grad_scaler, resolve_device, resolve_trainin
 from dimec.modeling import hf_adapter
 from dimec.modeling.multi_exit import MultiExitConfig, MultiExitModel
 from dimec.outputs import ExitOutputs
-from dimec.rundir import RunDir
+from dimec.rundir import SPARE, RunDir
 from dimec.training.batching import Encoded, collate, eval_batches, train_batches
 from dimec.training.cartography import prune_dynamics, write_epoch_dynamics
 from dimec.training.checkpoint import TrainState, load_checkpoint, save_checkpoint
@@ -295,7 +295,7 @@ def calibrate_kept_model(run: RunDir, val_enc: Encoded, cfg: TrainConfig, device
     temperatures = fit_temperatures(raw)
     model.config.temperatures = tuple(float(t) for t in temperatures)
     model.save_config(run.model)
-    for split in ("validation", "test", "train"):
-        run.outputs(split).unlink(missing_ok=True)  # computed by an older model, if any
+    for split in ("validation", "test", "train", SPARE):
+        run.outputs(split).unlink(missing_ok=True)  # computed by an older model, if any (not oof: fold models')
     raw.with_temperatures(temperatures).save(run.outputs("validation"))
     return calibration_report(raw, temperatures) | {"split": "validation"}
