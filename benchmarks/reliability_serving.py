@@ -33,7 +33,7 @@ def rss_mb(pid: int) -> float:
 
 # ---- continuation bodies and ids against a real edge -> cloud pair ------------------------------------------------
 def _valid_body(model, rng: random.Random, n: int = 2) -> tuple[dict, bytes]:
-    from dimec.serving import wire
+    from dimec.runtime import wire
 
     batch = model.encode(["good movie", "the plot was dull and the acting weak"][:n])
     hidden = model.start(batch)
@@ -89,7 +89,7 @@ def continuation_fuzz(urls: dict[str, str], model, count: int, seed: int) -> dic
     request from another source must get a non-fallback answer."""
     import httpx
 
-    from dimec.serving import wire
+    from dimec.runtime import wire
 
     rng = random.Random(seed)
     out = {"cases": 0, "statuses": {}, "server_5xx": 0, "connection_errors": 0, "other_source_changed": 0}
@@ -303,10 +303,10 @@ def memory_attacks(packages: dict[str, Path], connections: int, concurrent: int)
     (2) `concurrent` authenticated clients each sending max-size continuation bodies at once. The cloud's
     RSS is sampled every 50 ms; the bound is the server's in-flight limit (32 MB in all, 16 MB per source)."""
     import httpx
-    from dimec.serving.local import ProcessServer
-    from dimec.serving.tier import TierModel
 
-    from dimec.serving import wire
+    from dimec.runtime import wire
+    from dimec.runtime.tier import TierModel
+    from dimec.serving.deploy.local import ProcessServer
 
     model = TierModel(packages["cloud"])
     out: dict = {}
@@ -392,8 +392,8 @@ def memory_attacks(packages: dict[str, Path], connections: int, concurrent: int)
 
 def run_all(packages: dict[str, Path], run: Path, work: Path, cases: int, seed: int, log=print) -> dict:
     """Every surface of issue 17; `cases` scales the counts (the smoke run uses a handful)."""
-    from dimec.serving.local import ProcessServer
-    from dimec.serving.tier import TierModel
+    from dimec.runtime.tier import TierModel
+    from dimec.serving.deploy.local import ProcessServer
 
     sources = work / "bench-sources.json"
     sources.write_text(json.dumps({

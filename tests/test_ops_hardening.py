@@ -53,7 +53,7 @@ def test_sources_file_problems_are_all_reported_with_exit_2(capsys, tmp_path, ch
 
 
 def test_a_good_sources_file_still_loads(tmp_path):
-    from dimec.serving.sources import SourceTable
+    from dimec.serving.servers.sources import SourceTable
 
     path = tmp_path / "fleet.json"
     path.write_text(json.dumps({**GOOD_SOURCES, "scheduling": {"retry_after_s": 2, "queue_capacity": 64}}))

@@ -12,14 +12,14 @@ import pytest
 
 pytest.importorskip("fastapi")
 
-from dimec.serving.client import HttpRemote, Timeouts  # noqa: E402
-from dimec.serving.export import export_packages  # noqa: E402
-from dimec.serving.local import ThreadServer  # noqa: E402
-from dimec.serving.server import create_app  # noqa: E402
-from dimec.serving.tier import TierModel  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 
-from dimec.serving import wire  # noqa: E402
+from dimec.runtime import wire  # noqa: E402
+from dimec.runtime.tier import TierModel  # noqa: E402
+from dimec.serving.deploy.export import export_packages  # noqa: E402
+from dimec.serving.deploy.local import ThreadServer  # noqa: E402
+from dimec.serving.phone.client import HttpRemote, Timeouts  # noqa: E402
+from dimec.serving.servers.server import create_app  # noqa: E402
 
 TOKEN = "hardening-17-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -196,9 +196,8 @@ def test_one_callers_ids_never_change_another_callers_answer(edge_with_slow_cool
 
 
 def test_mobile_client_refuses_bad_ids_clearly(models, servers):
-    from dimec.serving.client import MobileClient
-
     from dimec.errors import DataError
+    from dimec.serving.phone.client import MobileClient
 
     with MobileClient(models["mobile"], servers["edge"].url, servers["cloud"].url, TOKEN,
                       routing="cloud-only") as client:
@@ -297,7 +296,7 @@ def fake_edge():
 
 @pytest.mark.parametrize("name", list(BAD_EDGE_ANSWERS))
 def test_a_misbehaving_edge_costs_a_fallback(models, servers, fake_edge, name):
-    from dimec.serving.client import MobileClient
+    from dimec.serving.phone.client import MobileClient
 
     fake_edge.answer = lambda ids: _edge_answer(ids, **BAD_EDGE_ANSWERS[name])
     with MobileClient(models["mobile"], fake_edge.url, servers["cloud"].url, TOKEN, Timeouts(1.0, 5.0), retries=0,
@@ -310,7 +309,7 @@ def test_a_misbehaving_edge_costs_a_fallback(models, servers, fake_edge, name):
 
 
 def test_a_good_fake_edge_answers(models, servers, fake_edge):
-    from dimec.serving.client import MobileClient
+    from dimec.serving.phone.client import MobileClient
 
     fake_edge.answer = lambda ids: _edge_answer(ids)
     with MobileClient(models["mobile"], fake_edge.url, servers["cloud"].url, TOKEN, retries=0,
@@ -322,7 +321,7 @@ def test_a_good_fake_edge_answers(models, servers, fake_edge):
 def test_a_dripping_edge_cannot_hold_a_call_past_its_deadline(models, servers, fake_edge):
     import time
 
-    from dimec.serving.client import MobileClient
+    from dimec.serving.phone.client import MobileClient
 
     fake_edge.answer, fake_edge.drip_s = (lambda ids: _edge_answer(ids)), 0.3  # ~300 bytes: 90 s in all
     with MobileClient(models["mobile"], fake_edge.url, servers["cloud"].url, TOKEN, Timeouts(1.0, 2.0, total_s=3.0),
@@ -339,11 +338,10 @@ def mobile_with_plan(packages, tmp_path, plan_json):
     """A copy of the mobile package whose router.json serves one plan (a cascade router)."""
     import shutil
 
-    from dimec.serving.package import ROUTER_FILE, read_manifest, write_manifest
-
     from dimec.config import CostConfig
     from dimec.costs import CostModel
     from dimec.routing.base import make_router, save_router
+    from dimec.runtime.package import ROUTER_FILE, read_manifest, write_manifest
 
     directory = tmp_path / "mobile"
     shutil.copytree(packages["mobile"], directory)
@@ -362,8 +360,8 @@ def mobile_with_plan(packages, tmp_path, plan_json):
     [["mobile", 0, 1.01], ["edge", 1, 1.01], ["cloud", 2, None]],  # a hidden state via the edge
 ])
 def test_a_zero_cloud_budget_keeps_every_text_off_the_cloud(packages, servers, tmp_path, plan):
-    from dimec.serving.client import MobileClient
-    from dimec.serving.constraints import CloudBudget, FleetPolicy
+    from dimec.serving.phone.client import MobileClient
+    from dimec.serving.phone.constraints import CloudBudget, FleetPolicy
 
     budget = CloudBudget(0.0, 3600.0, 0.001)
     with MobileClient(mobile_with_plan(packages, tmp_path, plan), servers["edge"].url, servers["cloud"].url, TOKEN,
@@ -375,8 +373,8 @@ def test_a_zero_cloud_budget_keeps_every_text_off_the_cloud(packages, servers, t
 
 
 def test_a_budget_allows_the_cloud_via_the_edge_and_books_it(packages, servers, tmp_path):
-    from dimec.serving.client import MobileClient
-    from dimec.serving.constraints import CloudBudget, FleetPolicy
+    from dimec.serving.phone.client import MobileClient
+    from dimec.serving.phone.constraints import CloudBudget, FleetPolicy
 
     budget = CloudBudget(0.003, 3600.0, 0.001)  # three texts
     with MobileClient(mobile_with_plan(packages, tmp_path, [["edge", 1, 1.01], ["cloud", 2, None]]),
@@ -390,7 +388,7 @@ def test_a_budget_allows_the_cloud_via_the_edge_and_books_it(packages, servers, 
 def test_a_refund_never_outlives_its_charge():
     import time
 
-    from dimec.serving.constraints import CloudBudget
+    from dimec.serving.phone.constraints import CloudBudget
 
     budget = CloudBudget(0.001, 0.3, 0.001)  # one text per 0.3 s
     booked = budget.reserve(1)
@@ -418,9 +416,8 @@ def test_a_wrong_cloud_token_is_a_fallback_with_a_reason_not_a_500(models, serve
 
 
 def test_serve_checks_the_cloud_link_at_start_up(servers, tmp_path, capsys):
-    from dimec.serving.local import free_port
-
     from dimec.cli import main
+    from dimec.serving.deploy.local import free_port
 
     sources = tmp_path / "fleet.json"
     sources.write_text(json.dumps({"classes": [{"name": "high"}],
@@ -461,7 +458,7 @@ def _status(sock, timeout: float = 5.0) -> int | None:
 
 @pytest.fixture()
 def bounded_server(models):
-    from dimec.serving.server import Limits
+    from dimec.serving.servers.server import Limits
 
     limits = Limits(max_hidden_bytes=1_000_000, max_inflight_bytes=3_000_000, max_source_inflight_bytes=2_000_000)
     server = ThreadServer(create_app(None, "cloud", TOKEN, limits, model=models["cloud"])).start()
@@ -502,9 +499,8 @@ def test_in_flight_bytes_are_bounded_per_source(bounded_server, models):
 
 
 def test_limits_state_a_consistent_bound():
-    from dimec.serving.server import Limits
-
     from dimec.errors import ConfigError
+    from dimec.serving.servers.server import Limits
 
     with pytest.raises(ConfigError):
         Limits(max_hidden_bytes=8_000_000, max_source_inflight_bytes=4_000_000)  # one body could never fit
@@ -536,9 +532,9 @@ def test_a_request_whose_client_left_while_queued_is_not_run(models):
     import time
 
     import httpx
-    from dimec.serving.sources import FleetConfig, SourceTable
 
     from dimec.config import build_config
+    from dimec.serving.servers.sources import FleetConfig, SourceTable
 
     table = SourceTable.from_config(build_config(FleetConfig, {
         "classes": [{"name": "high"}], "sources": [{"name": "a", "token": TOKEN, "priority": "high"}],
