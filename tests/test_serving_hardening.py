@@ -256,8 +256,11 @@ class FakeEdge:
 
 
 def _edge_answer(ids, **change):
-    answer = {"tier": "edge", "exit_layer": 2, "label_names": ["neg", "pos"], "ids": ids, "labels": ["pos"] * len(ids),
-              "label_ids": [1] * len(ids), "probs": [[0.25, 0.75]] * len(ids), "compute_ms": 1.0, "queue_ms": 0.0,
+    n = len(ids)  # the one answer shape of every tier (a PlanAnswer)
+    answer = {"tier": "edge", "label_names": ["neg", "pos"], "ids": ids, "labels": ["pos"] * n,
+              "label_ids": [1] * n, "probs": [[0.25, 0.75]] * n, "tiers": ["edge"] * n, "exits": [1] * n,
+              "exit_layers": [2] * n, "fallback": [False] * n, "errors": [], "compute_ms": 1.0, "forward_ms": 0.0,
+              "queue_ms": 0.0,
               "advice": {"class": "default", "keep_fraction": 0.0, "valid_s": 2.0, "capacity_texts_per_s": None,
                          "expected_wait_ms": 0.0}}
     for key, value in change.items():
@@ -275,7 +278,7 @@ BAD_EDGE_ANSWERS = {
     "expected_wait_ms x": {"advice.expected_wait_ms": "x"},
     "advice a list": {"advice": [1]},
     "queue_ms x": {"queue_ms": "x"},
-    "exit_layer three": {"exit_layer": "three"},
+    "tiers moon": {"tiers": ["moon"]},
     "exits 7": {"tiers": ["edge"], "exits": [7], "exit_layers": [2], "fallback": [False]},
     "exit_layers x": {"tiers": ["edge"], "exits": [1], "exit_layers": ["x"], "fallback": [False]},
     "fallback 3": {"tiers": ["edge"], "exits": [1], "exit_layers": [2], "fallback": [3]},
@@ -518,12 +521,12 @@ class CountingSlowModel:
     def __getattr__(self, name):
         return getattr(self._model, name)
 
-    def classify(self, texts, pairs=None):
+    def start(self, batch):  # every request runs as a plan: its forward pass begins here
         import time
 
         self.calls += 1
         time.sleep(self.delay_s)
-        return self._model.classify(texts, pairs)
+        return self._model.start(batch)
 
 
 def test_a_request_whose_client_left_while_queued_is_not_run(models):

@@ -306,9 +306,9 @@ class CalibrationConfig:
                                       "the rest tests them", _open_unit)
     threshold_grid: int = setting(20, "confidence thresholds tried per exit (quantiles of validation "
                                       "confidences)", at_least(1))
-    spare_rows: bool = setting(False, "training rows dropped by data.max_train_samples (never seen by the "
+    spare_rows: bool = setting(True, "training rows dropped by data.max_train_samples (never seen by the "
                                       "model) join validation as calibration rows (outputs/spare.safetensors); "
-                                      "the exit temperatures are then fitted on both")
+                                      "the exit temperatures are then fitted on both (none when no cap drops rows)")
     prerouter_adequate: float = setting(0.5, "learned pre-router: an exit is adequate for a training sample if "
                                              "it was right in at least this share of epochs", between(0, 1))
 

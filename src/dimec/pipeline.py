@@ -279,7 +279,7 @@ def calibration_outputs(run_dir: Path, cfg: RunConfig) -> CalibrationRows:
     val = split_outputs(run_dir, "validation")
     parts, sources, folds = [val], [np.full(len(val), "validation")], [np.full(len(val), -1)]
     data = task_data(cfg) if (cfg.calibration.spare_rows or cfg.train.cross_fit) else None
-    if cfg.calibration.spare_rows:
+    if cfg.calibration.spare_rows and data.spare:  # none when no cap dropped any: validation alone
         spare = spare_outputs(run_dir, cfg, data)
         parts.append(spare)
         sources.append(np.full(len(spare), "spare"))
