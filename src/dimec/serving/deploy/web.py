@@ -56,7 +56,7 @@ class WebConfig:
 
 def default_dist() -> Path:
     """web/dist of the source tree this module belongs to (an editable install)."""
-    return Path(__file__).resolve().parents[3] / "web" / "dist"
+    return Path(__file__).resolve().parents[4] / "web" / "dist"
 
 
 class SessionTokens:
