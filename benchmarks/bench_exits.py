@@ -28,10 +28,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report import save  # noqa: E402
 
 from dimec.config import RunConfig, apply_overrides  # noqa: E402
-from dimec.experiments.reproduce import _same_training, load_reproduce_config, task_config, with_train_cap  # noqa: E402
+from dimec.experiments.reproduce import load_reproduce_config, task_config, with_train_cap  # noqa: E402
 from dimec.metrics import compute_metrics, ece_noise_floor  # noqa: E402
 from dimec.modeling.multi_exit import MultiExitConfig  # noqa: E402
-from dimec.pipeline import load_run_config, split_outputs, train_stage  # noqa: E402
+from dimec.pipeline import (  # noqa: E402
+    load_run_config,
+    split_outputs,
+    train_stage,
+    training_differences,  # noqa: E402
+)
 from dimec.rundir import RunDir  # noqa: E402
 from dimec.tiers import TIERS  # noqa: E402
 from dimec.training.temperature import calibration_report  # noqa: E402
@@ -53,7 +58,7 @@ def variant_configs(base: RunConfig, distill: list[str]) -> dict[str, RunConfig]
 
 def train_or_reuse(cfg: RunConfig, run_dir: Path) -> bool:
     """Train unless a finished run with the same training settings is there; returns whether it was reused."""
-    if RunDir(run_dir).train_result.is_file() and _same_training(load_run_config(run_dir), cfg):
+    if RunDir(run_dir).train_result.is_file() and not training_differences(load_run_config(run_dir), cfg):
         return True
     t0 = time.perf_counter()
     train_stage(cfg, run_dir)
@@ -188,7 +193,7 @@ def main() -> None:
     for task in args.tasks.split(","):
         tasks[task] = {}
         for variant, cfg in variant_configs(task_config(base, task, task_settings), distill).items():
-            as_configured = _same_training(cfg, task_config(base, task, task_settings))
+            as_configured = not training_differences(cfg, task_config(base, task, task_settings))
             run_dir = out / ("runs" if as_configured else f"runs-{variant}") / task
             print(f"{task} / {variant}: {run_dir}", flush=True)
             if train_or_reuse(cfg, run_dir):

@@ -230,6 +230,14 @@ def render(data: dict) -> str:
         lines += [markdown_table(["calibration rows", "mode", "mean loss (pt)", "p90 loss (pt)", "violation share",
                                   "mean cut (%)", "oracle share", f"mean <= {eps:g}"], rows, "llrrrrrl"), ""]
     lines += ["### Which mode keeps the promise", "", data["verdict"], ""]
+    job = data.get("default_job")
+    if job:  # the default job's own model, calibrated under each mode on the same rows, scored on its test split
+        lines += ["### The default job (`make run`'s model) under each mode", "",
+                  f"Calibration rows: {job['calibration_rows']}; test rows {job['test_rows']}. `dimec calibrate` "
+                  f"first says: \"{job['what_the_data_can_carry']}\".", ""]
+        lines += [markdown_table(["mode", "test Δacc (pt) [95% CI]", "cost vs cloud-only (%)"],
+                                 [[m, f"{v['delta_acc_pt']:+.2f} [{v['ci'][0]:+.2f}, {v['ci'][1]:+.2f}]",
+                                   f"{v['cost_change_pct']:+.1f}"] for m, v in job["modes"].items()]), ""]
     return "\n".join(lines)
 
 

@@ -24,8 +24,8 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 NOTES = HERE / "notes"
 BENCHMARKS = HERE.parent / "BENCHMARKS.md"
-SECTIONS = ("routing", "reproduce", "exits", "serving", "batching", "fleet", "drift", "reliability", "core",
-            "training", "gpu")
+SECTIONS = ("calibration", "routing", "reproduce", "exits", "serving", "batching", "fleet", "drift", "reliability",
+            "core", "training", "gpu", "web")
 HEADER = """# Benchmarks
 
 Figures measured by the scripts in `benchmarks/`. Each section is rendered from the committed results file
@@ -65,8 +65,13 @@ def section(name: str) -> str:
 
 def render_all() -> None:
     names = [n for n in SECTIONS if (RESULTS / f"{n}.json").is_file()]
-    names += sorted(p.stem for p in RESULTS.glob("*.json") if p.stem not in SECTIONS)
+    names += sorted(p.stem for p in RESULTS.glob("*.json") if p.stem not in SECTIONS and _is_section(p))
     BENCHMARKS.write_text(HEADER + "".join("\n" + section(n) for n in names))
+
+
+def _is_section(path: Path) -> bool:
+    """A results file that renders as a section (saved by `save`); raw measurements a section cites are not."""
+    return "script" in json.loads(path.read_text())
 
 
 def markdown_table(header: list[str], rows: list[list[Any]], align: str | None = None) -> str:
