@@ -40,6 +40,7 @@ GOOD_SOURCES = {"classes": [{"name": "high"}, {"name": "low"}],
       "allocation": {"enabled": "yes", "horizon_s": -1}},
      ["classes[0].weight", "classes[1] must be a mapping", "retry_after_s", "enabled", "horizon_s"]),
     ({"scheduling": [1, 2]}, ["scheduling must be a mapping"]),
+    ({"scheduling": {"retry_after_s": 10**400}}, ["retry_after_s"]),  # a huge YAML integer: no OverflowError
 ])
 def test_sources_file_problems_are_all_reported_with_exit_2(capsys, tmp_path, change, expected):
     import yaml
@@ -210,6 +211,9 @@ ROUTE_TAMPERING = {
     "temperatures -1": lambda run: _tamper_temperatures(run, [-1, -1, -1]),
     "temperatures inf": lambda run: _tamper_temperatures(run, [float("inf")] * 3),
     "temperatures short": lambda run: _tamper_temperatures(run, [1.0]),
+    "temperatures huge": lambda run: _tamper_temperatures(run, [10**400] * 3),
+    "threshold huge": lambda run: _tamper_router(run, lambda s: s.update(plans=[[["edge", 1, 10**400],
+                                                                                   ["cloud", 2, None]]])),
 }
 
 
@@ -253,6 +257,7 @@ PLAN_CASES = {
     "profile inf": ({**PROFILE, "o_c_ms": float("inf")}, None, []),
     "profile hidden factor NaN": ({**PROFILE, "hidden_state_factor": float("nan")}, None, []),
     "profile deep": ("[" * 100_000 + "]" * 100_000, None, []),
+    "profile huge": ({**PROFILE, "o_c_ms": 10**400}, None, []),
     "cloud price inf": (PROFILE, None, ["--cloud-price", "inf"]),
     "edge price NaN": (PROFILE, None, ["--edge-price", "nan"]),
     "no policies": (PROFILE, {"policies": []}, []),

@@ -150,7 +150,7 @@ def read_profile(path: str | Path, what: str = "cost profile") -> dict[str, floa
             ms["hidden_state_factor"] = float(raw["hidden_state_factor"])
     except KeyError as exc:
         raise ConfigError(f"{what} {path} lacks {exc.args[0]}", "run `dimec profile RUN_DIR` again") from None
-    except (OSError, UnicodeDecodeError, ValueError, TypeError, AttributeError, RecursionError) as exc:
+    except (OSError, UnicodeDecodeError, ValueError, TypeError, AttributeError, RecursionError, OverflowError) as exc:
         raise ConfigError(f"{what} {path} is damaged ({type(exc).__name__}: {str(exc)[:200]})",
                           "run `dimec profile RUN_DIR` again") from None
     if not all(math.isfinite(v) and v >= 0 for v in ms.values()) or ms["lambda_e_ms"] <= 0:

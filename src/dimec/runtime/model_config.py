@@ -66,7 +66,7 @@ class MultiExitConfig(ModelConfig):
         if self.temperatures is not None:  # three finite numbers > 0: T <= 0 flips every confidence, NaN breaks it
             try:
                 temperatures = np.asarray(self.temperatures, dtype=np.float64)
-            except (TypeError, ValueError):
+            except (TypeError, ValueError, OverflowError):
                 temperatures = np.empty(0)
             if temperatures.shape != (3,) or not np.isfinite(temperatures).all() or not (temperatures > 0).all():
                 raise ArtifactError(f"{where or 'this model'}: exit temperatures must be three finite numbers > 0, "

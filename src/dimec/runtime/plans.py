@@ -46,7 +46,11 @@ class Stage:
     @classmethod
     def from_list(cls, raw: list) -> Stage:
         tier, exit_index, threshold = raw
-        return cls(TIERS.index(tier), int(exit_index), None if threshold is None else float(threshold))
+        try:  # a stored threshold: a number (inf: never answer here), or null for the last stage
+            value = None if threshold is None else float(threshold)
+        except (TypeError, ValueError, OverflowError):
+            raise ConfigError(f"a plan threshold must be a number or null, got {ascii(threshold)[:40]}") from None
+        return cls(TIERS.index(tier), int(exit_index), value)
 
 
 Plan = tuple[Stage, ...]

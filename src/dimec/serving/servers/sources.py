@@ -226,8 +226,8 @@ def _entry_problems(where: str, item: Any, keys: dict, required: tuple[str, ...]
         elif kind == _INT:
             ok = isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
         else:
-            ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) \
-                and low <= value <= high
+            ok = isinstance(value, int | float) and not isinstance(value, bool) and low <= value <= high \
+                and math.isfinite(value)  # bounds first: a huge YAML integer overflows isfinite's float
         if not ok:
             bounds = f" in [{low:g}, {high:g}]" if low is not None else (" of 1..256 characters" if kind == _STR
                                                                           else "")
