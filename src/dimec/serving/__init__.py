@@ -10,6 +10,11 @@ dimec/runtime/ (torch-free, below routing; the phone needs nothing else of dimec
 - package:      the tier package format (manifest with sha256 and the model identity); finding a package
 - tier:         TierModel, the one class that loads a package and runs its layers (torch or onnxruntime)
 - wire:         the hidden-state body of continuation requests (safetensors, fp16)
+- validate:     the request-id rule and the checks of a tier's answer (shared by the servers and the phone)
+
+serving/live/         live loss control (docs/live-control.md): bound (anytime-valid confidence sequence),
+                ledger (shadow sample, evidence, feedback), controller (steps along the calibrated path),
+                http (the cloud's /v1/shadow, /v1/feedback, /v1/policy; the client's ShadowSender), cli
 
 serving/ops/monitor   drift monitoring: the validation reference, live histograms, `dimec monitor`
 serving/phone/        the client side
@@ -20,6 +25,9 @@ serving/phone/        the client side
                 the edge or cloud over HTTP: HttpRemote), fallbacks
 serving/servers/      the edge and cloud
 - sources:      sources file: tokens -> sources, priority classes, scheduling settings (FleetConfig)
+- bounds:       request bytes in flight, per server and per source (the memory bound)
+- batcher:      dynamic batching: gather concurrent requests by priority class within their deadlines
+- batched:      a tier's requests as batcher items, and the batched forward pass
 - scheduling:   admission, weighted fair queueing, PA-MDI allocation advice
 - continuation: PlanRunner, the tier side of a plan (stages here through the executor, forward to the cloud)
 - fleet:        the scheduler and metrics around a tier service
@@ -28,7 +36,8 @@ serving/deploy/       getting tiers running
 - onnx_export:  the mobile tier as one int8 ONNX graph
 - export:       `dimec export` -> one package per tier
 - local:        start/stop servers on loopback (threads or subprocesses)
-- ray_app:      the same tiers on Ray Serve (optional extra)
+- ray_app:      the same tiers on Ray Serve (optional extra; @serve.batch)
+- web:          `dimec demo`: the browser page (web/) beside the tiers, short-lived loopback tokens
 serving/ops/          measuring and planning
 - profile:      `dimec profile` -> the cost-model profile in milliseconds (with the hidden-state factor)
 - planning:     `dimec plan`: offline analysis of served policies under latency, money and exposure bounds
