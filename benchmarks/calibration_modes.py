@@ -234,7 +234,9 @@ def render(data: dict) -> str:
     if job:  # the default job's own model, calibrated under each mode on the same rows, scored on its test split
         lines += ["### The default job (`make run`'s model) under each mode", "",
                   f"Calibration rows: {job['calibration_rows']}; test rows {job['test_rows']}. `dimec calibrate` "
-                  f"first says: \"{job['what_the_data_can_carry']}\".", ""]
+                  f"first says: \"{job['what_the_data_can_carry']}\"."
+                  + (f" The whole job (`{job['make_run']['command']}`) took {job['make_run']['wall_min']:g} min "
+                     f"from scratch, peak RSS {job['make_run']['peak_rss_mb']} MB." if "make_run" in job else ""), ""]
         lines += [markdown_table(["mode", "test Δacc (pt) [95% CI]", "cost vs cloud-only (%)"],
                                  [[m, f"{v['delta_acc_pt']:+.2f} [{v['ci'][0]:+.2f}, {v['ci'][1]:+.2f}]",
                                    f"{v['cost_change_pct']:+.1f}"] for m, v in job["modes"].items()]), ""]
