@@ -29,7 +29,7 @@ from typing import Any
 
 from dimec.config import at_least, build_config, raise_problems, section_problems, setting
 from dimec.devices import is_out_of_memory
-from dimec.serving.servers.scheduling import Done, Shed
+from dimec.serving.servers.scheduling import Done, Shed, settle
 
 
 @dataclass
@@ -233,15 +233,6 @@ def _answer(item: Item, done: Done | None, error: BaseException | None) -> None:
     """Hand the outcome to the request's event loop; a loop that is gone (its client with it) is skipped, and
     never stops the batcher's thread."""
     try:
-        item.loop.call_soon_threadsafe(_settle, item.future, done, error)
+        item.loop.call_soon_threadsafe(settle, item.future, done, error)
     except RuntimeError:  # "Event loop is closed"
         pass
-
-
-def _settle(future: asyncio.Future, done: Done | None, error: BaseException | None) -> None:
-    if future.done():  # cancelled meanwhile
-        return
-    if error is not None:
-        future.set_exception(error)
-    else:
-        future.set_result(done)

@@ -167,7 +167,7 @@ class Scheduler:
             self._cond.notify_all()
         if victim is not None:
             self._shed_hook(victim.source, "evicted")
-            victim.loop.call_soon_threadsafe(_settle, victim.future, None, Shed(
+            victim.loop.call_soon_threadsafe(settle, victim.future, None, Shed(
                 "evicted", f"shed from the edge's queue to make room for a request of class {source.priority!r}",
                 self.retry_after_s))
         try:
@@ -288,7 +288,7 @@ class Scheduler:
                 self.allocator.served(job.size, compute_s)
                 self._cond.notify_all()  # a worker held back for lower classes may take one now
             done = Done(value, (start - job.arrived) * 1e3, compute_s * 1e3)
-            job.loop.call_soon_threadsafe(_settle, job.future, done, error)
+            job.loop.call_soon_threadsafe(settle, job.future, done, error)
 
     # ---- what the queue looks like -------------------------------------------------------------------------
     def depth(self, priority: str) -> int:
@@ -314,11 +314,13 @@ class Scheduler:
                 q.clear()
             self._cond.notify_all()
         for job in pending:
-            job.loop.call_soon_threadsafe(_settle, job.future, None,
+            job.loop.call_soon_threadsafe(settle, job.future, None,
                                           Shed("full", "the edge is shutting down", self.retry_after_s))
 
 
-def _settle(future: asyncio.Future, done: Done | None, error: BaseException | None) -> None:
+def settle(future: asyncio.Future, done: Done | None, error: BaseException | None) -> None:
+    """Resolve a waiting request's future on its own event loop (call through call_soon_threadsafe): the
+    scheduler's workers and the batcher's thread both hand outcomes back this way."""
     if future.done():  # cancelled meanwhile
         return
     if error is not None:
