@@ -23,13 +23,11 @@ from dimec.config import CalibrationConfig
 from dimec.costs import CostModel
 from dimec.outputs import ExitOutputs
 from dimec.routing import ROUTERS, make_router
-from dimec.routing.selection import PATH_STOP, candidate_losses
+from dimec.routing.selection import candidate_losses, test_order
 from dimec.routing.targets import (
     Target,
     control_expected_loss,
     learn_then_test,
-    monotone_path,
-    pareto_order,
     select_point,
     split_rows,
 )
@@ -86,8 +84,12 @@ def choose(m: CandidateMatrix, rows: np.ndarray, mode: str, eps_pt: float = 0.5,
     order, test = split_rows(len(rows), order_share, seed)
     order, test = rows[order], rows[test]
     order_loss, order_cost = 100 * matrix[order].mean(0, dtype=np.float64), m.cost[order].mean(0, dtype=np.float64)
-    tested = order_loss if mode == "LTT betting" else 100 * (matrix[order] > 0).mean(0)  # as selection.py orders
-    front = np.array([j for j in pareto_order(tested, order_cost) if j != m.safe], dtype=np.int64)
+    target = Target(max_loss=eps_pt, delta=None if mode == "expected" else delta, seed=seed,
+                    control="expected" if mode == "expected" else "point",
+                    loss="disagreement" if mode == "label-free LTT" else "accuracy",
+                    test="betting" if mode == "LTT betting" else "binomial")
+    added_pt = 100 * (matrix[order] > 0).mean(0)
+    front = test_order(matrix[order], order_loss, added_pt, order_cost, [m.safe], target)  # as selection.py orders
 
     class _Lazy(dict):
         def __missing__(self, j):
@@ -95,11 +97,8 @@ def choose(m: CandidateMatrix, rows: np.ndarray, mode: str, eps_pt: float = 0.5,
             return self[j]
 
     if mode == "expected":
-        path = monotone_path(matrix[order], order_cost, m.safe, PATH_STOP * eps_pt / 100)
-        admitted = control_expected_loss(path, _Lazy(), eps_pt / 100).admitted
+        admitted = control_expected_loss(list(front), _Lazy(), eps_pt / 100).admitted
     else:
-        target = Target(max_loss=eps_pt, delta=delta, loss="disagreement" if mode == "label-free LTT" else "accuracy",
-                        test="betting" if mode == "LTT betting" else "binomial", seed=seed)
         admitted = learn_then_test(order_loss, order_cost, _Lazy(), target, front).certified
     admitted = admitted + [m.safe]
     return min(admitted, key=lambda j: (order_cost[j], order_loss[j]))

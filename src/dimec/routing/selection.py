@@ -144,12 +144,7 @@ def _ordered(build: CandidateBuilder, val: ExitOutputs, cartography: Cartography
     per_sample = np.zeros((len(order), len(candidates)), np.int8) if target.expected else None
     scores = score(candidates, order, cost_model, target, per_sample)
     safe = [j for j, (f, _) in enumerate(candidates) if f == "cloud-only"]
-    if target.expected and safe:  # the path that keeps the monotonised loss lowest per unit of cost saved
-        front = np.array(monotone_path(per_sample, scores.cost, safe[0], PATH_STOP * target.max_loss / 100),
-                         dtype=np.int64)
-    else:  # the Pareto front of what the test reads (the binomial test: added errors alone), safest first
-        tested = scores.added_pt if target.test == "binomial" else scores.loss_pt
-        front = np.array([j for j in pareto_order(tested, scores.cost) if j not in safe], dtype=np.int64)
+    front = test_order(per_sample, scores.loss_pt, scores.added_pt, scores.cost, safe, target)
 
     class _Lazy(dict):  # per-sample test-row losses, computed only for the candidates actually tested
         def __missing__(self, j: int) -> np.ndarray:
@@ -157,6 +152,18 @@ def _ordered(build: CandidateBuilder, val: ExitOutputs, cartography: Cartography
             return self[j]
 
     return _Ordered(candidates, scores, front, safe, order_rows, test_rows, _Lazy())
+
+
+def test_order(per_sample: np.ndarray | None, loss_pt: np.ndarray, added_pt: np.ndarray, cost: np.ndarray,
+               safe: list[int], target: Target) -> np.ndarray:
+    """The candidates a guarantee's test walks, safest first, from the ordering rows alone. Expected-loss
+    control: the path that keeps the monotonised loss (per_sample: (N, C) losses) lowest per unit of cost
+    saved; Learn-then-Test: the Pareto front of what its test reads (the binomial test: added errors alone).
+    The safe candidates (cloud-only) are left out: they are always admissible."""
+    if target.expected and safe:
+        return np.array(monotone_path(per_sample, cost, safe[0], PATH_STOP * target.max_loss / 100), dtype=np.int64)
+    tested = added_pt if target.test == "binomial" else loss_pt
+    return np.array([j for j in pareto_order(tested, cost) if j not in safe], dtype=np.int64)
 
 
 PATH_STOP = 3.0  # expected-loss control's path ends once its monotonised risk on the ordering rows passes
