@@ -3,11 +3,16 @@
 A copy of the run (never the run itself) is re-calibrated for the promise measured live (default: at most
 `--max-loss` points of disagreement with the cloud with probability >= 1 - `--delta`, Learn-then-Test), which records the calibrated path in its router.json;
 its packages are exported and served as three tiers over loopback (edge and cloud uvicorn servers in threads
-of this process, the mobile client here). One stream of `3 x --texts` texts in three phases:
+of this process, the mobile client here). One stream of `4 x --texts` texts in four phases:
 
     in-domain   held-out texts of the run's task (its test split, then validation texts for the rest)
     other task  SST-2 sentences (/work/shared/glue/SST-2): the same label space, another distribution
     noisy       in-domain texts with character noise (`--noise` per character: typos, case, dropped spaces; seeded)
+    hard shift  a stress phase: in-domain texts where `--hard-share` of the traffic comes from held-out texts on
+                which the mobile or edge exit is confident and disagrees with the cloud (chosen with the cloud's
+                answers, which no real drift knows; drawn with replacement). The three natural phases above make
+                the exits less confident, so the policy defers more (docs/live-control.md): this phase is the
+                drift they do not produce, the one the controller exists for
 
 is sent twice, in batches of `--batch`: uncontrolled (the calibrated policy, no shadows) and controlled
 (shadow.rate `--shadow-rate`, the controller on, the client polling GET /v1/policy after each batch). The cloud
@@ -44,7 +49,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 COMMAND = "python benchmarks/bench_drift.py RUN_DIR"
 TITLE = "Live control under drift: shadow answers, live bound, controller (issue 18)"
 TOKEN = "bench-drift-token"
-PHASES = ("in-domain", "other task (SST-2)", "noisy in-domain")
+PHASES = ("in-domain", "other task (SST-2)", "noisy in-domain", "hard shift (stress)")
 
 
 # ---- the stream ------------------------------------------------------------------------------------------------------
@@ -85,8 +90,29 @@ def sst2(n: int, seed: int) -> tuple[list[str], list[int]]:
     return [t for t, _ in rows[:n]], [y for _, y in rows[:n]]
 
 
-def make_stream(run_dir: Path, n: int, seed: int, noise: float = 0.1) -> tuple[list[str], list[int], list[int]]:
-    """(texts, gold labels, phase index) of the three phases, n texts each."""
+def hard_texts(copy: Path, min_confidence: float = 0.8) -> list[tuple[str, int]]:
+    """Held-out texts (test, validation and the training rows the cap dropped) on which the mobile or the edge
+    exit is confident (max-probability >= min_confidence at the deployed temperatures) and disagrees with the
+    cloud exit: read from the calibrated copy's cached outputs."""
+    from dimec.pipeline import load_run_config, spare_outputs, split_outputs, task_data
+
+    cfg = load_run_config(copy)
+    data = task_data(cfg)
+    hard = []
+    for examples, outputs in ((data.test, split_outputs(copy, "test")),
+                              (data.validation, split_outputs(copy, "validation")),
+                              (data.spare, spare_outputs(copy, cfg, data) if data.spare else None)):
+        if outputs is None:
+            continue
+        pred, conf = outputs.predictions, outputs.probs.max(-1)  # (N, 3), (N, 3)
+        wrong = ((pred[:, :2] != pred[:, 2:]) & (conf[:, :2] >= min_confidence)).any(1)  # (N,)
+        hard += [(examples[i].text, examples[i].label) for i in np.flatnonzero(wrong)]
+    return hard
+
+
+def make_stream(run_dir: Path, n: int, seed: int, noise: float = 0.1, hard: list[tuple[str, int]] = (),
+                hard_share: float = 0.2) -> tuple[list[str], list[int], list[int]]:
+    """(texts, gold labels, phase index) of the four phases, n texts each."""
     from dimec.pipeline import load_run_config, task_data
 
     data = task_data(load_run_config(run_dir))
@@ -96,9 +122,10 @@ def make_stream(run_dir: Path, n: int, seed: int, noise: float = 0.1) -> tuple[l
     other = sst2(n, seed)
     third = [(noisy(t, rng, noise), y) for t, y in rng.sample(held, min(n, len(held)))]
     third += third[: n - len(third)]
-    texts = [t for t, _ in first] + other[0] + [t for t, _ in third]
-    labels = [y for _, y in first] + other[1] + [y for _, y in third]
-    phase = [0] * n + [1] * n + [2] * n
+    fourth = [rng.choice(hard) if hard and rng.random() < hard_share else rng.choice(held) for _ in range(n)]
+    texts = [t for t, _ in first] + other[0] + [t for t, _ in third] + [t for t, _ in fourth]
+    labels = [y for _, y in first] + other[1] + [y for _, y in third] + [y for _, y in fourth]
+    phase = [p for p in range(len(PHASES)) for _ in range(n)]
     return texts, labels, phase
 
 
@@ -230,7 +257,7 @@ def phase_figures(run: dict, truth: np.ndarray, gold: np.ndarray, phase: np.ndar
     version = np.asarray(run["version"])
     shadowed = np.asarray(run["shadowed"], dtype=bool)
     rows = []
-    for p in range(3):
+    for p in range(len(PHASES)):
         idx = np.flatnonzero(phase == p)
         after = idx[min(warmup, len(idx) // 2):]
         changes = np.flatnonzero(np.diff(version[idx]) != 0)
@@ -273,10 +300,10 @@ def plot(data: dict, path: Path) -> None:
     ax.fill_between(x, [100 * t["low"] for t in tr], [100 * t["high"] for t in tr], color="C0", alpha=0.15,
                     label="live confidence sequence (current version)")
     ax.axhline(100 * data["eps"], color="k", ls="--", lw=1, label=f"eps = {100 * data['eps']:g} pt")
-    for p in (1, 2):
+    for p in range(1, len(PHASES)):
         ax.axvline(p * n, color="grey", lw=1)
     ax.set_ylim(0, max(5 * 100 * data["eps"], 1))
-    ax.set_xlabel("texts in the stream (phases: in-domain | SST-2 | noisy)")
+    ax.set_xlabel("texts in the stream (phases: in-domain | SST-2 | noisy | hard shift)")
     ax.set_ylabel("disagreement with the cloud (%)")
     ax2 = ax.twinx()
     ax2.step(x, [t["step"] for t in tr], "C2", where="post", label="policy step (0 = cloud-only)")
@@ -288,6 +315,16 @@ def plot(data: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def natural_drift(data: dict) -> str:
+    """What the natural phases did to the uncontrolled policy: disagreement and cost against in-domain."""
+    u = data["uncontrolled"]["phases"]
+    parts = [f"{p['phase']} {p['disagreement_after_warmup_pt']:.2f} pt at {p['cost_change_pct']:+.1f}% cost"
+             for p in u[1:3]]
+    return (f"The natural drifts against in-domain ({u[0]['disagreement_after_warmup_pt']:.2f} pt at "
+            f"{u[0]['cost_change_pct']:+.1f}% cost), uncontrolled: {'; '.join(parts)}. Where the exits grow less "
+            "confident on the new texts, the cascade sends more of them on, and the loss falls as the cost rises.")
 
 
 def render(data: dict) -> str:
@@ -312,7 +349,9 @@ def render(data: dict) -> str:
     return f"""Run: {data['run']}. Promise: at most {eps:g} pt of {data['loss']} ({data['calibration']}).
 Stream: {data['texts_per_phase']:,} texts per phase, batches of {data['batch']}, shadow.rate {data['shadow_rate']:g}
 (seed {data['seed']}), controller patience {data['patience']}; figures after a warm-up of {data['warmup']} texts per
-phase; the truth is the cloud's answer on every text, computed offline.
+phase; the truth is the cloud's answer on every text, computed offline. Noise rate {data['noise']:g} per character;
+the stress phase draws {100 * data.get('hard_share', 0):g}% of its texts from {data.get('hard_texts', 0)} hard held-out
+texts (a cheap exit confident and disagreeing with the cloud), the rest in-domain.
 
 {table}
 
@@ -324,6 +363,8 @@ controlled stream's serving cost). Controller's extra cost over the uncontrolled
 Targets: controlled within eps + 0.5 pt after warm-up in every phase: **{t['controlled_within']}**; uncontrolled
 beyond it in at least one phase: **{t['uncontrolled_beyond']}**; no policy change in the in-domain phase:
 **{t['no_change_in_domain']}**.
+
+{natural_drift(data)}
 
 The calibrated path (safest first; the controller starts at the last step):
 
@@ -347,6 +388,8 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=1000, help="texts per phase before figures count")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--noise", type=float, default=0.1, help="per-character noise rate of the third phase")
+    parser.add_argument("--hard-share", type=float, default=0.2,
+                        help="share of the stress phase drawn from the hard texts (the rest: in-domain)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="smoke run: 150 texts per phase, results not saved")
     parser.add_argument("--render", action="store_true", help="only print the section from drift.json")
@@ -370,7 +413,9 @@ def main() -> int:
         copy, packages = prepare(run_dir, work, args.max_loss, args.loss, args.delta or None)
         models = {"edge": TierModel(packages["edge"]), "cloud": TierModel(packages["cloud"]),
                   "mobile": TierModel(packages["mobile"], "torch")}
-        texts, gold, phase = make_stream(run_dir, args.texts, args.seed, args.noise)
+        hard = hard_texts(copy)
+        print(f"{len(hard)} hard held-out texts (a cheap exit confident and disagreeing with the cloud)")
+        texts, gold, phase = make_stream(run_dir, args.texts, args.seed, args.noise, hard, args.hard_share)
         print(f"{len(texts)} texts; the cloud answers all of them offline ...")
         truth = np.concatenate([models["cloud"].classify(texts[i:i + 64]).label_ids for i in range(0, len(texts), 64)])
         runs = {}
@@ -397,6 +442,7 @@ def main() -> int:
             "calibration": raw["report"]["how"] if "report" in raw else "",
             "eps": eps, "loss": args.loss, "delta": args.delta, "texts_per_phase": args.texts, "batch": args.batch,
             "shadow_rate": args.shadow_rate, "seed": args.seed, "noise": args.noise, "patience": args.patience, "warmup": args.warmup,
+            "hard_share": args.hard_share, "hard_texts": len(hard),
             "shadow_share": (ctl["counts"]["shadowed"] + ctl["counts"]["free"]) / len(texts),
             "shadow_cost": ctl["shadow_cost"], "shadow_cost_pct": 100 * ctl["shadow_cost"] / serving_cost,
             "extra_cost_pct": 100 * extra / float(np.sum(unc["cost"])),
@@ -417,7 +463,7 @@ def main() -> int:
         plot(data, RESULTS / "drift.png")
         cmd = (f"{COMMAND.replace('RUN_DIR', str(run_dir))} --texts {args.texts} --shadow-rate {args.shadow_rate:g} "
                f"--max-loss {args.max_loss:g} --loss {args.loss} --delta {args.delta:g} --patience {args.patience} "
-               f"--noise {args.noise:g}")
+               f"--noise {args.noise:g} --hard-share {args.hard_share:g}")
         save("drift", TITLE, cmd, "bench_drift.py", data)
         return 0
     finally:

@@ -11,7 +11,7 @@ import pytest
 
 from dimec.errors import ConfigError
 from dimec.routing.targets import betting_p_value
-from dimec.serving.live.bound import ConfidenceSequence
+from dimec.serving.live.bound import ConfidenceSequence, RecentSequence
 from dimec.serving.live.controller import (
     Controller,
     LiveControl,
@@ -173,15 +173,50 @@ def test_controller_steps_safer_on_drift_and_back_when_it_passes():
     control = LiveControl(Controller(steps(), eps=0.02, settings=settings), n_labels=2, settings=settings)
     feed(control, 0.005, 1500, rng, "calm")  # in domain: well within the 2% budget
     assert control.controller.version == 1 and control.controller.step == 3
-    feed(control, 0.10, 600, rng, "drift")  # drift: 10% disagreement
+    for i in range(600):  # drift: 10% disagreement, except on cloud-only (step 0), which answers as the cloud
+        feed(control, 0.10 if control.controller.step > 0 else 0.0, 1, rng, f"drift{i}-")
     assert control.controller.step < 3
     moved = control.controller.history
     assert all(e["direction"] == "safer" and e["from_step"] - e["to_step"] == 1 for e in moved)
-    assert moved[0]["evidence"]["disagreement"]["low"] > 0.02
+    evidence = moved[0]["evidence"]
+    assert max(evidence["disagreement"]["low"], evidence["recent_disagreement"]["low"]) > 0.02
     low_step = control.controller.step
     feed(control, 0.0, 3000, rng, "calm2")  # the drift passes: back, one step at a time
     assert control.controller.step > low_step
     assert [e["version"] for e in control.controller.history] == list(range(2, control.controller.version + 1))
+
+
+def test_a_drift_after_a_long_quiet_history_is_caught_by_the_recent_window():
+    """The version's sequence covers the mean since the version started: 6,000 quiet answers dilute a drift to
+    8% for long. The recent epoch's sequence catches it within a few hundred answers; with a window as long as
+    the stream (the recent sequence never restarts) the same drift goes unnoticed over that span."""
+    def first_move(window: int) -> int | None:
+        rng = np.random.default_rng(5)
+        settings = LiveSettings(window=window)
+        control = LiveControl(Controller(steps(), eps=0.02, settings=settings), n_labels=2, settings=settings)
+        feed(control, 0.002, 6000, rng, "calm")
+        assert control.controller.version == 1  # no change in domain
+        for i in range(600):
+            feed(control, 0.08, 1, rng, f"drift{i}-")
+            if control.controller.version > 1:
+                return i + 1
+        return None
+
+    caught = first_move(window=200)
+    assert caught is not None and caught <= 400
+    assert first_move(window=10**9) is None
+
+
+def test_recent_sequence_restarts_each_epoch():
+    seq = RecentSequence(0.0, 1.0, 0.05, window=50)
+    for _ in range(120):
+        seq.update(0.0)
+    assert seq.epoch == 3 and seq.current.n == 20  # epochs of 50: 50 + 50 + 20
+    for _ in range(30):
+        seq.update(1.0)
+    assert seq.interval().low > 0.3  # the current epoch alone: 30 of 50 disagree
+    with pytest.raises(ConfigError):
+        RecentSequence(window=0)
 
 
 def test_no_change_in_domain_and_never_off_the_path():

@@ -12,7 +12,9 @@ calibration's counted as an added error: the worst case, since L_acc <= L_dis pe
 every observation of the current version's confidence sequence (bound.py, restarted at each change):
 
     one step safer  when the sequence's LOWER end passes the step's budget (the loss is over it, at level
-                    1 - alpha), or the accuracy loss's lower end (feedback) passes eps
+                    1 - alpha), or that of the latest epoch of `window` shadow answers does (a drift that the
+                    version's whole history would dilute: bound.RecentSequence), or the accuracy loss's lower
+                    end (feedback) passes eps
     one step back   when its UPPER end has stayed at or below d_j + back_fraction (budget_j - d_j) (the drift has
                     passed) for `patience` consecutive shadow answers, and feedback does not say otherwise
 
@@ -46,7 +48,8 @@ class LiveSettings:
     alpha: float = 0.05  # the confidence sequence covers the live loss with probability >= 1 - alpha
     back_fraction: float = 0.5  # step back once the upper end is this far from the step's validation level to its budget
     patience: int = 400  # consecutive shadow answers below that level before stepping back
-    min_evidence: int = 20  # shadow answers on a version before it may step safer
+    min_evidence: int = 20  # shadow answers on a version (or in the recent epoch) before it may step safer
+    window: int = 200  # shadow answers per epoch of the recent sequence, the drift detector (bound.py)
     feedback_rate: float = 50.0  # labels per second per token
     feedback_burst: float = 500.0
     shadow_timeout_s: float = 2.0  # a shadow answer later than this is missing
@@ -59,8 +62,8 @@ class LiveSettings:
             raise ConfigError(f"shadow.rate must be in [0, 1], got {self.shadow_rate}")
         if not 0 < self.alpha < 1 or not 0 <= self.back_fraction < 1:
             raise ConfigError("live control needs 0 < alpha < 1 and 0 <= back_fraction < 1")
-        if self.patience < 1 or self.min_evidence < 1 or self.shadow_queue < 1:
-            raise ConfigError("live control needs patience, min_evidence and shadow_queue >= 1")
+        if self.patience < 1 or self.min_evidence < 1 or self.shadow_queue < 1 or self.window < 1:
+            raise ConfigError("live control needs patience, min_evidence, shadow_queue and window >= 1")
         if not self.shadow_timeout_s > 0 or not self.poll_s > 0:
             raise ConfigError("live control needs shadow_timeout_s > 0 and poll_s > 0")
         return self
@@ -136,6 +139,10 @@ class Controller:
             if self.step > 0 and dis.n >= self.settings.min_evidence and dis.low > step.budget:
                 return self._move(-1, f"live disagreement lower bound {100 * dis.low:.2f}% over the step's budget "
                                       f"{100 * step.budget:.2f}%", evidence)
+            recent = evidence.recent.interval()
+            if self.step > 0 and recent.n >= self.settings.min_evidence and recent.low > step.budget:
+                return self._move(-1, f"recent disagreement lower bound {100 * recent.low:.2f}% (the last {recent.n} "
+                                      f"shadow answers) over the step's budget {100 * step.budget:.2f}%", evidence)
             if self.step > 0 and acc.n >= self.settings.min_evidence and acc.low > self.eps:
                 return self._move(-1, f"live accuracy loss lower bound {100 * acc.low:.2f} pt (feedback) over the "
                                       f"promised {100 * self.eps:.2f} pt", evidence)
@@ -198,7 +205,7 @@ class LiveControl:
                  shadow_cost: float = 0.0) -> None:
         self.controller, self.settings, self.shadow_cost = controller, settings.check(), shadow_cost
         self.ledger = Ledger(n_labels, settings.alpha, feedback_rate=settings.feedback_rate,
-                             feedback_burst=settings.feedback_burst)
+                             feedback_burst=settings.feedback_burst, window=settings.window)
         self.counts = {"shadowed": 0, "free": 0, "missing_reported": 0, "texts_reported": 0, "duplicates": 0}
         self.cost = 0.0  # cost-model units spent on shadow answers
         self._lock = threading.Lock()

@@ -21,7 +21,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from dimec.errors import ConfigError
-from dimec.serving.live.bound import ConfidenceSequence, Interval
+from dimec.serving.live.bound import ConfidenceSequence, Interval, RecentSequence
 
 DEFAULT_RATE = 0.02  # shadow.rate: the share of texts shadowed (0: off)
 
@@ -57,6 +57,7 @@ class Evidence:
     version: int
     disagreement: ConfidenceSequence
     accuracy: ConfidenceSequence
+    recent: RecentSequence  # the disagreement over the latest epoch of shadow answers: the drift detector
     missing: int = 0  # shadow answers that never came back (timeouts, errors, shed): not counted as agreement
     free: int = 0  # sampled texts the cloud's last exit answered itself (loss 0, no shadow request)
     started: float = field(default_factory=time.time)
@@ -67,7 +68,9 @@ class Evidence:
             return {"estimate": i.estimate, "low": i.low, "high": i.high, "n": i.n}
 
         return {"version": self.version, "disagreement": interval(self.disagreement.interval()),
-                "accuracy_loss": interval(self.accuracy.interval()), "missing": self.missing, "free": self.free,
+                "accuracy_loss": interval(self.accuracy.interval()),
+                "recent_disagreement": interval(self.recent.interval()) | {"epoch": self.recent.epoch},
+                "missing": self.missing, "free": self.free,
                 "started": self.started, "last_at": self.last_at}
 
 
@@ -112,8 +115,8 @@ class Ledger:
     """The sampled answers (id -> version, answer, cloud answer, label), per-version evidence, feedback."""
 
     def __init__(self, n_labels: int, alpha: float = 0.05, max_records: int = 200_000,
-                 feedback_rate: float = 50.0, feedback_burst: float = 500.0) -> None:
-        self.n_labels, self.alpha, self.max_records = n_labels, alpha, max_records
+                 feedback_rate: float = 50.0, feedback_burst: float = 500.0, window: int = 200) -> None:
+        self.n_labels, self.alpha, self.max_records, self.window = n_labels, alpha, max_records, window
         self.records: OrderedDict[str, Record] = OrderedDict()  # bounded: the oldest are forgotten
         self.evidence: dict[int, Evidence] = {}
         self.limit = TokenBucket(feedback_rate, feedback_burst)
@@ -124,7 +127,8 @@ class Ledger:
     def of(self, version: int) -> Evidence:
         if version not in self.evidence:
             self.evidence[version] = Evidence(version, ConfidenceSequence(0.0, 1.0, self.alpha),
-                                              ConfidenceSequence(-1.0, 1.0, self.alpha))
+                                              ConfidenceSequence(-1.0, 1.0, self.alpha),
+                                              RecentSequence(0.0, 1.0, self.alpha, self.window))
         return self.evidence[version]
 
     # ---- shadow answers ----------------------------------------------------------------------------------
@@ -141,6 +145,7 @@ class Ledger:
                 ev.missing += 1
             else:
                 ev.disagreement.update(float(answer != cloud))
+                ev.recent.update(float(answer != cloud))
                 ev.last_at = time.time()
             return True
 
