@@ -190,10 +190,10 @@ def main() -> int:
               file=sys.stderr)
         return 2
 
-    from dimec.pipeline import load_run_config, task_data
+    from dimec.pipeline import load_saved_config, task_data
     from dimec.serving.deploy.export import export_packages
 
-    test = task_data(load_run_config(run_dir)).test
+    test = task_data(load_saved_config(run_dir)).test
     texts, labels = [e.text for e in test], [e.label for e in test]
     root = Path(tempfile.mkdtemp(prefix="dimec-bench-batching-"))
     print(f"exporting packages to {root}", flush=True)

@@ -230,10 +230,10 @@ def measure_gap(run_dir: Path) -> dict:
     (K-1)/K of the training rows) against the deployed model's validation and test rows."""
     from scipy.stats import ks_2samp
 
-    from dimec.pipeline import load_run_config, oof_outputs, split_outputs
+    from dimec.pipeline import load_saved_config, oof_outputs, split_outputs
     from dimec.training.temperature import fit_temperatures
 
-    cfg = load_run_config(run_dir)
+    cfg = load_saved_config(run_dir)
     oof = oof_outputs(run_dir, cfg)
     val, test = split_outputs(run_dir, "validation"), split_outputs(run_dir, "test")
     raw = oof.outputs  # T = 1

@@ -58,7 +58,7 @@ def routing_vs_mobile(run_dir: Path, samples: int, repeats: int = 5) -> dict:
         load_cartography,
         load_cost_model,
         load_model,
-        load_run_config,
+        load_saved_config,
         split_outputs,
         task_data,
     )
@@ -66,7 +66,7 @@ def routing_vs_mobile(run_dir: Path, samples: int, repeats: int = 5) -> dict:
 
     torch.set_num_threads(1)  # a phone-like single stream; every path measured the same way
     model = load_model(run_dir)
-    cfg = load_run_config(run_dir)
+    cfg = load_saved_config(run_dir)
     val, carto = split_outputs(run_dir, "validation"), load_cartography(run_dir, cfg.calibration)
     router = DimecFixedRouter.from_config(cfg.calibration).fit(val, load_cost_model(run_dir, cfg.cost), carto)
     embedder = NumpyEmbedder(model)

@@ -94,9 +94,9 @@ def hard_texts(copy: Path, min_confidence: float = 0.8) -> list[tuple[str, int]]
     """Held-out texts (test, validation and the training rows the cap dropped) on which the mobile or the edge
     exit is confident (max-probability >= min_confidence at the deployed temperatures) and disagrees with the
     cloud exit: read from the calibrated copy's cached outputs."""
-    from dimec.pipeline import load_run_config, spare_outputs, split_outputs, task_data
+    from dimec.pipeline import load_saved_config, spare_outputs, split_outputs, task_data
 
-    cfg = load_run_config(copy)
+    cfg = load_saved_config(copy)
     data = task_data(cfg)
     hard = []
     for examples, outputs in ((data.test, split_outputs(copy, "test")),
@@ -113,9 +113,9 @@ def hard_texts(copy: Path, min_confidence: float = 0.8) -> list[tuple[str, int]]
 def make_stream(run_dir: Path, n: int, seed: int, noise: float = 0.1, hard: list[tuple[str, int]] = (),
                 hard_share: float = 0.2) -> tuple[list[str], list[int], list[int]]:
     """(texts, gold labels, phase index) of the four phases, n texts each."""
-    from dimec.pipeline import load_run_config, task_data
+    from dimec.pipeline import load_saved_config, task_data
 
-    data = task_data(load_run_config(run_dir))
+    data = task_data(load_saved_config(run_dir))
     held = [(e.text, e.label) for e in data.test] + [(e.text, e.label) for e in data.validation]
     rng = random.Random(seed)
     first = held[:n] if n <= len(data.test) else held[:len(data.test)] + rng.sample(held[len(data.test):], n - len(data.test))
@@ -134,12 +134,12 @@ def prepare(run_dir: Path, work: Path, max_loss: float, loss: str, delta: float 
             log=print) -> tuple[Path, dict]:
     """A copy of the run, calibrated for the live promise (the path recorded), and its packages."""
     from dimec.config import RunConfig, apply_overrides
-    from dimec.pipeline import calibrate_stage, load_run_config
+    from dimec.pipeline import calibrate_stage, load_saved_config
     from dimec.serving.deploy.export import export_packages
 
     copy = work / "run"
     shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("packages", "checkpoint", "dynamics_plots"))
-    cfg = load_run_config(copy)
+    cfg = load_saved_config(copy)
     cfg = RunConfig.from_dict(apply_overrides(cfg.to_dict(), [f"calibration.loss={loss}", f"calibration.max_loss={max_loss}",
                                                                f"calibration.delta={'null' if delta is None else delta}",
                                                                "calibration.budget=null",
@@ -174,7 +174,8 @@ def stream(copy: Path, packages: dict, models: dict, texts: list[str], controlle
     from dimec.serving.deploy.local import ThreadServer
     from dimec.serving.live.controller import LiveControl, LiveSettings
     from dimec.serving.live.http import PolicyFollower, ShadowSender, apply_policy
-    from dimec.serving.phone.client import HttpRemote, MobileClient, Timeouts
+    from dimec.serving.phone.client import MobileClient
+    from dimec.serving.phone.remote import HttpRemote, Timeouts
     from dimec.serving.servers.server import create_app
 
     router_file = copy / "router.json"

@@ -32,7 +32,7 @@ from dimec.experiments.reproduce import load_reproduce_config, task_config, with
 from dimec.metrics import compute_metrics, ece_noise_floor  # noqa: E402
 from dimec.modeling.multi_exit import MultiExitConfig  # noqa: E402
 from dimec.pipeline import (  # noqa: E402
-    load_run_config,
+    load_saved_config,
     split_outputs,
     train_stage,
     training_differences,  # noqa: E402
@@ -58,7 +58,7 @@ def variant_configs(base: RunConfig, distill: list[str]) -> dict[str, RunConfig]
 
 def train_or_reuse(cfg: RunConfig, run_dir: Path) -> bool:
     """Train unless a finished run with the same training settings is there; returns whether it was reused."""
-    if RunDir(run_dir).train_result.is_file() and not training_differences(load_run_config(run_dir), cfg):
+    if RunDir(run_dir).train_result.is_file() and not training_differences(load_saved_config(run_dir), cfg):
         return True
     t0 = time.perf_counter()
     train_stage(cfg, run_dir)
@@ -88,7 +88,7 @@ def run_figures(run_dir: Path) -> dict:
     wall = run_dir / WALL
     figures |= {"train_seconds": result["seconds"], "best_epoch": result["best_epoch"],
                 "train_stage_seconds": json.loads(wall.read_text())["train_stage_seconds"] if wall.is_file() else None,
-                "settings": {k: v for k, v in load_run_config(run_dir).to_dict()["train"].items()
+                "settings": {k: v for k, v in load_saved_config(run_dir).to_dict()["train"].items()
                              if k in ("learning_rate", "epochs", "distill_weight", "distill_temperature",
                                       "distill_teacher", "exit_loss_weights", "exit_loss_weighting")}}
     return figures

@@ -393,10 +393,10 @@ def main() -> int:
     if not (run_dir / "model").is_dir() or not (run_dir / "router.json").is_file():
         print(f"{run_dir} is not a trained and calibrated run (make one with `make run`)", file=sys.stderr)
         return 2
-    from dimec.pipeline import load_run_config, task_data
+    from dimec.pipeline import load_saved_config, task_data
     from dimec.serving.deploy.export import export_packages
 
-    data = task_data(load_run_config(run_dir))
+    data = task_data(load_saved_config(run_dir))
     val_texts, val_labels = [e.text for e in data.validation], [e.label for e in data.validation]
     if args.packages and (Path(args.packages) / "edge" / "manifest.json").is_file():
         packages = {t: Path(args.packages) / t for t in ("mobile", "edge", "cloud")}
@@ -410,7 +410,7 @@ def main() -> int:
     results: dict = json.loads(path.read_text())["data"] if args.part != "all" and path.is_file() else {}
     data_json = json.loads((run_dir / "data.json").read_text())
     results["run"] = (f"{data_json['task']} ({', '.join(f'{k} {v}' for k, v in data_json['sizes'].items())}), "
-                      f"model {load_run_config(run_dir).model.name_or_path}, exits {packages_exits(packages)}")
+                      f"model {load_saved_config(run_dir).model.name_or_path}, exits {packages_exits(packages)}")
     results.update({"command": f"{COMMAND.replace('RUN_DIR', str(run_dir))} --seconds {args.seconds:g} "
                                f"--load {args.load:g} --queue {args.queue} --workers {args.workers} "
                                f"--reserved-workers {args.reserved_workers} --edge-service-ms "

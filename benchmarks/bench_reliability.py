@@ -587,13 +587,13 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     rng = random.Random(args.seed)
     sys.path.insert(0, str(ROOT / "src"))
-    from dimec.pipeline import load_run_config, task_data
+    from dimec.pipeline import load_saved_config, task_data
     from dimec.serving.deploy.export import export_packages
     from dimec.serving.deploy.local import ProcessServer
 
     paths = build(work)
     packages = export_packages(paths["reference"], work / "packages", onnx=False)
-    texts = [e.text for e in task_data(load_run_config(paths["reference"])).test]
+    texts = [e.text for e in task_data(load_saved_config(paths["reference"])).test]
     result: dict = {"command": COMMAND, "date": date.today().isoformat(), "note": args.note,
                     "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
                     "model": "random 4-layer BERT (hidden 64, exits 1/2/4) on a 1,000-row toy sentiment CSV, "

@@ -59,9 +59,9 @@ def diagnostics(run_dir: Path, scales: tuple[float, ...] = (0.1, 0.2, 0.4)) -> d
     from dataclasses import replace
 
     from dimec.experiments.compare import build_router, compare_methods
-    from dimec.pipeline import load_cartography, load_cost_model, load_run_config, split_outputs
+    from dimec.pipeline import load_cartography, load_cost_model, load_saved_config, split_outputs
 
-    cfg = load_run_config(run_dir)
+    cfg = load_saved_config(run_dir)
     val, test = split_outputs(run_dir, "validation"), split_outputs(run_dir, "test")
     carto = load_cartography(run_dir, cfg.calibration)
     fixed = build_router("dimec-fixed", cfg.calibration).fit(val, load_cost_model(run_dir, cfg.cost), carto)

@@ -47,14 +47,14 @@ def bench_task(run_dir: Path, splits: int) -> dict:
     from dimec.pipeline import (
         load_cartography,
         load_cost_model,
-        load_run_config,
+        load_saved_config,
         split_outputs,
         training_signal,
     )
     from dimec.routing.auto import AutoRouter
     from dimec.rundir import RunDir
 
-    cfg = load_run_config(run_dir)
+    cfg = load_saved_config(run_dir)
     cal, metric = cfg.calibration, __import__("json").loads(RunDir(run_dir).data.read_text())["metric"]
     val, test = split_outputs(run_dir, "validation"), split_outputs(run_dir, "test")
     carto, cm, train = load_cartography(run_dir, cal), load_cost_model(run_dir, cfg.cost), training_signal(run_dir, cfg)

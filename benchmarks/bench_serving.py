@@ -410,13 +410,13 @@ def main() -> int:
         return 2
 
     from dimec.atomic import write_json
-    from dimec.pipeline import load_run_config, task_data
+    from dimec.pipeline import load_saved_config, task_data
     from dimec.routing.base import load_router
     from dimec.routing.plan import plan_text
     from dimec.serving.deploy.export import export_packages
     from dimec.serving.deploy.local import ProcessServer
 
-    test = task_data(load_run_config(run_dir)).test
+    test = task_data(load_saved_config(run_dir)).test
     texts, labels = [e.text for e in test], [e.label for e in test]
     pairs = [e.text_pair for e in test] if test and test[0].text_pair is not None else None
     router, _ = load_router(run_dir / "router.json")

@@ -95,7 +95,7 @@ def main() -> None:
     from playwright.sync_api import sync_playwright
     from report import save
 
-    from dimec.pipeline import load_run_config, task_data
+    from dimec.pipeline import load_saved_config, task_data
     from dimec.serving.deploy.export import ensure_package
     from dimec.serving.deploy.local import ProcessServer, ThreadServer
     from dimec.serving.deploy.web import create_web_app
@@ -104,7 +104,7 @@ def main() -> None:
     run = Path(args.run_dir)
     packages = {t: ensure_package(run, t, "onnx-int8" if t == "mobile" else None, log=print)
                 for t in ("mobile", "edge", "cloud")}
-    test = task_data(load_run_config(run)).test
+    test = task_data(load_saved_config(run)).test
     texts = [e.text for e in test][: args.texts]
     token = secrets.token_urlsafe(16)
     cloud = ProcessServer("cloud", packages["cloud"], token).start()

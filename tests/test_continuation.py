@@ -27,7 +27,8 @@ from dimec.runtime.prerouters import PREROUTERS  # noqa: E402
 from dimec.runtime.tier import TierModel  # noqa: E402
 from dimec.serving.deploy.export import export_packages  # noqa: E402
 from dimec.serving.deploy.local import ThreadServer  # noqa: E402
-from dimec.serving.phone.client import HttpRemote, MobileClient, Timeouts, substitute_tier  # noqa: E402
+from dimec.serving.phone.client import MobileClient, substitute_tier  # noqa: E402
+from dimec.serving.phone.remote import HttpRemote, Timeouts  # noqa: E402
 from dimec.serving.servers.server import Limits, create_app  # noqa: E402
 from dimec.tiers import CLOUD, EDGE, MOBILE  # noqa: E402
 

@@ -15,7 +15,7 @@ from conftest import tiny_run_config
 from dimec.cli import main
 from dimec.config import RunConfig
 from dimec.errors import ArtifactError
-from dimec.pipeline import calibration_outputs, load_run_config, run_all, split_outputs, task_data
+from dimec.pipeline import calibration_outputs, load_saved_config, run_all, split_outputs, task_data
 from dimec.rundir import OOF, SPARE, RunDir
 from dimec.training import crossfit
 from dimec.training.crossfit import CrossFit, assign_folds
@@ -49,7 +49,7 @@ def test_folds_are_stratified_seeded_and_cover_every_row():
 
 def test_a_cross_fit_run_caches_out_of_fold_rows_and_calibrates_on_them(crossfit_run):
     rd = RunDir(crossfit_run)
-    cfg = load_run_config(crossfit_run)
+    cfg = load_saved_config(crossfit_run)
     data = task_data(cfg)
     oof = CrossFit.load(rd.outputs(OOF))
     assert len(oof.outputs) == len(data.train) == 200
@@ -82,7 +82,7 @@ def test_a_cross_fit_run_caches_out_of_fold_rows_and_calibrates_on_them(crossfit
 def test_calibration_rows_put_validation_first_so_its_cartography_covers_their_prefix(crossfit_run):
     from dimec.pipeline import load_cartography
 
-    cfg = load_run_config(crossfit_run)
+    cfg = load_saved_config(crossfit_run)
     carto = load_cartography(crossfit_run, cfg.calibration)
     rows = calibration_outputs(crossfit_run, cfg)
     assert list(dict.fromkeys(rows.source)) == ["validation", "spare", "oof"]

@@ -63,7 +63,7 @@ def test_tokens_map_to_sources_and_classes(tmp_path, monkeypatch):
     ({"sources": [{"name": "x", "token_sha256": "abc", "priority": "high"}]}, "64 hex digits"),
     ({"sources": []}, "'sources' is empty"),
     ({"scheduling": {"policy": "lifo"}}, "scheduling.policy"),
-    ({"scheduling": {"queue_capacity": 0}}, "queue_capacity must be >= 1"),
+    ({"scheduling": {"queue_capacity": 0}}, r"queue_capacity must be in \[1, 10000\]"),
     ({"classes": [{"name": "high", "weight": -1}]}, "weight must be > 0"),
     ({"allocation": {"target_utilization": 1.5}}, "target_utilization"),
 ])

@@ -407,7 +407,7 @@ def test_serve_checks_port_and_limits_before_announcing(capsys, packages, monkey
         code, out, err = run_cli(capsys, [*serve, *bad])
         assert code == 2 and out == "" and "error" in err, bad
     code, out, err = run_cli(capsys, [*serve, "--max-body-bytes", "100"])
-    assert code == 2 and "max_body_bytes must be an integer >= 1024" in err and "tier on" not in out
+    assert code == 2 and "server.limits.max_body_bytes must be at least 1024, got 100" in err and "tier on" not in out
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()

@@ -323,8 +323,6 @@ def test_status_line_says_ok_at_risk_broken_and_stale():
 
 
 def test_cli_options(tmp_path):
-    import argparse
-
     from dimec.cli import build_parser
     from dimec.serving.live import cli as live_cli
 
@@ -333,10 +331,10 @@ def test_cli_options(tmp_path):
     with pytest.raises(ConfigError, match="cloud tier"):
         live_cli.live_from_args(args)
     args = parser.parse_args(["client", "pkg", "--cloud-url", "http://127.0.0.1:1", "--shadow-rate", "0.1"])
-    assert args.shadow_rate == 0.1 and not args.no_follow_policy
-    assert parser.parse_args(["client", "pkg"]).shadow_rate == 0.02
-    with pytest.raises(argparse.ArgumentTypeError):
-        live_cli._rate("1.5")
+    assert live_cli.settings_from_args(args).shadow_rate == 0.1 and not args.no_follow_policy
+    assert live_cli.settings_from_args(parser.parse_args(["client", "pkg"])).shadow_rate == 0.02  # not given
+    with pytest.raises(ConfigError, match=r"live.shadow_rate must be in \[0, 1\], got 1.5"):  # the declaration's check
+        live_cli.settings_from_args(parser.parse_args(["client", "pkg", "--shadow-rate", "1.5"]))
     router = tmp_path / "router.json"
     router.write_text(json.dumps({"params": {"calibration": {"max_loss": 1.0, "loss": "disagreement"}},
                                   "state": {"plans": [[["cloud", 2, None]]], "confidence": "max_prob"}}))

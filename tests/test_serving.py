@@ -363,12 +363,12 @@ def test_dynamic_routing_moves_the_pool_means(models, servers, packages, tiny_ru
     its pool's mean (shared by the client's threads); the package's own means stay."""
     import shutil
 
-    from dimec.pipeline import load_cartography, load_cost_model, load_run_config, split_outputs
+    from dimec.pipeline import load_cartography, load_cost_model, load_saved_config, split_outputs
     from dimec.routing.base import save_router
     from dimec.routing.dimec import DimecFixedRouter
     from dimec.runtime.package import write_manifest
 
-    cfg = load_run_config(tiny_run)
+    cfg = load_saved_config(tiny_run)
     fixed = DimecFixedRouter.from_config(cfg.calibration).fit(
         split_outputs(tiny_run, "validation"), load_cost_model(tiny_run), load_cartography(tiny_run, cfg.calibration))
     mobile = tmp_path / "mobile"
@@ -580,7 +580,7 @@ def test_cli_serve_builds_the_app_on_loopback(packages, monkeypatch, capsys):
 # ---- what the phone loads ----------------------------------------------------------------------------------------
 PHONE_MODULES = {"dimec", "dimec.atomic", "dimec.config", "dimec.costs", "dimec.errors", "dimec.rundir",
                  "dimec.textinput", "dimec.tiers", "dimec.serving", "dimec.serving.phone", "dimec.serving.phone.client",
-                 "dimec.serving.phone.constraints", "dimec.serving.phone.links"}
+                 "dimec.serving.phone.constraints", "dimec.serving.phone.links", "dimec.serving.phone.remote"}
 
 
 def test_the_phone_client_loads_only_the_runtime_and_plan_data(packages):

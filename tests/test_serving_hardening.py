@@ -18,7 +18,7 @@ from dimec.runtime import wire  # noqa: E402
 from dimec.runtime.tier import TierModel  # noqa: E402
 from dimec.serving.deploy.export import export_packages  # noqa: E402
 from dimec.serving.deploy.local import ThreadServer  # noqa: E402
-from dimec.serving.phone.client import HttpRemote, Timeouts  # noqa: E402
+from dimec.serving.phone.remote import HttpRemote, Timeouts  # noqa: E402
 from dimec.serving.servers.server import create_app  # noqa: E402
 
 TOKEN = "hardening-17-token"

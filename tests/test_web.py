@@ -28,7 +28,8 @@ from dimec.runtime.tier import TierModel  # noqa: E402
 from dimec.serving.deploy.export import export_packages  # noqa: E402
 from dimec.serving.deploy.local import ThreadServer, free_port  # noqa: E402
 from dimec.serving.deploy.web import WebConfig, create_web_app, default_dist  # noqa: E402
-from dimec.serving.phone.client import HttpRemote, MobileClient, Timeouts  # noqa: E402
+from dimec.serving.phone.client import MobileClient  # noqa: E402
+from dimec.serving.phone.remote import HttpRemote, Timeouts  # noqa: E402
 from dimec.serving.servers.server import create_app  # noqa: E402
 
 TOKEN = "web-test-token"

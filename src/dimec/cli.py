@@ -39,9 +39,9 @@ def _run_config(args: argparse.Namespace):
 def _stage_config(args: argparse.Namespace):
     """A stage on an existing run: its saved config, with the target options and --set overrides applied."""
     from dimec.config import RunConfig, apply_overrides
-    from dimec.pipeline import load_run_config
+    from dimec.pipeline import load_saved_config
 
-    cfg = load_run_config(Path(args.run_dir))
+    cfg = load_saved_config(Path(args.run_dir))
     overrides = _target_overrides(args) + list(args.overrides)
     return RunConfig.from_dict(apply_overrides(cfg.to_dict(), overrides)) if overrides else cfg
 
@@ -124,8 +124,8 @@ def cmd_settings(args: argparse.Namespace) -> None:
     rows = describe_settings() + _serving_settings()
     rows = [r for r in rows if not args.section or r["key"].startswith(f"{args.section}.")]
     if not rows:
-        raise DimecError(f"no settings in section {args.section!r}",
-                         "sections: data, model, train, cost, calibration, client")
+        sections = sorted({r["key"].rsplit(".", 1)[0] for r in describe_settings() + _serving_settings()})
+        raise DimecError(f"no settings in section {args.section!r}", f"sections: {', '.join(sections)}")
     if args.json:
         print(json.dumps(rows, indent=2))
         return
@@ -143,8 +143,9 @@ def cmd_route(args: argparse.Namespace) -> None:
 
 
 def _serving_settings() -> list[dict]:
-    """The serving settings declared so far (the client's fleet settings), when serving is installed."""
-    settings = _optional("dimec.serving.phone.settings")
+    """Every serving section's settings (serving/settings.py: server, client, live, demo, sources...), when
+    serving is installed."""
+    settings = _optional("dimec.serving.settings")
     return settings.describe() if settings is not None else []
 
 
@@ -185,8 +186,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("settings", help="list every setting (--set SECTION.KEY=VALUE) with type, default, meaning")
-    p.add_argument("section", nargs="?", help="only this section: data, model, train, cost, calibration or client")
+    p = sub.add_parser("settings", help="list every setting (the run's, --set SECTION.KEY=VALUE, and serving's) "
+                                        "with type, default, meaning")
+    p.add_argument("section", nargs="?", help="only this section (and those under it): data, model, train, cost, "
+                                              "calibration; server, server.limits, client, live, demo, sources, ...")
     p.add_argument("--json", action="store_true", help="as JSON")
     p.set_defaults(func=cmd_settings)
 

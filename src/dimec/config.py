@@ -87,6 +87,7 @@ def between(low: float, high: float, low_open: bool = False, high_open: bool = F
 def one_of(*choices: str) -> Check:
     def check(value: Any) -> str | None:
         return None if value in choices else f"must be one of {', '.join(map(repr, choices))}; got {value!r}"
+    check.choices = choices  # type: ignore[attr-defined]  # add_options shows them as argparse choices
     return check
 
 
@@ -381,12 +382,14 @@ def section_problems(section: Any, where: str = "") -> list[str]:
     return problems + (cross() if cross else [])
 
 
-def raise_problems(problems: list[str]) -> None:
-    hint = "fix them in the config file or with --set SECTION.KEY=VALUE; `dimec settings` lists every setting"
+RUN_HINT = "fix them in the config file or with --set SECTION.KEY=VALUE; `dimec settings` lists every setting"
+
+
+def raise_problems(problems: list[str], hint: str = RUN_HINT) -> None:
     if len(problems) == 1:
-        raise ConfigError(problems[0], hint.replace("them", "it"))
+        raise ConfigError(problems[0], hint.replace("them", "it"), problems)
     if problems:
-        raise ConfigError(f"{len(problems)} bad settings:\n  " + "\n  ".join(problems), hint)
+        raise ConfigError(f"{len(problems)} bad settings:\n  " + "\n  ".join(problems), hint, problems)
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
@@ -512,7 +515,11 @@ def _build(cls: type, raw: Any, where: str, problems: list[str]) -> Any:
             values[name] = _coerce(hints[name], value, f"{where}{name}")
         except ConfigError as exc:
             problems.append(exc.message)
-    return cls(**values)
+    try:
+        return cls(**values)
+    except ConfigError as exc:  # a section that checks itself when made (server.Limits): its problems join these
+        problems.extend(exc.problems)
+        return cls()
 
 
 def _coerce(tp: Any, value: Any, where: str) -> Any:
@@ -537,7 +544,10 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
             raise ConfigError(f"{where} must have {len(args)} values, got {len(value)}")
         return tuple(_coerce(a, v, where) for a, v in zip(args, value, strict=True))
     if tp is float and isinstance(value, int | float) and not isinstance(value, bool):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # an integer of hundreds of digits (YAML reads them)
+            raise ConfigError(f"{where} must be a number of float range, got {str(value)[:20]}...") from None
     if tp is float and isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
         try:
             return float(value)
@@ -588,3 +598,80 @@ def build_config(cls: type, raw: Any, where: str = "") -> Any:
     built = _build(cls, raw, where, problems)
     raise_problems(problems)
     return built
+
+
+# ---- command-line options from the declarations (serving's commands) -------------------------------------------
+def option_flag(name: str) -> str:
+    """A field's option as the commands spell it by default: max_batch -> --max-batch."""
+    return "--" + name.replace("_", "-")
+
+
+def add_options(parser: Any, cls: type, names: tuple[str, ...] | None = None,
+                flag: Callable[[str], str] = option_flag) -> None:
+    """One argparse option per declared field of `cls` (all, or `names`), its type, help and choices taken
+    from the declaration. Every option's default is None, "not given": `given_options` then reports only
+    what the command line set, so a value read from a settings file (or the declared default) stays unless
+    the user overrides it; the declared default is shown in the help. Bounds are not checked here: the
+    section's own check does that, once, when the section is built (`section_problems`)."""
+    hints = typing.get_type_hints(cls)
+    for f in fields(cls):
+        if names is not None and f.name not in names:
+            continue
+        kind = _scalar(hints[f.name])
+        shown = json.dumps(list(f.default) if isinstance(f.default, tuple) else f.default)
+        help_text = f"{f.metadata.get('help', '')} (default {shown})".replace("%", "%%")
+        if kind is bool:  # a switch that turns on what the declaration leaves off
+            parser.add_argument(flag(f.name), action="store_const", const=True, default=None, help=help_text)
+            continue
+        if typing.get_origin(hints[f.name]) is tuple:  # a list: comma-separated on the command line
+            parser.add_argument(flag(f.name), type=_comma_list, default=None, help=help_text + ", comma-separated")
+            continue
+        choices = getattr(f.metadata.get("check"), "choices", None)
+        parser.add_argument(flag(f.name), type=kind, default=None, choices=choices, help=help_text,
+                            metavar=None if choices else f.name.split("_")[-1].upper())
+
+
+def given_options(args: Any, cls: type, names: tuple[str, ...] | None = None,
+                  flag: Callable[[str], str] = option_flag) -> dict[str, Any]:
+    """{field: value} of the options of `cls` the command line gave (those not None; see add_options)."""
+    out = {}
+    for f in fields(cls):
+        if names is None or f.name in names:
+            value = getattr(args, flag(f.name).lstrip("-").replace("-", "_"), None)
+            if value is not None:
+                out[f.name] = value
+    return out
+
+
+def _scalar(tp: Any) -> Any:
+    """The type argparse converts a text to: int | None -> int; tuple[str, ...] -> str."""
+    args = [a for a in typing.get_args(tp) if a is not type(None) and a is not Ellipsis]
+    return _scalar(args[0]) if args else tp
+
+
+def _comma_list(text: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in text.split(",") if item.strip())
+
+
+def build_section(cls: type, raw: Any, where: str = "") -> Any:
+    """A declared section from a raw mapping, built (unknown keys, types) and checked (each field's check and
+    the section's cross_checks): one ConfigError listing every problem. The one path by which the commands'
+    options and saved settings files become sections."""
+    built, problems = section_from_raw(cls, raw, where)
+    raise_problems(problems)
+    return built
+
+
+def section_from_raw(cls: type, raw: Any, where: str = "") -> tuple[Any, list[str]]:
+    """(the section, every problem) without raising: for files that report all their problems at once."""
+    problems: list[str] = []
+    built = _build(cls, raw, where, problems)  # a section that checks itself when made has reported already
+    return built, problems + section_problems(built, where)
+
+
+def options_section(cls: type, args: Any, where: str, base: Any = None, names: tuple[str, ...] | None = None,
+                    flag: Callable[[str], str] = option_flag) -> Any:
+    """`base` (a section read from a settings file; None: the declared defaults) with the options the command
+    line gave (`given_options`) over it, built and checked by `build_section`."""
+    raw = asdict(base) if base is not None else {}
+    return build_section(cls, {**raw, **given_options(args, cls, names, flag)}, where)

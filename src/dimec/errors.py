@@ -13,7 +13,11 @@ class DimecError(Exception):
 
 
 class ConfigError(DimecError):
-    """Bad configuration value or file."""
+    """Bad configuration value or file. `problems`: one line per bad value, when it reports several."""
+
+    def __init__(self, message: str, hint: str | None = None, problems: list[str] | None = None) -> None:
+        super().__init__(message, hint)
+        self.problems = list(problems) if problems else [message]
 
 
 class DataError(DimecError):

@@ -51,7 +51,8 @@ from dimec.training.trainer import TrainResult, new_model, predict_exit_outputs,
 
 
 # ---- run directory -------------------------------------------------------------------------------------
-def load_run_config(run_dir: Path) -> RunConfig:
+def load_saved_config(run_dir: Path) -> RunConfig:
+    """The RunConfig a run directory was made with (its config.json); config.load_run_config reads a user's file."""
     path = RunDir(run_dir).config
     if not path.is_file():
         raise ArtifactError(f"{run_dir} is not a dimec run directory (no {CONFIG})",
@@ -64,7 +65,7 @@ def prepare_run_dir(cfg: RunConfig, run_dir: Path) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     path = RunDir(run_dir).config
     if path.is_file():
-        for section in training_differences(load_run_config(run_dir), cfg)[:1]:
+        for section in training_differences(load_saved_config(run_dir), cfg)[:1]:
             raise ConfigError(
                 f"{run_dir} holds a run with other {section} settings",
                 "use a new --run-dir, or delete the old one to start over",
@@ -180,7 +181,7 @@ def split_outputs(run_dir: Path, split: str) -> ExitOutputs:
             return ExitOutputs.load(cache).with_temperatures(temperatures)
         except ArtifactError as exc:  # damaged or outdated: it is only a cache, compute it again
             print(f"dimec: {exc.message}; recomputing it", flush=True)
-    cfg = load_run_config(run_dir)
+    cfg = load_saved_config(run_dir)
     model, precision = load_model_on_device(run_dir, cfg.train)
     examples: list[Example] = getattr(task_data(cfg), split)
     outputs = predict_exit_outputs(model, encode(model.tokenizer, examples, cfg.data.max_length),
@@ -303,7 +304,7 @@ def load_cartography(run_dir: Path, cfg: CalibrationConfig) -> Cartography:
 
 
 def load_cost_model(run_dir: Path, cost_cfg: CostConfig | None = None) -> CostModel:
-    cfg = load_run_config(run_dir)
+    cfg = load_saved_config(run_dir)
     return CostModel.from_config(cost_cfg or cfg.cost, tuple(load_model_config(run_dir).exit_layers))
 
 
@@ -356,7 +357,7 @@ def calibrate_stage(run_dir: Path, cfg: RunConfig | None = None) -> dict:
     config.json: a calibrate that fails leaves the run directory as it was (caches aside)."""
     run_dir = Path(run_dir)
     rd = RunDir(run_dir)
-    cfg = (cfg or load_run_config(run_dir)).validate()  # every setting checked before any work
+    cfg = (cfg or load_saved_config(run_dir)).validate()  # every setting checked before any work
     c = cfg.calibration
     target = check_calibration(c)
     cost_model = load_cost_model(run_dir, cfg.cost)
@@ -410,7 +411,7 @@ def evaluate_stage(run_dir: Path, cfg: RunConfig | None = None, other_costs: boo
     model, with 95% paired bootstrap intervals and the share of the oracle's saving (a labelled reference)."""
     run_dir = Path(run_dir)
     rd = RunDir(run_dir)
-    cfg = cfg or load_run_config(run_dir)
+    cfg = cfg or load_saved_config(run_dir)
     policy, raw = load_router(rd.router)
     cost_model = load_cost_model(run_dir, cfg.cost)
     fitted_under = CostModel.from_dict(raw["cost_model"])
@@ -484,7 +485,7 @@ def route_texts(run_dir: Path, texts: list[str], pairs: list[str] | None = None,
     if mode == "policy":
         router, _ = load_router(RunDir(run_dir).router)
     else:
-        cfg = load_run_config(run_dir)
+        cfg = load_saved_config(run_dir)
         cost_model = load_cost_model(run_dir, cfg.cost)
         router = DimecFixedRouter.from_config(cfg.calibration).fit(
             split_outputs(run_dir, "validation"), cost_model, load_cartography(run_dir, cfg.calibration))

@@ -97,7 +97,7 @@ def prepare_task(task: str, base_cfg: RunConfig, out_dir: Path, task_settings: d
     from dimec.pipeline import (
         load_cartography,
         load_cost_model,
-        load_run_config,
+        load_saved_config,
         split_outputs,
         train_stage,
         training_differences,
@@ -108,7 +108,7 @@ def prepare_task(task: str, base_cfg: RunConfig, out_dir: Path, task_settings: d
     cfg = task_config(base_cfg, task, task_settings)
     task = run_name(cfg)
     run_dir = Path(out_dir) / "runs" / task
-    reused = RunDir(run_dir).train_result.is_file() and not training_differences(load_run_config(run_dir), cfg) \
+    reused = RunDir(run_dir).train_result.is_file() and not training_differences(load_saved_config(run_dir), cfg) \
         and _calibrated(run_dir)
     if not reused:
         train_stage(cfg, run_dir)  # resumes a half-finished run; refuses one with other settings

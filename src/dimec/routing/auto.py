@@ -41,7 +41,8 @@ class AutoRouter(PlanRouter):
     def from_config(cls, calibration: CalibrationConfig, seed: int | None = None, **params) -> Self:
         return cls(calibration=asdict(calibration), **params)
 
-    def calibration_(self) -> CalibrationConfig:
+    def calibration_config(self) -> CalibrationConfig:
+        """The `calibration` parameter (a dict, as saved in router.json) as a CalibrationConfig."""
         known = {f.name for f in fields(CalibrationConfig)}
         raw = {k: tuple(v) if isinstance(v, list) else v for k, v in (self.calibration or {}).items() if k in known}
         return CalibrationConfig(**raw)
@@ -49,7 +50,7 @@ class AutoRouter(PlanRouter):
     def candidates(self, val: ExitOutputs, cost_model: CostModel, cartography: Cartography | None,
                    train: TrainingSignal | None) -> tuple[list[tuple[str, PlanRouter]], dict[str, str]]:
         """(family, fitted candidate) pairs, and the families that could not be fitted here, with why."""
-        cal = self.calibration_()
+        cal = self.calibration_config()
         out, skipped = [], {}
         for family in self.families:
             router = ROUTERS[family].from_config(cal)
@@ -65,7 +66,7 @@ class AutoRouter(PlanRouter):
 
     def fit(self, val: ExitOutputs, cost_model: CostModel, cartography: Cartography | None = None,
             train: TrainingSignal | None = None) -> Self:
-        target = Target(**target_of(self.calibration_())).check()
+        target = Target(**target_of(self.calibration_config())).check()
         skipped: dict[str, str] = {}
 
         def build(outputs: ExitOutputs, carto: Cartography | None) -> list[tuple[str, PlanRouter]]:

@@ -66,12 +66,14 @@ class TunedPlanRouter(PlanRouter):
     def from_config(cls, calibration: CalibrationConfig, seed: int | None = None, **params) -> Self:
         return cls(target=target_of(calibration), grid_size=calibration.threshold_grid, **params)
 
-    def target_(self) -> Target:
+    def checked_target(self) -> Target:
+        """The `target` parameter as a checked Target (a method, not learned state: no trailing underscore)."""
         return Target(**(self.target or {})).check()
 
     def fixed(self, thresholds: tuple[float, ...], confidence: str, prerouter=None) -> Self:
-        """A fitted copy with these thresholds (a candidate)."""
-        router = type(self)(thresholds, confidence, self.target, self.grid_size)
+        """A fitted copy with these thresholds (a candidate): this router's parameters (`get_params`, so a
+        subclass's own parameters come along), with the thresholds and confidence replaced."""
+        router = type(self)(**{**self.get_params(), "thresholds": tuple(thresholds), "confidence": confidence})
         router.set_thresholds(thresholds, confidence, prerouter)
         return router
 
@@ -102,9 +104,9 @@ class TunedPlanRouter(PlanRouter):
             return [(self.name, c) for c in self.candidates(outputs, cost_model, carto, train)] + \
                 [("cloud-only", CloudOnlyRouter())]
 
-        candidates, selection = select(build, val, cartography, cost_model, self.target_())
+        candidates, selection = select(build, val, cartography, cost_model, self.checked_target())
         if selection.index is None:
-            raise ConfigError(f"no {self.name} configuration meets the target ({self.target_().describe()})",
+            raise ConfigError(f"no {self.name} configuration meets the target ({self.checked_target().describe()})",
                               "raise the budget; no policy is cheaper than mobile-only")
         self.selection_ = selection
         self.adopt(candidates[selection.index][1])

@@ -100,11 +100,6 @@ class HybridCentroidRouter(_Hybrid):
         return cls(target=target_of(calibration), grid_size=calibration.threshold_grid,
                    pool_params=pool_params_of(calibration), **params)
 
-    def fixed(self, thresholds, confidence, prerouter=None):
-        router = type(self)(thresholds, confidence, self.target, self.grid_size, self.pool_params)
-        router.set_thresholds(thresholds, confidence, prerouter)
-        return router
-
     def fit_prerouter(self, val, cost_model, cartography, train):
         if cartography is None:
             raise ConfigError("hybrid-centroid needs the validation cartography to build DIMEC-DC's pools")
@@ -140,12 +135,6 @@ class HybridLearnedRouter(_Hybrid):
         return cls(target=target_of(calibration), grid_size=max(2, calibration.threshold_grid // 2),
                    adequate=calibration.prerouter_adequate, seed=calibration.seed if seed is None else seed,
                    **params)
-
-    def fixed(self, thresholds, confidence, prerouter=None):
-        router = type(self)(thresholds, confidence, self.target, self.grid_size, self.adequate,
-                            self.prerouter_grid_size, self.seed)
-        router.set_thresholds(thresholds, confidence, prerouter)
-        return router
 
     def fit_prerouter(self, val, cost_model, cartography, train):
         if train is None:

@@ -20,9 +20,10 @@ serving/ops/monitor   drift monitoring: the validation reference, live histogram
 serving/phone/        the client side
 - links:        user-space emulation of mobile->edge / mobile->cloud links (latency, jitter, bandwidth, loss)
 - constraints:  FleetPolicy: privacy, the cloud budget, deadlines, the edge's advice, 429s
-- settings:     the client's fleet settings, declared like config.py's (`dimec settings client`)
+- remote:       HttpRemote, one remote tier over HTTP (timeouts, retries, cooldown); Timeouts
 - client:       MobileClient: route to a plan, run it through the executor (mobile stage here, the rest on
-                the edge or cloud over HTTP: HttpRemote), fallbacks
+                the edge or cloud over HTTP: remote.HttpRemote), fallbacks
+- settings:     the client's settings (fleet constraints; backend, routing, retries), declared like config.py's
 serving/servers/      the edge and cloud
 - sources:      sources file: tokens -> sources, priority classes, scheduling settings (FleetConfig)
 - bounds:       request bytes in flight, per server and per source (the memory bound)
@@ -41,5 +42,6 @@ serving/deploy/       getting tiers running
 serving/ops/          measuring and planning
 - profile:      `dimec profile` -> the cost-model profile in milliseconds (with the hidden-state factor)
 - planning:     `dimec plan`: offline analysis of served policies under latency, money and exposure bounds
+serving/settings   the registry of every serving settings section (`dimec settings`), saving and --settings
 serving/fleet_cli, serving/cli   the commands (`dimec serve`, `client`, `profile`, `plan`, `monitor`, ...)
 """

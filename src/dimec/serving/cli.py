@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import errno
 import json
 import os
@@ -14,19 +15,18 @@ from pathlib import Path
 from typing import Any
 
 from dimec.cli_helpers import texts_from_args
-from dimec.config import SERVE_PRECISIONS, device_problem
+from dimec.config import build_section, raise_problems
 from dimec.errors import ConfigError
-from dimec.serving.fleet_cli import add_fleet_client_args, attach_fleet_commands, fleet_policy_from_args
+from dimec.serving import settings as st
+from dimec.serving.fleet_cli import add_fleet_client_args, attach_fleet_commands
 from dimec.serving.live import cli as live_cli
-from dimec.serving.phone.client import ROUTINGS
-from dimec.serving.servers.batcher import BatchingConfig
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 DEFAULT_PORTS = {"edge": 8101, "cloud": 8102}
-LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
+SETTINGS_HINT = "fix them with the option or in the --settings file; `dimec settings SECTION` lists every setting"
 
 
-# ---- argument types: a bad number is an argparse error (one line, exit 2) before anything starts ----------
+# ---- argument types of what is not a setting (ports, counts of export and profile): one line, exit 2 --------
 def _bounded(kind: type, low: float, high: float | None = None, what: str = "") -> Callable[[str], Any]:
     def parse(text: str):
         try:
@@ -41,16 +41,8 @@ def _bounded(kind: type, low: float, high: float | None = None, what: str = "") 
     return parse
 
 
-def _device(text: str) -> str:
-    problem = device_problem(text)
-    if problem:
-        raise argparse.ArgumentTypeError(f"--device {problem}")
-    return text
-
-
 PORT = _bounded(int, 1, 65535, "a TCP port")
 POSITIVE_INT = _bounded(int, 1)
-SECONDS = _bounded(float, 0.001, 3600, "a time in seconds")
 
 
 def attach_serving_commands(sub) -> None:
@@ -67,7 +59,7 @@ def attach_serving_commands(sub) -> None:
     p = sub.add_parser("serve", help="serve the edge or cloud tier over HTTP (bearer token required)")
     p.add_argument("tier", choices=("edge", "cloud"))
     p.add_argument("path", help="the tier's package, or a run directory (its package is exported if missing)")
-    _server_args(p)
+    _token_args(p, "bearer token clients must send")
     p.add_argument("--port", type=PORT, help="default: 8101 for edge, 8102 for cloud")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
     p.add_argument("--sources", help="YAML/JSON file: tokens -> sources and priority classes, scheduling and "
@@ -81,26 +73,17 @@ def attach_serving_commands(sub) -> None:
                                                 "unset: they are open, as on loopback; docs/serving.md)")
     p.add_argument("--link-cloud", help="edge only: emulated edge->cloud link, e.g. 'wan' or 'latency=30'")
     live_cli.add_server_args(p)
-    p.add_argument("--device", type=_device, default="auto",
-                   help="where the tier's model runs: auto (CUDA, else Apple MPS, else CPU), cpu, cuda, cuda:N, mps")
-    p.add_argument("--precision", default="auto", choices=SERVE_PRECISIONS,
-                   help="the model's weights and compute: auto (bf16 on a GPU that has it, fp16 on an older GPU, "
-                        "fp32 on CPU), fp32, bf16, fp16 (GPU only)")
-    p.add_argument("--batching", action="store_true",
-                   help="dynamic batching: concurrent requests share forward passes (docs/serving.md)")
-    p.add_argument("--batch-max", type=POSITIVE_INT, default=BatchingConfig.max_batch,
-                   help="with --batching: texts per gathered forward pass")
-    p.add_argument("--batch-wait-ms", type=_bounded(float, 0, 10_000, "--batch-wait-ms"),
-                   default=BatchingConfig.max_wait_ms,
-                   help="with --batching: longest a request waits for batch-mates, ms (0..10000)")
-    p.add_argument("--batch-queue", type=POSITIVE_INT, default=BatchingConfig.max_queue,
-                   help="with --batching: requests waiting at most (then 429)")
+    _settings_arg(p, "serve")
+    g = p.add_argument_group("settings (`dimec settings server`)")
+    st.add_section_options(g, st.SERVER_SECTION)
+    st.add_section_options(g, st.LIMITS_SECTION)
+    st.add_section_options(g, st.BATCHING_SECTION)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("serve-all", help="local three-tier demo: edge and cloud servers + the mobile client")
     p.add_argument("run_dir")
     _client_args(p)
-    p.add_argument("--threads", type=POSITIVE_INT, default=1, help="torch threads per server process")
+    _threads_arg(p)
     p.set_defaults(func=cmd_serve_all)
 
     p = sub.add_parser("demo", help="the mobile tier in the browser: demo page and fleet dashboard on loopback, "
@@ -108,10 +91,10 @@ def attach_serving_commands(sub) -> None:
     p.add_argument("run_dir", help="a run directory (its packages are exported if missing) or an export folder")
     p.add_argument("--port", type=PORT, default=8100, help="the page's port (default 8100)")
     p.add_argument("--host", default="127.0.0.1", choices=LOOPBACK_HOSTS, help="loopback only")
-    p.add_argument("--token-ttl", type=SECONDS, default=900.0, help="life of the page's session token, seconds")
-    p.add_argument("--threads", type=POSITIVE_INT, default=1, help="torch threads per server process")
+    st.add_section_options(p, st.DEMO_SECTION)
+    _threads_arg(p)
     p.add_argument("--web-dist", help="the built page (default: web/dist of this source tree)")
-    p.add_argument("--log-level", default="warning", choices=LOG_LEVELS)
+    st.add_section_options(p, st.SERVER_SECTION, ("log_level",))
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("client", help="the mobile client: route texts, answer locally or offload")
@@ -138,37 +121,57 @@ def attach_serving_commands(sub) -> None:
     attach_fleet_commands(sub)  # plan, monitor (fleet_cli.py)
 
 
-def _server_args(p: argparse.ArgumentParser) -> None:
-    _token_args(p, "bearer token clients must send")
-    p.add_argument("--threads", type=POSITIVE_INT, help="torch intra-op threads (default: torch's choice)")
-    p.add_argument("--max-body-bytes", type=POSITIVE_INT, default=1_000_000)
-    p.add_argument("--max-text-chars", type=POSITIVE_INT, default=20_000)
-    p.add_argument("--max-batch", type=POSITIVE_INT, default=64)
-    p.add_argument("--max-hidden-bytes", type=POSITIVE_INT, default=8_000_000, help="body limit of /v1/continue")
-    p.add_argument("--max-inflight-bytes", type=POSITIVE_INT, default=32_000_000,
-                   help="request bytes the server holds at once, all sources together; over it: 429 (docs/serving.md)")
-    p.add_argument("--max-source-inflight-bytes", type=POSITIVE_INT, default=16_000_000,
-                   help="request bytes the server holds at once for one source (token)")
-    p.add_argument("--log-level", default="warning", choices=LOG_LEVELS)
-
-
 def _client_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("texts", nargs="*", help="texts to classify (none: read lines from stdin)")
     p.add_argument("--file", help="a text file, one text per line")
-    p.add_argument("--backend", default="onnx-int8", choices=("onnx-int8", "onnx", "torch"),
-                   help="how the mobile tier runs")
-    p.add_argument("--routing", default="router", choices=ROUTINGS,
-                   help="router: the package's calibrated router.json (any servable policy; 'fixed' is its older "
-                        "name); dynamic: the same with moving pool means (DIMEC-DC Dynamic); or one tier for all")
     p.add_argument("--link-edge", help="emulated mobile->edge link, e.g. 'wifi' or 'latency=20,jitter=5,bandwidth=50'")
     p.add_argument("--link-cloud", help="emulated mobile->cloud link, e.g. '4g' or 'latency=80,loss=0.01'")
-    p.add_argument("--connect-timeout", type=SECONDS, default=1.0, help="seconds")
-    p.add_argument("--timeout", type=SECONDS, default=10.0, help="read timeout, seconds")
-    p.add_argument("--call-timeout", type=SECONDS, default=30.0,
-                   help="seconds one classify call may take, every exchange and retry together (default 30)")
-    p.add_argument("--retries", type=_bounded(int, 0, 10, "--retries"), default=2,
-                   help="extra attempts per tier (0..10)")
+    _settings_arg(p, "client")
+    g = p.add_argument_group("settings (`dimec settings client`)")
+    st.add_section_options(g, st.MOBILE_SECTION)
+    st.add_section_options(g, st.TIMEOUTS_SECTION)
     add_fleet_client_args(p)
+
+
+def _settings_arg(p: argparse.ArgumentParser, command: str) -> None:
+    p.add_argument("--settings", metavar="FILE",
+                   help=f"YAML/JSON settings ({', '.join(st.COMMANDS[command])}), e.g. the <tier>.settings.json "
+                        "saved beside the package by an earlier run; options given here override it")
+
+
+def _threads_arg(p: argparse.ArgumentParser) -> None:
+    """serve-all and demo start several servers on one machine: one torch thread each unless told otherwise."""
+    p.add_argument("--threads", type=int, default=1, help="torch threads per server process (default 1)")
+
+
+def _checked_threads(args) -> int:
+    try:  # the declaration's check (server.threads), with this command's own default of 1
+        return build_section(st.ServerSettings, {"threads": args.threads}, f"{st.SERVER_SECTION}.").threads
+    except ConfigError as exc:
+        raise_problems(exc.problems, SETTINGS_HINT)
+        raise
+
+
+def command_settings(command: str, args) -> dict[str, Any]:
+    """The command's sections: the --settings file's (else the declared defaults) with the options given on the
+    command line over them. Options default to None ("not given", config.add_options), which is how an
+    explicit option wins over the file while an absent one leaves the file's value. Every section is checked
+    (config.build_section); the problems of all of them are one ConfigError (exit 2), before anything loads."""
+    saved = st.read_settings(args.settings, command) if getattr(args, "settings", None) else {}
+    sections, problems = {}, []
+    for name in st.COMMANDS[command]:
+        try:
+            if name == st.LIVE_SECTION:
+                sections[name] = live_cli.settings_from_args(args, saved.get(name))
+            else:
+                sections[name] = st.section_from_args(name, args, saved.get(name))
+        except ConfigError as exc:
+            problems += exc.problems
+    if getattr(args, "ignore_advice", False) and not problems:
+        sections[st.CLIENT_SECTION] = dataclasses.replace(sections[st.CLIENT_SECTION], honour_advice=False)
+    if problems:
+        raise_problems(problems, SETTINGS_HINT)
+    return sections
 
 
 def _token_args(p: argparse.ArgumentParser, what: str) -> None:
@@ -223,18 +226,20 @@ def cmd_export(args) -> None:
 
 def cmd_serve(args) -> None:
     from dimec.serving.deploy.export import ensure_package
-    from dimec.serving.servers.server import Limits, create_app
+    from dimec.serving.servers.server import create_app
     from dimec.serving.servers.sources import SourceTable
 
+    sections = command_settings("serve", args)  # every setting checked before anything else happens
+    server = sections[st.SERVER_SECTION]
     token = _token(args)
     sources = SourceTable.load(args.sources) if getattr(args, "sources", None) else None
     if not token and sources is None:
         raise ConfigError("no bearer token", "pass --token T or set DIMEC_TOKEN (the same value on every tier), "
                                              "or --sources FILE")
-    if args.threads:
+    if server.threads:
         import torch
 
-        torch.set_num_threads(args.threads)
+        torch.set_num_threads(server.threads)
     metrics_token = _secret(None, args.metrics_token_file, "DIMEC_METRICS_TOKEN")
     if args.host not in LOOPBACK_HOSTS:
         print(f"dimec: warning: binding {args.host}: plain HTTP, put TLS in front of it beyond a trusted network",
@@ -243,14 +248,12 @@ def cmd_serve(args) -> None:
             print("dimec: warning: /metrics (source names and their traffic) and /v1/drift/reference are open to "
                   "anyone who reaches this address; set DIMEC_METRICS_TOKEN or --metrics-token-file",
                   file=sys.stderr)
-    limits = Limits(args.max_body_bytes, args.max_text_chars, args.max_batch, args.max_hidden_bytes,
-                    args.max_inflight_bytes, args.max_source_inflight_bytes)
     forward = None
     if args.cloud_url:
         if args.tier != "edge":
             raise ConfigError("--cloud-url is for the edge (it forwards plans that go on to the cloud)")
-        from dimec.serving.phone.client import HttpRemote
         from dimec.serving.phone.links import LinkProfile
+        from dimec.serving.phone.remote import HttpRemote
 
         args.cloud_token = _secret(args.cloud_token, args.cloud_token_file, "DIMEC_CLOUD_TOKEN")
         if not (args.cloud_token or token):  # with --sources there is no token of its own to lend the link
@@ -264,22 +267,26 @@ def cmd_serve(args) -> None:
     from dimec.devices import resolve_device, resolve_serving_precision
     from dimec.runtime.tier import TierModel
 
-    device = resolve_device(args.device, "--device")  # a missing GPU: one error before anything starts
-    precision = resolve_serving_precision(args.precision, device)
-    batching = BatchingConfig.checked(max_batch=args.batch_max, max_wait_ms=args.batch_wait_ms,
-                                      max_queue=args.batch_queue) if args.batching else None
+    device = resolve_device(server.device, "--device")  # a missing GPU: one error before anything starts
+    precision = resolve_serving_precision(server.precision, device)
+    batching = sections[st.BATCHING_SECTION] if server.dynamic_batching else None
     port = args.port or DEFAULT_PORTS[args.tier]
     sock = bind_port(args.host, port)  # before the model loads: a taken port fails fast, and no other
     try:                               # server can take it between this check and serving
-        live = live_cli.live_from_args(args)  # --live RUN_DIR: shadows, feedback, the versioned policy
-        model = TierModel(ensure_package(args.path, args.tier, log=_say), device=str(device), precision=precision)
-        app = create_app(None, args.tier, token, limits, model=model, sources=sources, forward=forward,
-                         batching=batching, live=live, metrics_token=metrics_token)
+        live = live_cli.live_from_args(args, sections[st.LIVE_SECTION])  # --live RUN_DIR: shadows, feedback, policy
+        package = ensure_package(args.path, args.tier, log=_say)
+        model = TierModel(package, device=str(device), precision=precision)
+        app = create_app(None, args.tier, token, sections[st.LIMITS_SECTION], model=model, sources=sources,
+                         forward=forward, batching=batching, live=live, metrics_token=metrics_token,
+                         settings=st.to_json(sections))  # shown by /healthz
+        saved = st.save_settings(package, "serve", sections)
+        if saved:
+            _say(f"settings saved to {saved} (re-read with --settings)")
         print(f"dimec {args.tier} tier on http://{_url_host(args.host)}:{port} "
               f"(exit layer {model.exit_layer}, {device} {precision}"
               f"{f', batching {batching.max_batch} texts / {batching.max_wait_ms:g} ms' if batching else ''})",
               flush=True)
-        run_server(app, sock, args.log_level)
+        run_server(app, sock, server.log_level)
     finally:
         sock.close()
 
@@ -320,14 +327,18 @@ def _url_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
-def _client(args, mobile_path, edge_url, cloud_url, token):
+def _client(args, mobile_path, edge_url, cloud_url, token, sections: dict[str, Any]):
     from dimec.serving.deploy.export import ensure_package
-    from dimec.serving.phone.client import MobileClient, Timeouts
+    from dimec.serving.phone.client import MobileClient
 
-    fleet = fleet_policy_from_args(args)  # constraints, budget, advice: checked first
-    package = ensure_package(mobile_path, "mobile", args.backend, log=_say)
-    return MobileClient(package, edge_url, cloud_url, token, Timeouts(args.connect_timeout, args.timeout, args.call_timeout),
-                        args.retries, _links(args), args.backend, args.routing, fleet=fleet)
+    fleet = sections[st.CLIENT_SECTION].policy()  # constraints, budget, advice
+    mobile = sections[st.MOBILE_SECTION]
+    package = ensure_package(mobile_path, "mobile", mobile.backend, log=_say)
+    saved = st.save_settings(package, "client", sections)
+    if saved:
+        _say(f"settings saved to {saved} (re-read with --settings)")
+    return MobileClient(package, edge_url, cloud_url, token, sections[st.TIMEOUTS_SECTION], mobile.retries,
+                        _links(args), mobile.backend, mobile.routing, fleet=fleet)
 
 
 def _run_client(client, texts: list[str] | None) -> None:
@@ -348,10 +359,12 @@ def _run_client(client, texts: list[str] | None) -> None:
 
 
 def cmd_client(args) -> None:
-    if not (args.edge_url or args.cloud_url) and args.routing != "mobile-only":
+    sections = command_settings("client", args)  # every setting checked before anything loads
+    if not (args.edge_url or args.cloud_url) and sections[st.MOBILE_SECTION].routing != "mobile-only":
         raise ConfigError("no remote tier", "give --edge-url and/or --cloud-url (or --routing mobile-only)")
-    with _client(args, args.path, args.edge_url, args.cloud_url, _token(args)) as client:
-        live_cli.attach_client(client, args, args.cloud_url, _token(args))  # shadow sample, policy follower
+    with _client(args, args.path, args.edge_url, args.cloud_url, _token(args), sections) as client:
+        live_cli.attach_client(client, args, args.cloud_url, _token(args),  # shadow sample, policy follower
+                               sections[st.LIVE_SECTION])
         _run_client(client, _texts(args))
 
 
@@ -359,10 +372,11 @@ def cmd_serve_all(args) -> None:
     from dimec.serving.deploy.export import ensure_package
     from dimec.serving.deploy.local import ProcessServer
 
+    sections, threads = command_settings("client", args), _checked_threads(args)
     token = os.environ.get("DIMEC_TOKEN") or secrets.token_urlsafe(24)  # private to this demo
     texts = _texts(args)
-    cloud = ProcessServer("cloud", ensure_package(args.run_dir, "cloud", log=_say), token, threads=args.threads)
-    edge = ProcessServer("edge", ensure_package(args.run_dir, "edge", log=_say), token, threads=args.threads,
+    cloud = ProcessServer("cloud", ensure_package(args.run_dir, "cloud", log=_say), token, threads=threads)
+    edge = ProcessServer("edge", ensure_package(args.run_dir, "edge", log=_say), token, threads=threads,
                          extra_args=["--cloud-url", cloud.url])  # the edge forwards plans going on to the cloud
     servers = [edge, cloud]
     try:
@@ -371,7 +385,7 @@ def cmd_serve_all(args) -> None:
         for server in servers:
             server.wait()
             print(f"{server.tier} tier up on {server.url}", file=sys.stderr)
-        with _client(args, args.run_dir, edge.url, cloud.url, token) as client:
+        with _client(args, args.run_dir, edge.url, cloud.url, token, sections) as client:
             _run_client(client, texts)
     finally:
         for server in servers:
@@ -382,18 +396,23 @@ def cmd_serve_all(args) -> None:
 def cmd_demo(args) -> None:
     from dimec.serving.deploy.export import ensure_package
     from dimec.serving.deploy.local import ProcessServer
-    from dimec.serving.deploy.web import WebConfig, create_web_app
+    from dimec.serving.deploy.web import create_web_app
 
+    try:  # checked before anything starts
+        web = st.section_from_args(st.DEMO_SECTION, args)
+        log_level = st.section_from_args(st.SERVER_SECTION, args, names=("log_level",)).log_level
+        threads = _checked_threads(args)
+    except ConfigError as exc:
+        raise_problems(exc.problems, SETTINGS_HINT)
     token = os.environ.get("DIMEC_TOKEN") or secrets.token_urlsafe(24)  # the tiers' token: never sent to the page
     mobile = ensure_package(args.run_dir, "mobile", "onnx-int8", log=_say)
     sock = bind_port(args.host, args.port)
-    cloud = ProcessServer("cloud", ensure_package(args.run_dir, "cloud", log=_say), token, threads=args.threads)
-    edge = ProcessServer("edge", ensure_package(args.run_dir, "edge", log=_say), token, threads=args.threads,
+    cloud = ProcessServer("cloud", ensure_package(args.run_dir, "cloud", log=_say), token, threads=threads)
+    edge = ProcessServer("edge", ensure_package(args.run_dir, "edge", log=_say), token, threads=threads,
                          extra_args=["--cloud-url", cloud.url])
     servers = [edge, cloud]
     try:
-        app = create_web_app(mobile, {"edge": edge.url, "cloud": cloud.url}, token, args.web_dist,
-                             WebConfig(token_ttl_s=args.token_ttl))
+        app = create_web_app(mobile, {"edge": edge.url, "cloud": cloud.url}, token, args.web_dist, web)
         for server in servers:
             server.start()
         for server in servers:
@@ -401,7 +420,7 @@ def cmd_demo(args) -> None:
             _say(f"{server.tier} tier up on {server.url}")
         page = f"http://{_url_host(args.host)}:{args.port}"
         print(f"demo page: {page}/   fleet dashboard: {page}/dashboard   (Ctrl-C stops everything)", flush=True)
-        run_server(app, sock, args.log_level)
+        run_server(app, sock, log_level)
     finally:
         sock.close()
         for server in servers:

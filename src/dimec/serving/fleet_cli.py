@@ -13,35 +13,14 @@ from dimec.errors import ConfigError
 
 # ---- `dimec client` / `serve-all`: constraints, budget, advice ----------------------------------------------------
 def add_fleet_client_args(p: argparse.ArgumentParser) -> None:
-    """The options of the client's fleet settings; defaults and help from their declarations
-    (serving/phone/settings.py, listed by `dimec settings client`)."""
-    from dimec.serving.phone.settings import default, help_of
+    """The options of the client's fleet settings, generated from their declarations (serving/phone/settings.py,
+    listed by `dimec settings client`); serving/cli.py builds and checks the section from them."""
+    from dimec.serving import settings as st
 
     g = p.add_argument_group("constraints (docs/fleet.md; `dimec settings client`)")
-    g.add_argument("--private", action="store_true", help=help_of("private"))
-    g.add_argument("--trusted", default="", help=help_of("trusted") + ", comma-separated")
-    g.add_argument("--max-latency-ms", type=float, help=help_of("max_latency_ms"))
-    g.add_argument("--latency-profile", help=help_of("latency_profile"))
-    g.add_argument("--cloud-budget", type=float, help=help_of("cloud_budget"))
-    for name in ("budget_window", "cloud_price", "min_mobile_confidence"):
-        g.add_argument(f"--{name.replace('_', '-')}", type=float, default=default(name),
-                       help=f"{help_of(name)} (default {default(name):g})")
-    g.add_argument("--ignore-advice", action="store_true", help="do not " + help_of("honour_advice").split(" (")[0])
-
-
-def fleet_settings_from_args(args):
-    """The client's fleet settings from the options."""
-    from dimec.serving.phone.settings import FleetClientSettings
-
-    trusted = tuple(t.strip() for t in (getattr(args, "trusted", "") or "").split(",") if t.strip())
-    return FleetClientSettings(args.private, trusted, args.max_latency_ms, args.latency_profile, args.cloud_budget,
-                               args.budget_window, args.cloud_price, args.min_mobile_confidence,
-                               not args.ignore_advice)
-
-
-def fleet_policy_from_args(args):
-    """The client's FleetPolicy from the options, checked before any package is touched."""
-    return fleet_settings_from_args(args).policy()
+    st.add_section_options(g, st.CLIENT_SECTION)
+    g.add_argument("--ignore-advice", action="store_true", help="do not honour the edge's PA-MDI advice "
+                                                                "(client.honour_advice false)")
 
 
 # ---- `dimec plan` and `dimec monitor` ------------------------------------------------------------------------------

@@ -126,9 +126,9 @@ def check_texts_for(run_dir: Path, texts, pairs, limit: int, tokenizer):
     if texts:
         return list(texts)[:limit], (list(pairs)[:limit] if pairs else None), None, "given texts"
     try:
-        from dimec.pipeline import load_run_config, task_data
+        from dimec.pipeline import load_saved_config, task_data
 
-        data = task_data(load_run_config(run_dir))
+        data = task_data(load_saved_config(run_dir))
         val = data.validation[:limit]
         pairs = [e.text_pair for e in val] if val and val[0].text_pair is not None else None
         return [e.text for e in val], pairs, [e.label for e in val], "validation split"

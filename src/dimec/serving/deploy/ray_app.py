@@ -107,7 +107,7 @@ def tier_application(tier: str, package: str | Path, token: str, limits: Limits 
             return create_gateway_app(client, token, limits)
     else:
         def build():
-            from dimec.serving.phone.client import HttpRemote
+            from dimec.serving.phone.remote import HttpRemote
             from dimec.serving.servers.server import create_app
 
             # the edge forwards plans that go on to the cloud through Serve's proxy

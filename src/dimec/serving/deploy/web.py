@@ -34,6 +34,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 
+from dimec.config import above, at_least, between, raise_problems, section_problems, setting
 from dimec.errors import ConfigError
 from dimec.runtime.package import MANIFEST, read_manifest
 
@@ -42,16 +43,23 @@ PROXIED = {("POST", "v1/classify"), ("POST", "v1/continue"), ("GET", "healthz"),
 DIST_HINT = "build the page first: `cd web && npm ci && npm run build` (or `make web`)"
 
 
+DEMO_SECTION = "demo"  # its name in `dimec settings` (serving/settings.py)
+
+
 @dataclass(frozen=True)
 class WebConfig:
-    token_ttl_s: float = 900.0  # a session token's life; the page offers to renew it
-    max_body_bytes: int = 8_000_000  # what the proxy reads before refusing (413); the tiers apply their own limits
-    max_text_chars: int = 20_000  # shown to the page so it refuses over-long text before any work
-    timeout_s: float = 30.0  # per proxied request
+    """The demo page's proxy (`dimec demo --token-ttl`; section demo of `dimec settings`); checked when made."""
+
+    token_ttl_s: float = setting(900.0, "life of the page's session token, seconds (the page offers to renew it)",
+                                 between(1, 86_400))
+    max_body_bytes: int = setting(8_000_000, "what the proxy reads of a request before refusing it (413); the tiers "
+                                             "apply their own limits", at_least(1024))
+    max_text_chars: int = setting(20_000, "shown to the page so that it refuses over-long text before any work",
+                                  at_least(1))
+    timeout_s: float = setting(30.0, "seconds per proxied request", above(0))
 
     def __post_init__(self) -> None:
-        if not 1 <= self.token_ttl_s <= 86_400:
-            raise ConfigError(f"token_ttl_s must be in 1..86400 s, got {self.token_ttl_s}")
+        raise_problems(section_problems(self, f"{DEMO_SECTION}."))
 
 
 def default_dist() -> Path:

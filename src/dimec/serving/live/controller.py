@@ -35,37 +35,46 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from dimec.config import above, at_least, between, raise_problems, section_problems, setting
 from dimec.errors import ConfigError
-from dimec.serving.live.ledger import Evidence, Ledger
+from dimec.serving.live.ledger import DEFAULT_RATE, Evidence, Ledger
 
 log = logging.getLogger("dimec.serving.live")
 MAX_LOG = 100  # change-log entries kept in router.json
 
 
+LIVE_SECTION = "live"  # its name in `dimec settings` and in saved settings (serving/settings.py)
+
+
 @dataclass(frozen=True)
 class LiveSettings:
-    shadow_rate: float = 0.02  # share of texts sampled for shadow answers (0: off)
-    alpha: float = 0.05  # the confidence sequence covers the live loss with probability >= 1 - alpha
-    back_fraction: float = 0.5  # step back once the upper end is this far from the step's validation level to its budget
-    patience: int = 400  # consecutive shadow answers below that level before stepping back
-    min_evidence: int = 20  # shadow answers on a version (or in the recent epoch) before it may step safer
-    window: int = 200  # shadow answers per epoch of the recent sequence, the drift detector (bound.py)
-    feedback_rate: float = 50.0  # labels per second per token
-    feedback_burst: float = 500.0
-    shadow_timeout_s: float = 2.0  # a shadow answer later than this is missing
-    shadow_queue: int = 256  # shadow texts waiting in the client; more are shed (counted)
-    poll_s: float = 5.0  # the client's policy poll interval (doubling on failure up to 16x)
-    enabled: bool = True  # False: observe and report only, never change the policy
+    """Live control's settings: the cloud's controller and feedback (`dimec serve cloud --live`), the client's
+    shadow sample and policy poll (`dimec client`). Checked by `check()`, which every user of them calls."""
+
+    shadow_rate: float = setting(DEFAULT_RATE, "share of texts the cloud also answers, off the critical path, for "
+                                               "the live loss bound (0: off; a cloud without --live turns it off)",
+                                 between(0, 1))
+    alpha: float = setting(0.05, "the confidence sequence covers the live loss with probability >= 1 - alpha",
+                           between(0, 1, low_open=True, high_open=True))
+    back_fraction: float = setting(0.5, "step back once the upper end is this far from the step's validation level "
+                                        "to its budget", between(0, 1, high_open=True))
+    patience: int = setting(400, "consecutive shadow answers below that level before stepping back", at_least(1))
+    min_evidence: int = setting(20, "shadow answers on a version (or in the recent epoch) before it may step safer",
+                                at_least(1))
+    window: int = setting(200, "shadow answers per epoch of the recent sequence, the drift detector (bound.py: "
+                               "RecentSequence)", at_least(1))
+    feedback_rate: float = setting(50.0, "feedback labels per second per token (--feedback-rate also sets the "
+                                         "burst to 10x)", above(0))
+    feedback_burst: float = setting(500.0, "feedback labels one token may send at once", above(0))
+    shadow_timeout_s: float = setting(2.0, "a shadow answer later than this many seconds is missing", above(0))
+    shadow_queue: int = setting(256, "shadow texts waiting in the client; more are shed (counted)", at_least(1))
+    poll_s: float = setting(5.0, "the client's policy poll interval, seconds (doubling on failure up to 16x)",
+                            above(0))
+    enabled: bool = setting(True, "False: observe and report only, never change the policy "
+                                  "(--live-observe-only)")
 
     def check(self) -> LiveSettings:
-        if not 0 <= self.shadow_rate <= 1:
-            raise ConfigError(f"shadow.rate must be in [0, 1], got {self.shadow_rate}")
-        if not 0 < self.alpha < 1 or not 0 <= self.back_fraction < 1:
-            raise ConfigError("live control needs 0 < alpha < 1 and 0 <= back_fraction < 1")
-        if self.patience < 1 or self.min_evidence < 1 or self.shadow_queue < 1 or self.window < 1:
-            raise ConfigError("live control needs patience, min_evidence, shadow_queue and window >= 1")
-        if not self.shadow_timeout_s > 0 or not self.poll_s > 0:
-            raise ConfigError("live control needs shadow_timeout_s > 0 and poll_s > 0")
+        raise_problems(section_problems(self, f"{LIVE_SECTION}."))
         return self
 
 

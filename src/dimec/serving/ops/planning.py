@@ -241,7 +241,7 @@ def pick(points: list[dict[str, Any]], constraints: PlanConstraints, objective: 
 def plan_run(run_dir: Path, profile: str | None, constraints: PlanConstraints, objective: str = "cost",
              split: str = "validation", policies: str | None = None, cloud_price: float = 1.0, edge_price: float = 0.0,
              trusted: tuple[str, ...] = (), out_dir: Path | None = None, log=print) -> dict[str, Any]:
-    from dimec.pipeline import load_cost_model, load_run_config, split_outputs
+    from dimec.pipeline import load_cost_model, load_saved_config, split_outputs
 
     for t in trusted:
         if t not in ("edge", "cloud"):
@@ -249,7 +249,7 @@ def plan_run(run_dir: Path, profile: str | None, constraints: PlanConstraints, o
     if objective not in OBJECTIVES:
         raise ConfigError(f"unknown objective {objective!r}", f"use one of {', '.join(OBJECTIVES)}")
     run = RunDir(run_dir)
-    cfg = load_run_config(run.root)
+    cfg = load_saved_config(run.root)
     reward = load_cost_model(run.root, cfg.cost)
     latency = latency_model(profile or run.profile, reward.exit_layers, reward.hidden_state_factor)
     money = money_model(cloud_price, edge_price, reward.exit_layers)

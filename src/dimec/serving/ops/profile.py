@@ -34,8 +34,8 @@ from dimec.runtime.plans import Stage
 from dimec.runtime.tier import TierModel
 from dimec.serving.deploy.export import check_texts_for, ensure_package
 from dimec.serving.deploy.local import ProcessServer
-from dimec.serving.phone.client import check_url
 from dimec.serving.phone.links import LinkProfile, LinkTransport
+from dimec.serving.phone.remote import check_url
 from dimec.tiers import TIERS
 
 PROFILE_KEYS = (*PROFILE_TIMES, "hidden_state_factor")  # what profile.json holds (costs.read_profile reads it)

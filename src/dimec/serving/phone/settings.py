@@ -1,13 +1,13 @@
-"""The phone client's fleet settings (docs/fleet.md), declared like config.py's: type, default, help and check
-in one place, with config.py's machinery. `dimec client` and `dimec serve-all` take their options' defaults
-and help from here, check them through config.py's one check path (`section_problems`), and `dimec settings
-client` lists them. (Only this group is declared so far: the servers' limits, links and the other client
-options are still argparse options; see docs/fleet.md.)
+"""The phone client's settings, declared like config.py's: type, default, help and check in one place, with
+config.py's machinery. `client`: the fleet settings (docs/fleet.md); `client.mobile`: how the device runs
+and routes. `dimec client` and `dimec serve-all` generate their options from these declarations, check them
+through config.py's one check path (`section_problems`), and `dimec settings client` lists them (with the
+timeouts, remote.py). serving/settings.py registers every serving section.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 from dimec.config import (
     above,
@@ -20,8 +20,12 @@ from dimec.config import (
     section_problems,
     setting,
 )
+from dimec.runtime.tier import BACKENDS
+from dimec.serving.phone.client import ROUTINGS
+from dimec.serving.phone.remote import MAX_RETRIES
 
 SECTION = "client"
+MOBILE_SECTION = "client.mobile"
 
 
 @dataclass
@@ -57,16 +61,17 @@ class FleetClientSettings:
                            self.min_mobile_confidence, self.honour_advice)
 
 
-def default(name: str):
-    return next(f.default for f in fields(FleetClientSettings) if f.name == name)
+@dataclass
+class MobileSettings:
+    """How the device runs its tier and routes (`dimec client --backend/--routing/--retries`)."""
 
+    backend: str = setting("onnx-int8", "how the mobile tier runs: onnx-int8 (the int8 ONNX graph), onnx (fp32; "
+                                        "needs an export with --full) or torch", one_of(*BACKENDS))
+    routing: str = setting("router", "router: the package's calibrated router.json (any servable policy; 'fixed' "
+                                     "is its older name); dynamic: the same with moving pool means (DIMEC-DC "
+                                     "Dynamic); or one tier for all", one_of(*ROUTINGS))
+    retries: int = setting(2, "extra attempts per remote tier and exchange", between(0, MAX_RETRIES))
 
-def help_of(name: str) -> str:
-    return next(f.metadata["help"] for f in fields(FleetClientSettings) if f.name == name)
-
-
-def describe() -> list[dict]:
-    """`dimec settings client`: this group's rows, in config.describe_settings' shape."""
-    from dimec.config import describe_section
-
-    return describe_section(SECTION, FleetClientSettings)
+    def check(self) -> MobileSettings:
+        raise_problems(section_problems(self, f"{MOBILE_SECTION}."))
+        return self

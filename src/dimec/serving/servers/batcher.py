@@ -27,27 +27,29 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any
 
-from dimec.config import at_least, build_config, raise_problems, section_problems, setting
+from dimec.config import at_least, between, build_config, raise_problems, section_problems, setting
 from dimec.devices import is_out_of_memory
 from dimec.serving.servers.scheduling import Done, Shed, settle
+
+BATCHING_SECTION = "server.batching"  # its name in `dimec settings` and in saved settings (serving/settings.py)
 
 
 @dataclass
 class BatchingConfig:
-    """`dimec serve --batch-max/--batch-wait-ms/--batch-queue` (docs/serving.md)."""
+    """`dimec serve --batch-max/--batch-wait-ms/--batch-queue` (docs/serving.md; section server.batching)."""
 
     max_batch: int = setting(32, "texts (or hidden states) per gathered forward pass", at_least(1))
-    max_wait_ms: float = setting(5.0, "longest the oldest request of a batch waits for batch-mates (0: only "
-                                      "requests already waiting join)", at_least(0))
+    max_wait_ms: float = setting(5.0, "longest the oldest request of a batch waits for batch-mates, ms (0: only "
+                                      "requests already waiting join)", between(0, 10_000))
     max_queue: int = setting(1024, "requests waiting at most; a newcomer beyond it is refused (429)", at_least(1))
 
     @classmethod
     def checked(cls, **values: Any) -> BatchingConfig:
         """Built from values with every type and bound checked (one ConfigError listing the bad ones)."""
-        return build_config(cls, values, "batching.").validate()
+        return build_config(cls, values, f"{BATCHING_SECTION}.").validate()
 
     def validate(self) -> BatchingConfig:
-        raise_problems(section_problems(self, "batching."))
+        raise_problems(section_problems(self, f"{BATCHING_SECTION}."))
         return self
 
 

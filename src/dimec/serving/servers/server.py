@@ -39,6 +39,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from starlette.exceptions import HTTPException
 
+from dimec.config import at_least, raise_problems, section_problems, setting
 from dimec.errors import ConfigError, DataError, TierAuthError
 from dimec.runtime import wire
 from dimec.runtime.tier import TierModel
@@ -53,33 +54,51 @@ from dimec.serving.servers.sources import Source, SourceTable
 from dimec.textinput import check_batch, text_problem
 
 log = logging.getLogger("dimec.serving")
+LIMITS_SECTION = "server.limits"  # its name in `dimec settings` and in saved settings (serving/settings.py)
 KNOWN_PATHS = ("/v1/classify", "/v1/continue", "/v1/ping", "/healthz", "/metrics", "/openapi.json", "/docs",
                "/v1/drift/reference", "/v1/shadow", "/v1/feedback", "/v1/policy", "/v1/live")
 
 
+MIN_BODY_BYTES = 1024  # below this no real request fits: a limit that refuses everything is a mistake
+
+
 @dataclass(frozen=True)
 class Limits:
-    max_body_bytes: int = 1_000_000
-    max_text_chars: int = 20_000  # per text (or pair member)
-    max_batch: int = 64  # texts (or hidden states) per request
-    max_hidden_bytes: int = 8_000_000  # body of a continuation request (POST /v1/continue)
-    max_inflight_bytes: int = 32_000_000  # request bytes held at once by the whole server (bounds.py)
-    max_source_inflight_bytes: int = 16_000_000  # ... by the requests of one source (one token)
+    """What one server accepts (`dimec serve --max-*`; section server.limits of `dimec settings`). Checked
+    when made, so no server runs under limits that refuse every request or let one source starve the rest."""
 
-    MIN_BODY_BYTES = 1024  # below this no real request fits: a limit that refuses everything is a mistake
+    max_body_bytes: int = setting(1_000_000, "body limit of /v1/classify, bytes (over it: 413)",
+                                  at_least(MIN_BODY_BYTES))
+    max_text_chars: int = setting(20_000, "characters per text (or pair member); over it: 422", at_least(1))
+    max_batch: int = setting(64, "texts (or hidden states) per request", at_least(1))
+    max_hidden_bytes: int = setting(8_000_000, "body limit of /v1/continue (hidden states), bytes",
+                                    at_least(MIN_BODY_BYTES))
+    max_inflight_bytes: int = setting(32_000_000, "request bytes the server holds at once, all sources "
+                                                  "together; over it: 429 (docs/serving.md)", at_least(1))
+    max_source_inflight_bytes: int = setting(16_000_000, "request bytes the server holds at once for one source "
+                                                         "(token)", at_least(1))
 
     def body_limit(self, path: str) -> int:
         return self.max_hidden_bytes if path == "/v1/continue" else self.max_body_bytes
 
     def __post_init__(self) -> None:
-        biggest = max(self.max_body_bytes, self.max_hidden_bytes)  # one request of the largest kind must fit
-        for name, low in (("max_body_bytes", self.MIN_BODY_BYTES), ("max_text_chars", 1), ("max_batch", 1),
-                          ("max_hidden_bytes", self.MIN_BODY_BYTES), ("max_source_inflight_bytes", biggest),
-                          ("max_inflight_bytes", self.max_source_inflight_bytes)):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise ConfigError(f"limit {name} must be an integer >= {low}, got {value!r}",
-                                  f"e.g. --{name.replace('_', '-')} {getattr(Limits, name)}")
+        self.check()  # every place that makes Limits (the CLI, a settings file, Python) gets the same error
+
+    def check(self) -> Limits:
+        raise_problems(section_problems(self, f"{LIMITS_SECTION}."))
+        return self
+
+    def cross_checks(self) -> list[str]:
+        """One request of the largest kind must fit in one source's share, and that share in the server's."""
+        biggest = max(self.max_body_bytes, self.max_hidden_bytes)
+        problems = []
+        if self.max_source_inflight_bytes < biggest:
+            problems.append(f"{LIMITS_SECTION}.max_source_inflight_bytes must be at least the largest body "
+                            f"(max_body_bytes, max_hidden_bytes: {biggest}), got {self.max_source_inflight_bytes}")
+        if self.max_inflight_bytes < self.max_source_inflight_bytes:
+            problems.append(f"{LIMITS_SECTION}.max_inflight_bytes must be at least max_source_inflight_bytes "
+                            f"({self.max_source_inflight_bytes}), got {self.max_inflight_bytes}")
+        return problems
 
 
 class ClassifyRequest(BaseModel):
@@ -150,6 +169,7 @@ class TierService:
         self.sources = sources or SourceTable.single(token)  # one token, one source "default"
         self.plans = PlanRunner(model, limits.max_batch, forward)  # `forward`: the edge's cloud
         self.metrics_token: str | None = None  # set: /metrics and /v1/drift/reference need it (the guard checks)
+        self.settings: dict[str, Any] | None = None  # what /healthz shows of the settings the server runs under
 
     def authorize(self, authorization: str | None) -> Source:
         """`authorization`: the raw Authorization header -> the source its token maps to (constant time)."""
@@ -185,19 +205,24 @@ class TierService:
 
     def health(self) -> dict[str, Any]:
         m = self.model
-        return {"status": "ok", "tier": m.tier, "exit_layer": m.exit_layer, "exit_layers": list(m.exit_layers),
-                "label_names": m.label_names, "backend": m.backend, "model_id": m.model_id}
+        health = {"status": "ok", "tier": m.tier, "exit_layer": m.exit_layer, "exit_layers": list(m.exit_layers),
+                  "label_names": m.label_names, "backend": m.backend, "model_id": m.model_id}
+        if self.settings:  # `dimec serve`'s checked settings (no secrets), as saved beside the package
+            health["settings"] = self.settings
+        return health
 
 
 def create_app(package_dir: str | Path | None, tier: str, token: str | None, limits: Limits | None = None,
                model: TierModel | None = None, sources: SourceTable | None = None, forward=None,
-               batching: BatchingConfig | None = None, live=None, metrics_token: str | None = None) -> FastAPI:
+               batching: BatchingConfig | None = None, live=None, metrics_token: str | None = None,
+               settings: dict[str, Any] | None = None) -> FastAPI:
     """The FastAPI app of the edge or cloud tier. `model` may be given to share a loaded TierModel;
     `sources` (a SourceTable from a sources file) replaces the single token with sources and priorities;
     `metrics_token`: when given, /metrics and /v1/drift/reference need it (docs/serving.md, exposure);
     `forward` (the edge's cloud, a client.HttpRemote) receives the hidden states of plans that go on to the
     cloud; `batching` turns on dynamic batching across requests (batcher.py). `live` (a serving.live
-    LiveControl, on the cloud) adds shadow answers, feedback and the versioned policy (docs/live-control.md)."""
+    LiveControl, on the cloud) adds shadow answers, feedback and the versioned policy (docs/live-control.md).
+    `settings`: the checked settings the server runs under (serving/settings.py, no secrets), shown by /healthz."""
     model = model or TierModel(package_dir)
     if model.tier != tier:
         raise ConfigError(f"the package at {model.directory} is the {model.tier} tier, not {tier}",
@@ -205,7 +230,7 @@ def create_app(package_dir: str | Path | None, tier: str, token: str | None, lim
     if tier == "mobile":
         raise ConfigError("the mobile tier runs in the client, not as a server", "serve edge or cloud")
     service = TierService(model, token, limits or Limits(), sources, forward)
-    service.metrics_token = metrics_token
+    service.metrics_token, service.settings = metrics_token, settings
     app, metrics = _base_app(f"dimec {tier} tier", service)
     fleet = app.state.fleet = Fleet(service, app.state.registry, service.sources)  # sources, queue, metrics
     fleet.attach(app)

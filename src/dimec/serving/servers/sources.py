@@ -27,11 +27,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dimec.config import build_config, read_config_file
+from dimec.config import (
+    between,
+    build_config,
+    one_of,
+    read_config_file,
+    section_from_raw,
+    section_problems,
+    setting,
+)
 from dimec.errors import ConfigError
 
 POLICIES = ("strict", "wfq", "fifo")
 DEFAULT = "default"
+MAX_QUEUE_CAPACITY = 10_000  # requests waiting at one tier; each holds its body (server.Limits bounds those)
+MAX_WORKERS = 64
+MAX_SECONDS = 3600.0  # retry_after_s, horizon_s, valid_s: an hour at most (a client must come back, advice expire)
 
 
 @dataclass(frozen=True)
@@ -52,23 +63,39 @@ class SourceConfig:
 
 @dataclass(frozen=True)
 class SchedulingConfig:
-    policy: str = "strict"  # "strict" priority, "wfq" (self-clocked weighted fair queuing) or "fifo" (one queue)
-    queue_capacity: int = 32  # requests waiting for the model, all classes together
-    workers: int = 1  # requests the model runs at once (threads); 1 suits a CPU with intra-op threads
-    reserved_workers: int = 0  # of those, how many only the highest class may use (strict and wfq)
-    retry_after_s: float = 1.0  # the Retry-After of a 429
+    """The sources file's `scheduling:` (section sources.scheduling of `dimec settings`)."""
+
+    policy: str = setting("strict", "'strict' priority, 'wfq' (self-clocked weighted fair queuing) or 'fifo' (one "
+                                    "queue)", one_of(*POLICIES))
+    queue_capacity: int = setting(32, "requests waiting for the model, all classes together",
+                                  between(1, MAX_QUEUE_CAPACITY))
+    workers: int = setting(1, "requests the model runs at once (threads); 1 suits a CPU with intra-op threads",
+                           between(1, MAX_WORKERS))
+    reserved_workers: int = setting(0, "of the workers, how many only the highest class may use (strict and wfq)",
+                                    between(0, MAX_WORKERS - 1))
+    retry_after_s: float = setting(1.0, "the Retry-After of a 429, seconds", between(1e-3, MAX_SECONDS))
+
+    def cross_checks(self) -> list[str]:
+        if self.reserved_workers >= max(1, self.workers):
+            return [f"scheduling.reserved_workers must be in 0..workers-1, got {self.reserved_workers}"]
+        return []
 
 
 @dataclass(frozen=True)
 class AllocationConfig:
     """PA-MDI's allocation (docs/fleet.md): the edge's capacity goes to the classes in priority order, and
-    a class that does not fit is told which share of its edge-bound work to keep on the device."""
+    a class that does not fit is told which share of its edge-bound work to keep on the device. The sources
+    file's `allocation:` (section sources.allocation of `dimec settings`)."""
 
-    enabled: bool = True
-    target_utilization: float = 0.9  # plan for this share of the measured capacity
-    horizon_s: float = 5.0  # time constant of the rate estimates (exponential decay)
-    smoothing: float = 0.3  # each update moves the advice this far towards its new target
-    valid_s: float = 2.0  # a client applies an advice for this long after it got it
+    enabled: bool = setting(True, "send PA-MDI allocation advice to the sources")
+    target_utilization: float = setting(0.9, "plan for this share of the measured capacity",
+                                        between(0, 1, low_open=True))
+    horizon_s: float = setting(5.0, "time constant of the rate estimates (exponential decay), seconds",
+                               between(1e-3, MAX_SECONDS))
+    smoothing: float = setting(0.3, "each update moves the advice this far towards its new target",
+                               between(0, 1, low_open=True))
+    valid_s: float = setting(2.0, "a client applies an advice for this long after it got it, seconds",
+                             between(1e-3, MAX_SECONDS))
 
 
 @dataclass(frozen=True)
@@ -171,21 +198,16 @@ def _source_digest(s: SourceConfig, where: str) -> bytes:
     return _digest(s.token or "")
 
 
-# ---- the sources file's schema: every key, its type and its range (checked before anything is built) -----------
-MAX_QUEUE_CAPACITY = 10_000  # requests waiting at one tier; each holds its body (server.Limits bounds those)
-MAX_SECONDS = 3600.0  # retry_after_s, horizon_s, valid_s: an hour at most (a client must come back, advice expire)
+# ---- the sources file's schema (checked before anything is built) ---------------------------------------------
+# The lists of classes and sources: each entry's keys, type and range. `scheduling` and `allocation` are
+# declared sections (their fields' own checks, through config.section_problems, as everywhere else).
 _NUMBER, _INT, _STR, _BOOL = "number", "integer", "string", "true or false"
-SCHEMA: dict[str, dict[str, tuple[str, float | None, float | None]]] = {  # section -> key -> (type, low, high)
+SCHEMA: dict[str, dict[str, tuple[str, float | None, float | None]]] = {  # list -> key -> (type, low, high)
     "classes": {"name": (_STR, None, None), "weight": (_NUMBER, 1e-6, 1e6), "max_queue": (_INT, 1, MAX_QUEUE_CAPACITY)},
     "sources": {"name": (_STR, None, None), "priority": (_STR, None, None), "token": (_STR, None, None),
                 "token_env": (_STR, None, None), "token_sha256": (_STR, None, None)},
-    "scheduling": {"policy": (_STR, None, None), "queue_capacity": (_INT, 1, MAX_QUEUE_CAPACITY),
-                   "workers": (_INT, 1, 64), "reserved_workers": (_INT, 0, 63),
-                   "retry_after_s": (_NUMBER, 1e-3, MAX_SECONDS)},
-    "allocation": {"enabled": (_BOOL, None, None), "target_utilization": (_NUMBER, 1e-6, 1.0),
-                   "horizon_s": (_NUMBER, 1e-3, MAX_SECONDS), "smoothing": (_NUMBER, 1e-6, 1.0),
-                   "valid_s": (_NUMBER, 1e-3, MAX_SECONDS)},
 }
+SECTIONS = {"scheduling": SchedulingConfig, "allocation": AllocationConfig}
 _REQUIRED = {"classes": ("name",), "sources": ("name", "priority")}
 
 
@@ -194,19 +216,20 @@ def sources_file_problems(raw: Any) -> list[str]:
     lists of things that are not mappings), all of them; [] when the file can be built."""
     if not isinstance(raw, dict):
         return ["the file must hold a mapping with 'classes', 'sources', 'scheduling' and 'allocation'"]
-    problems = [f"unknown config key (section) {_show(k)} (known: {', '.join(SCHEMA)})" for k in raw if k not in SCHEMA]
+    known = [*SCHEMA, *SECTIONS]
+    problems = [f"unknown config key (section) {_show(k)} (known: {', '.join(known)})" for k in raw if k not in known]
     for section, keys in SCHEMA.items():
         if section not in raw:
             continue
         value = raw[section]
-        if section in _REQUIRED:  # lists of entries
-            if not isinstance(value, list):
-                problems.append(f"'{section}' must be a list of mappings, got {_show(value)}")
-                continue
-            for i, item in enumerate(value):
-                problems += _entry_problems(f"{section}[{i}]", item, keys, _REQUIRED[section])
-        else:
-            problems += _entry_problems(section, value, keys, ())
+        if not isinstance(value, list):
+            problems.append(f"'{section}' must be a list of mappings, got {_show(value)}")
+            continue
+        for i, item in enumerate(value):
+            problems += _entry_problems(f"{section}[{i}]", item, keys, _REQUIRED[section])
+    for section, cls in SECTIONS.items():
+        if section in raw:
+            problems += section_from_raw(cls, raw[section], f"{section}.")[1]
     return problems
 
 
@@ -272,25 +295,7 @@ def fleet_problems(config: FleetConfig) -> list[str]:
             problems.append(f"source {s.name!r}: unknown class {s.priority!r} (classes: {', '.join(names)})")
         if s.token is not None and len(s.token) < 8:
             problems.append(f"source {s.name!r}: a token needs at least 8 characters")
-    sc, al = config.scheduling, config.allocation
-    if sc.policy not in POLICIES:
-        problems.append(f"scheduling.policy must be one of {', '.join(POLICIES)}, got {sc.policy!r}")
-    if sc.queue_capacity < 1:
-        problems.append(f"scheduling.queue_capacity must be >= 1, got {sc.queue_capacity}")
-    if not 1 <= sc.workers <= 64:
-        problems.append(f"scheduling.workers must be in 1..64, got {sc.workers}")
-    if not 0 <= sc.reserved_workers < max(1, sc.workers):
-        problems.append(f"scheduling.reserved_workers must be in 0..workers-1, got {sc.reserved_workers}")
-    if not 0 < sc.retry_after_s <= MAX_SECONDS:
-        problems.append(f"scheduling.retry_after_s must be in (0, {MAX_SECONDS:g}], got {sc.retry_after_s}")
-    if sc.queue_capacity > MAX_QUEUE_CAPACITY:
-        problems.append(f"scheduling.queue_capacity must be at most {MAX_QUEUE_CAPACITY}, got {sc.queue_capacity}")
-    if not 0 < al.target_utilization <= 1:
-        problems.append(f"allocation.target_utilization must be in (0, 1], got {al.target_utilization}")
-    if not 0 < al.horizon_s <= MAX_SECONDS or not 0 < al.valid_s <= MAX_SECONDS:
-        problems.append(f"allocation.horizon_s and allocation.valid_s must be in (0, {MAX_SECONDS:g}]")
-    if not 0 < al.smoothing <= 1:
-        problems.append(f"allocation.smoothing must be in (0, 1], got {al.smoothing}")
+    problems += section_problems(config.scheduling, "scheduling.") + section_problems(config.allocation, "allocation.")
     if any(not math.isfinite(c.weight) or c.weight > 1e6 for c in config.classes):
         problems.append("class weights must be finite and at most 1e6")
     return problems
