@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import random
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -98,3 +99,29 @@ def unscaled_tiny_run(tiny_run, tmp_path_factory) -> Path:
     path = run_dir / "model" / MODEL_CONFIG
     path.write_text(json.dumps(json.loads(path.read_text()) | {"temperatures": [1.0, 1.0, 1.0]}))
     return run_dir
+
+
+# ---- serving over loopback (the tests of servers and clients share these) ---------------------------------------
+def tier_models(packages: dict) -> dict:
+    """One TierModel per tier package, in process."""
+    from dimec.runtime.tier import TierModel
+
+    return {tier: TierModel(packages[tier]) for tier in ("mobile", "edge", "cloud")}
+
+
+@contextmanager
+def edge_and_cloud(models: dict, token: str):
+    """A cloud, then an edge that forwards plans going on to it (no retries, no cool-down: a failure shows at
+    once); uvicorn threads on loopback, stopped on exit. Yields {"edge": server, "cloud": server}."""
+    from dimec.serving.deploy.local import ThreadServer
+    from dimec.serving.phone.remote import HttpRemote, Timeouts
+    from dimec.serving.servers.server import create_app
+
+    cloud = ThreadServer(create_app(None, "cloud", token, model=models["cloud"])).start()
+    forward = HttpRemote("cloud", cloud.url, token, Timeouts(0.5, 5), retries=0, cooldown_s=0.0)
+    edge = ThreadServer(create_app(None, "edge", token, model=models["edge"], forward=forward)).start()
+    try:
+        yield {"edge": edge, "cloud": cloud}
+    finally:
+        edge.stop()
+        cloud.stop()

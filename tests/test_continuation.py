@@ -15,6 +15,7 @@ import pytest
 pytest.importorskip("fastapi")
 pytest.importorskip("onnxruntime")
 
+from conftest import edge_and_cloud, tier_models  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 
 from dimec.config import CostConfig  # noqa: E402
@@ -24,11 +25,9 @@ from dimec.routing.plan import PlanRouter, Stage, check_plan, confidence  # noqa
 from dimec.runtime import wire  # noqa: E402
 from dimec.runtime.package import ROUTER_FILE, read_manifest, write_manifest  # noqa: E402
 from dimec.runtime.prerouters import PREROUTERS  # noqa: E402
-from dimec.runtime.tier import TierModel  # noqa: E402
 from dimec.serving.deploy.export import export_packages  # noqa: E402
-from dimec.serving.deploy.local import ThreadServer  # noqa: E402
 from dimec.serving.phone.client import MobileClient, substitute_tier  # noqa: E402
-from dimec.serving.phone.remote import HttpRemote, Timeouts  # noqa: E402
+from dimec.serving.phone.remote import Timeouts  # noqa: E402
 from dimec.serving.servers.server import Limits, create_app  # noqa: E402
 from dimec.tiers import CLOUD, EDGE, MOBILE  # noqa: E402
 
@@ -49,19 +48,13 @@ def packages(unscaled_tiny_run, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def models(packages):
-    return {"edge": TierModel(packages["edge"]), "cloud": TierModel(packages["cloud"]),
-            "mobile": TierModel(packages["mobile"])}
+    return tier_models(packages)
 
 
 @pytest.fixture(scope="module")
 def servers(models):
-    """Cloud, then an edge that forwards plans going on to the cloud; uvicorn threads on loopback."""
-    cloud = ThreadServer(create_app(None, "cloud", TOKEN, model=models["cloud"])).start()
-    forward = HttpRemote("cloud", cloud.url, TOKEN, Timeouts(0.5, 5), retries=0, cooldown_s=0.0)
-    edge = ThreadServer(create_app(None, "edge", TOKEN, model=models["edge"], forward=forward)).start()
-    yield {"edge": edge, "cloud": cloud}
-    edge.stop()
-    cloud.stop()
+    with edge_and_cloud(models, TOKEN) as servers:
+        yield servers
 
 
 @pytest.fixture(scope="module")

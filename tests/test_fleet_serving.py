@@ -14,6 +14,7 @@ import pytest
 
 pytest.importorskip("fastapi")
 
+from conftest import tier_models  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 
 from dimec.config import build_config  # noqa: E402
@@ -63,7 +64,7 @@ def packages(unscaled_tiny_run, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def models(packages):
-    return {tier: TierModel(packages[tier]) for tier in ("mobile", "edge", "cloud")}
+    return tier_models(packages)
 
 
 @pytest.fixture()

@@ -12,10 +12,10 @@ import pytest
 
 pytest.importorskip("fastapi")
 
+from conftest import edge_and_cloud, tier_models  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 
 from dimec.runtime import wire  # noqa: E402
-from dimec.runtime.tier import TierModel  # noqa: E402
 from dimec.serving.deploy.export import export_packages  # noqa: E402
 from dimec.serving.deploy.local import ThreadServer  # noqa: E402
 from dimec.serving.phone.remote import HttpRemote, Timeouts  # noqa: E402
@@ -34,18 +34,13 @@ def packages(unscaled_tiny_run, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def models(packages):
-    return {tier: TierModel(packages[tier]) for tier in ("mobile", "edge", "cloud")}
+    return tier_models(packages)
 
 
 @pytest.fixture(scope="module")
 def servers(models):
-    """A cloud, and an edge forwarding to it; uvicorn threads on loopback."""
-    cloud = ThreadServer(create_app(None, "cloud", TOKEN, model=models["cloud"])).start()
-    forward = HttpRemote("cloud", cloud.url, TOKEN, Timeouts(0.5, 5), retries=0, cooldown_s=0.0)
-    edge = ThreadServer(create_app(None, "edge", TOKEN, model=models["edge"], forward=forward)).start()
-    yield {"edge": edge, "cloud": cloud}
-    edge.stop()
-    cloud.stop()
+    with edge_and_cloud(models, TOKEN) as servers:
+        yield servers
 
 
 @pytest.fixture(scope="module")
