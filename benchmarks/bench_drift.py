@@ -24,7 +24,8 @@ cost (cost model units), and lost answers.
 
     python benchmarks/bench_drift.py [RUN_DIR] [--texts 2000] [--shadow-rate 0.1] [--max-loss 3] [--quick]
 
-Writes benchmarks/results/drift.json and drift.png; BENCHMARKS.md renders its section (`render(results)`).
+Writes benchmarks/results/drift.json and drift.png (`--name` another stem, for a second setting beside the
+first); BENCHMARKS.md renders its section (`render(results)`).
 """
 
 from __future__ import annotations
@@ -371,7 +372,7 @@ The calibrated path (safest first; the controller starts at the last step):
 
 {path}
 
-![live disagreement, bound and policy step](benchmarks/results/drift.png)
+![live disagreement, bound and policy step](benchmarks/results/{data.get('name', 'drift')}.png)
 """
 
 
@@ -394,6 +395,7 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="smoke run: 150 texts per phase, results not saved")
     parser.add_argument("--render", action="store_true", help="only print the section from drift.json")
+    parser.add_argument("--name", default="drift", help="results stem: benchmarks/results/NAME.json and NAME.png")
     args = parser.parse_args()
     if args.render:
         print(render(json.loads((RESULTS / "drift.json").read_text())["data"]))
@@ -443,7 +445,7 @@ def main() -> int:
             "calibration": raw["report"]["how"] if "report" in raw else "",
             "eps": eps, "loss": args.loss, "delta": args.delta, "texts_per_phase": args.texts, "batch": args.batch,
             "shadow_rate": args.shadow_rate, "seed": args.seed, "noise": args.noise, "patience": args.patience, "warmup": args.warmup,
-            "hard_share": args.hard_share, "hard_texts": len(hard),
+            "hard_share": args.hard_share, "hard_texts": len(hard), "name": args.name,
             "shadow_share": (ctl["counts"]["shadowed"] + ctl["counts"]["free"]) / len(texts),
             "shadow_cost": ctl["shadow_cost"], "shadow_cost_pct": 100 * ctl["shadow_cost"] / serving_cost,
             "extra_cost_pct": 100 * extra / float(np.sum(unc["cost"])),
@@ -461,11 +463,14 @@ def main() -> int:
             plot(data, work / "drift.png")
             print(f"quick run: results not saved (plot in {work / 'drift.png'})")
             return 0
-        plot(data, RESULTS / "drift.png")
+        plot(data, RESULTS / f"{args.name}.png")
         cmd = (f"{COMMAND.replace('RUN_DIR', str(run_dir))} --texts {args.texts} --shadow-rate {args.shadow_rate:g} "
                f"--max-loss {args.max_loss:g} --loss {args.loss} --delta {args.delta:g} --patience {args.patience} "
                f"--noise {args.noise:g} --hard-share {args.hard_share:g}")
-        save("drift", TITLE, cmd, "bench_drift.py", data)
+        if args.name != "drift":
+            cmd += f" --name {args.name}"
+        title = TITLE if args.name == "drift" else f"{TITLE}, shadow.rate {args.shadow_rate:g}"
+        save(args.name, title, cmd, "bench_drift.py", data)
         return 0
     finally:
         if not args.quick:

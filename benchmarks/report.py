@@ -24,8 +24,8 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 NOTES = HERE / "notes"
 BENCHMARKS = HERE.parent / "BENCHMARKS.md"
-SECTIONS = ("calibration", "routing", "reproduce", "exits", "serving", "batching", "fleet", "drift", "reliability",
-            "core", "training", "gpu", "web")
+SECTIONS = ("calibration", "routing", "reproduce", "exits", "serving", "batching", "fleet", "drift", "drift_rate_0.3",
+            "reliability", "core", "training", "gpu", "web")
 HEADER = """# Benchmarks
 
 Figures measured by the scripts in `benchmarks/`. Each section is rendered from the committed results file

@@ -41,6 +41,8 @@ GOOD_SOURCES = {"classes": [{"name": "high"}, {"name": "low"}],
      ["classes[0].weight", "classes[1] must be a mapping", "retry_after_s", "enabled", "horizon_s"]),
     ({"scheduling": [1, 2]}, ["scheduling must be a mapping"]),
     ({"scheduling": {"retry_after_s": 10**400}}, ["retry_after_s"]),  # a huge YAML integer: no OverflowError
+    ({"scheduling": {"queue_capacity": 10**400}}, ["queue_capacity"]),  # ... in an integer setting too
+    ({"scheduling": {"queue_capacity": 10**400}, "allocation": {"valid_s": 10**400}}, ["queue_capacity", "valid_s"]),
 ])
 def test_sources_file_problems_are_all_reported_with_exit_2(capsys, tmp_path, change, expected):
     import yaml

@@ -58,18 +58,32 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
+def _finite(value: Any) -> bool:
+    """A finite number of float range: an integer of hundreds of digits (YAML reads them) is not one."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
+def _shown(value: Any) -> str:
+    """A value as an error message shows it: repr, cut to 40 characters."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 def at_least(low: float) -> Check:
     def check(value: Any) -> str | None:
-        if not _is_number(value) or not math.isfinite(value) or value < low:
-            return f"must be at least {low:g}, got {value!r}"
+        if not _is_number(value) or not _finite(value) or value < low:
+            return f"must be at least {low:g}, got {_shown(value)}"
         return None
     return check
 
 
 def above(low: float) -> Check:
     def check(value: Any) -> str | None:
-        if not _is_number(value) or not math.isfinite(value) or value <= low:
-            return f"must be a finite number > {low:g}, got {value!r}"
+        if not _is_number(value) or not _finite(value) or value <= low:
+            return f"must be a finite number > {low:g}, got {_shown(value)}"
         return None
     return check
 
@@ -77,16 +91,16 @@ def above(low: float) -> Check:
 def between(low: float, high: float, low_open: bool = False, high_open: bool = False) -> Check:
     """A finite number in [low, high]; `low_open`/`high_open` leave an end out, e.g. (0, 1) for a delta."""
     def check(value: Any) -> str | None:
-        if not _is_number(value) or not math.isfinite(value) or not low <= value <= high or \
+        if not _is_number(value) or not _finite(value) or not low <= value <= high or \
                 (low_open and value == low) or (high_open and value == high):
-            return f"must be in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}, got {value!r}"
+            return f"must be in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}, got {_shown(value)}"
         return None
     return check
 
 
 def one_of(*choices: str) -> Check:
     def check(value: Any) -> str | None:
-        return None if value in choices else f"must be one of {', '.join(map(repr, choices))}; got {value!r}"
+        return None if value in choices else f"must be one of {', '.join(map(repr, choices))}; got {_shown(value)}"
     check.choices = choices  # type: ignore[attr-defined]  # add_options shows them as argparse choices
     return check
 
@@ -117,7 +131,7 @@ def non_empty(value: Any) -> str | None:
 
 def _split_ratios(value: Any) -> str | None:
     ratios = tuple(value)
-    if len(ratios) != 3 or not all(_is_number(r) and math.isfinite(r) and r > 0 for r in ratios) or \
+    if len(ratios) != 3 or not all(_is_number(r) and _finite(r) and r > 0 for r in ratios) or \
             not math.isclose(sum(ratios), 1.0, abs_tol=1e-6):
         return f"must be three positive shares summing to 1, got {list(ratios)}"
     return None
