@@ -10,6 +10,7 @@ so metrics.json can say which won and by how much.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import asdict, fields
 from typing import Any, Self
 
@@ -68,11 +69,16 @@ class AutoRouter(PlanRouter):
             train: TrainingSignal | None = None) -> Self:
         target = Target(**target_of(self.calibration_config())).check()
         skipped: dict[str, str] = {}
+        built: dict[bytes, list[tuple[str, PlanRouter]]] = {}
 
         def build(outputs: ExitOutputs, carto: Cartography | None) -> list[tuple[str, PlanRouter]]:
-            built, why = self.candidates(outputs, cost_model, carto, train)
-            skipped.update(why)
-            return built
+            # The capacity report and the selection build on the same rows (all, or the same ordering part):
+            # the same rows give the same fitted candidates, so each set of rows is built once.
+            key = hashlib.sha256(outputs.logits.tobytes() + outputs.labels.tobytes()).digest()
+            if key not in built:
+                built[key], why = self.candidates(outputs, cost_model, carto, train)
+                skipped.update(why)
+            return built[key]
 
         self.capacity_ = None if target.budgeted else what_the_data_can_carry(build, val, cartography, cost_model,
                                                                               target, target.delta or 0.1)
