@@ -241,8 +241,8 @@ def what_the_data_can_carry(build: CandidateBuilder, val: ExitOutputs, cartograp
     o = _ordered(build, val, cartography, cost_model, replace(point_target, control="expected"))
     crc = control_expected_loss(o.front, o.test_losses, eps_pt / 100)
     expected = _cheapest(o, crc.admitted[-1:])
-    tested = o.scores.added_pt if target.test == "binomial" else o.scores.loss_pt  # Learn-then-Test's own order
-    first = [j for j in pareto_order(tested, o.scores.cost) if j not in o.safe][:1]
+    first = test_order(None, o.scores.loss_pt, o.scores.added_pt, o.scores.cost, o.safe,  # Learn-then-Test's order
+                       point_target)[:1]
     smallest = min((smallest_certifiable_loss(o.test_losses[j], delta, target.test, target.loss, target.seed)
                     for j in first), default=1.0)
 
