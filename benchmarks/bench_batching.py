@@ -13,7 +13,7 @@ Target (issue 19): batching >= 2x the unbatched throughput at 32 clients with p9
 Writes benchmarks/results/batching.json in report.py's format; `render(data)` is the BENCHMARKS.md section body.
 
     python benchmarks/bench_batching.py [RUN_DIR (default runs/default)] [--seconds 8] [--rounds 3]
-        [--batch-max 64] [--batch-wait-ms 5] [--threads 2] [--quick] [--out PATH]
+        [--batch-max 32] [--batch-wait-ms 5] [--threads 2] [--quick] [--out PATH]
 
 `--quick`: a smoke run (short rounds, one round, a small three-tier run); it writes nothing unless --out is given.
 """
@@ -196,7 +196,7 @@ def main() -> int:
     parser.add_argument("run_dir", nargs="?", default="runs/default")
     parser.add_argument("--seconds", type=float, default=8.0, help="seconds per load run")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--batch-max", type=int, default=64)
+    parser.add_argument("--batch-max", type=int, default=32, help="texts per batch (32: the server's default)")
     parser.add_argument("--batch-wait-ms", type=float, default=5.0)
     parser.add_argument("--threads", type=int, default=2, help="torch threads of each cloud server (part 1)")
     parser.add_argument("--system-requests", type=int, default=600, help="part 2: requests per system and round")
