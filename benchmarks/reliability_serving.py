@@ -200,25 +200,10 @@ def sources_fuzz(work: Path, count: int, seed: int) -> dict:
 
 def monitor_fuzz(count: int, seed: int) -> dict:
     """Bad metrics text and drift references served by a fake tier, and bad options."""
-    import http.server
+    from conftest import FakeTier  # tests/ is on the path (bench_reliability.py)
 
     rng = random.Random(seed)
-    state = {"metrics": "", "reference": "{}"}
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802
-            body = (state["metrics"] if self.path == "/metrics" else state["reference"]).encode()
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{server.server_address[1]}"
+    tier = FakeTier()
     reference = {"format_version": 2, "model": "m0", "samples": 100, "router": "fixed", "anchors": [[0.0, 0.0]],
                  "routing_distance": {"edges": [0.5, 1.0], "counts": [30, 40, 30]}, "routed": {"counts": [5, 3, 2]},
                  "confidence": {"edges": [0.6, 0.9], "counts": {"m": [1, 2, 3], "n": [1, 1, 1], "l": [1, 2, 3]}}}
@@ -241,15 +226,14 @@ def monitor_fuzz(count: int, seed: int) -> dict:
                 extra = [rng.choice(["--interval", "--threshold", "--min-samples"]),
                          rng.choice(["inf", "nan", "-1", "0", "1e400"])]
             else:
-                state["reference"] = "[" * rng.choice([10, 100_000]) + rng.choice(["", "]"])
+                tier.reference = "[" * rng.choice([10, 100_000]) + rng.choice(["", "]"])
             if kind != 3:
-                state["reference"] = json.dumps(ref)
-            state["metrics"] = text
-            code, tb = _main(["monitor", url, *extra])
+                tier.reference = json.dumps(ref)
+            tier.metrics = text
+            code, tb = _main(["monitor", tier.url, *extra])
             _tally(out, code, tb, expected=(0, 1, 2))
     finally:
-        server.shutdown()
-        server.server_close()
+        tier.close()
     return out
 
 

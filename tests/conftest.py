@@ -125,3 +125,53 @@ def edge_and_cloud(models: dict, token: str):
     finally:
         edge.stop()
         cloud.stop()
+
+
+def mobile_package_with_router(mobile: Path, directory: Path, router) -> Path:
+    """A copy of the mobile package `mobile` at `directory` whose router.json holds `router` (a fitted or
+    loaded plan router), its manifest rewritten to match."""
+    import shutil
+
+    from dimec.config import CostConfig
+    from dimec.costs import CostModel
+    from dimec.routing.base import save_router
+    from dimec.runtime.package import ROUTER_FILE, read_manifest, write_manifest
+
+    shutil.copytree(mobile, directory)
+    layers = tuple(read_manifest(directory)["exit_layers"])
+    save_router(router, directory / ROUTER_FILE, CostModel.from_config(CostConfig(), layers))
+    manifest = read_manifest(directory, verify=False)
+    manifest.pop("files")
+    write_manifest(directory, manifest)
+    return directory
+
+
+# ---- a fake tier for `dimec monitor` (tests and benchmarks/reliability_serving.py) -------------------------------
+class FakeTier:
+    """A loopback HTTP server that answers /metrics and /v1/drift/reference with whatever a test sets."""
+
+    def __init__(self) -> None:
+        import http.server
+        import threading
+
+        self.metrics, self.reference = "", "{}"
+        owner = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802
+                body = (owner.metrics if self.path == "/metrics" else owner.reference).encode()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

@@ -6,7 +6,6 @@ client's imports, and `dimec serve --cloud-url`. Loopback only; every loop bound
 from __future__ import annotations
 
 import json
-import shutil
 import struct
 
 import numpy as np
@@ -15,15 +14,12 @@ import pytest
 pytest.importorskip("fastapi")
 pytest.importorskip("onnxruntime")
 
-from conftest import edge_and_cloud, tier_models  # noqa: E402
+from conftest import edge_and_cloud, mobile_package_with_router, tier_models  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 
-from dimec.config import CostConfig  # noqa: E402
-from dimec.costs import CostModel  # noqa: E402
-from dimec.routing.base import ROUTERS, register, save_router  # noqa: E402
+from dimec.routing.base import ROUTERS, register  # noqa: E402
 from dimec.routing.plan import PlanRouter, Stage, check_plan, confidence  # noqa: E402
 from dimec.runtime import wire  # noqa: E402
-from dimec.runtime.package import ROUTER_FILE, read_manifest, write_manifest  # noqa: E402
 from dimec.runtime.prerouters import PREROUTERS  # noqa: E402
 from dimec.serving.deploy.export import export_packages  # noqa: E402
 from dimec.serving.phone.client import MobileClient, substitute_tier  # noqa: E402
@@ -120,17 +116,10 @@ def router_name():
 
 def mobile_with(packages, tmp_path, router_name, plans, kind="max_prob"):
     """A copy of the mobile package whose router.json holds `plans` (manifest rewritten to match)."""
-    directory = tmp_path / "mobile"
-    shutil.copytree(packages["mobile"], directory)
     router = _ByLengthRouter()
     router.plans_, router.confidence_ = [check_plan(p) for p in plans], kind
     router.prerouter_ = _ByLength(len(plans))
-    layers = tuple(read_manifest(directory)["exit_layers"])
-    save_router(router, directory / ROUTER_FILE, CostModel.from_config(CostConfig(), layers))
-    manifest = read_manifest(directory, verify=False)
-    manifest.pop("files")
-    write_manifest(directory, manifest)
-    return directory
+    return mobile_package_with_router(packages["mobile"], tmp_path / "mobile", router)
 
 
 def thresholds(reference, kind="max_prob"):

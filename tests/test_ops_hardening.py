@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from conftest import FakeTier
 
 from dimec.cli import main
 
@@ -65,36 +66,6 @@ def test_a_good_sources_file_still_loads(tmp_path):
 
 
 # ---- 10. `dimec monitor`: never a traceback -------------------------------------------------------------------------
-class FakeTier:
-    """A loopback HTTP server that answers /metrics and /v1/drift/reference with whatever a test sets."""
-
-    def __init__(self) -> None:
-        import http.server
-        import threading
-
-        self.metrics, self.reference = "", "{}"
-        owner = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):  # noqa: N802
-                body = (owner.metrics if self.path == "/metrics" else owner.reference).encode()
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args):
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
 REFERENCE = {"format_version": 2, "model": "m0", "samples": 100, "router": "fixed", "anchors": [[0.0, 0.0]],
              "routing_distance": {"edges": [0.5, 1.0], "counts": [30, 40, 30]},
              "routed": {"counts": [50, 30, 20]},

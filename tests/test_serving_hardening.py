@@ -12,7 +12,7 @@ import pytest
 
 pytest.importorskip("fastapi")
 
-from conftest import edge_and_cloud, tier_models  # noqa: E402
+from conftest import edge_and_cloud, mobile_package_with_router, tier_models  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 
 from dimec.runtime import wire  # noqa: E402
@@ -334,23 +334,11 @@ def test_a_dripping_edge_cannot_hold_a_call_past_its_deadline(models, servers, f
 # ---- 4. the cloud budget: every cloud stage booked, wherever it is reached from ---------------------------------------
 def mobile_with_plan(packages, tmp_path, plan_json):
     """A copy of the mobile package whose router.json serves one plan (a cascade router)."""
-    import shutil
+    from dimec.routing.base import make_router
 
-    from dimec.config import CostConfig
-    from dimec.costs import CostModel
-    from dimec.routing.base import make_router, save_router
-    from dimec.runtime.package import ROUTER_FILE, read_manifest, write_manifest
-
-    directory = tmp_path / "mobile"
-    shutil.copytree(packages["mobile"], directory)
     router = make_router("cascade")
     router.load_state({"plans": [plan_json], "confidence": "max_prob", "prerouter": None})
-    layers = tuple(read_manifest(directory)["exit_layers"])
-    save_router(router, directory / ROUTER_FILE, CostModel.from_config(CostConfig(), layers))
-    manifest = read_manifest(directory, verify=False)
-    manifest.pop("files")
-    write_manifest(directory, manifest)
-    return directory
+    return mobile_package_with_router(packages["mobile"], tmp_path / "mobile", router)
 
 
 @pytest.mark.parametrize("plan", [
