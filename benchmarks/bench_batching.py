@@ -210,10 +210,10 @@ def main() -> int:
         args.seconds, args.rounds, args.system_requests = 1.0, 1, 64
     out = Path(args.out) if args.out else (None if args.quick else RESULTS)
 
+    from report import trained_run
+
     run_dir = Path(args.run_dir)
-    if not (run_dir / "model").is_dir() or not (run_dir / "router.json").is_file():
-        print(f"{run_dir} is not a trained and calibrated run. Make it with `make run`, or give another RUN_DIR.",
-              file=sys.stderr)
+    if not trained_run(run_dir):
         return 2
 
     from dimec.pipeline import load_saved_config, task_data

@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from report import markdown_table, save  # noqa: E402
+from report import markdown_table, save, trained_run  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -403,8 +403,7 @@ def main() -> int:
     if args.quick:
         args.texts, args.warmup = 150, 50
     run_dir = Path(args.run_dir)
-    if not (run_dir / "model").is_dir() or not (run_dir / "router.json").is_file():
-        print(f"{run_dir} is not a trained and calibrated run (make one with `make run`)", file=sys.stderr)
+    if not trained_run(run_dir):
         return 2
     import torch
 

@@ -41,7 +41,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from report import save  # noqa: E402
+from report import save, trained_run  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -390,8 +390,7 @@ def main() -> int:
         print(render(json.loads((RESULTS / "fleet.json").read_text())["data"]))
         return 0
     run_dir = Path(args.run_dir)
-    if not (run_dir / "model").is_dir() or not (run_dir / "router.json").is_file():
-        print(f"{run_dir} is not a trained and calibrated run (make one with `make run`)", file=sys.stderr)
+    if not trained_run(run_dir):
         return 2
     from dimec.pipeline import load_saved_config, task_data
     from dimec.serving.deploy.export import export_packages

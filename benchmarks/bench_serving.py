@@ -403,10 +403,10 @@ def main() -> int:
     parser.add_argument("--out", default=str(RESULTS), help="results file (default benchmarks/results/serving.json)")
     args = parser.parse_args()
 
+    from report import trained_run
+
     run_dir = Path(args.run_dir)
-    if not (run_dir / "model").is_dir() or not (run_dir / "router.json").is_file():
-        print(f"{run_dir} is not a trained and calibrated run. Make it with `make run`, or give another RUN_DIR.",
-              file=sys.stderr)
+    if not trained_run(run_dir):
         return 2
 
     from dimec.atomic import write_json

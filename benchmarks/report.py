@@ -34,6 +34,16 @@ that measured it, the date and the machine.
 """
 
 
+def trained_run(run_dir: Path) -> bool:
+    """Whether `run_dir` holds a trained model and a calibrated router.json; if not, one line on stderr says how
+    to make one (the benchmarks that serve a run exit 2 then)."""
+    if (Path(run_dir) / "model").is_dir() and (Path(run_dir) / "router.json").is_file():
+        return True
+    print(f"{run_dir} is not a trained and calibrated run. Make it with `make run`, or give another RUN_DIR.",
+          file=sys.stderr)
+    return False
+
+
 def machine() -> str:
     return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
 
