@@ -203,8 +203,6 @@ def main() -> int:
     parser.add_argument("--system-concurrency", type=int, default=32, help="part 2: concurrent clients")
     parser.add_argument("--quick", action="store_true", help="smoke run: short, one round; writes only with --out")
     parser.add_argument("--out", help="results file (default benchmarks/results/batching.json)")
-    parser.add_argument("--only-ceiling", action="store_true",
-                        help="measure only the forward-pass ceiling and add it to the existing results file")
     args = parser.parse_args()
     if args.quick:
         args.seconds, args.rounds, args.system_requests = 1.0, 1, 64
@@ -227,10 +225,6 @@ def main() -> int:
     print("the forward pass alone, per batch size", flush=True)
     ceiling = forward_ceiling(packages["cloud"], texts, args.threads)
     print(f"  {ceiling}", flush=True)
-    if args.only_ceiling:
-        doc = json.loads((out or RESULTS).read_text())
-        write_results(out or RESULTS, doc["data"] | {"ceiling": ceiling})
-        return 0
     token = secrets.token_urlsafe(24)
     print("cloud-only, unbatched vs batched", flush=True)
     cloud = bench_cloud(packages, token, texts, args)
