@@ -94,6 +94,9 @@ class ConfidenceSequence:
         return Interval(estimate, float(self.grid[kept[0]]), float(self.grid[kept[-1]]), self.n)
 
 
+RECENT_WINDOW = 200  # observations per epoch of the recent sequence (LiveSettings.window)
+
+
 class RecentSequence:
     """The confidence sequence of the current epoch: restarted every `window` observations, so that its interval
     follows a mean that moves. Each epoch's sequence covers that epoch's mean with probability >= 1 - alpha at
@@ -101,7 +104,7 @@ class RecentSequence:
     below is up to alpha per epoch, not alpha in all (the price of following drift). Acting on it is therefore
     kept to the safe direction (a step safer, which costs money, never the promise): docs/live-control.md."""
 
-    def __init__(self, low: float = 0.0, high: float = 1.0, alpha: float = 0.05, window: int = 200) -> None:
+    def __init__(self, low: float = 0.0, high: float = 1.0, alpha: float = 0.05, window: int = RECENT_WINDOW) -> None:
         if window < 1:
             raise ConfigError(f"the recent window must be >= 1 observation, got {window}")
         self.low, self.high, self.alpha, self.window = low, high, alpha, window

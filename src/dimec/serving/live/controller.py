@@ -37,6 +37,7 @@ from typing import Any
 
 from dimec.config import above, at_least, between, raise_problems, section_problems, setting
 from dimec.errors import ConfigError
+from dimec.serving.live.bound import RECENT_WINDOW
 from dimec.serving.live.ledger import DEFAULT_RATE, Evidence, Ledger
 
 log = logging.getLogger("dimec.serving.live")
@@ -61,7 +62,7 @@ class LiveSettings:
     patience: int = setting(400, "consecutive shadow answers below that level before stepping back", at_least(1))
     min_evidence: int = setting(20, "shadow answers on a version (or in the recent epoch) before it may step safer",
                                 at_least(1))
-    window: int = setting(200, "shadow answers per epoch of the recent sequence, the drift detector (bound.py: "
+    window: int = setting(RECENT_WINDOW, "shadow answers per epoch of the recent sequence, the drift detector (bound.py: "
                                "RecentSequence)", at_least(1))
     feedback_rate: float = setting(50.0, "feedback labels per second per token (--feedback-rate also sets the "
                                          "burst to 10x)", above(0))

@@ -21,7 +21,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from dimec.errors import ConfigError
-from dimec.serving.live.bound import ConfidenceSequence, Interval, RecentSequence
+from dimec.serving.live.bound import RECENT_WINDOW, ConfidenceSequence, Interval, RecentSequence
 
 DEFAULT_RATE = 0.02  # shadow.rate: the share of texts shadowed (0: off)
 
@@ -115,7 +115,7 @@ class Ledger:
     """The sampled answers (id -> version, answer, cloud answer, label), per-version evidence, feedback."""
 
     def __init__(self, n_labels: int, alpha: float = 0.05, max_records: int = 200_000,
-                 feedback_rate: float = 50.0, feedback_burst: float = 500.0, window: int = 200) -> None:
+                 feedback_rate: float = 50.0, feedback_burst: float = 500.0, window: int = RECENT_WINDOW) -> None:
         self.n_labels, self.alpha, self.max_records, self.window = n_labels, alpha, max_records, window
         self.records: OrderedDict[str, Record] = OrderedDict()  # bounded: the oldest are forgotten
         self.evidence: dict[int, Evidence] = {}
